@@ -1,0 +1,48 @@
+# npp: one target per stage. Every target runs inside .venv, made by `make setup`.
+# Override variables on the command line: `make test PYTEST_ARGS="-k gpt"`.
+
+PYTHON ?= python3
+VENV ?= .venv
+# Set SYSTEM_SITE=1 to see the interpreter's packages inside the venv, so a
+# cluster's CUDA torch (module load / conda) is used instead of the CPU pin.
+SYSTEM_SITE ?= 0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.npp-setup-stamp
+PYTEST_ARGS ?=
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast bench clean-venv
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install npp with pinned dependencies (idempotent)
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(if $(filter 1,$(SYSTEM_SITE)),--system-site-packages) $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel packaging ninja
+	@# torch first: keep one that is already importable (a user's CUDA build).
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else $(PIP) install -q "$$(grep -E '^torch==' requirements.txt)"; fi
+	@# deepspeed's setup.py imports torch: without isolation it sees ours instead of
+	@# downloading a CUDA torch into a build environment.
+	$(PIP) install -q --no-build-isolation "$$(grep -E '^deepspeed==' requirements.txt)"
+	grep -vE '^(torch|deepspeed)==|^#|^$$' requirements.txt requirements-test.txt | cut -d: -f2 > $(VENV)/.npp-reqs.txt
+	$(PIP) install -q -r $(VENV)/.npp-reqs.txt
+	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+test: setup  ## run the whole test suite (CPU only, slow integration tests included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the suite without the slow integration tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup  ## print the benchmark figures (see README)
+	$(PY) bench/npp_cost.py
+
+clean-venv:  ## remove .venv (the next target reinstalls)
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Stage 3: class-balanced sampling and FID / sFID / IS / precision / recall."""

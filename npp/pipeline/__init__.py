@@ -1,0 +1,1 @@
+"""Shared data layer: shard schema, writer, streaming reader, toy dataset, image I/O."""

@@ -1,0 +1,1 @@
+"""Stage 1: images → VQ codes → WebDataset shards."""

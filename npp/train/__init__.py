@@ -1,0 +1,1 @@
+"""Stage 2: DeepSpeed training with the NPP patch schedule."""

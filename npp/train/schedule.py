@@ -1,0 +1,160 @@
+"""The NPP training schedule: patch side per step, per-stage learning rate, cost.
+
+A schedule is a list of stages (patch side k, share of the training budget). The
+budget is counted in optimizer steps; shares are kept as exact fractions so the
+paper's epoch boundaries (e.g. 37/75/150/300 of 300 epochs) land on exact steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional, Sequence
+
+from npp.models.configs import GPTConfig, train_flops_per_sample
+from npp.models.patches import check_patch_side
+
+
+@dataclass(frozen=True)
+class Stage:
+    patch_side: int
+    share: Fraction
+
+    def __str__(self) -> str:
+        return f"{self.patch_side}:{float(self.share):g}"
+
+
+def format_schedule(stages: Sequence[Stage]) -> str:
+    return ",".join(str(s) for s in stages)
+
+
+def validate_schedule(stages: Sequence[Stage], grid: Optional[tuple[int, int]] = None) -> list[Stage]:
+    """Shares positive and summing to 1, the last stage k = 1, every k dividing the grid."""
+    stages = list(stages)
+    if not stages:
+        raise ValueError("the schedule is empty: give at least one stage, e.g. '1:1' for next-token training")
+    for s in stages:
+        if s.patch_side < 1:
+            raise ValueError(f"patch side {s.patch_side} in stage '{s}' must be a positive integer")
+        if s.share <= 0:
+            raise ValueError(f"stage '{s}' has a share of {float(s.share):g}; every share must be positive")
+    total = sum((s.share for s in stages), Fraction(0))
+    if total != 1:
+        raise ValueError(
+            f"the shares of schedule '{format_schedule(stages)}' sum to {float(total):g}, not 1: "
+            "shares are fractions of the whole training budget"
+        )
+    if stages[-1].patch_side != 1:
+        raise ValueError(
+            f"the last stage of '{format_schedule(stages)}' has patch side {stages[-1].patch_side}: "
+            "it must be 1 so the final model predicts token by token, as sampling does"
+        )
+    if grid is not None:
+        for s in stages:
+            check_patch_side(grid, s.patch_side)
+    return stages
+
+
+def parse_schedule(text: str, grid: Optional[tuple[int, int]] = None) -> list[Stage]:
+    """Parse 'k:share,k:share,...' such as '4:0.25,2:0.25,1:0.5' (shares may be fractions like 1/3)."""
+    stages = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            side, share = part.split(":")
+            stages.append(Stage(int(side), Fraction(share.strip())))
+        except ValueError:
+            raise ValueError(
+                f"cannot read stage '{part}' of schedule '{text}': write patch_side:share, e.g. '4:0.25,2:0.25,1:0.5'"
+            ) from None
+    return validate_schedule(stages, grid)
+
+
+def paper_schedule(patch_levels: int, epoch_rate: float, epochs: int) -> list[Stage]:
+    """The reference code's schedule: sides [2^(L-1), ..., 2, 1], stage i ending at int(E·r^(L-1-i)) epochs."""
+    if patch_levels < 1:
+        raise ValueError(f"patch_levels must be >= 1, got {patch_levels}")
+    if not 0 < epoch_rate < 1 and patch_levels > 1:
+        raise ValueError(f"epoch_rate must lie in (0, 1), got {epoch_rate}")
+    sides = [2 ** (patch_levels - 1 - i) for i in range(patch_levels)]
+    ends = [int(epochs * epoch_rate ** (patch_levels - 1 - i)) for i in range(patch_levels)]
+    starts = [0] + ends[:-1]
+    if any(e <= s for s, e in zip(starts, ends)):
+        raise ValueError(f"{epochs} epochs at rate {epoch_rate} leave an empty stage (stage ends at epochs {ends})")
+    return validate_schedule([Stage(k, Fraction(e - s, epochs)) for k, s, e in zip(sides, starts, ends)])
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    index: int
+    patch_side: int
+    start: int  # first step of the stage
+    end: int  # one past its last step
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class PatchSchedule:
+    """Stages laid out over `total_steps` optimizer steps."""
+
+    def __init__(self, stages: Sequence[Stage], total_steps: int):
+        self.stages = validate_schedule(stages)
+        if total_steps < len(self.stages):
+            raise ValueError(f"{total_steps} steps cannot hold {len(self.stages)} stages")
+        self.total_steps = int(total_steps)
+        cum, self.spans = Fraction(0), []
+        start = 0
+        for i, s in enumerate(self.stages):
+            cum += s.share
+            end = round(cum * self.total_steps)
+            if end <= start:
+                raise ValueError(f"stage '{s}' gets no step out of {total_steps}: train longer or raise its share")
+            self.spans.append(StageSpan(i, s.patch_side, start, end))
+            start = end
+
+    def stage_at(self, step: int) -> StageSpan:
+        """The stage that trains step `step` (0-based); steps past the end stay in the last stage."""
+        for span in self.spans:
+            if step < span.end:
+                return span
+        return self.spans[-1]
+
+    def lr_at(
+        self, step: int, base_lr: float, end_lr: float = 1e-5, warmup_steps: int = 0, decay_ratio: float = 0.2
+    ) -> float:
+        """Per-stage learning rate: linear warmup from 0, constant, linear decay to end_lr.
+
+        The warmup restarts at every stage change (the reference code's `--scheduler`);
+        decay covers the last `decay_ratio` of each stage. If warmup and decay do not
+        fit in a short stage, the warmup is shortened.
+        """
+        span = self.stage_at(step)
+        t = step - span.start
+        decay = span.length * decay_ratio
+        warmup = min(warmup_steps, max(span.length - decay, 0))
+        if t < warmup:
+            return base_lr * t / warmup
+        decay_start = span.length - decay
+        if t < decay_start or decay <= 0:
+            return base_lr
+        progress = min((t - decay_start) / decay, 1.0)
+        return end_lr + (base_lr - end_lr) * (1.0 - progress)
+
+    def flops_per_sample(self, cfg: GPTConfig) -> list[float]:
+        return [train_flops_per_sample(cfg, s.patch_side) for s in self.stages]
+
+    def cost_ratio(self, cfg: GPTConfig) -> float:
+        """Training FLOPs of this schedule relative to next-token training on the same samples."""
+        return schedule_cost_ratio(self.stages, cfg)
+
+    def describe(self) -> str:
+        return ", ".join(f"k={s.patch_side} steps [{s.start}, {s.end})" for s in self.spans)
+
+
+def schedule_cost_ratio(stages: Sequence[Stage], cfg: GPTConfig) -> float:
+    ntp = train_flops_per_sample(cfg, 1)
+    return float(sum(float(s.share) * train_flops_per_sample(cfg, s.patch_side) for s in stages) / ntp)
