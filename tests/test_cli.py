@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+from npp.cli import COMMANDS
+
+
+def test_schedule_command_prints_stages_and_cost(capsys):
+    COMMANDS["schedule"](patch_levels=3, epoch_rate=0.5, epochs=300, steps_per_epoch=10, model="GPT-XXL")
+    out = capsys.readouterr().out
+    assert "stage 0: k=4 steps [0, 750)" in out
+    assert "0.5765" in out
+
+
+def test_user_error_is_one_line_and_exit_code_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "npp.cli", "schedule", "--schedule", "4:0.5,2:0.5"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("npp: error:") and "must be 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
