@@ -13,7 +13,17 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench clean-venv
+.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy
+
+# tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
+DATA ?= data/imagenet/train
+VQ ?= ckpts/vq_ds16_c2i.pt
+OUT ?= shards/in256
+IMAGE_SIZE ?= 256
+VIEWS_FLAGS ?= --views 2
+SAMPLES_PER_SHARD ?= 1000
+WORKERS ?= 8
+ARRAY ?= 0-31%8
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,6 +53,18 @@ test-fast: setup  ## the suite without the slow integration tests
 
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
+	$(PY) bench/tokenize.py
+
+tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
+	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \
+	  --samples-per-shard $(SAMPLES_PER_SHARD) --workers $(WORKERS) $(VIEWS_FLAGS)
+
+tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
+	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
+	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch --array=$(ARRAY) slurm/tokenize.sbatch
+
+tokenize-finalize: setup  ## merge the manifests of an array run (OUT)
+	$(VENV)/bin/npp tokenize finalize --out $(OUT)
 
 clean-venv:  ## remove .venv (the next target reinstalls)
 	rm -rf $(VENV)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
+import dataclasses
+import inspect
+from typing import Any, Callable
+
 import fire
 
 from npp.models.configs import GPT_SIZES, count_parameters, gpt_config
@@ -50,14 +54,66 @@ def schedule(
     print(f"training cost vs next-token prediction ({model}): {sched.cost_ratio(cfg):.4f}")
 
 
-COMMANDS = {"models": models, "schedule": schedule}
+def config_command(config_cls: type, fn: Callable[[Any], Any]) -> Callable[..., None]:
+    """A fire entry whose flags are the fields of a stage's config dataclass (one name, one default).
+
+    fire parses values as Python literals, so string fields are coerced back to str
+    (a run called 2024 stays '2024').
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+
+    def command(*args: Any, **kwargs: Any) -> None:
+        kwargs.update(zip(fields, args))  # fire passes flags positionally, in signature order
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown flags {unknown}; see --help")
+        for name, value in kwargs.items():
+            if fields[name].type in ("str", str) and value is not None:
+                kwargs[name] = str(value)
+        fn(config_cls(**kwargs))
+
+    command.__signature__ = inspect.signature(config_cls)  # type: ignore[attr-defined]
+    command.__doc__ = fn.__doc__
+    command.__name__ = fn.__name__
+    return command
+
+
+def _tokenize_commands() -> dict:
+    from npp.pipeline.toy import write_toy_dataset
+    from npp.tokenize.fit_vq import fit_vq
+    from npp.tokenize.run import TokenizeConfig, finalize, tokenize
+
+    def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
+        """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree."""
+        n = write_toy_dataset(str(out), per_class, size, seed)
+        print(f"toy dataset in {out}: {n} new images")
+
+    def fit_vq_cmd(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, minutes: float = 3.0,
+                   max_steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
+        """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG."""
+        fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)
+
+    def finalize_cmd(out: str) -> None:
+        """Merge every rank's shards into manifest.parquet and failures.parquet."""
+        finalize(str(out))
+
+    return {
+        "run": config_command(TokenizeConfig, tokenize),
+        "finalize": finalize_cmd,
+        "toy": toy,
+        "fit-vq": fit_vq_cmd,
+        "fit_vq": fit_vq_cmd,
+    }
+
+
+COMMANDS = {"models": models, "schedule": schedule, "tokenize": _tokenize_commands()}
 
 
 def main() -> None:
     """Run a subcommand; user errors print one clear line (NPP_DEBUG=1 shows the traceback)."""
     try:
         fire.Fire(COMMANDS, name="npp")
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         if os.environ.get("NPP_DEBUG"):
             raise
         print(f"npp: error: {e}", file=sys.stderr)

@@ -152,3 +152,51 @@ def load_gpt(
     model = GPT(config)
     load_state_strict(model, state, source=os.fspath(path))
     return model, ckpt
+
+
+def infer_vq_config(state: Mapping[str, torch.Tensor], **overrides: Any):
+    """A VQConfig read off the tensor shapes of a LlamaGen-style VQ state dict."""
+    from .vq import VQConfig
+
+    if "quantize.embedding.weight" not in state or "encoder.conv_in.weight" not in state:
+        raise CheckpointMismatchError(
+            "not a VQ tokenizer state dict (no quantize.embedding.weight / encoder.conv_in.weight): pass LlamaGen's "
+            "vq_ds16_c2i.pt or a checkpoint made by `npp tokenize fit-vq`"
+        )
+    size, dim = state["quantize.embedding.weight"].shape
+    ch = state["encoder.conv_in.weight"].shape[0]
+
+    def mults(prefix: str) -> list[int]:
+        levels = sorted({int(k.split(".")[2]) for k in state if k.startswith(f"{prefix}.conv_blocks.")})
+        return [state[f"{prefix}.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in levels]
+
+    enc, dec = mults("encoder"), mults("decoder")[::-1]  # the decoder stores its levels deepest first
+    nres = len({k.split(".")[4] for k in state if k.startswith("encoder.conv_blocks.0.res.")})
+    args = dict(
+        codebook_size=size,
+        codebook_embed_dim=dim,
+        encoder_ch_mult=enc,
+        decoder_ch_mult=dec,
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+        ch=ch,
+        num_res_blocks=nres,
+        codebook_show_usage="quantize.codebook_used" in state,
+        norm_groups=32 if ch % 32 == 0 else next(g for g in (16, 8, 4, 2, 1) if ch % g == 0),
+    )
+    return VQConfig.from_dict({**args, **overrides})
+
+
+def load_vq(path: str | os.PathLike):
+    """A VQModel from `{"model": state_dict}` (LlamaGen) or our `{"model", "config"}`; eval mode, CPU."""
+    from .vq import VQConfig, VQModel
+
+    ckpt = read_checkpoint(path)
+    state = extract_state_dict(ckpt)
+    stored = ckpt.get("config")
+    try:
+        config = VQConfig.from_dict(dict(stored)) if isinstance(stored, Mapping) else infer_vq_config(state)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{os.fspath(path)}: {e}") from None
+    model = VQModel(config)
+    load_state_strict(model, state, source=os.fspath(path))
+    return model.eval(), ckpt

@@ -1,0 +1,168 @@
+"""The shard-set contract between tokenize, train and eval (see DESIGN.md).
+
+    <dir>/meta.json            format version, tokenizer identity, grid, views, classes, counts
+    <dir>/manifest.parquet     one row per shard: file, samples, bytes, sha256
+    <dir>/failures.parquet     one row per input that could not be encoded: key, source, reason, shard
+    <dir>/<split>-%06d.tar     WebDataset samples: <key>.codes.npy (uint16 views×h×w), <key>.cls
+
+Tars are written byte-deterministically (fixed member order, mtime, owner, mode)
+to a temporary name and renamed when complete; a small part record in
+`<dir>/.parts/` (written after the tar) marks the shard done and carries its
+failures, so a rerun skips it and `finalize` can merge every rank's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+FORMAT_VERSION = 1
+PARTS_DIR = ".parts"
+
+
+class ShardSetError(ValueError):
+    """A shard set that cannot be used as asked; the message says what to do."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class Sample:
+    key: str
+    codes: np.ndarray  # uint16 (views, h, w)
+    label: int
+
+
+def encode_tar(samples: list[Sample]) -> bytes:
+    """The bytes of a WebDataset tar holding these samples, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for s in samples:
+            if "." in s.key:
+                raise ValueError(f"sample key {s.key!r} contains a dot: WebDataset would split it")
+            _add_member(tar, f"{s.key}.codes.npy", _npy_bytes(np.ascontiguousarray(s.codes, dtype=np.uint16)))
+            _add_member(tar, f"{s.key}.cls", str(int(s.label)).encode())
+    return buf.getvalue()
+
+
+def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict], extra: Optional[dict] = None) -> dict:
+    """Write one complete shard (tar, then its part record) and return the record."""
+    data = encode_tar(samples)
+    atomic_write_bytes(out / name, data)
+    record = {
+        "file": name,
+        "samples": len(samples),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "failures": failures,
+        **(extra or {}),
+    }
+    (out / PARTS_DIR).mkdir(exist_ok=True)
+    atomic_write_json(out / PARTS_DIR / f"{name}.json", record)
+    return record
+
+
+def read_part(out: Path, name: str) -> Optional[dict]:
+    """The part record of a complete shard, or None if the shard must be (re)made."""
+    part = out / PARTS_DIR / f"{name}.json"
+    if not part.exists() or not (out / name).exists():
+        return None
+    try:
+        record = json.loads(part.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if (out / name).stat().st_size == record.get("bytes") else None
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[Sample]:
+    """Samples of one shard, in order (plain tarfile; the trainer has its own fast reader)."""
+    with tarfile.open(path, "r") as tar:
+        pending: dict[str, dict] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            data = tar.extractfile(member).read()
+            entry = pending.setdefault(key, {})
+            entry[ext] = data
+            if "codes.npy" in entry and "cls" in entry:
+                del pending[key]
+                yield Sample(key, np.load(io.BytesIO(entry["codes.npy"])), int(entry["cls"]))
+
+
+# --- meta -----------------------------------------------------------------------
+
+# Fields that must agree between runs writing into the same directory.
+IDENTITY_FIELDS = ("format_version", "tokenizer", "image_size", "grid", "views", "source", "samples_per_shard", "split")
+
+
+def read_meta(out: str | os.PathLike) -> dict:
+    path = Path(out) / "meta.json"
+    if not path.exists():
+        raise ShardSetError(f"{out} is not a shard set (no meta.json): run `npp tokenize run` first")
+    return json.loads(path.read_text())
+
+
+def check_or_write_meta(out: Path, meta: dict) -> None:
+    """Write meta.json for a new set; for an existing one, refuse if it was made differently."""
+    path = out / "meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [f for f in IDENTITY_FIELDS if old.get(f) != meta.get(f)]
+        if diffs:
+            hint = (
+                "it was made with another tokenizer"
+                if "tokenizer" in diffs
+                else f"it was made with other settings ({', '.join(diffs)})"
+            )
+            raise ShardSetError(f"{out} already holds shards but {hint}: use a new --out directory or delete {out}")
+        return
+    atomic_write_json(path, meta)
+
+
+def load_manifest(out: str | os.PathLike) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path = Path(out) / "manifest.parquet"
+    if not path.exists():
+        raise ShardSetError(f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`")
+    return pq.read_table(path).to_pylist()

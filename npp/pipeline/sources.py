@@ -1,0 +1,174 @@
+"""Image sources: an ImageFolder tree or parquet files of encoded images.
+
+A source is a sorted list of `SourceItem`s (a stable key, a label, where the
+bytes are), so every run and every rank sees the same order and the same shard
+assignment. Bytes are read lazily: parquet in row groups, never whole files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+
+
+class SourceError(ValueError):
+    """The input cannot be used at all (checked before any work)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str  # stable, dot-free id (WebDataset keys end at the first dot)
+    label: int
+    path: str  # file path (ImageFolder) or parquet file
+    row: int = -1  # row in the parquet file, -1 for files
+
+    @property
+    def source(self) -> str:
+        return self.path if self.row < 0 else f"{self.path}#row={self.row}"
+
+
+def sanitize_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_/-]", "_", text)
+
+
+@dataclass
+class ImageSource:
+    kind: str  # "folder" | "parquet"
+    root: str
+    items: list[SourceItem]
+    class_names: list[str]
+    image_column: str = "image"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def scan_image_folder(root: str) -> ImageSource:
+    """ImageNet's train layout: one folder per class, class index = position of the sorted folder names."""
+    rootp = Path(root)
+    classes = sorted(d.name for d in rootp.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{root} has no class folders: expected ImageFolder layout root/<class>/<image>")
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(rootp / name):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if fn.startswith("."):
+                    continue
+                path = Path(dirpath) / fn
+                # Files with other extensions are kept: a broken or mislabelled file is
+                # recorded as a failure instead of vanishing silently.
+                rel = path.relative_to(rootp).as_posix()
+                items.append(SourceItem(sanitize_key(rel), label, str(path)))
+    if not items:
+        raise SourceError(f"{root} has class folders but no files in them")
+    return ImageSource("folder", str(rootp), items, classes)
+
+
+def _image_bytes_column(schema, image_column: str):
+    import pyarrow as pa
+
+    if image_column not in schema.names:
+        return None
+    t = schema.field(image_column).type
+    if pa.types.is_struct(t):
+        return "struct" if any(t.field(i).name == "bytes" for i in range(t.num_fields)) else None
+    return "binary" if (pa.types.is_binary(t) or pa.types.is_large_binary(t)) else None
+
+
+def scan_parquet(
+    root: str, image_column: str = "image", label_column: str = "label", num_classes: Optional[int] = None
+) -> ImageSource:
+    """Parquet files (a file or a directory of *.parquet) with image bytes and an integer label."""
+    import pyarrow.parquet as pq
+
+    rootp = Path(root)
+    files = [rootp] if rootp.is_file() else sorted(rootp.rglob("*.parquet"))
+    if not files:
+        raise SourceError(f"{root} holds no .parquet files")
+    items, max_label = [], -1
+    for f in files:
+        pf = pq.ParquetFile(f)
+        kind = _image_bytes_column(pf.schema_arrow, image_column)
+        if kind is None:
+            raise SourceError(
+                f"{f} has no image column '{image_column}' (a struct with 'bytes' or a binary column); "
+                f"its columns are {pf.schema_arrow.names}: pass --image-column"
+            )
+        if label_column not in pf.schema_arrow.names:
+            raise SourceError(
+                f"{f} has no label column '{label_column}'; its columns are {pf.schema_arrow.names}: pass --label-column"
+            )
+        stem = sanitize_key(f.relative_to(rootp).with_suffix("").as_posix() if rootp.is_dir() else f.stem)
+        row = 0
+        for batch in pf.iter_batches(batch_size=65536, columns=[label_column]):
+            for value in batch.column(0).to_pylist():
+                label = -1 if value is None else int(value)
+                max_label = max(max_label, label)
+                items.append(SourceItem(f"{stem}/{row:09d}", label, str(f), row))
+                row += 1
+    if not items:
+        raise SourceError(f"{root}: the parquet files hold no rows")
+    n = num_classes if num_classes is not None else max_label + 1
+    return ImageSource("parquet", str(rootp), items, [str(i) for i in range(n)], image_column)
+
+
+def open_source(
+    data: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    num_classes: Optional[int] = None,
+) -> ImageSource:
+    if not data or not os.path.exists(data):
+        raise SourceError(f"data path {data!r} does not exist: pass --data DIR (ImageFolder) or parquet files")
+    p = Path(data)
+    if p.is_file() and p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
+        return scan_parquet(data, image_column, label_column, num_classes)
+    if p.is_dir():
+        src = scan_image_folder(data)
+        if num_classes is not None and num_classes != src.num_classes:
+            raise SourceError(f"{data} has {src.num_classes} class folders but --num-classes={num_classes}")
+        return src
+    raise SourceError(f"{data} is neither an ImageFolder directory nor a parquet file")
+
+
+@lru_cache(maxsize=4)
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    starts, n = [], 0
+    for i in range(pf.metadata.num_row_groups):
+        starts.append(n)
+        n += pf.metadata.row_group(i).num_rows
+    return pf, starts
+
+
+@lru_cache(maxsize=2)
+def _row_group(path: str, index: int, column: str):
+    pf, _ = _parquet_file(path)
+    col = pf.read_row_group(index, columns=[column]).column(0)
+    return col.combine_chunks() if hasattr(col, "combine_chunks") else col
+
+
+def read_bytes(item: SourceItem, image_column: str = "image") -> bytes:
+    """The encoded image of an item; parquet rows come from a cached row group (sequential reads hit it)."""
+    if item.row < 0:
+        with open(item.path, "rb") as fh:
+            return fh.read()
+    import bisect
+
+    pf, starts = _parquet_file(item.path)
+    g = bisect.bisect_right(starts, item.row) - 1
+    value = _row_group(item.path, g, image_column)[item.row - starts[g]].as_py()
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value or b""
