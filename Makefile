@@ -53,7 +53,7 @@ test-fast: setup  ## the suite without the slow integration tests
 
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
-	$(PY) bench/tokenize.py
+	$(PY) bench/tokenize_throughput.py
 
 tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
 	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -180,7 +181,9 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     expected = {i: len(source.items[i * sps : (i + 1) * sps]) for i in todo}
     pending: dict[int, dict] = {i: {"samples": [], "failures": [], "seen": 0} for i in todo}
     encoded = failed = 0
-    with tqdm(total=len(entries), desc=f"tokenize rank {rank}", unit="img") as bar:
+    # Shards are written on a thread so the encoder does not wait for tar building and fsync.
+    writer, writes = ThreadPoolExecutor(max_workers=1), []
+    with writer, tqdm(total=len(entries), desc=f"tokenize rank {rank}", unit="img") as bar:
         for batch in loader:
             ok = [b for b in batch if b["views"] is not None]
             codes = encode_batch(vq, [b["views"] for b in ok], device) if ok else []
@@ -194,9 +197,11 @@ def tokenize(cfg: TokenizeConfig) -> dict:
                 if state["seen"] == expected[b["shard"]]:
                     encoded += len(state["samples"])
                     failed += len(state["failures"])
-                    _flush(out, cfg.split, b["shard"], pending.pop(b["shard"]), rank)
+                    writes.append(writer.submit(_flush, out, cfg.split, b["shard"], pending.pop(b["shard"]), rank))
             bar.update(len(batch))
             bar.set_postfix(failed=failed)
+        for w in writes:
+            w.result()  # re-raise a failed write here
     counts = {"inputs_this_run": len(entries), "encoded": encoded, "failed": failed}
     print(f"tokenize rank {rank}: encoded {encoded} + failed {failed} = {encoded + failed} of {len(entries)} inputs this run")
     if all(read_part(out, shard_name(cfg.split, i)) is not None for i in range(n_shards)):

@@ -6,7 +6,7 @@ Side by side in one run on the same images:
   3. read back: samples/s of iterating the written shards with webdataset.
 The ratio 2/1 is how busy the stage keeps the encoder (target ≥ 0.8).
 
-    .venv/bin/python bench/tokenize.py [--images 600] [--image-size 32] [--vq-preset VQ-toy] [--workers 1]
+    .venv/bin/python bench/tokenize_throughput.py [--images 600] [--image-size 32] [--vq-preset VQ-toy] [--workers 1]
 """
 
 from __future__ import annotations
