@@ -106,7 +106,37 @@ def _tokenize_commands() -> dict:
     }
 
 
-COMMANDS = {"models": models, "schedule": schedule, "tokenize": _tokenize_commands()}
+class _Train:
+    """npp train --shards DIR --out RUN ... | npp train export --run RUN"""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        from npp.train.config import TrainConfig
+        from npp.train.trainer import train
+
+        config_command(TrainConfig, train)(*args, **kwargs)
+
+    @staticmethod
+    def export(run: str, tag: str = "", out: str = "") -> None:
+        """Write the consolidated fp32 checkpoint (LlamaGen format) of a run's latest (or --tag) checkpoint."""
+        from npp.train.export import export
+
+        export(str(run), str(tag) or None, str(out) or None)
+
+
+def _with_self(sig: inspect.Signature) -> inspect.Signature:
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sig.replace(parameters=[self_param, *sig.parameters.values()])
+
+
+def _train_command() -> _Train:
+    from npp.train.config import TrainConfig
+
+    _Train.__call__.__signature__ = _with_self(inspect.signature(TrainConfig))  # type: ignore[attr-defined]
+    _Train.__call__.__doc__ = "Train a GPT on a shard set with DeepSpeed and the NPP patch schedule (resumes from --out)."
+    return _Train()
+
+
+COMMANDS = {"models": models, "schedule": schedule, "tokenize": _tokenize_commands(), "train": _train_command()}
 
 
 def main() -> None:

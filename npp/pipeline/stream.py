@@ -1,0 +1,228 @@
+"""Streaming VQ-code shards for training: fast, deterministic, resumable.
+
+Why not `webdataset(...).decode()`: it reads ~2,500 samples/s per process, while a
+node of 8 GPUs training GPT-B eats ~16,000. Our samples are tiny fixed-shape
+uint16 arrays, so this reader parses the tar headers and the .npy header itself
+and takes each array as a view of the shard's bytes (≥ 100k samples/s per worker).
+
+Determinism and resume: the stream of each (rank, worker) is a pure function of
+(seed, rank, world size, worker count) — shard order per data epoch from
+(seed, epoch), a shuffle buffer and view choice from (seed, epoch, rank, worker).
+The DataLoader takes batches from workers round-robin, so after B consumed
+batches worker w has produced B // W (+1 if w < B % W) of them; a restarted run
+replays exactly that many and continues, so no sample is repeated or skipped.
+Whole data epochs are skipped by arithmetic on the manifest counts, only the
+current epoch is replayed.
+
+Shards are assigned per data epoch: a seeded permutation, then every
+world_size-th shard to a rank and every W-th of those to a worker, as
+webdataset's `split_by_node` / `split_by_worker` do.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+BLOCK = 512
+
+
+class CorruptShardError(ValueError):
+    pass
+
+
+_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def _npy_array(data: memoryview) -> np.ndarray:
+    """A .npy payload as an array viewing `data` (headers are cached: every sample has the same one)."""
+    if bytes(data[:6]) != b"\x93NUMPY":
+        raise CorruptShardError("not an .npy payload")
+    major = data[6]
+    hlen_size = 2 if major == 1 else 4
+    hlen = int.from_bytes(bytes(data[8 : 8 + hlen_size]), "little")
+    start = 8 + hlen_size + hlen
+    key = bytes(data[:start])
+    if key not in _NPY_CACHE:
+        header = ast.literal_eval(key[8 + hlen_size :].decode("latin1"))
+        if header.get("fortran_order"):
+            raise CorruptShardError("fortran-ordered arrays are not supported")
+        _NPY_CACHE[key] = (np.dtype(header["descr"]), tuple(header["shape"]), start)
+    dtype, shape, offset = _NPY_CACHE[key]
+    count = int(np.prod(shape))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\x00 ").strip()
+    return int(field, 8) if field else 0
+
+
+def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
+    """(key, codes, label) of every complete sample in a tar of `<key>.codes.npy` + `<key>.cls` members."""
+    view = memoryview(data)
+    pos, n = 0, len(data)
+    long_name: Optional[str] = None
+    samples: dict[str, list] = {}
+    order: list[str] = []
+    while pos + BLOCK <= n:
+        header = view[pos : pos + BLOCK]
+        if not any(header):  # end-of-archive marker
+            break
+        hb = bytes(header)
+        stored = _octal(hb[148:156])
+        computed = sum(hb[:148]) + 8 * 32 + sum(hb[156:])
+        if stored != computed:
+            raise CorruptShardError(f"bad tar header checksum at byte {pos}")
+        size = _octal(hb[124:136])
+        kind = hb[156:157]
+        name = long_name or hb[:100].split(b"\x00", 1)[0].decode("utf-8")
+        prefix = hb[345:500].split(b"\x00", 1)[0]
+        if prefix and not long_name and hb[257:262] == b"ustar":
+            name = prefix.decode("utf-8") + "/" + name
+        long_name = None
+        body_start = pos + BLOCK
+        body_end = body_start + size
+        if body_end > n:
+            raise CorruptShardError(f"member {name!r} runs past the end of the file (truncated shard)")
+        if kind == b"L":  # GNU long name for the next member
+            long_name = bytes(view[body_start:body_end]).split(b"\x00", 1)[0].decode("utf-8")
+        elif kind in (b"0", b"\x00"):
+            key, _, ext = name.partition(".")
+            entry = samples.get(key)
+            if entry is None:
+                entry = samples[key] = [None, None]
+                order.append(key)
+            if ext == "codes.npy":
+                entry[0] = _npy_array(view[body_start:body_end])
+            elif ext == "cls":
+                entry[1] = int(bytes(view[body_start:body_end]))
+        pos = body_start + (size + BLOCK - 1) // BLOCK * BLOCK
+    return [(k, samples[k][0], samples[k][1]) for k in order if samples[k][0] is not None and samples[k][1] is not None]
+
+
+@dataclass
+class StreamPosition:
+    """How far a rank has read: micro-batches consumed since the start of training."""
+
+    batches: int = 0
+
+
+def assign_shards(num_shards: int, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return perm[rank::world][worker::workers].tolist()
+
+
+class CodeStream(IterableDataset):
+    """Endless batches {"codes": (B, h·w) int64, "labels": (B,), "corrupt": int} for one rank."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        shard_samples: list[int],
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 5000,
+        start_batches: int = 0,
+        num_workers: int = 0,
+    ):
+        if len(shards) != len(shard_samples):
+            raise ValueError("shards and shard_samples differ in length")
+        need = world * max(1, num_workers)
+        if len(shards) < need:
+            raise ValueError(
+                f"{len(shards)} shards cannot feed {world} ranks x {max(1, num_workers)} loader workers "
+                f"(a rank or worker without shards hangs the job): lower --workers or re-tokenize with "
+                f"a smaller --samples-per-shard so there are at least {need} shards"
+            )
+        self.shards, self.shard_samples = list(shards), list(shard_samples)
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.shuffle_buffer, self.start_batches, self.num_workers = max(1, shuffle_buffer), start_batches, num_workers
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        if info.num_workers != max(1, self.num_workers):
+            raise RuntimeError("CodeStream was built for a different number of DataLoader workers")
+        return info.id, info.num_workers
+
+    def samples_of(self, epoch: int, worker: int, workers: int) -> int:
+        idx = assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers)
+        return sum(self.shard_samples[i] for i in idx)
+
+    def _epoch_samples(self, epoch: int, worker: int, workers: int, stats: dict) -> Iterator[tuple[np.ndarray, int]]:
+        """One data epoch of (one random view, label) after the shuffle buffer; the buffer empties at epoch end."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+        buf: list[tuple[np.ndarray, int]] = []
+        for i in assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers):
+            try:
+                with open(self.shards[i], "rb") as fh:
+                    data = fh.read()
+                parsed = parse_shard(data)
+            except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
+                stats["corrupt"] += 1
+                warnings.warn(f"skipping corrupt shard {self.shards[i]} ({e}); {stats['corrupt']} skipped so far")
+                continue
+            for _, codes, label in parsed:
+                item = (codes, label)
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(item)
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], item = item, buf[j]
+                yield item
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._worker()
+        skip_batches = self.start_batches // workers + (1 if worker < self.start_batches % workers else 0)
+        skip = skip_batches * self.batch_size
+        epoch = 0
+        while skip > 0:  # whole data epochs are skipped by counting, not reading
+            n = self.samples_of(epoch, worker, workers)
+            if n == 0 or skip < n:
+                break
+            skip -= n
+            epoch += 1
+        stats = {"corrupt": 0}
+        reported = 0
+        codes_batch: list[np.ndarray] = []
+        labels: list[int] = []
+        while True:
+            view_rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 2])
+            produced = False
+            for codes, label in self._epoch_samples(epoch, worker, workers, stats):
+                produced = True
+                v = int(view_rng.integers(codes.shape[0])) if codes.ndim == 3 else 0
+                if skip > 0:
+                    skip -= 1
+                    continue
+                codes_batch.append(codes[v] if codes.ndim == 3 else codes)
+                labels.append(label)
+                if len(labels) == self.batch_size:
+                    batch = {
+                        "codes": torch.from_numpy(np.stack(codes_batch).reshape(self.batch_size, -1).astype(np.int64)),
+                        "labels": torch.tensor(labels, dtype=torch.long),
+                        "corrupt": stats["corrupt"] - reported,
+                    }
+                    reported = stats["corrupt"]
+                    codes_batch, labels = [], []
+                    yield batch
+            if not produced and stats["corrupt"] >= len(self.shards):
+                raise CorruptShardError("every shard of this worker is unreadable")
+            epoch += 1
+
+
+def shard_paths(shard_dir: str, manifest: list[dict]) -> tuple[list[str], list[int]]:
+    return [os.path.join(shard_dir, m["file"]) for m in manifest], [int(m["samples"]) for m in manifest]

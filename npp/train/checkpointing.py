@@ -1,0 +1,106 @@
+"""DeepSpeed checkpoints with everything needed to resume exactly, kept to the last K.
+
+Layout under `<run>/checkpoints/`:
+    step_000001000/        DeepSpeed's model and ZeRO optimizer states (every rank writes its part)
+        rng_rank{r}.pt     torch / numpy / python RNG states of rank r
+        ema.pt             EMA weights (rank 0), when enabled
+    latest                 the tag of the newest complete checkpoint
+
+Every rank calls save (guarding it with rank 0 hangs ZeRO). `latest` is written by
+rank 0 only after a barrier that follows every rank's files, atomically (temp +
+rename), so a crash during a save leaves the previous checkpoint as latest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from npp.train.distributed import DistEnv, barrier
+
+TAG_PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:09d}"
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    path = ckpt_dir / "latest"
+    if not path.exists():
+        return None
+    tag = path.read_text().strip()
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
+    tag = tag_for(step)
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # Our own files are trusted (written by this code), saved with plain torch.save.
+    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{env.rank}.pt")
+    if ema is not None and env.is_main:
+        torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
+    barrier()
+    if env.is_main:
+        tmp = ckpt_dir / f"latest.tmp{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+        prune(ckpt_dir, keep)
+    barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    current = latest_tag(ckpt_dir)
+    for old in tags[: max(0, len(tags) - keep)]:
+        if old != current:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> Optional[dict]:
+    """Resume from `latest`: engine state, this rank's RNG, EMA. Returns the client state, or None for a fresh run."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    rng_file = ckpt_dir / tag / f"rng_rank{env.rank}.pt"
+    saved_world = len(list((ckpt_dir / tag).glob("rng_rank*.pt")))
+    if saved_world != env.world_size:
+        raise RuntimeError(
+            f"{ckpt_dir / tag} was saved by {saved_world} ranks, this job has {env.world_size}: resume with the same "
+            "world size, or convert with DeepSpeed's ds_to_universal.py and load it with "
+            '"checkpoint": {"load_universal": true} in the DeepSpeed config (the data position then restarts the epoch)'
+        )
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if ema is not None and (ckpt_dir / tag / "ema.pt").exists():
+        ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
+    return client_state

@@ -1,0 +1,58 @@
+"""The train stage's typed config: every knob has one name, one default, one help line.
+
+Defaults follow LlamaGen/NPP c2i training (FACTS.md §3); where the NPP paper's
+appendix and its code differ (warmup epochs, attention dropout) the paper wins.
+The resolved config is saved in the run directory and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    shards: str  # shard-set directory written by `npp tokenize run`
+    out: str  # run directory: checkpoints, exported model, config, metrics.jsonl
+    model: str = "GPT-B"  # a size of npp.models.configs.GPT_SIZES
+    schedule: str = "4:0.25,2:0.25,1:0.5"  # patch_side:share,...; "1:1" is the next-token baseline
+    patch_levels: int = 0  # >0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule
+    epoch_rate: float = 0.5  # the paper's stage boundary rate for --patch-levels
+    epochs: int = 300
+    total_steps: Optional[int] = None  # optimizer steps in all; default epochs x steps per epoch
+    global_batch: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    warmup_epochs: float = 5.0  # paper appendix (reference code: 1); restarts in every stage
+    decay_ratio: float = 0.2  # last share of each stage decays linearly to end_lr
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    ds_config: str = "ds_configs/zero2.json"
+    ema: bool = False
+    ema_decay: float = 0.9999
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    attn_dropout: float = 0.1  # paper appendix (reference code: 0)
+    drop_path: float = 0.0
+    class_dropout: float = 0.1
+    seed: int = 0
+    workers: int = 4  # DataLoader workers per rank (default from SLURM_CPUS_PER_TASK when set)
+    shuffle_buffer: int = 5000
+    log_every: int = 50
+    ckpt_every: int = 1000  # steps between checkpoints (also saved on SIGTERM/SIGUSR1 and at the end)
+    keep: int = 3  # checkpoints kept
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping with an error
+    experiment: str = "npp"  # MLflow experiment
+    run_name: str = ""  # MLflow run name (default: the run directory's name)
+    tracking: bool = True  # log to MLflow (rank 0)
+    compile: bool = False  # torch.compile the model (CUDA)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

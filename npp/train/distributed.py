@@ -1,0 +1,83 @@
+"""The distributed environment in one place: torchrun, the deepspeed launcher, srun, or one process.
+
+torchrun and `deepspeed` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT;
+under `srun` (one task per GPU) we map SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
+take the master from MASTER_ADDR (set by slurm/train.sbatch from the node list). A
+plain `npp train` runs as a world of one on a free local port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("running under srun without MASTER_ADDR: use slurm/train.sbatch, which sets it")
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        env.setdefault("MASTER_PORT", "29500")
+        return DistEnv(rank, world, local)
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return DistEnv(0, 1, 0)
+
+
+def init(env: DistEnv) -> torch.device:
+    """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+
+
+def all_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (one collective for several flags)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t.item())
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()

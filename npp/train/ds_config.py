@@ -1,0 +1,78 @@
+"""Build the DeepSpeed config: the JSON file merged with the run's own settings.
+
+Batch sizes, clipping and precision come from TrainConfig (never "auto": those are
+filled by the HF integration, not by DeepSpeed), so the file only says how to shard.
+Everything is checked before any process group does work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from npp.train.config import TrainConfig
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def load_ds_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist: pass --ds-config ds_configs/zero2.json or another file")
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return cfg
+
+
+def micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    per_step = world_size * cfg.grad_accum
+    if cfg.global_batch % per_step:
+        raise DeepSpeedConfigError(
+            f"--global-batch {cfg.global_batch} does not divide by world size {world_size} x --grad-accum "
+            f"{cfg.grad_accum}: choose a global batch that is a multiple of {per_step}"
+        )
+    return cfg.global_batch // per_step
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if cuda else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise DeepSpeedConfigError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" and not cuda:
+        raise DeepSpeedConfigError("bf16 training needs CUDA; on CPU use --precision fp32 (or auto)")
+    return precision
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
+    ds = copy.deepcopy(load_ds_json(cfg.ds_config))
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{cfg.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        ds.pop(key, None)  # ours: one source of truth for batch sizes
+    ds["train_micro_batch_size_per_gpu"] = micro_batch(cfg, world_size)
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.global_batch
+    ds["gradient_clipping"] = cfg.grad_clip
+    precision = resolve_precision(cfg.precision, cuda)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds.pop("fp16", None)
+    ds["zero_allow_untested_optimizer"] = True  # our AdamW with decay groups (torch, fused on CUDA)
+    ds.setdefault("steps_per_print", 10**9)
+    zero = ds.setdefault("zero_optimization", {})
+    if not cuda:
+        # gloo has no reduce_scatter; offload needs pinned CUDA memory.
+        zero["reduce_scatter"] = False
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+    if cfg.ema and stage == 3:
+        raise DeepSpeedConfigError("--ema with ZeRO-3 is not supported (parameters are partitioned): use ZeRO-1/2 or drop --ema")
+    return ds

@@ -1,0 +1,72 @@
+"""MLflow tracking for the trainer: rank 0 only, params once, reattach on resume.
+
+The run id lives in the checkpoint's client state and in `<run>/mlflow_run_id`, so
+a requeued job continues the same MLflow run (params are immutable in MLflow, so
+they are logged only when the run is created).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+class Tracker:
+    """Thin wrapper over mlflow; a no-op on ranks other than 0 or when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.run_id: Optional[str] = None
+        self._mlflow = None
+
+    def start(self, experiment: str, run_name: str, run_id: Optional[str], params: dict, tags: dict, artifacts: list[str]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+        if run_id:
+            mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(experiment)
+            mlflow.start_run(run_name=run_name, tags=tags)
+            flat = flatten(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # the API takes at most 100 params per call
+                mlflow.log_params(dict(items[i : i + 100]))
+            for path in artifacts:
+                mlflow.log_artifact(path)
+        self.run_id = mlflow.active_run().info.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._mlflow is not None:
+            self._mlflow.end_run(status=status)
+            self._mlflow = None

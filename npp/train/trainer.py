@@ -1,0 +1,343 @@
+"""Stage 2: DeepSpeed ZeRO training with the Next Patch Prediction schedule.
+
+`Trainer.train()` loads or starts a run, then loops `train_step` to the end of the
+budget; checkpoints, schedules, data, tracking are components (see the sibling
+modules). Every rank runs the same code under torchrun, the deepspeed launcher,
+srun, or alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from npp.models.configs import GPTConfig, gpt_config
+from npp.models.gpt import GPT, configure_optimizer_groups
+from npp.pipeline.shards import load_manifest, read_meta
+from npp.pipeline.stream import CodeStream, shard_paths
+from npp.train import checkpointing
+from npp.train.config import TrainConfig
+from npp.train.distributed import DistEnv, all_max, all_mean, barrier, init, read_env
+from npp.train.ds_config import build_ds_config
+from npp.train.ema import EMA
+from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
+from npp.train.tracking import Tracker, git_commit
+
+# Dense bf16 peak per GPU, for MFU (set NPP_PEAK_FLOPS for other devices).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def check_meta_matches(model_cfg: GPTConfig, meta: dict, shards: str) -> None:
+    """The shard set must be tokenized for this model: same vocabulary, same grid, enough classes."""
+    problems = []
+    if meta["codebook_size"] != model_cfg.vocab_size:
+        problems.append(f"codebook size {meta['codebook_size']} vs model vocab_size {model_cfg.vocab_size}")
+    if tuple(meta["grid"]) != tuple(model_cfg.grid):
+        problems.append(f"token grid {tuple(meta['grid'])} vs model grid {tuple(model_cfg.grid)}")
+    if meta["num_classes"] > model_cfg.num_classes:
+        problems.append(f"{meta['num_classes']} classes vs model num_classes {model_cfg.num_classes}")
+    if problems:
+        raise TrainingError(
+            f"shard set {shards} does not fit the model: " + "; ".join(problems)
+            + ". Train on shards made with this model's tokenizer and image size, or start a new --out run."
+        )
+
+
+def default_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+    return max(1, min(8, cpus - 1)) if cpus else 4
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if "NPP_PEAK_FLOPS" in os.environ:
+        return float(os.environ["NPP_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.env: DistEnv = read_env()
+        cuda = torch.cuda.is_available()
+        # Everything that can be wrong with the inputs is checked before the process group starts.
+        self.meta = read_meta(cfg.shards)
+        if not self.meta.get("complete"):
+            raise TrainingError(f"{cfg.shards} is not finalized: run `npp tokenize finalize --out {cfg.shards}`")
+        self.manifest = load_manifest(cfg.shards)
+        self.ds_config = build_ds_config(cfg, self.env.world_size, cuda)
+        self.model_cfg = self._model_config()
+        check_meta_matches(self.model_cfg, self.meta, cfg.shards)
+        self.steps_per_epoch = self.meta["samples"] // cfg.global_batch
+        if self.steps_per_epoch < 1 and cfg.total_steps is None:
+            raise TrainingError(
+                f"{self.meta['samples']} samples are fewer than one global batch of {cfg.global_batch}: lower --global-batch"
+            )
+        stages = (
+            paper_schedule(cfg.patch_levels, cfg.epoch_rate, cfg.epochs)
+            if cfg.patch_levels
+            else parse_schedule(str(cfg.schedule), self.model_cfg.grid)
+        )
+        self.total_steps = int(cfg.total_steps or cfg.epochs * self.steps_per_epoch)
+        self.schedule = PatchSchedule(stages, self.total_steps)
+        self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
+        self.workers = default_workers(cfg.workers)
+        self.stop_requested = False
+
+    # --- set-up ------------------------------------------------------------------
+    def _model_config(self) -> GPTConfig:
+        saved = self.run_dir / "config.json"
+        if saved.exists():  # a resumed run keeps the model it was started with
+            return GPTConfig.from_dict(json.loads(saved.read_text())["model_config"])
+        h, w = self.meta["grid"]
+        return gpt_config(
+            self.cfg.model,
+            vocab_size=self.meta["codebook_size"],
+            block_size=h * w,
+            grid=(h, w),
+            num_classes=self.meta["num_classes"],
+            token_dropout_p=self.cfg.token_dropout,
+            resid_dropout_p=self.cfg.resid_dropout,
+            ffn_dropout_p=self.cfg.ffn_dropout,
+            attn_dropout_p=self.cfg.attn_dropout,
+            drop_path_rate=self.cfg.drop_path,
+            class_dropout_prob=self.cfg.class_dropout,
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        return self.schedule.lr_at(step, c.lr, c.end_lr, self.warmup_steps, c.decay_ratio) / c.lr
+
+    def _build(self) -> None:
+        import deepspeed
+
+        self.device = init(self.env)
+        torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
+        model = GPT(self.model_cfg)
+        self.ema = EMA(model, self.cfg.ema_decay) if self.cfg.ema else None
+        torch.manual_seed(self.cfg.seed * 1000 + self.env.rank)  # different dropout per rank
+        np.random.seed(self.cfg.seed * 1000 + self.env.rank)
+        cuda = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            configure_optimizer_groups(model, self.cfg.weight_decay),
+            lr=self.cfg.lr,
+            betas=(self.cfg.beta1, self.cfg.beta2),
+            fused=cuda,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        if self.cfg.compile and cuda:
+            self.engine.compile()
+
+    def _write_run_files(self) -> list[str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "train": self.cfg.to_dict(),
+            "model_config": self.model_cfg.to_dict(),
+            "schedule": format_schedule(self.schedule.stages),
+            "schedule_steps": [[s.patch_side, s.start, s.end] for s in self.schedule.spans],
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.env.world_size,
+            "shards_meta": {k: self.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer")},
+            "git_commit": git_commit(),
+        }
+        paths = [self.run_dir / "config.json", self.run_dir / "ds_config.json"]
+        paths[0].write_text(json.dumps(config, indent=2, default=str))
+        paths[1].write_text(json.dumps(self.ds_config, indent=2))
+        self.run_config = config
+        return [str(p) for p in paths]
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):  # noqa: ARG001
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, request_stop)
+
+    # --- the loop ----------------------------------------------------------------
+    def train(self) -> dict:
+        self._build()
+        artifacts = self._write_run_files() if self.env.is_main else []
+        barrier()
+        client = checkpointing.load(self.engine, self.ckpt_dir, self.env, self.ema) or {}
+        self.step = int(client.get("step", 0))
+        self.micro_batches = int(client.get("micro_batches", 0))
+        self.train_flops = float(client.get("train_flops", 0.0))
+        self.bad_total = int(client.get("bad_steps", 0))
+        self.tracker = Tracker(self.env.is_main and self.cfg.tracking)
+        run_id = client.get("mlflow_run_id") or self._saved_run_id()
+        self.tracker.start(
+            self.cfg.experiment, self.cfg.run_name or self.run_dir.name, run_id,
+            params=self.run_config if self.env.is_main else {},
+            tags={"git_commit": self.run_config.get("git_commit", "") if self.env.is_main else "",
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                  "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
+                  "schedule": format_schedule(self.schedule.stages)},
+            artifacts=artifacts,
+        )
+        if self.env.is_main and self.tracker.run_id:
+            (self.run_dir / "mlflow_run_id").write_text(self.tracker.run_id)
+        self._install_signal_handlers()
+        self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
+                  f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch "
+                  f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers")
+        batches = iter(self._loader())
+        stage = None
+        window = {"loss": [], "t0": time.time(), "steps": 0, "samples": 0}
+        try:
+            while self.step < self.total_steps:
+                span = self.schedule.stage_at(self.step)
+                if span.index != stage:
+                    stage = span.index
+                    self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
+                loss, stopped = self.train_step(batches, span.patch_side)
+                self.step += 1
+                self._record(loss, span.patch_side, window)
+                if stopped:
+                    self._save()
+                    self._log(f"stop requested: saved step {self.step} in {self.ckpt_dir}, exiting for requeue")
+                    self.tracker.finish("KILLED")
+                    return {"step": self.step, "stopped": True}
+                if self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
+                    self._save()
+            self._save()
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        barrier()
+        exported = None
+        if self.env.is_main:
+            from npp.train.export import export
+
+            exported = export(str(self.run_dir))
+            self.tracker.log({"exported_step": self.step}, self.step)
+        self.tracker.finish()
+        return {"step": self.step, "stopped": False, "exported": exported}
+
+    def train_step(self, batches, patch_side: int) -> tuple[float, bool]:
+        """One optimizer step of grad_accum micro-batches; returns (mean loss, stop requested)."""
+        losses, good, stop = [], 0, False
+        while good < self.cfg.grad_accum:
+            batch = next(batches)
+            self.micro_batches += 1
+            if batch["corrupt"]:
+                self._log(f"warning: {batch['corrupt']} corrupt shard(s) skipped by the data stream")
+                self.corrupt_shards = getattr(self, "corrupt_shards", 0) + batch["corrupt"]
+            idx = batch["codes"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
+            # One small collective per micro-step: agree on skipping a bad loss and on stopping.
+            local_stop = self.stop_requested or (self.run_dir / "STOP").exists()
+            bad, stop_any = all_max([0.0 if torch.isfinite(loss).item() else 1.0, float(local_stop)], self.device)
+            stop = stop or bool(stop_any)
+            if bad:
+                self.bad_total += 1
+                self.bad_streak = getattr(self, "bad_streak", 0) + 1
+                self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
+                if self.bad_streak >= self.cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"{self.bad_streak} consecutive non-finite losses at step {self.step}: stopping. The last good "
+                        f"checkpoint is {checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}; lower --lr or check the data"
+                    )
+                continue
+            self.bad_streak = 0
+            self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+            good += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        return float(np.mean(losses)), stop
+
+    # --- components used by the loop -----------------------------------------------
+    def _loader(self):
+        paths, counts = shard_paths(self.cfg.shards, self.manifest)
+        stream = CodeStream(
+            paths, counts, batch_size=self.ds_config["train_micro_batch_size_per_gpu"], rank=self.env.rank,
+            world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
+            start_batches=self.micro_batches, num_workers=self.workers,
+        )
+        return torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.workers, persistent_workers=self.workers > 0,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+        )
+
+    def _record(self, loss: float, patch_side: int, window: dict) -> None:
+        flops = self.cfg.global_batch * self.schedule.flops_per_sample(self.model_cfg)[self.schedule.stage_at(self.step - 1).index]
+        self.train_flops += flops
+        window["loss"].append(loss)
+        window["steps"] += 1
+        window["flops"] = window.get("flops", 0.0) + flops
+        lr = self.last_lr
+        if self.env.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - window["t0"]
+        mean_loss = all_mean(float(np.mean(window["loss"])), self.device)
+        samples_s = window["steps"] * self.cfg.global_batch / dt
+        grad_norm = self.engine.get_global_grad_norm()
+        h, w = self.model_cfg.grid
+        metrics = {
+            "loss": mean_loss, "lr": lr, "patch_side": patch_side, "samples_per_s": samples_s,
+            "tokens_per_s": samples_s * h * w, "train_flops": self.train_flops,
+            "epoch": self.step / max(1, self.steps_per_epoch), "bad_steps": self.bad_total,
+            "corrupt_shards": getattr(self, "corrupt_shards", 0),
+        }
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)
+        peak = peak_flops(self.device)
+        if peak:
+            metrics["mfu"] = window["flops"] / dt / (peak * self.env.world_size)
+        self.tracker.log(metrics, self.step)
+        self._log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                           {"step": self.step, **metrics}.items()))
+        window.update(loss=[], t0=time.time(), steps=0, flops=0.0)
+
+    def _save(self) -> None:
+        client = {
+            "step": self.step, "micro_batches": self.micro_batches, "train_flops": self.train_flops,
+            "bad_steps": self.bad_total, "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
+        }
+        checkpointing.save(self.engine, self.ckpt_dir, self.step, client, self.env, self.ema, self.cfg.keep)
+
+    def _saved_run_id(self) -> Optional[str]:
+        path = self.run_dir / "mlflow_run_id"
+        return path.read_text().strip() if path.exists() else None
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(f"[npp train] {msg}", flush=True)
+
+
+def train(cfg: TrainConfig) -> None:
+    """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory."""
+    result = Trainer(cfg).train()
+    if result.get("stopped"):
+        sys.exit(0)
