@@ -10,7 +10,8 @@ Determinism and resume: the stream of each (rank, worker) is a pure function of
 (seed, epoch), a shuffle buffer and view choice from (seed, epoch, rank, worker).
 The DataLoader takes batches from workers round-robin, so after B consumed
 batches worker w has produced B // W (+1 if w < B % W) of them; a restarted run
-replays exactly that many and continues, so no sample is repeated or skipped.
+rotates the roles (its first process continues stream B % W), replays exactly that
+many batches per stream and continues, so no sample is repeated or skipped.
 Whole data epochs are skipped by arithmetic on the manifest counts, only the
 current epoch is replayed.
 
@@ -72,9 +73,11 @@ def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
     long_name: Optional[str] = None
     samples: dict[str, list] = {}
     order: list[str] = []
+    ended = False
     while pos + BLOCK <= n:
         header = view[pos : pos + BLOCK]
         if not any(header):  # end-of-archive marker
+            ended = True
             break
         hb = bytes(header)
         stored = _octal(hb[148:156])
@@ -105,6 +108,8 @@ def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
             elif ext == "cls":
                 entry[1] = int(bytes(view[body_start:body_end]))
         pos = body_start + (size + BLOCK - 1) // BLOCK * BLOCK
+    if not ended:
+        raise CorruptShardError("no end-of-archive marker (truncated shard)")
     return [(k, samples[k][0], samples[k][1]) for k in order if samples[k][0] is not None and samples[k][1] is not None]
 
 
@@ -185,7 +190,10 @@ class CodeStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = self._worker()
+        physical, workers = self._worker()
+        # The DataLoader always starts its round-robin at worker 0, so after B batches the
+        # process that will be asked first must play the stream of worker B % W.
+        worker = (physical + self.start_batches) % workers
         skip_batches = self.start_batches // workers + (1 if worker < self.start_batches % workers else 0)
         skip = skip_batches * self.batch_size
         epoch = 0

@@ -1,0 +1,59 @@
+"""A tiny real shard set (toy images → untrained small VQ → shards) and a launcher for 2-process runs."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from npp.models.vq import VQModel, vq_config
+from npp.pipeline.toy import write_toy_dataset
+from npp.tokenize.run import TokenizeConfig, tokenize
+
+
+@pytest.fixture(scope="session")
+def shard_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    write_toy_dataset(str(root / "images"), per_class=8, size=32)
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-toy", codebook_size=64)).eval()
+    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, root / "vq.pt")
+    tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
+                            image_size=32, samples_per_shard=10, batch=32, workers=0))
+    return root / "shards"  # 80 samples in 8 shards, vocab 64, 8x8 grid
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(shards, out, **overrides):
+    args = {"model": "GPT-Nano", "global_batch": 16, "total_steps": 16, "workers": 1, "log_every": 4,
+            "ckpt_every": 4, "warmup_epochs": 0.5, "lr": 3e-3, "end_lr": 1e-4, "shuffle_buffer": 20,
+            "ds_config": os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero2.json"),
+            "schedule": "4:0.25,2:0.25,1:0.5", **overrides}
+    cmd = ["--shards", str(shards), "--out", str(out)]
+    for k, v in args.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def launch_cmd(shards, out, nproc=2, **overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", "npp.cli", "train", *train_args(shards, out, **overrides)]
+
+
+def run_env(tmp_path):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def launch(shards, out, tmp_path, nproc=2, timeout=300, **overrides):
+    proc = subprocess.run(launch_cmd(shards, out, nproc, **overrides), env=run_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr

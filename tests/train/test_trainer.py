@@ -1,0 +1,183 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from npp.models.checkpoint import load_gpt
+from npp.models.generate import generate
+from npp.pipeline.shards import load_manifest
+from npp.pipeline.stream import parse_shard
+from npp.train.config import TrainConfig
+from npp.train.ds_config import DeepSpeedConfigError
+from npp.train.trainer import Trainer, TrainingError
+from tests.train.conftest import launch, launch_cmd, run_env
+
+
+def metrics(run):
+    """The last record of every step (a resumed run appends the steps it redoes)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+def eval_loss(model, shards, n=64):
+    data = parse_shard((shards / "train-000000.tar").read_bytes()) + parse_shard((shards / "train-000001.tar").read_bytes())
+    codes = torch.stack([torch.from_numpy(c[0].astype("int64")).flatten() for _, c, _ in data[:n]])
+    labels = torch.tensor([lab for _, _, lab in data[:n]])
+    with torch.no_grad():
+        return model.eval()(codes, labels, targets=codes, patch=1)[1].item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["zero2", "zero3"])
+def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, ds):
+    run = tmp_path / "run"
+    ds_path = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", f"{ds}.json")
+    log = launch(shard_set, run, tmp_path, ds_config=ds_path, total_steps=24)
+    m = metrics(run)
+    # 4:0.25,2:0.25,1:0.5 over 24 steps: k=4 for steps 1-6, k=2 for 7-12, k=1 for 13-24
+    assert [m[s]["patch_side"] for s in range(1, 25)] == [4] * 6 + [2] * 6 + [1] * 12
+    assert "stage 1: patch side k=2 for steps [6, 12)" in log
+    model, ckpt = load_gpt(run / "model.pt")
+    assert ckpt["steps"] == 24 and ckpt["config"]["grid"] == [8, 8]
+    untrained = eval_loss(type(model)(model.config), shard_set)  # zero head: ln(64)
+    trained = eval_loss(model, shard_set)
+    assert untrained == pytest.approx(4.1589, abs=1e-3)
+    assert trained < untrained - 0.3, (trained, untrained)
+    tokens = generate(model, torch.tensor([0, 3]), cfg_scale=2.0, seed=0)
+    assert tokens.shape == (2, 8, 8) and int(tokens.max()) < 64
+    # MLflow has the run, its params and the curves
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.tracking.MlflowClient()
+    r = client.get_run((run / "mlflow_run_id").read_text())
+    assert r.data.params["train.model"] == "GPT-Nano" and r.data.params["world_size"] == "2"
+    assert [h.value for h in client.get_metric_history(r.info.run_id, "patch_side")] == [4, 2, 2, 1, 1, 1]
+    history = client.get_metric_history(r.info.run_id, "loss")
+    assert [h.step for h in history] == [4, 8, 12, 16, 20, 24]
+    assert client.get_metric_history(r.info.run_id, "train_flops")[-1].value > 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted(shard_set, tmp_path):
+    ref = tmp_path / "ref"
+    launch(shard_set, ref, tmp_path, total_steps=16, ckpt_every=4)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(launch_cmd(shard_set, run, total_steps=16, ckpt_every=4), env=run_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_000000008":
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(metrics(run))
+    assert 8 <= killed_at < 16, "the run should have died part-way"
+    run_id = (run / "mlflow_run_id").read_text()
+    log = launch(shard_set, run, tmp_path, total_steps=16, ckpt_every=4)
+    assert "resuming at step" in log
+    a, b = metrics(ref), metrics(run)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    for step in range(1, 17):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"])
+    # the same MLflow run continues, with the curve up to the end
+    import mlflow
+
+    assert (run / "mlflow_run_id").read_text() == run_id
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
+    assert max(h.step for h in history) == 16
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_set, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(shard_set, run, total_steps=100000, ckpt_every=100000, log_every=1000),
+                            env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    # SLURM signals every task; torchrun would not forward USR1, so signal the workers themselves
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    last = max(metrics(run))
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{last:09d}"
+    assert "stop requested" in out
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_survived(shard_set, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_set, shards)
+    data = bytearray((shards / "train-000003.tar").read_bytes())
+    data[1024 + 50 : 1024 + 60] = b"\xff" * 10
+    (shards / "train-000003.tar").write_bytes(bytes(data))
+    log = launch(shards, tmp_path / "run", tmp_path, nproc=1, total_steps=12, ckpt_every=100)
+    assert "corrupt shard(s) skipped" in log
+    assert max(metrics(tmp_path / "run")) == 12
+
+
+def _cfg(shards, out, **kw):
+    return TrainConfig(shards=str(shards), out=str(out), model="GPT-Nano", global_batch=16, total_steps=8, **kw)
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+
+def test_clear_errors_before_any_process_group(shard_set, tmp_path, monkeypatch, single_rank):
+    from npp.pipeline.shards import ShardSetError
+
+    with pytest.raises(ShardSetError, match="no meta.json"):
+        Trainer(_cfg(tmp_path / "nowhere", tmp_path / "r"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match="bad.json is not valid JSON"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config=str(bad)))
+    with pytest.raises(DeepSpeedConfigError, match="does not exist"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config=str(tmp_path / "missing.json")))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(DeepSpeedConfigError, match="does not divide by world size 3"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(DeepSpeedConfigError, match="bf16 training needs CUDA"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", precision="bf16"))
+    with pytest.raises(ValueError, match="does not divide the 8x8"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", schedule="3:0.5,1:0.5"))
+
+
+def test_shards_must_match_the_model(shard_set, tmp_path, single_rank):
+    run = tmp_path / "run"
+    run.mkdir()
+    from npp.models import gpt_config
+
+    other = gpt_config("GPT-Nano", vocab_size=128, block_size=256, num_classes=10)
+    (run / "config.json").write_text(json.dumps({"model_config": other.to_dict()}))
+    with pytest.raises(TrainingError, match="codebook size 64 vs model vocab_size 128; token grid"):
+        Trainer(_cfg(shard_set, run, ds_config="ds_configs/zero2.json"))
+
+
+def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
+    t = Trainer(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
+                            epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1))
+    assert sum(m["samples"] for m in load_manifest(shard_set)) == 80
+    assert t.steps_per_epoch == 5 and t.total_steps == 15 and t.warmup_steps == 5
