@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy
+.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui
 
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
 DATA ?= data/imagenet/train
@@ -24,6 +24,18 @@ VIEWS_FLAGS ?= --views 2
 SAMPLES_PER_SHARD ?= 1000
 WORKERS ?= 8
 ARRAY ?= 0-31%8
+
+# train: `make train SHARDS=shards/in256 RUN=runs/gpt-b-npp MODEL=GPT-B NGPU=8`
+SHARDS ?= $(OUT)
+RUN ?= runs/npp
+MODEL ?= GPT-B
+SCHEDULE ?= 4:0.25,2:0.25,1:0.5
+EPOCHS ?= 300
+GLOBAL_BATCH ?= 256
+DS_CONFIG ?= ds_configs/zero2.json
+NGPU ?= 1
+NODES ?= 1
+TRAIN_FLAGS ?=
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -54,6 +66,7 @@ test-fast: setup  ## the suite without the slow integration tests
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
 	$(PY) bench/tokenize_throughput.py
+	$(PY) bench/train_throughput.py
 
 tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
 	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \
@@ -62,6 +75,21 @@ tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; r
 tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
 	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
 	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch --array=$(ARRAY) slurm/tokenize.sbatch
+
+train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes); reruns resume
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp.cli train --shards $(SHARDS) --out $(RUN) \
+	  --model $(MODEL) --schedule $(SCHEDULE) --epochs $(EPOCHS) --global-batch $(GLOBAL_BATCH) \
+	  --ds-config $(DS_CONFIG) $(TRAIN_FLAGS)
+
+train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue)
+	SHARDS=$(SHARDS) OUT=$(RUN) MODEL=$(MODEL) SCHEDULE=$(SCHEDULE) EPOCHS=$(EPOCHS) GLOBAL_BATCH=$(GLOBAL_BATCH) \
+	  DS_CONFIG=$(DS_CONFIG) EXTRA="$(TRAIN_FLAGS)" sbatch --nodes=$(NODES) slurm/train.sbatch
+
+export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt
+	$(VENV)/bin/npp train export --run $(RUN)
+
+ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI)
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 tokenize-finalize: setup  ## merge the manifests of an array run (OUT)
 	$(VENV)/bin/npp tokenize finalize --out $(OUT)

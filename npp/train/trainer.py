@@ -23,7 +23,7 @@ import torch
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.shards import load_manifest, read_meta
-from npp.pipeline.stream import CodeStream, shard_paths
+from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, shard_paths
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
 from npp.train.distributed import DistEnv, all_max, all_mean, barrier, init, read_env
@@ -245,8 +245,7 @@ class Trainer:
             if batch["corrupt"]:
                 self._log(f"warning: {batch['corrupt']} corrupt shard(s) skipped by the data stream")
                 self.corrupt_shards = getattr(self, "corrupt_shards", 0) + batch["corrupt"]
-            idx = batch["codes"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            idx, labels = batch_to_device(batch, self.device)
             _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
             # One small collective per micro-step: agree on skipping a bad loss and on stopping.
             local_stop = self.stop_requested or (self.run_dir / "STOP").exists()
@@ -280,10 +279,7 @@ class Trainer:
             world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
             start_batches=self.micro_batches, num_workers=self.workers,
         )
-        return torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.workers, persistent_workers=self.workers > 0,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
-        )
+        return make_loader(stream, self.workers)
 
     def _record(self, loss: float, patch_side: int, window: dict) -> None:
         flops = self.cfg.global_batch * self.schedule.flops_per_sample(self.model_cfg)[self.schedule.stage_at(self.step - 1).index]

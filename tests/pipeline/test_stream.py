@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from npp.pipeline.shards import Sample, encode_tar
-from npp.pipeline.stream import CodeStream, CorruptShardError, assign_shards, parse_shard
+from npp.pipeline.stream import (
+    CodeStream,
+    CorruptShardError,
+    assign_shards,
+    batch_to_device,
+    make_loader,
+    parse_shard,
+)
 
 
 def make_shards(tmp_path, n_shards=6, per_shard=10, views=2, grid=4):
@@ -30,9 +37,13 @@ def ids(batch):
 
 
 def take(stream, n, workers=0):
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
+    it = iter(make_loader(stream, workers))
+    out = []
+    for _ in range(n):
+        batch = next(it)
+        codes, labels = batch_to_device(batch, torch.device("cpu"))
+        out.append({"codes": codes, "labels": labels, "corrupt": batch["corrupt"]})
+    return out
 
 
 def test_parse_shard_matches_tarfile_reader(tmp_path):
