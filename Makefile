@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui
+.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare
 
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
 DATA ?= data/imagenet/train
@@ -36,6 +36,16 @@ DS_CONFIG ?= ds_configs/zero2.json
 NGPU ?= 1
 NODES ?= 1
 TRAIN_FLAGS ?=
+
+# sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
+CKPT ?= $(RUN)/model.pt
+SAMPLES ?= $(RUN)/samples
+CFG ?= 2.0
+PER_CLASS ?= 50
+SAMPLE_BATCH ?= 64
+REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
+INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
+EVAL_FLAGS ?= --inception $(INCEPTION)
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -67,6 +77,7 @@ bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
 	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/eval_throughput.py
 
 tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
 	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \
@@ -87,6 +98,19 @@ train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoin
 
 export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt
 	$(VENV)/bin/npp train export --run $(RUN)
+
+sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp.cli sample --ckpt $(CKPT) --vq $(VQ) \
+	  --out $(SAMPLES) --per-class $(PER_CLASS) --cfg-scale $(CFG) --batch $(SAMPLE_BATCH)
+
+eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT
+	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) $(EVAL_FLAGS)
+
+eval-ref: setup  ## reference statistics (REF) from the real images of SHARDS
+	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF) $(EVAL_FLAGS)
+
+compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment
+	$(VENV)/bin/npp compare --out compare
 
 ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

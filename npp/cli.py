@@ -123,6 +123,50 @@ class _Train:
         export(str(run), str(tag) or None, str(out) or None)
 
 
+class _Eval:
+    """npp eval --samples S.npz --ref R.npz ... | npp eval ref ... | npp eval fit-classifier ..."""
+
+    def __call__(self, samples: str, ref: str, run_id: str = "", ckpt: str = "", inception: str = "",
+                 classifier: str = "", experiment: str = "npp", log: bool = True) -> None:
+        """Metrics of samples (a file, a comma list or a glob: a cfg sweep) against a reference; logs to MLflow."""
+        from npp.eval.evaluate import evaluate
+
+        evaluate(str(samples), str(ref), str(run_id) or None, str(ckpt) or None, str(inception) or None,
+                 str(classifier) or None, str(experiment), log)
+
+    @staticmethod
+    def ref(out: str, data: str = "", shards: str = "", image_size: int = 0, inception: str = "", classifier: str = "",
+            limit: int = 0, max_features: int = 10000) -> None:
+        """Reference statistics from real images (--data), or from the images a shard set was made from (--shards)."""
+        from npp.eval.features import load_feature_net
+        from npp.eval.reference import make_reference, real_images
+
+        net = load_feature_net(str(inception) or None, str(classifier) or None)
+        images, source = real_images(str(data) or None, str(shards) or None, image_size or None, limit)
+        make_reference(net, images, str(out), max_features, source)
+
+    @staticmethod
+    def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,
+                       seed: int = 0) -> None:
+        """Train the toy classifier that stands in for Inception on datasets like the toy set."""
+        from npp.eval.fit_classifier import fit_classifier
+
+        fit_classifier(str(data), str(out), image_size, epochs, batch, lr, seed)
+
+
+def _sample_command():
+    from npp.eval.sample import SampleConfig, sample
+
+    return config_command(SampleConfig, sample)
+
+
+def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> None:
+    """Table and PNG plot of FID against training FLOPs and wall hours, one line per run (NPP vs NTP)."""
+    from npp.eval.compare import compare as run_compare
+
+    run_compare(str(experiment), str(out), str(metric) or None)
+
+
 def _with_self(sig: inspect.Signature) -> inspect.Signature:
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return sig.replace(parameters=[self_param, *sig.parameters.values()])
@@ -136,7 +180,15 @@ def _train_command() -> _Train:
     return _Train()
 
 
-COMMANDS = {"models": models, "schedule": schedule, "tokenize": _tokenize_commands(), "train": _train_command()}
+COMMANDS = {
+    "models": models,
+    "schedule": schedule,
+    "tokenize": _tokenize_commands(),
+    "train": _train_command(),
+    "sample": _sample_command(),
+    "eval": _Eval(),
+    "compare": compare,
+}
 
 
 def main() -> None:

@@ -1,0 +1,142 @@
+"""`npp eval`: metrics of sample files against a reference, logged into the training run in MLflow.
+
+Metric names carry the feature network (`fid` for Inception, `fid_toynet` for the
+toy classifier); in a cfg sweep (several sample files) the training run gets one
+key per scale (`fid_toynet_cfg2`), and every evaluation also gets a nested MLflow
+run holding the sampling settings, the reference and network identity, the
+metrics and the PNG grid, so a FID can be traced to everything that changed it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from npp.eval.features import extract, load_feature_net, metric_suffix
+from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from npp.eval.reference import ReferenceError, load_npz, reference_for
+
+
+def sample_files(samples: str) -> list[str]:
+    files = []
+    for part in str(samples).split(","):
+        matches = sorted(glob.glob(part.strip()))
+        if not matches:
+            raise ReferenceError(f"samples file {part.strip()} does not exist: make it with `npp sample`")
+        files += matches
+    return files
+
+
+def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[str, float]:
+    data = load_npz(samples_path, "samples")
+    if "arr_0" not in data:
+        raise ReferenceError(f"samples file {samples_path} has no arr_0 (uint8 N×H×W×3 images): make it with `npp sample`")
+    images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ReferenceError(f"{samples_path}: arr_0 must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
+    if images.shape[1] != ref["image_size"]:
+        raise ReferenceError(
+            f"samples {samples_path} are {images.shape[1]}px but reference {ref_path} was made at {ref['image_size']}px: "
+            "make the reference at the samples' size (`npp eval ref --image-size ...`)"
+        )
+    for need, what in ((10, "the Inception Score's 10 splits"), (4, "precision/recall with k=3")):
+        if len(images) < need:
+            raise ReferenceError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
+    feats = extract(net, images, desc=f"features {Path(samples_path).name}")
+    mu, sigma = gaussian_stats(feats["pool"])
+    mu_s, sigma_s = gaussian_stats(feats["spatial"])
+    precision, recall = precision_recall(ref["features"], feats["pool"], k=3)
+    sfx = metric_suffix(net)
+    metrics = {
+        f"fid{sfx}": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+        f"sfid{sfx}": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
+        f"is{sfx}": inception_score(feats["logits"], splits=10),
+        f"precision{sfx}": precision,
+        f"recall{sfx}": recall,
+    }
+    if net.name != "inception" and "labels" in data:
+        # share of samples the classifier puts in the class they were conditioned on
+        metrics[f"class_accuracy{sfx}"] = float((feats["logits"].argmax(1) == data["labels"]).mean())
+    return metrics
+
+
+def evaluate(
+    samples: str,
+    ref: str,
+    run_id: Optional[str] = None,
+    ckpt: Optional[str] = None,
+    inception: Optional[str] = None,
+    classifier: Optional[str] = None,
+    experiment: str = "npp",
+    log: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Metrics per samples file; logged to MLflow (the training run of --run-id or of --ckpt)."""
+    files = sample_files(samples)
+    net = load_feature_net(inception, classifier)
+    reference = reference_for(net, ref)
+    results = {f: compute_metrics(net, f, reference, ref) for f in files}
+    for f, m in results.items():
+        print(f"{f}: " + "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    if log:
+        log_to_mlflow(results, ref, net, run_id, ckpt, experiment)
+    return results
+
+
+def _sidecar(samples_path: str) -> dict:
+    path = Path(samples_path).with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict]) -> tuple[Optional[str], Optional[int]]:
+    """The MLflow run and step to log at: explicit, else the run recorded with the checkpoint."""
+    steps = next((r.get("ckpt_steps") for r in records if r.get("ckpt_steps") is not None), None)
+    train = next((r.get("ckpt_train") for r in records if r.get("ckpt_train")), None)
+    if ckpt:
+        from npp.models.checkpoint import read_checkpoint
+
+        c = read_checkpoint(ckpt)
+        steps, train = c.get("steps", steps), c.get("train", train)
+    if run_id is None and train and train.get("run"):
+        id_file = Path(train["run"]) / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+    return run_id, int(steps) if steps is not None else None
+
+
+def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt: Optional[str], experiment: str) -> None:
+    import mlflow
+
+    from npp.train.tracking import flatten
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    records = [_sidecar(f) for f in results]
+    run_id, step = _training_run(run_id, ckpt, records)
+    step = step or 0
+    sweep = len(results) > 1
+    if run_id:
+        parent = mlflow.start_run(run_id=run_id)
+    else:
+        mlflow.set_experiment(experiment)
+        parent = mlflow.start_run(run_name=f"eval {Path(next(iter(results))).stem}")
+    with parent:
+        for (path, metrics), record in zip(results.items(), records):
+            scale = record.get("cfg_scale")
+            key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
+            mlflow.log_metrics({k + key_suffix: v for k, v in metrics.items()}, step=step)
+            grid = Path(path).with_suffix(".png")
+            with mlflow.start_run(run_name=f"eval step {step} cfg {scale}", nested=True):
+                mlflow.log_params(flatten({
+                    "samples": str(path), "reference": ref_path, "feature_net": net.name,
+                    "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step,
+                    "sampling": {k: v for k, v in record.items() if k != "ckpt_train"},
+                }))
+                mlflow.log_metrics(metrics, step=step)
+                if grid.exists():
+                    mlflow.log_artifact(str(grid), artifact_path="samples")
+            if grid.exists():
+                mlflow.log_artifact(str(grid), artifact_path=f"samples/step_{step}")
+        print(f"logged to MLflow run {parent.info.run_id} at step {step}")

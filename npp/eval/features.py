@@ -1,0 +1,56 @@
+"""Feature networks for the metrics: the FID Inception, or the toy classifier where Inception means nothing.
+
+Every metric name says which network made it: `fid` for Inception, `fid_toynet`
+for the toy classifier, and so on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def load_feature_net(inception: Optional[str] = None, classifier: Optional[str] = None):
+    """The toy classifier when `classifier` is given, else the FID Inception (weights from the path or env)."""
+    if classifier:
+        from npp.models.toynet import load_toynet
+
+        net, path = load_toynet(classifier), classifier
+    else:
+        from npp.models.inception import load_inception
+
+        import os
+
+        path = inception or os.environ.get("NPP_INCEPTION_WEIGHTS", "")
+        net = load_inception(inception)
+    net.weights_sha256 = file_sha256(path)
+    return net
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def metric_suffix(net) -> str:
+    return "" if net.name == "inception" else f"_{net.name}"
+
+
+@torch.no_grad()
+def extract(net, images: np.ndarray, batch: int = 100, device: Optional[torch.device] = None, desc: str = "features") -> dict:
+    """uint8 (N, H, W, 3) → {"pool", "logits", "spatial"} float64 arrays."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device).eval()
+    out: dict[str, list] = {"pool": [], "logits": [], "spatial": []}
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch"):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+        for k, v in net(x).items():
+            out[k].append(v.double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}

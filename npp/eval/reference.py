@@ -1,0 +1,110 @@
+"""Reference statistics: from real images (`npp eval ref`) or an ADM reference batch.
+
+Our reference `.npz` holds, per feature network: `mu`, `sigma` (pool features),
+`mu_s`, `sigma_s` (spatial features, sFID), `features` (pool features for
+precision/recall, at most `max_features` of them), and `net`, `image_size`,
+`count`, `weights_sha256`. An ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)
+has `arr_0` images and the same four statistics; its features are computed from `arr_0`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from npp.eval.features import extract
+from npp.eval.metrics import gaussian_stats
+from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
+from npp.pipeline.sources import open_source, read_bytes
+
+
+class ReferenceError(ValueError):
+    pass
+
+
+def load_npz(path: str, role: str) -> dict:
+    """An .npz as a dict, with errors that name the file and the fix."""
+    if not os.path.isfile(path):
+        raise ReferenceError(f"{role} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ReferenceError(f"{role} file {path} is not a readable .npz ({e}): regenerate it") from None
+
+
+def real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 0) -> tuple[np.ndarray, str]:
+    """Real images cropped as tokenize crops them: from a folder/parquet, or the source a shard set was made from."""
+    if shards:
+        meta = json.loads((Path(shards) / "meta.json").read_text())
+        data, image_size = meta["source"]["path"], image_size or meta["image_size"]
+    if not data:
+        raise ReferenceError("give --data DIR (images) or --shards DIR (a shard set, whose source images are used)")
+    if not image_size:
+        raise ReferenceError("give --image-size (the size samples are generated at)")
+    source = open_source(data)
+    items = source.items
+    if limit and len(items) > limit:
+        idx = np.random.default_rng(0).choice(len(items), limit, replace=False)
+        items = [items[i] for i in sorted(idx)]
+    images = []
+    for item in tqdm(items, desc="reference images", unit="img"):
+        try:
+            images.append(center_crop_adm(decode_image(read_bytes(item, source.image_column)), image_size))
+        except (ImageDecodeError, OSError):
+            continue
+    if not images:
+        raise ReferenceError(f"no readable images in {data}")
+    return np.stack(images), data
+
+
+def make_reference(net, images: np.ndarray, out: str, max_features: int = 10000, source: str = "") -> dict:
+    feats = extract(net, images, desc="reference features")
+    mu, sigma = gaussian_stats(feats["pool"])
+    mu_s, sigma_s = gaussian_stats(feats["spatial"])
+    keep = feats["pool"]
+    if len(keep) > max_features:
+        keep = keep[np.random.default_rng(0).choice(len(keep), max_features, replace=False)]
+    ref = {
+        "net": np.array(net.name), "image_size": np.array(images.shape[1]), "count": np.array(len(images)),
+        "weights_sha256": np.array(getattr(net, "weights_sha256", "")), "source": np.array(source),
+        "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "features": keep.astype(np.float32),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **ref)
+    os.replace(tmp, out)
+    print(f"reference {out}: {len(images)} images at {images.shape[1]}px through {net.name}")
+    return ref
+
+
+def reference_for(net, path: str) -> dict:
+    """mu/sigma/mu_s/sigma_s/features and image_size of a reference, checked against the feature network."""
+    ref = load_npz(path, "reference")
+    if "net" in ref:
+        if str(ref["net"]) != net.name:
+            raise ReferenceError(
+                f"reference {path} was made with the {ref['net']} network but the samples are evaluated with "
+                f"{net.name}: make a reference with the same network (`npp eval ref ...`)"
+            )
+        return {**ref, "image_size": int(ref["image_size"])}
+    if "arr_0" not in ref:
+        raise ReferenceError(f"reference {path} has neither our statistics nor ADM's arr_0 images")
+    if net.name != "inception":
+        raise ReferenceError(f"{path} is an ADM (Inception) reference batch; it cannot be used with {net.name}")
+    images = ref["arr_0"]
+    feats = extract(net, images, desc="reference batch features")
+    out = {"image_size": int(images.shape[1]), "features": feats["pool"]}
+    for stat, feat in (("mu", "pool"), ("mu_s", "spatial")):
+        sig = "sigma" if stat == "mu" else "sigma_s"
+        if stat in ref and sig in ref:
+            out[stat], out[sig] = ref[stat], ref[sig]
+        else:
+            out[stat], out[sig] = gaussian_stats(feats[feat])
+    return out

@@ -1,0 +1,117 @@
+import json
+import os
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from npp.eval.evaluate import evaluate
+from npp.eval.features import load_feature_net
+from npp.eval.fit_classifier import fit_classifier
+from npp.eval.reference import ReferenceError, make_reference, real_images
+from npp.eval.sample import SampleConfig, sample, samples_path
+from npp.models.vq import VQModel, vq_config
+from npp.pipeline.toy import write_toy_dataset
+from tests.conftest import make_gpt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_toy_dataset(str(root / "images"), per_class=6, size=32)
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-toy", codebook_size=64)).eval()
+    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, root / "vq.pt")
+    gpt = make_gpt(vocab=64, num_classes=10)
+    torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 7}, root / "gpt.pt")
+    fit_classifier(str(root / "images"), str(root / "toynet.pt"), epochs=1, batch=16)
+    net = load_feature_net(classifier=str(root / "toynet.pt"))
+    images, _ = real_images(str(root / "images"), None, 32)
+    make_reference(net, images, str(root / "ref.npz"))
+    return root
+
+
+def _cfg(root, out, **kw):
+    return SampleConfig(ckpt=str(root / "gpt.pt"), vq=str(root / "vq.pt"), out=str(out), per_class=2, batch=8,
+                        cfg_scale="1.0,2.0", **kw)
+
+
+def test_class_balanced_sweep_resume_and_ranks(setup, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    made = sample(_cfg(setup, out))
+    assert len(made) == 2
+    z = np.load(samples_path(out, 2.0))
+    assert z["arr_0"].shape == (20, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    assert np.bincount(z["labels"]).tolist() == [2] * 10
+    assert samples_path(out, 2.0).with_suffix(".png").exists()
+    record = json.loads(samples_path(out, 2.0).with_suffix(".json").read_text())
+    assert record["cfg_scale"] == 2.0 and record["ckpt_steps"] == 7 and record["labels"] == "balanced"
+    assert not np.array_equal(np.load(samples_path(out, 1.0))["arr_0"], z["arr_0"])  # guidance changes samples
+    # resume: a lost piece is made again, identically
+    ref_images = z["arr_0"].copy()
+    os.remove(out / "cfg2" / "piece_000001.npz")
+    samples_path(out, 2.0).unlink()
+    sample(_cfg(setup, out))
+    assert np.array_equal(np.load(samples_path(out, 2.0))["arr_0"], ref_images)
+    # two ranks make disjoint pieces; the last merges the same result
+    ranked = tmp_path / "r"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        made = sample(_cfg(setup, ranked))
+        assert len(made) == (0 if rank == 0 else 2)
+    assert np.array_equal(np.load(samples_path(ranked, 2.0))["arr_0"], ref_images)
+
+
+def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    sample(_cfg(setup, out))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("npp")
+    with mlflow.start_run(run_name="train") as run:
+        mlflow.log_metric("train_flops", 1e12, step=7)
+    results = evaluate(str(out / "samples_cfg*.npz"), str(setup / "ref.npz"), run_id=run.info.run_id,
+                       classifier=str(setup / "toynet.pt"))
+    m = results[str(samples_path(out, 1.0))]
+    assert set(m) == {"fid_toynet", "sfid_toynet", "is_toynet", "precision_toynet", "recall_toynet", "class_accuracy_toynet"}
+    assert m["fid_toynet"] > 0 and 1.0 <= m["is_toynet"] <= 10.0 and 0 <= m["class_accuracy_toynet"] <= 1
+    client = mlflow.tracking.MlflowClient()
+    parent = client.get_run(run.info.run_id)
+    assert {"fid_toynet_cfg1", "fid_toynet_cfg2", "is_toynet_cfg2"} <= set(parent.data.metrics)
+    assert client.get_metric_history(run.info.run_id, "fid_toynet_cfg2")[0].step == 7
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(children) == 2 and {c.data.params["sampling.cfg_scale"] for c in children} == {"1.0", "2.0"}
+    from npp.eval.compare import compare
+
+    rows = compare("npp", str(tmp_path / "cmp"))
+    assert {r["metric"] for r in rows} == {"fid_toynet_cfg1", "fid_toynet_cfg2"} and rows[0]["train_pflops"] == 1e-3
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_bad_inputs_name_the_file_and_the_fix(setup, tmp_path):
+    classifier = str(setup / "toynet.pt")
+    no_arr = tmp_path / "x.npz"
+    np.savez(no_arr, images=np.zeros((20, 32, 32, 3), np.uint8))
+    with pytest.raises(ReferenceError, match="x.npz has no arr_0"):
+        evaluate(str(no_arr), str(setup / "ref.npz"), classifier=classifier, log=False)
+    small = tmp_path / "small.npz"
+    np.savez(small, arr_0=np.zeros((20, 16, 16, 3), np.uint8))
+    with pytest.raises(ReferenceError, match="16px but reference .*32px"):
+        evaluate(str(small), str(setup / "ref.npz"), classifier=classifier, log=False)
+    few = tmp_path / "few.npz"
+    np.savez(few, arr_0=np.zeros((5, 32, 32, 3), np.uint8))
+    with pytest.raises(ReferenceError, match="5 samples, too few"):
+        evaluate(str(few), str(setup / "ref.npz"), classifier=classifier, log=False)
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(ReferenceError, match="corrupt.npz is not a readable"):
+        evaluate(str(corrupt), str(setup / "ref.npz"), classifier=classifier, log=False)
+    adm = tmp_path / "adm.npz"
+    np.savez(adm, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(ReferenceError, match="ADM .*cannot be used with toynet"):
+        evaluate(str(few), str(adm), classifier=classifier, log=False)
+    with pytest.raises(ReferenceError, match="does not exist"):
+        evaluate(str(tmp_path / "missing.npz"), str(setup / "ref.npz"), classifier=classifier, log=False)
