@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare
+.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare demo demo-compare
 
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
 DATA ?= data/imagenet/train
@@ -66,6 +66,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PIP) install -q -r $(VENV)/.npp-reqs.txt
 	$(PIP) install -q --no-deps -e .
 	@touch $@
+
+demo: setup  ## the whole pipeline on the built-in toy set, CPU only (about 10 min; reruns reuse what is built)
+	$(VENV)/bin/npp demo --out demo_out
+
+demo-compare: setup  ## NTP baseline vs NPP on the toy set: same samples, both evaluated, compared
+	$(VENV)/bin/npp demo compare --out demo_out
 
 test: setup  ## run the whole test suite (CPU only, slow integration tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)

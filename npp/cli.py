@@ -9,14 +9,19 @@ from __future__ import annotations
 import os
 import sys
 
-import dataclasses
-import inspect
-from typing import Any, Callable
+# Progress bars written to a log file (SLURM, CI): one update every 10 s, not one per batch.
+# tqdm reads TQDM_* overrides when it is first imported, so this comes before every import.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-import fire
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
-from npp.models.configs import GPT_SIZES, count_parameters, gpt_config
-from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule
+import fire  # noqa: E402
+
+from npp.models.configs import GPT_SIZES, count_parameters, gpt_config  # noqa: E402
+from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule  # noqa: E402
 
 
 def models(vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256) -> None:
@@ -167,6 +172,31 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> 
     run_compare(str(experiment), str(out), str(metric) or None)
 
 
+class _Demo:
+    """npp demo [--out demo_out ...] | npp demo compare"""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        from npp.demo import DemoConfig, demo
+
+        config_command(DemoConfig, demo)(*args, **kwargs)
+
+    def compare(self, *args: Any, **kwargs: Any) -> None:
+        """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
+        from npp.demo import DemoConfig, demo_compare
+
+        config_command(DemoConfig, demo_compare)(*args, **kwargs)
+
+
+def _demo_command() -> _Demo:
+    from npp.demo import DemoConfig
+
+    sig = _with_self(inspect.signature(DemoConfig))
+    _Demo.__call__.__signature__ = sig  # type: ignore[attr-defined]
+    _Demo.compare.__signature__ = sig  # type: ignore[attr-defined]
+    _Demo.__call__.__doc__ = "Run the whole pipeline on the built-in toy dataset (CPU, 2 DeepSpeed processes)."
+    return _Demo()
+
+
 def _with_self(sig: inspect.Signature) -> inspect.Signature:
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return sig.replace(parameters=[self_param, *sig.parameters.values()])
@@ -188,6 +218,7 @@ COMMANDS = {
     "sample": _sample_command(),
     "eval": _Eval(),
     "compare": compare,
+    "demo": _demo_command(),
 }
 
 

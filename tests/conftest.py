@@ -4,6 +4,15 @@ import pytest
 import torch
 
 from npp.models import GPT, gpt_config
+from npp.models.vq import VQModel, vq_config
+
+
+def save_small_vq(path, seed=0, codebook_size=64, **overrides):
+    """An untrained VQ-toy (32 px -> 8x8 codes) saved as a checkpoint with its config."""
+    torch.manual_seed(seed)
+    vq = VQModel(vq_config("VQ-toy", codebook_size=codebook_size, **overrides)).eval()
+    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, path)
+    return vq
 
 
 def make_gpt(grid=(8, 8), vocab=64, num_classes=5, seed=0, random_head=True, **overrides):

@@ -6,12 +6,13 @@ for the toy classifier, and so on.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from npp.pipeline.files import file_sha256
 
 
 def load_feature_net(inception: Optional[str] = None, classifier: Optional[str] = None):
@@ -29,14 +30,6 @@ def load_feature_net(inception: Optional[str] = None, classifier: Optional[str] 
         net = load_inception(inception)
     net.weights_sha256 = file_sha256(path)
     return net
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def metric_suffix(net) -> str:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import generate
+from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
 
 
@@ -127,17 +128,11 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "device")},
         "cfg_scale": scale, "count": int(len(images)), "image_size": int(images.shape[1]),
         "ckpt_steps": ckpt.get("steps"), "ckpt_train": ckpt.get("train"),
-        "ckpt_sha256": _sha(cfg.ckpt), "vq_sha256": _sha(cfg.vq),
+        "ckpt_sha256": file_sha256(cfg.ckpt), "vq_sha256": file_sha256(cfg.vq),
     }
     target.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
     print(f"samples {target}: {len(images)} images {images.shape[1]}px, cfg={scale:g}, grid {target.with_suffix('.png')}")
     return target
-
-
-def _sha(path: str) -> str:
-    from npp.eval.features import file_sha256
-
-    return file_sha256(path)
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, classes: int = 16, per_class: int = 8) -> None:

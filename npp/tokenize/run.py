@@ -11,7 +11,6 @@ failures record: encoded + failed = inputs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from npp.models.checkpoint import load_vq
+from npp.pipeline.files import file_sha256
 from npp.pipeline.images import ImageDecodeError, decode_image, describe_views, make_views, to_model_input
 from npp.pipeline.shards import (
     FORMAT_VERSION,
@@ -76,14 +76,6 @@ def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, i
     if not 0 <= r < w:
         raise ValueError(f"rank {r} is outside world size {w}")
     return r, w
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _InputDataset(Dataset):

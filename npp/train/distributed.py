@@ -27,7 +27,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +46,7 @@ def read_env() -> DistEnv:
         return DistEnv(rank, world, local)
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return DistEnv(0, 1, 0)
 
 

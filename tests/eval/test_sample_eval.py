@@ -11,18 +11,15 @@ from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
 from npp.eval.reference import ReferenceError, make_reference, real_images
 from npp.eval.sample import SampleConfig, sample, samples_path
-from npp.models.vq import VQModel, vq_config
 from npp.pipeline.toy import write_toy_dataset
-from tests.conftest import make_gpt
+from tests.conftest import make_gpt, save_small_vq
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     write_toy_dataset(str(root / "images"), per_class=6, size=32)
-    torch.manual_seed(0)
-    vq = VQModel(vq_config("VQ-toy", codebook_size=64)).eval()
-    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, root / "vq.pt")
+    save_small_vq(root / "vq.pt")
     gpt = make_gpt(vocab=64, num_classes=10)
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 7}, root / "gpt.pt")
     fit_classifier(str(root / "images"), str(root / "toynet.pt"), epochs=1, batch=16)

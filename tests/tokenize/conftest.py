@@ -4,18 +4,14 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from npp.models.vq import VQModel, vq_config
 from npp.pipeline.toy import write_toy_dataset
+from tests.conftest import save_small_vq
 
 
 def save_vq(path, seed=0, **kw):
-    torch.manual_seed(seed)
-    vq = VQModel(vq_config("VQ-toy", codebook_size=64, **kw)).eval()
-    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, path)
-    return vq
+    return save_small_vq(path, seed=seed, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -1,34 +1,25 @@
 """A tiny real shard set (toy images → untrained small VQ → shards) and a launcher for 2-process runs."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from npp.models.vq import VQModel, vq_config
 from npp.pipeline.toy import write_toy_dataset
 from npp.tokenize.run import TokenizeConfig, tokenize
+from npp.train.distributed import free_port
+from tests.conftest import save_small_vq
 
 
 @pytest.fixture(scope="session")
 def shard_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
     write_toy_dataset(str(root / "images"), per_class=8, size=32)
-    torch.manual_seed(0)
-    vq = VQModel(vq_config("VQ-toy", codebook_size=64)).eval()
-    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, root / "vq.pt")
+    save_small_vq(root / "vq.pt")
     tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
                             image_size=32, samples_per_shard=10, batch=32, workers=0))
     return root / "shards"  # 80 samples in 8 shards, vocab 64, 8x8 grid
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(shards, out, **overrides):

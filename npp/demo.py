@@ -1,0 +1,231 @@
+"""`npp demo`: the whole pipeline on the built-in toy dataset, through the same code as an ImageNet run.
+
+toy images → fit a small VQ → tokenize to shards → fit the toy classifier and the
+reference statistics → train NPP with DeepSpeed (2 processes, torchrun) → sample
+(class-balanced, guided) → eval → MLflow. Each step is skipped when its output is
+already there, so a rerun reuses the toy set, the tokenizer, the shards, the
+classifier and the reference. Like cli.py, this module wires stages together;
+no stage imports another.
+
+`npp demo compare` trains the next-token baseline (`1:1`) beside NPP on the same
+number of training samples, evaluates both and prints `npp compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from npp.train.distributed import free_port
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    per_class: int = 200  # toy images per class (10 classes)
+    image_size: int = 32
+    vq_minutes: float = 2.0
+    vq_steps: int = 1200
+    classifier_epochs: int = 6
+    model: str = "GPT-Tiny"
+    schedule: str = "4:0.25,2:0.25,1:0.5"
+    epochs: int = 90
+    global_batch: int = 64
+    lr: float = 3e-3
+    end_lr: float = 1e-4
+    dropout: float = 0.0  # token/residual/FFN/attention dropout: a tiny model on a tiny set underfits
+    nproc: int = 2  # DeepSpeed processes (torchrun, gloo on CPU)
+    ds_config: str = "ds_configs/zero2.json"
+    samples_per_class: int = 20
+    # a tiny model's unconditional half is weak: mild guidance and a cooler temperature sample best
+    cfg_scale: float = 1.5
+    top_k: int = 0
+    temperature: float = 0.6
+    seed: int = 0
+    check_quality: bool = True  # fail unless samples show learning (>= 80% classified as their class)
+    min_class_accuracy: float = 0.8
+
+
+def _step(title: str) -> float:
+    print(f"\n=== {title}", flush=True)
+    return time.time()
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.images = self.out / "data" / "toy"
+        self.vq = self.out / "vq_toy.pt"
+        self.shards = self.out / "shards"
+        self.classifier = self.out / "toynet.pt"
+        self.ref = self.out / "ref_toynet.npz"
+        self.mlflow_uri = f"sqlite:///{self.out / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        self.ds_config = Path(cfg.ds_config)
+        if not self.ds_config.is_absolute():
+            self.ds_config = Path(__file__).resolve().parent.parent / cfg.ds_config
+        self.timings: dict[str, float] = {}
+
+    # --- data, tokenizer, references (reused when present) --------------------------
+    def prepare(self) -> None:
+        from npp.pipeline.shards import read_meta
+        from npp.pipeline.toy import write_toy_dataset
+
+        c = self.cfg
+        t = _step(f"1/6 toy dataset: {c.per_class} images x 10 classes in {self.images}")
+        write_toy_dataset(str(self.images), per_class=c.per_class, size=48, seed=c.seed)
+        self.timings["toy"] = time.time() - t
+
+        t = _step(f"2/6 tokenizer: fit VQ-toy ({c.vq_minutes} min budget) -> {self.vq}")
+        if self.vq.exists():
+            print(f"reusing {self.vq}")
+        else:
+            from npp.tokenize.fit_vq import fit_vq
+
+            fit_vq(str(self.images), str(self.vq), image_size=c.image_size, minutes=c.vq_minutes,
+                   max_steps=c.vq_steps, seed=c.seed)
+        self.timings["vq"] = time.time() - t
+
+        t = _step(f"3/6 tokenize -> WebDataset shards in {self.shards}")
+        meta = None
+        if (self.shards / "meta.json").exists():
+            meta = read_meta(self.shards)
+        if meta and meta.get("complete"):
+            print(f"reusing {self.shards} ({meta['samples']} samples)")
+        else:
+            from npp.tokenize.run import TokenizeConfig, tokenize
+
+            tokenize(TokenizeConfig(data=str(self.images), vq=str(self.vq), out=str(self.shards),
+                                    image_size=c.image_size, samples_per_shard=100, batch=64, workers=1))
+        self.timings["tokenize"] = time.time() - t
+
+        t = _step("4/6 toy classifier and reference statistics (stand-in for Inception)")
+        if self.classifier.exists():
+            print(f"reusing {self.classifier}")
+        else:
+            from npp.eval.fit_classifier import fit_classifier
+
+            fit_classifier(str(self.images), str(self.classifier), image_size=c.image_size,
+                           epochs=c.classifier_epochs, seed=c.seed)
+        if self.ref.exists():
+            print(f"reusing {self.ref}")
+        else:
+            from npp.eval.features import load_feature_net
+            from npp.eval.reference import make_reference, real_images
+
+            net = load_feature_net(classifier=str(self.classifier))
+            images, source = real_images(str(self.images), None, c.image_size)
+            make_reference(net, images, str(self.ref), source=source)
+        self.timings["classifier+ref"] = time.time() - t
+
+    # --- training through torchrun + DeepSpeed, exactly as on a cluster -------------
+    def train(self, name: str, schedule: str) -> Path:
+        c = self.cfg
+        run = self.out / "runs" / name
+        t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(c.nproc),
+            "--master_port", str(free_port()), "-m", "npp.cli", "train",
+            "--shards", str(self.shards), "--out", str(run), "--model", c.model, "--schedule", schedule,
+            "--epochs", str(c.epochs), "--global-batch", str(c.global_batch), "--lr", str(c.lr),
+            "--end-lr", str(c.end_lr), "--warmup-epochs", "1", "--ds-config", str(self.ds_config),
+            "--workers", "1", "--log-every", "50", "--ckpt-every", "500", "--seed", str(c.seed),
+            "--experiment", "npp-demo", "--run-name", name,
+            "--token-dropout", str(c.dropout), "--resid-dropout", str(c.dropout),
+            "--ffn-dropout", str(c.dropout), "--attn-dropout", str(c.dropout),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // c.nproc)), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
+        self.timings[f"train {name}"] = time.time() - t
+        return run
+
+    # --- sampling and evaluation ---------------------------------------------------------
+    def sample_and_eval(self, ckpt: Path, out: Path, log: bool) -> dict:
+        from npp.eval.evaluate import evaluate
+        from npp.eval.sample import SampleConfig, sample, samples_path
+
+        c = self.cfg
+        sample(SampleConfig(ckpt=str(ckpt), vq=str(self.vq), out=str(out), per_class=c.samples_per_class,
+                            cfg_scale=c.cfg_scale, batch=100, top_k=c.top_k, temperature=c.temperature, seed=c.seed))
+        path = samples_path(out, c.cfg_scale)
+        metrics = evaluate(str(path), str(self.ref), ckpt=str(ckpt), classifier=str(self.classifier),
+                           experiment="npp-demo", log=log)[str(path)]
+        return {"metrics": metrics, "samples": str(path), "grid": str(path.with_suffix(".png"))}
+
+    def untrained_baseline(self, run: Path) -> dict:
+        """The same architecture with its initial weights, sampled and scored the same way."""
+        from npp.models.configs import GPTConfig
+        from npp.models.gpt import GPT
+
+        ckpt = self.out / "untrained" / "model.pt"
+        if not ckpt.exists():
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            config = GPTConfig.from_dict(json.loads((run / "config.json").read_text())["model_config"])
+            torch.manual_seed(self.cfg.seed)
+            torch.save({"model": GPT(config).state_dict(), "config": config.to_dict(), "steps": 0}, ckpt)
+        return self.sample_and_eval(ckpt, ckpt.parent / "samples", log=False)
+
+    def run(self) -> dict:
+        start = time.time()
+        self.prepare()
+        run = self.train("npp", self.cfg.schedule)
+        t = _step("6/6 sample (class-balanced, guided) and evaluate")
+        trained = self.sample_and_eval(run / "model.pt", run / "samples", log=True)
+        untrained = self.untrained_baseline(run)
+        self.timings["sample+eval"] = time.time() - t
+        result = {"trained": trained, "untrained": untrained, "run": str(run), "seconds": time.time() - start}
+        (self.out / "demo_result.json").write_text(json.dumps({**result, "timings": self.timings}, indent=2))
+        self.report(result)
+        return result
+
+    def report(self, result: dict) -> None:
+        m, u = result["trained"]["metrics"], result["untrained"]["metrics"]
+        acc, fid, fid0 = m["class_accuracy_toynet"], m["fid_toynet"], u["fid_toynet"]
+        print("\n=== demo result")
+        for k in m:
+            print(f"  {k:<24} trained {m[k]:9.4f}   untrained {u[k]:9.4f}")
+        print(f"  time: {result['seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
+        print(f"\n  sample grid:  {result['trained']['grid']}")
+        print(f"  checkpoint:   {Path(result['run']) / 'model.pt'}")
+        print(f"  MLflow store: {self.mlflow_uri}")
+        print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {self.mlflow_uri} --host 127.0.0.1 --port 5000")
+        if self.cfg.check_quality:
+            ok = acc >= self.cfg.min_class_accuracy and fid < 0.5 * fid0
+            verdict = "learned" if ok else "did NOT learn enough"
+            print(f"\n  {verdict}: {acc:.0%} of samples classified as their class (need {self.cfg.min_class_accuracy:.0%}), "
+                  f"fid_toynet {fid:.1f} vs {fid0:.1f} untrained (need < half)")
+            if not ok:
+                raise SystemExit(1)
+
+    def compare(self) -> list[dict]:
+        """NTP baseline and NPP on the same number of training samples, evaluated and compared."""
+        from npp.eval.compare import compare
+
+        self.prepare()
+        results = {}
+        for name, schedule in (("ntp", "1:1"), ("npp", self.cfg.schedule)):
+            run = self.train(name, schedule)
+            results[name] = self.sample_and_eval(run / "model.pt", run / "samples", log=True)
+        _step("NPP vs NTP")
+        return compare("npp-demo", str(self.out / "compare"))
+
+
+def demo(cfg: DemoConfig) -> None:
+    """Run the whole pipeline on the built-in toy dataset (CPU, 2 DeepSpeed processes)."""
+    Demo(cfg).run()
+
+
+def demo_compare(cfg: DemoConfig) -> None:
+    """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
+    Demo(cfg).compare()
