@@ -29,23 +29,23 @@ from npp.train.distributed import free_port
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
-    per_class: int = 200  # toy images per class (10 classes)
+    per_class: int = 1000  # toy images per class (10 classes): fewer and the tiny GPT memorises instead of generalising
     image_size: int = 32
     vq_minutes: float = 2.0
     vq_steps: int = 1200
-    classifier_epochs: int = 6
+    classifier_epochs: int = 2
     model: str = "GPT-Tiny"
     schedule: str = "4:0.25,2:0.25,1:0.5"
-    epochs: int = 90
+    epochs: int = 14
     global_batch: int = 64
     lr: float = 3e-3
     end_lr: float = 1e-4
     dropout: float = 0.0  # token/residual/FFN/attention dropout: a tiny model on a tiny set underfits
     nproc: int = 2  # DeepSpeed processes (torchrun, gloo on CPU)
     ds_config: str = "ds_configs/zero2.json"
-    samples_per_class: int = 20
+    samples_per_class: int = 50
     # a tiny model's unconditional half is weak: mild guidance and a cooler temperature sample best
-    cfg_scale: float = 1.5
+    cfg_scale: float = 2.0
     top_k: int = 0
     temperature: float = 0.6
     seed: int = 0

@@ -99,9 +99,13 @@ class Trainer:
         )
         self.total_steps = int(cfg.total_steps or cfg.epochs * self.steps_per_epoch)
         self.schedule = PatchSchedule(stages, self.total_steps)
+        self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
         self.workers = default_workers(cfg.workers)
         self.stop_requested = False
+        self.corrupt_shards = 0  # skipped by the data stream, over this process's life
+        self.bad_streak = 0  # consecutive non-finite losses
+        self.last_lr = 0.0
 
     # --- set-up ------------------------------------------------------------------
     def _model_config(self) -> GPTConfig:
@@ -205,7 +209,7 @@ class Trainer:
                   f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers")
         batches = iter(self._loader())
         stage = None
-        window = {"loss": [], "t0": time.time(), "steps": 0, "samples": 0}
+        window = {"loss": [], "t0": time.time(), "steps": 0, "flops": 0.0}
         try:
             while self.step < self.total_steps:
                 span = self.schedule.stage_at(self.step)
@@ -244,7 +248,7 @@ class Trainer:
             self.micro_batches += 1
             if batch["corrupt"]:
                 self._log(f"warning: {batch['corrupt']} corrupt shard(s) skipped by the data stream")
-                self.corrupt_shards = getattr(self, "corrupt_shards", 0) + batch["corrupt"]
+                self.corrupt_shards += batch["corrupt"]
             idx, labels = batch_to_device(batch, self.device)
             _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
             # One small collective per micro-step: agree on skipping a bad loss and on stopping.
@@ -253,7 +257,7 @@ class Trainer:
             stop = stop or bool(stop_any)
             if bad:
                 self.bad_total += 1
-                self.bad_streak = getattr(self, "bad_streak", 0) + 1
+                self.bad_streak += 1
                 self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
                 if self.bad_streak >= self.cfg.max_bad_steps:
                     raise TrainingError(
@@ -282,11 +286,11 @@ class Trainer:
         return make_loader(stream, self.workers)
 
     def _record(self, loss: float, patch_side: int, window: dict) -> None:
-        flops = self.cfg.global_batch * self.schedule.flops_per_sample(self.model_cfg)[self.schedule.stage_at(self.step - 1).index]
+        flops = self.cfg.global_batch * self.stage_flops[self.schedule.stage_at(self.step - 1).index]
         self.train_flops += flops
         window["loss"].append(loss)
         window["steps"] += 1
-        window["flops"] = window.get("flops", 0.0) + flops
+        window["flops"] += flops
         lr = self.last_lr
         if self.env.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
@@ -304,7 +308,7 @@ class Trainer:
             "loss": mean_loss, "lr": lr, "patch_side": patch_side, "samples_per_s": samples_s,
             "tokens_per_s": samples_s * h * w, "train_flops": self.train_flops,
             "epoch": self.step / max(1, self.steps_per_epoch), "bad_steps": self.bad_total,
-            "corrupt_shards": getattr(self, "corrupt_shards", 0),
+            "corrupt_shards": self.corrupt_shards,
         }
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
