@@ -50,7 +50,10 @@ def collect(experiment: str) -> list[dict]:
         for key in fid_keys:
             is_key = "is" + key[3:]
             is_hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, is_key)}
-            for m in client.get_metric_history(run.info.run_id, key):
+            latest = {}  # an evaluation repeated at a step: its last value counts
+            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp):
+                latest[m.step] = m
+            for m in latest.values():
                 f = _at_step(flops, m.step)
                 rows.append({
                     "run": name, "schedule": schedule, "metric": key, "step": m.step, "fid": m.value,
