@@ -93,10 +93,12 @@ def _sidecar(samples_path: str) -> dict:
 
 
 def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict]) -> tuple[Optional[str], Optional[int]]:
-    """The MLflow run and step to log at: explicit, else the run recorded with the checkpoint."""
+    """The MLflow run and step to log at: explicit, else the run recorded with the samples or the checkpoint."""
     steps = next((r.get("ckpt_steps") for r in records if r.get("ckpt_steps") is not None), None)
     train = next((r.get("ckpt_train") for r in records if r.get("ckpt_train")), None)
-    if ckpt:
+    if ckpt and (steps is None or train is None):
+        # The samples' JSON record already names their checkpoint's step and run; reading a
+        # multi-GB checkpoint is only the fallback for samples made elsewhere.
         from npp.models.checkpoint import read_checkpoint
 
         c = read_checkpoint(ckpt)
