@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from npp.errors import NppError
 
-class MetricInputError(ValueError):
+
+class MetricInputError(NppError, ValueError):
     pass
 
 

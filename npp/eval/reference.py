@@ -21,10 +21,11 @@ from tqdm import tqdm
 from npp.eval.features import extract
 from npp.eval.metrics import gaussian_stats
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
+from npp.errors import NppError
 from npp.pipeline.sources import open_source, read_bytes
 
 
-class ReferenceError(ValueError):
+class ReferenceError(NppError, ValueError):
     pass
 
 
@@ -43,7 +44,9 @@ def real_images(data: Optional[str], shards: Optional[str], image_size: Optional
     """Real images cropped as tokenize crops them: from a folder/parquet, or the source a shard set was made from."""
     if shards:
         meta = json.loads((Path(shards) / "meta.json").read_text())
-        data, image_size = meta["source"]["path"], image_size or meta["image_size"]
+        # format 1 kept the path inside "source"; format 2 beside it (identity holds no paths)
+        data = meta.get("source_path") or meta["source"].get("path")
+        image_size = image_size or meta["image_size"]
     if not data:
         raise ReferenceError("give --data DIR (images) or --shards DIR (a shard set, whose source images are used)")
     if not image_size:

@@ -15,12 +15,14 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from npp.errors import NppError
+
 from .configs import GPT_SIZES, GPTConfig
 
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(NppError, ValueError):
     """The state dict does not fit the model; the message lists every offending name."""
 
 
@@ -33,9 +35,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+        raise CheckpointMismatchError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     return dict(obj)
 
 
@@ -56,13 +58,13 @@ def extract_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False) -> dict[s
     """The weights of a checkpoint dict: "ema" if asked (and present), else "model", "module" or the dict itself."""
     if use_ema:
         if "ema" not in ckpt or ckpt["ema"] is None:
-            raise KeyError("this checkpoint has no 'ema' weights: load it without use_ema")
+            raise CheckpointMismatchError("this checkpoint has no 'ema' weights: load it without use_ema")
         state = ckpt["ema"]
     else:
         state = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), Mapping)), ckpt)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError("no tensors found in the checkpoint (expected weights under 'model')")
+        raise CheckpointMismatchError("no tensors found in the checkpoint (expected weights under 'model')")
     return strip_prefixes(tensors)
 
 
@@ -172,6 +174,16 @@ def infer_vq_config(state: Mapping[str, torch.Tensor], **overrides: Any):
 
     enc, dec = mults("encoder"), mults("decoder")[::-1]  # the decoder stores its levels deepest first
     nres = len({k.split(".")[4] for k in state if k.startswith("encoder.conv_blocks.0.res.")})
+    # GroupNorm has a weight per channel whatever the group count, so shapes cannot tell
+    # the groups. LlamaGen's 32 is taken only where it divides every normalized width;
+    # anywhere else guessing gives wrong codes silently (seen: 11.6% agreement).
+    widths = {ch * m for m in enc + dec} | {ch}
+    if "norm_groups" not in overrides and any(w % 32 for w in widths):
+        raise CheckpointMismatchError(
+            f"the checkpoint has no 'config' and its widths {sorted(widths)} are not all multiples of LlamaGen's 32 "
+            "GroupNorm groups, so 'norm_groups' cannot be inferred: save it as "
+            "{'model': state_dict, 'config': {..., 'norm_groups': G}} (checkpoints from `npp tokenize fit-vq` carry it)"
+        )
     args = dict(
         codebook_size=size,
         codebook_embed_dim=dim,
@@ -181,7 +193,7 @@ def infer_vq_config(state: Mapping[str, torch.Tensor], **overrides: Any):
         ch=ch,
         num_res_blocks=nres,
         codebook_show_usage="quantize.codebook_used" in state,
-        norm_groups=32 if ch % 32 == 0 else next(g for g in (16, 8, 4, 2, 1) if ch % g == 0),
+        norm_groups=32,
     )
     return VQConfig.from_dict({**args, **overrides})
 
@@ -192,10 +204,15 @@ def load_vq(path: str | os.PathLike):
 
     ckpt = read_checkpoint(path)
     state = extract_state_dict(ckpt)
+    if "tok_embeddings.weight" in state or "cls_embedding.embedding_table.weight" in state:
+        raise CheckpointMismatchError(
+            f"{os.fspath(path)} is a GPT checkpoint, not a VQ tokenizer: pass the tokenizer the shards were made with "
+            "(LlamaGen's vq_ds16_c2i.pt, or a checkpoint from `npp tokenize fit-vq`)"
+        )
     stored = ckpt.get("config")
     try:
         config = VQConfig.from_dict(dict(stored)) if isinstance(stored, Mapping) else infer_vq_config(state)
-    except CheckpointMismatchError as e:
+    except (CheckpointMismatchError, ValueError) as e:
         raise CheckpointMismatchError(f"{os.fspath(path)}: {e}") from None
     model = VQModel(config)
     load_state_strict(model, state, source=os.fspath(path))

@@ -5,12 +5,15 @@ converted, alpha composited on white, 16-bit samples scaled down. Crops follow
 ADM's center crop (box-halve while the short side is ≥ 2× the target, bicubic
 resize of the short side, center crop), then either the image and its mirror
 (`views=2`) or ten crops (four corners and center, and the same of the mirror)
-from a center crop enlarged by `crop_range`.
+from a center crop enlarged by `crop_range`; NPP's recipe stores the ten crops of
+two ranges (1.1 and 1.05), 20 views, and training picks one at random.
 """
 
 from __future__ import annotations
 
 import io
+import re
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -53,7 +56,33 @@ def decode_image(data: bytes) -> Image.Image:
     except ImageDecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
+        raise ImageDecodeError(deterministic_reason(f"{type(e).__name__}: {e}")) from None
+
+
+def deterministic_reason(text: str) -> str:
+    """An error message without object addresses (`<_io.BytesIO object at 0x7f..>`), so identical runs
+    write identical failure records."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", text)
+
+
+CropRange = Union[float, Sequence[float]]
+
+
+def crop_ranges(crop_range: CropRange) -> list[float]:
+    """`1.1`, `(1.1, 1.05)` or `"1.1,1.05"` as a list of enlargement factors (each >= 1)."""
+    if isinstance(crop_range, str):
+        parts = [p for p in crop_range.replace(" ", "").strip("()[]").split(",") if p]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--crop-range {crop_range!r} is not a number or a comma list like 1.1,1.05") from None
+    elif isinstance(crop_range, (int, float)):
+        values = [float(crop_range)]
+    else:
+        values = [float(v) for v in crop_range]
+    if not values or any(v < 1.0 for v in values):
+        raise ValueError(f"--crop-range {crop_range!r}: each range must be >= 1 (1.1 enlarges the center crop by 10%)")
+    return values
 
 
 def center_crop_adm(img: Image.Image, size: int) -> np.ndarray:
@@ -81,28 +110,35 @@ def five_crops(arr: np.ndarray, size: int) -> list[np.ndarray]:
     ]
 
 
-def make_views(img: Image.Image, size: int, views: int = 2, ten_crop: bool = False, crop_range: float = 1.1) -> np.ndarray:
+TEN_CROP_ORDER = ["tl", "tr", "bl", "br", "center", "flip-tl", "flip-tr", "flip-bl", "flip-br", "flip-center"]
+
+
+def make_views(img: Image.Image, size: int, views: int = 2, ten_crop: bool = False, crop_range: CropRange = 1.1) -> np.ndarray:
     """The crops of one image as uint8 (views, size, size, 3).
 
-    views=1: ADM center crop; views=2: that crop and its mirror; ten_crop: ten crops
-    of an ADM center crop of int(size·crop_range), mirrors last.
+    views=1: ADM center crop; views=2: that crop and its mirror; ten_crop: for each
+    crop range r in turn, ten crops of an ADM center crop of int(size·r), mirrors last.
     """
     if ten_crop:
-        big = center_crop_adm(img, int(size * crop_range))
-        crops = five_crops(big, size) + five_crops(big[:, ::-1], size)
+        crops = []
+        for r in crop_ranges(crop_range):
+            big = center_crop_adm(img, int(size * r))
+            crops += five_crops(big, size) + five_crops(big[:, ::-1], size)
     else:
         base = center_crop_adm(img, size)
         crops = [base, base[:, ::-1]][:views]
     return np.ascontiguousarray(np.stack(crops))
 
 
-def describe_views(views: int, ten_crop: bool, crop_range: float) -> dict:
+def describe_views(views: int, ten_crop: bool, crop_range: CropRange) -> dict:
     """How the views were made, for meta.json."""
     if ten_crop:
+        ranges = crop_ranges(crop_range)
         return {
-            "views": 10,
-            "method": f"ten-crop of an ADM center crop enlarged by crop_range={crop_range}",
-            "order": ["tl", "tr", "bl", "br", "center", "flip-tl", "flip-tr", "flip-bl", "flip-br", "flip-center"],
+            "views": 10 * len(ranges),
+            "method": f"ten-crop of an ADM center crop enlarged by crop_range={','.join(f'{r:g}' for r in ranges)}",
+            "crop_ranges": ranges,
+            "order": [f"{r:g}:{name}" for r in ranges for name in TEN_CROP_ORDER] if len(ranges) > 1 else TEN_CROP_ORDER,
         }
     return {"views": views, "method": "ADM center crop", "order": ["center", "flip-center"][:views]}
 

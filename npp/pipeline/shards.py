@@ -24,11 +24,14 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from npp.errors import NppError
+
+# 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
+FORMAT_VERSION = 2
 PARTS_DIR = ".parts"
 
 
-class ShardSetError(ValueError):
+class ShardSetError(NppError, ValueError):
     """A shard set that cannot be used as asked; the message says what to do."""
 
 
@@ -85,14 +88,19 @@ def encode_tar(samples: list[Sample]) -> bytes:
 
 
 def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict], extra: Optional[dict] = None) -> dict:
-    """Write one complete shard (tar, then its part record) and return the record."""
-    data = encode_tar(samples)
-    atomic_write_bytes(out / name, data)
+    """Write one complete shard (tar, then its part record) and return the record.
+
+    A shard without samples (every input failed) gets only its part record: an empty
+    tar is refused by webdataset ("No samples found").
+    """
+    data = encode_tar(samples) if samples else b""
+    if samples:
+        atomic_write_bytes(out / name, data)
     record = {
         "file": name,
         "samples": len(samples),
         "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": hashlib.sha256(data).hexdigest() if samples else "",
         "failures": failures,
         **(extra or {}),
     }
@@ -104,11 +112,15 @@ def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict
 def read_part(out: Path, name: str) -> Optional[dict]:
     """The part record of a complete shard, or None if the shard must be (re)made."""
     part = out / PARTS_DIR / f"{name}.json"
-    if not part.exists() or not (out / name).exists():
+    if not part.exists():
         return None
     try:
         record = json.loads(part.read_text())
     except json.JSONDecodeError:
+        return None
+    if record.get("samples") == 0:
+        return record
+    if not (out / name).exists():
         return None
     return record if (out / name).stat().st_size == record.get("bytes") else None
 
@@ -131,8 +143,11 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[Sample]:
 
 # --- meta -----------------------------------------------------------------------
 
-# Fields that must agree between runs writing into the same directory.
-IDENTITY_FIELDS = ("format_version", "tokenizer", "image_size", "grid", "views", "source", "samples_per_shard", "split")
+# Fields that must agree between runs writing into the same directory. They hold
+# content identities (checkpoint sha256, the source's key/label listing), never paths:
+# the same tokenizer copied elsewhere, or the data reached through a symlink, matches.
+IDENTITY_FIELDS = ("format_version", "tokenizer", "image_size", "grid", "views", "source", "assignment",
+                   "samples_per_shard", "split")
 
 
 def read_meta(out: str | os.PathLike) -> dict:

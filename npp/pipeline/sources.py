@@ -1,12 +1,15 @@
 """Image sources: an ImageFolder tree or parquet files of encoded images.
 
 A source is a sorted list of `SourceItem`s (a stable key, a label, where the
-bytes are), so every run and every rank sees the same order and the same shard
-assignment. Bytes are read lazily: parquet in row groups, never whole files.
+bytes are), so every run and every rank sees the same list; tokenize deals it
+into shards in a seeded permutation. Keys come from the input's identity (its
+relative path, or parquet file and row), never its position, and are unique for
+any input tree. Bytes are read lazily: parquet in row groups, never whole files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -14,10 +17,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from npp.errors import NppError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 
 
-class SourceError(ValueError):
+class SourceError(NppError, ValueError):
     """The input cannot be used at all (checked before any work)."""
 
 
@@ -35,6 +40,31 @@ class SourceItem:
 
 def sanitize_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/-]", "_", text)
+
+
+def unique_key(rel: str) -> str:
+    """A WebDataset key for a relative path: readable, dot-free, and unique.
+
+    Sanitizing alone maps `x y.jpg`, `x.y.jpg` and `x_y.jpg` to one key, so a short
+    hash of the exact path is appended; the key depends on that path alone.
+    """
+    return f"{sanitize_key(rel)}-{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+
+
+def check_unique_keys(items: list["SourceItem"], root: str) -> None:
+    seen: dict[str, str] = {}
+    for it in items:
+        if it.key in seen:
+            raise SourceError(f"{root}: inputs {seen[it.key]} and {it.source} map to the same key {it.key}; rename one")
+        seen[it.key] = it.source
+
+
+def listing_sha256(items: list["SourceItem"]) -> str:
+    """The identity of a source's content listing (keys and labels), independent of where it lives."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\t{it.label}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -67,9 +97,10 @@ def scan_image_folder(root: str) -> ImageSource:
                 # Files with other extensions are kept: a broken or mislabelled file is
                 # recorded as a failure instead of vanishing silently.
                 rel = path.relative_to(rootp).as_posix()
-                items.append(SourceItem(sanitize_key(rel), label, str(path)))
+                items.append(SourceItem(unique_key(rel), label, str(path)))
     if not items:
         raise SourceError(f"{root} has class folders but no files in them")
+    check_unique_keys(items, root)
     return ImageSource("folder", str(rootp), items, classes)
 
 
@@ -90,13 +121,20 @@ def scan_parquet(
     """Parquet files (a file or a directory of *.parquet) with image bytes and an integer label."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rootp = Path(root)
     files = [rootp] if rootp.is_file() else sorted(rootp.rglob("*.parquet"))
     if not files:
         raise SourceError(f"{root} holds no .parquet files")
-    items, max_label = [], -1
+    items, labels_seen = [], set()
     for f in files:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise SourceError(f"{f} is not a readable parquet file ({type(e).__name__}: {e}): "
+                              "re-download it or move it out of the data directory") from None
         kind = _image_bytes_column(pf.schema_arrow, image_column)
         if kind is None:
             raise SourceError(
@@ -107,17 +145,40 @@ def scan_parquet(
             raise SourceError(
                 f"{f} has no label column '{label_column}'; its columns are {pf.schema_arrow.names}: pass --label-column"
             )
-        stem = sanitize_key(f.relative_to(rootp).with_suffix("").as_posix() if rootp.is_dir() else f.stem)
+        label_type = pf.schema_arrow.field(label_column).type
+        if not pa.types.is_integer(label_type):
+            raise SourceError(
+                f"{f}: label column '{label_column}' holds {label_type}, not integer class indices: convert the labels "
+                "to 0..N-1 integers (e.g. by sorted class name) or pass --label-column naming an integer column"
+            )
+        rel = f.relative_to(rootp).with_suffix("").as_posix() if rootp.is_dir() else f.stem
+        stem = unique_key(rel)
         row = 0
-        for batch in pf.iter_batches(batch_size=65536, columns=[label_column]):
-            for value in batch.column(0).to_pylist():
-                label = -1 if value is None else int(value)
-                max_label = max(max_label, label)
-                items.append(SourceItem(f"{stem}/{row:09d}", label, str(f), row))
-                row += 1
+        try:
+            for batch in pf.iter_batches(batch_size=65536, columns=[label_column]):
+                for value in batch.column(0).to_pylist():
+                    label = -1 if value is None else int(value)
+                    labels_seen.add(label)
+                    items.append(SourceItem(f"{stem}/{row:09d}", label, str(f), row))
+                    row += 1
+        except OSError as e:
+            raise SourceError(f"{f} cannot be read ({e}): re-download it or move it out of the data directory") from None
     if not items:
         raise SourceError(f"{root}: the parquet files hold no rows")
-    n = num_classes if num_classes is not None else max_label + 1
+    valid = sorted(v for v in labels_seen if v >= 0)
+    if num_classes is None:
+        # One stray label (999 among 0..9) would silently add 990 classes: the labels
+        # must be exactly 0..N-1 unless the user says how many classes there are.
+        n = valid[-1] + 1 if valid else 0
+        if len(valid) != n:
+            missing = n - len(valid)
+            raise SourceError(
+                f"{root}: column '{label_column}' has {len(valid)} distinct labels but the largest is {n - 1} "
+                f"({missing} of 0..{n - 1} never occur): pass --num-classes N (labels >= N are recorded as failures)"
+            )
+    else:
+        n = int(num_classes)
+    check_unique_keys(items, root)
     return ImageSource("parquet", str(rootp), items, [str(i) for i in range(n)], image_column)
 
 

@@ -18,11 +18,18 @@ current epoch is replayed.
 Shards are assigned per data epoch: a seeded permutation, then every
 world_size-th shard to a rank and every W-th of those to a worker, as
 webdataset's `split_by_node` / `split_by_worker` do.
+
+Mixing: a worker reads `mix_shards` of its shards at once (memory-mapped, so open
+shards cost page cache, not worker memory) and takes their samples in a random
+order, before the shuffle buffer. Shards written by `npp tokenize` are already
+class-mixed; this keeps batches mixed for shard sets made elsewhere from class-sorted
+lists, where one shard holds one or two classes (see bench/class_mixing.py).
 """
 
 from __future__ import annotations
 
 import ast
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -113,6 +120,14 @@ def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
     return [(k, samples[k][0], samples[k][1]) for k in order if samples[k][0] is not None and samples[k][1] is not None]
 
 
+def map_shard(path: str) -> memoryview:
+    """A shard's bytes, memory-mapped read-only (an empty file is reported as corrupt)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise CorruptShardError("empty file")
+        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 @dataclass
 class StreamPosition:
     """How far a rank has read: micro-batches consumed since the start of training."""
@@ -139,6 +154,7 @@ class CodeStream(IterableDataset):
         shuffle_buffer: int = 5000,
         start_batches: int = 0,
         num_workers: int = 0,
+        mix_shards: int = 16,
     ):
         if len(shards) != len(shard_samples):
             raise ValueError("shards and shard_samples differ in length")
@@ -152,6 +168,7 @@ class CodeStream(IterableDataset):
         self.shards, self.shard_samples = list(shards), list(shard_samples)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.shuffle_buffer, self.start_batches, self.num_workers = max(1, shuffle_buffer), start_batches, num_workers
+        self.mix_shards = max(1, int(mix_shards))
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -165,20 +182,29 @@ class CodeStream(IterableDataset):
         idx = assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers)
         return sum(self.shard_samples[i] for i in idx)
 
+    def _open(self, i: int, stats: dict) -> Optional[list]:
+        try:
+            return parse_shard(map_shard(self.shards[i]))
+        except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
+            stats["corrupt"] += 1
+            warnings.warn(f"skipping corrupt shard {self.shards[i]} ({e}); {stats['corrupt']} skipped so far")
+            return None
+
     def _epoch_samples(self, epoch: int, worker: int, workers: int, stats: dict) -> Iterator[tuple[np.ndarray, int]]:
-        """One data epoch of (one random view, label) after the shuffle buffer; the buffer empties at epoch end."""
+        """One data epoch of (codes, label): blocks of `mix_shards` shards, each block's samples in a
+        random order, then a shuffle buffer that empties at the epoch's end."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
         buf: list[tuple[np.ndarray, int]] = []
-        for i in assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers):
-            try:
-                with open(self.shards[i], "rb") as fh:
-                    data = fh.read()
-                parsed = parse_shard(data)
-            except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
-                stats["corrupt"] += 1
-                warnings.warn(f"skipping corrupt shard {self.shards[i]} ({e}); {stats['corrupt']} skipped so far")
+        order = assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers)
+        for start in range(0, len(order), self.mix_shards):
+            block = [p for p in (self._open(i, stats) for i in order[start : start + self.mix_shards]) if p]
+            if not block:
                 continue
-            for _, codes, label in parsed:
+            # a random order of every sample of the block: shards interleaved, and each in random order
+            index = [(w, k) for w, b in enumerate(block) for k in range(len(b))]
+            for n in rng.permutation(len(index)).tolist():
+                w, k = index[n]
+                _, codes, label = block[w][k]
                 item = (codes, label)
                 if len(buf) < self.shuffle_buffer:
                     buf.append(item)
@@ -191,6 +217,10 @@ class CodeStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         physical, workers = self._worker()
+        return self.iter_worker(physical, workers)
+
+    def iter_worker(self, physical: int, workers: int) -> Iterator[dict]:
+        """The batches the DataLoader process `physical` of `workers` yields (callable in-process)."""
         # The DataLoader always starts its round-robin at worker 0, so after B batches the
         # process that will be asked first must play the stream of worker B % W.
         worker = (physical + self.start_batches) % workers

@@ -1,12 +1,14 @@
 """Stage 1: images → VQ codes → WebDataset shards.
 
-Inputs are sorted and cut into shards of a fixed number of inputs, so the
-assignment is the same on every run and every rank; each rank owns the shards
-i with i % world_size == rank. DataLoader workers read and crop images, the main
-process encodes them in batches and writes each shard the moment its last input
-is resolved. Complete shards are skipped on a rerun, which is how an interrupted
-run (kill -9, preemption) resumes. Every input ends up encoded or in the
-failures record: encoded + failed = inputs.
+Inputs are dealt to shards in a seeded permutation of the whole (sorted) input list,
+so every shard is a uniform sample of the classes even though ImageFolder lists them
+class by class; the permutation's seed is in meta.json and every rank computes the
+same one. Each rank owns the shards i with i % world_size == rank. DataLoader
+workers read and crop images, the main process encodes them in batches and writes
+each shard the moment its last input is resolved. Complete shards are skipped on a
+rerun, which is how an interrupted run (kill -9, preemption) resumes. Every input
+ends up encoded or in the failures record: encoded + failed = inputs. A shard whose
+inputs all failed is not written (no empty tars); meta.json lists it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from npp.models.checkpoint import load_vq
 from npp.pipeline.files import file_sha256
-from npp.pipeline.images import ImageDecodeError, decode_image, describe_views, make_views, to_model_input
+from npp.pipeline.images import ImageDecodeError, decode_image, deterministic_reason, describe_views, make_views, to_model_input
 from npp.pipeline.shards import (
     FORMAT_VERSION,
     Sample,
@@ -37,28 +37,15 @@ from npp.pipeline.shards import (
     shard_name,
     write_shard,
 )
-from npp.pipeline.sources import ImageSource, SourceItem, open_source, read_bytes
+from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
+from npp.pipeline.workers import WorkerInit
+from npp.tokenize.config import TokenizeConfig
 
+__all__ = ["TokenizeConfig", "tokenize", "finalize", "resolve_rank", "shard_assignment"]
 
-@dataclass
-class TokenizeConfig:
-    data: str
-    vq: str
-    out: str
-    image_size: int = 256
-    views: int = 2
-    ten_crop: bool = False
-    crop_range: float = 1.1
-    samples_per_shard: int = 1000
-    batch: int = 64
-    workers: int = 4
-    split: str = "train"
-    image_column: str = "image"
-    label_column: str = "label"
-    num_classes: Optional[int] = None
-    rank: Optional[int] = None
-    world_size: Optional[int] = None
-    device: str = "auto"
+# Parquet rows are read in file order within a window of shards (random reads would
+# decode a whole row group per image); the window holds at most this many code bytes.
+WINDOW_BYTES = 2 << 30
 
 
 def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -81,15 +68,15 @@ def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, i
 class _InputDataset(Dataset):
     """Reads and crops one input per index; failures come back as a reason, never an exception."""
 
-    def __init__(self, entries: list[tuple[int, SourceItem]], cfg: TokenizeConfig, num_classes: int):
+    def __init__(self, entries: list[tuple[int, int, SourceItem]], cfg: TokenizeConfig, num_classes: int):
         self.entries, self.cfg, self.num_classes = entries, cfg, num_classes
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        shard, item = self.entries[i]
-        out = {"shard": shard, "item": item, "views": None, "reason": None}
+        shard, pos, item = self.entries[i]
+        out = {"shard": shard, "pos": pos, "item": item, "views": None, "reason": None}
         if not 0 <= item.label < self.num_classes:
             out["reason"] = f"label {item.label} out of range [0, {self.num_classes})"
             return out
@@ -99,7 +86,7 @@ class _InputDataset(Dataset):
         except ImageDecodeError as e:
             out["reason"] = f"unreadable image: {e}"
         except OSError as e:
-            out["reason"] = f"cannot read file: {e}"
+            out["reason"] = deterministic_reason(f"cannot read file: {e}")
         return out
 
 
@@ -113,16 +100,26 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def shard_assignment(n_inputs: int, samples_per_shard: int, seed: int) -> list[np.ndarray]:
+    """Input indices of each shard: consecutive slices of a seeded permutation of all inputs."""
+    order = np.random.default_rng([seed, n_inputs]).permutation(n_inputs)
+    return [order[i : i + samples_per_shard] for i in range(0, n_inputs, samples_per_shard)]
+
+
 def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha: str, grid: tuple[int, int]) -> dict:
     num_shards = math.ceil(len(source.items) / cfg.samples_per_shard)
     return {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"config": vq_config, "checkpoint_sha256": vq_sha, "checkpoint": os.path.abspath(cfg.vq)},
+        # identity by content: the same checkpoint copied elsewhere is the same tokenizer
+        "tokenizer": {"config": vq_config, "checkpoint_sha256": vq_sha},
+        "tokenizer_path": os.path.abspath(cfg.vq),
         "codebook_size": vq_config["codebook_size"],
         "grid": list(grid),
         "image_size": cfg.image_size,
         "views": describe_views(cfg.views, cfg.ten_crop, cfg.crop_range),
-        "source": {"kind": source.kind, "path": os.path.abspath(source.root), "inputs": len(source.items)},
+        "source": {"kind": source.kind, "inputs": len(source.items), "listing_sha256": listing_sha256(source.items)},
+        "source_path": os.path.abspath(source.root),
+        "assignment": {"order": "seeded permutation of the sorted input list", "seed": cfg.seed},
         "num_classes": source.num_classes,
         "class_names": source.class_names,
         "split": cfg.split,
@@ -135,12 +132,11 @@ def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha
 
 def tokenize(cfg: TokenizeConfig) -> dict:
     """Encode this rank's shards; finalize the set if every shard is then complete. Returns counts."""
-    if cfg.views not in (1, 2) and not cfg.ten_crop:
-        raise ValueError(f"--views must be 1 or 2 (or use --ten-crop), got {cfg.views}")
+    cfg.validate()
     source = open_source(cfg.data, cfg.image_column, cfg.label_column, cfg.num_classes)
     vq, _ = load_vq(cfg.vq)
     if cfg.image_size % vq.downsample:
-        raise ValueError(f"--image-size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.downsample}")
+        raise ShardSetError(f"--image-size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.downsample}")
     grid = (cfg.image_size // vq.downsample,) * 2
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,20 +144,21 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     check_or_write_meta(out, meta)
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
 
-    sps, n_shards = cfg.samples_per_shard, meta["num_shards"]
+    n_shards = meta["num_shards"]
+    shards = shard_assignment(len(source.items), cfg.samples_per_shard, cfg.seed)
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if read_part(out, shard_name(cfg.split, i)) is None]
     for stale in out.glob(f"{cfg.split}-*.tar.tmp*"):  # leftovers of a killed run
         stale.unlink(missing_ok=True)
-    entries = [(i, item) for i in todo for item in source.items[i * sps : (i + 1) * sps]]
+    entries = read_order(source, shards, todo, meta["views"]["views"] * grid[0] * grid[1] * 2)
     print(
-        f"tokenize: {len(source.items)} inputs in {n_shards} shards; rank {rank}/{world} owns {len(mine)}, "
-        f"{len(mine) - len(todo)} already complete, {len(todo)} to do"
+        f"tokenize: {len(source.items)} inputs in {n_shards} shards (seeded permutation, seed {cfg.seed}); "
+        f"rank {rank}/{world} owns {len(mine)}, {len(mine) - len(todo)} already complete, {len(todo)} to do"
     )
 
     device = pick_device(cfg.device)
     vq = vq.to(device)
-    per_batch = max(1, cfg.batch // (10 if cfg.ten_crop else cfg.views))
+    per_batch = max(1, cfg.batch // meta["views"]["views"])
     loader = DataLoader(
         _InputDataset(entries, cfg, source.num_classes),
         batch_size=per_batch,
@@ -169,8 +166,9 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         collate_fn=_collate,
         persistent_workers=False,
         prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=WorkerInit() if cfg.workers > 0 else None,
     )
-    expected = {i: len(source.items[i * sps : (i + 1) * sps]) for i in todo}
+    expected = {i: len(shards[i]) for i in todo}
     pending: dict[int, dict] = {i: {"samples": [], "failures": [], "seen": 0} for i in todo}
     encoded = failed = 0
     # Shards are written on a thread so the encoder does not wait for tar building and fsync.
@@ -180,12 +178,13 @@ def tokenize(cfg: TokenizeConfig) -> dict:
             ok = [b for b in batch if b["views"] is not None]
             codes = encode_batch(vq, [b["views"] for b in ok], device) if ok else []
             for b, c in zip(ok, codes):
-                pending[b["shard"]]["samples"].append((b["item"], c))
+                pending[b["shard"]]["samples"].append((b["pos"], b["item"], c))
             for b in batch:
                 state = pending[b["shard"]]
                 state["seen"] += 1
                 if b["reason"] is not None:
-                    state["failures"].append({"key": b["item"].key, "source": b["item"].source, "reason": b["reason"]})
+                    state["failures"].append(
+                        (b["pos"], {"key": b["item"].key, "source": b["item"].source, "reason": b["reason"]}))
                 if state["seen"] == expected[b["shard"]]:
                     encoded += len(state["samples"])
                     failed += len(state["failures"])
@@ -203,6 +202,22 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     return counts
 
 
+def read_order(source: ImageSource, shards: list[np.ndarray], todo: list[int], code_bytes: int) -> list[tuple[int, int, SourceItem]]:
+    """(shard, position in shard, item) in the order to read them.
+
+    Image files are read shard by shard, so shards complete (and a killed run keeps
+    them) as the run goes. Parquet rows are read in file order inside windows of
+    shards that fit WINDOW_BYTES of codes: reading them in permuted order would decode
+    a row group per image.
+    """
+    entries = [(i, p, source.items[j]) for i in todo for p, j in enumerate(shards[i])]
+    if source.kind != "parquet" or not entries:
+        return entries
+    per_window = max(1, WINDOW_BYTES // max(1, code_bytes * len(shards[todo[0]])))
+    window_of = {shard: n // per_window for n, shard in enumerate(todo)}
+    return sorted(entries, key=lambda e: (window_of[e[0]], e[2].path, e[2].row))
+
+
 def encode_batch(vq, views: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
     """Encode the views of several inputs in one forward; returns uint16 (views, h, w) per input."""
     counts = [v.shape[0] for v in views]
@@ -212,8 +227,10 @@ def encode_batch(vq, views: list[np.ndarray], device: torch.device) -> list[np.n
 
 
 def _flush(out: Path, split: str, shard: int, state: dict, rank: int) -> None:
-    samples = [Sample(item.key, codes, item.label) for item, codes in state["samples"]]
-    write_shard(out, shard_name(split, shard), samples, state["failures"], extra={"rank": rank})
+    """Write a shard with its samples in assignment order, whatever order they were read in."""
+    samples = [Sample(item.key, codes, item.label) for _, item, codes in sorted(state["samples"], key=lambda s: s[0])]
+    failures = [f for _, f in sorted(state["failures"], key=lambda f: f[0])]
+    write_shard(out, shard_name(split, shard), samples, failures, extra={"rank": rank})
 
 
 def finalize(out_dir: str) -> dict:
@@ -232,7 +249,9 @@ def finalize(out_dir: str) -> dict:
             f"{out} is missing {len(missing)} of {len(names)} shards ({shown}): rerun `npp tokenize run` "
             "for the ranks that own them (the same command resumes)"
         )
-    manifest = [{k: parts[n][k] for k in ("file", "samples", "bytes", "sha256")} for n in names]
+    # shards whose every input failed were never written: they stay out of the manifest
+    empty = [n for n in names if parts[n]["samples"] == 0]
+    manifest = [{k: parts[n][k] for k in ("file", "samples", "bytes", "sha256")} for n in names if n not in empty]
     failures = [{**f, "shard": n} for n in names for f in parts[n]["failures"]]
     encoded = sum(m["samples"] for m in manifest)
     inputs = meta["source"]["inputs"]
@@ -242,9 +261,14 @@ def finalize(out_dir: str) -> dict:
         [("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])), pq)
     _write_parquet(out / "failures.parquet", pa.Table.from_pylist(failures, schema=pa.schema(
         [("key", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("shard", pa.string())])), pq)
-    meta.update({"samples": encoded, "failures": len(failures), "complete": True})
+    meta.update({"samples": encoded, "failures": len(failures), "complete": True, "shards": len(manifest),
+                 "empty_shards": empty})
+    if empty:  # the brace pattern would name missing files: readers take the list from manifest.parquet
+        meta["shard_pattern"] = None
     atomic_write_json(out / "meta.json", meta)
-    print(f"shard set {out}: {encoded} samples in {len(names)} shards, {len(failures)} failures "
+    if empty:
+        print(f"{len(empty)} shard(s) had no readable input and were not written: {', '.join(empty[:5])}")
+    print(f"shard set {out}: {encoded} samples in {len(manifest)} shards, {len(failures)} failures "
           f"(encoded {encoded} + failed {len(failures)} = {inputs} inputs)")
     return {"samples": encoded, "failures": len(failures), "shards": len(names)}
 

@@ -11,10 +11,11 @@ import copy
 import json
 import os
 
+from npp.errors import NppError
 from npp.train.config import TrainConfig
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(NppError, ValueError):
     pass
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from npp.errors import NppError
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.shards import load_manifest, read_meta
@@ -36,7 +37,7 @@ from npp.train.tracking import Tracker, git_commit
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NppError, RuntimeError):
     pass
 
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from npp.errors import UsageError
 from npp.models.checkpoint import load_vq
 from npp.pipeline.images import decode_image, make_views, to_model_input
 from npp.pipeline.shards import ShardSetError, iter_tar_samples, load_manifest, read_meta
-from npp.pipeline.sources import SourceError, open_source, read_bytes
+from npp.pipeline.sources import SourceError, open_source, read_bytes, unique_key
 from npp.tokenize.run import TokenizeConfig, finalize, resolve_rank, tokenize
 from tests.tokenize.conftest import save_vq
 
@@ -160,14 +161,14 @@ def test_parquet_input(toy_tree, vq_path, tmp_path):
     assert reasons[0].startswith("label 99 out of range [0, 10)") and reasons[1].startswith("unreadable image")
     # the same images by folder and by parquet give the same codes
     samples = all_samples(out)
-    first = samples["train-00000/000000000"]
+    first = samples[f"{unique_key('train-00000')}/000000000"]
     vq, _ = load_vq(vq_path)
     direct = vq.encode_codes(to_model_input(make_views(decode_image(rows[0]["image"]["bytes"]), 32))).numpy()
     assert np.array_equal(first.codes, direct) and first.label == 0
 
 
 def test_clear_errors_before_any_work(toy_tree, vq_path, tmp_path):
-    with pytest.raises(SourceError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         run(tmp_path / "nowhere", vq_path, tmp_path / "o1")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no class folders"):
@@ -179,7 +180,7 @@ def test_clear_errors_before_any_work(toy_tree, vq_path, tmp_path):
         run(bad, vq_path, tmp_path / "o3")
     gpt = tmp_path / "gpt.pt"
     torch.save({"model": {"tok_embeddings.weight": torch.zeros(1)}}, gpt)
-    with pytest.raises(ValueError, match="not a VQ tokenizer"):
+    with pytest.raises(ValueError, match="gpt.pt is a GPT checkpoint, not a VQ tokenizer"):
         run(toy_tree, gpt, tmp_path / "o4")
     out = tmp_path / "o5"
     run(toy_tree, vq_path, out)
