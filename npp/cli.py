@@ -16,16 +16,20 @@ if not sys.stderr.isatty():
 
 import dataclasses  # noqa: E402
 import inspect  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
 
 import fire  # noqa: E402
 
-from npp.models.configs import GPT_SIZES, count_parameters, gpt_config  # noqa: E402
-from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule  # noqa: E402
+from npp.errors import NppError, UsageError  # noqa: E402
+
+# The command table is built without importing torch: a wrong flag fails in a fraction
+# of a second. Each stage's implementation is imported when its command runs.
 
 
 def models(vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256) -> None:
     """List the model sizes with their parameter counts."""
+    from npp.models.configs import GPT_SIZES, count_parameters, gpt_config
+
     print(f"{'name':<10} {'layers':>6} {'heads':>5} {'dim':>5} {'params':>15}")
     for name, (layers, heads, dim) in GPT_SIZES.items():
         cfg = gpt_config(name, vocab_size=vocab_size, num_classes=num_classes, block_size=block_size)
@@ -45,6 +49,9 @@ def schedule(
 
     Give `--schedule 4:0.25,2:0.25,1:0.5`, or the paper's `--patch-levels 3 --epoch-rate 0.5`.
     """
+    from npp.models.configs import gpt_config
+    from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule
+
     cfg = gpt_config(model, block_size=block_size)
     stages = (
         paper_schedule(patch_levels, epoch_rate, epochs) if patch_levels else parse_schedule(str(schedule or "1:1"), cfg.grid)
@@ -59,11 +66,14 @@ def schedule(
     print(f"training cost vs next-token prediction ({model}): {sched.cost_ratio(cfg):.4f}")
 
 
-def config_command(config_cls: type, fn: Callable[[Any], Any]) -> Callable[..., None]:
+def config_command(config_cls: type, fn: Callable[[Any], Any] | str, doc: str = "") -> Callable[..., None]:
     """A fire entry whose flags are the fields of a stage's config dataclass (one name, one default).
 
-    fire parses values as Python literals, so string fields are coerced back to str
-    (a run called 2024 stays '2024').
+    `fn` may be "module:function", imported only when the command runs, after the config
+    is built and (where it has `validate`) checked. fire parses values as Python
+    literals; `main` quotes the values of string flags first, so they arrive exactly as
+    typed (`--out 1e3` stays '1e3'), and string fields are coerced to str here for
+    callers that bypass `main`.
     """
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
 
@@ -71,39 +81,60 @@ def config_command(config_cls: type, fn: Callable[[Any], Any]) -> Callable[..., 
         kwargs.update(zip(fields, args))  # fire passes flags positionally, in signature order
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
-            raise ValueError(f"unknown flags {unknown}; see --help")
+            raise UsageError(f"unknown flags {['--' + u.replace('_', '-') for u in unknown]}; see --help")
         for name, value in kwargs.items():
             if fields[name].type in ("str", str) and value is not None:
                 kwargs[name] = str(value)
-        fn(config_cls(**kwargs))
+        try:
+            cfg = config_cls(**kwargs)
+        except TypeError as e:  # a required flag is missing
+            raise UsageError(f"{e}; see --help") from None
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        target = fn
+        if isinstance(fn, str):
+            import importlib
+
+            module, name = fn.split(":")
+            target = getattr(importlib.import_module(module), name)
+        target(cfg)
 
     command.__signature__ = inspect.signature(config_cls)  # type: ignore[attr-defined]
-    command.__doc__ = fn.__doc__
-    command.__name__ = fn.__name__
+    command.__doc__ = doc or getattr(fn, "__doc__", "")
+    command.__name__ = fn.split(":")[1] if isinstance(fn, str) else fn.__name__
     return command
 
 
-def _tokenize_commands() -> dict:
+def _toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
+    """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree."""
     from npp.pipeline.toy import write_toy_dataset
+
+    n = write_toy_dataset(str(out), per_class, size, seed)
+    print(f"toy dataset in {out}: {n} new images")
+
+
+def _fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, minutes: float = 3.0,
+            max_steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
+    """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG."""
     from npp.tokenize.fit_vq import fit_vq
-    from npp.tokenize.run import TokenizeConfig, finalize, tokenize
 
-    def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
-        """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree."""
-        n = write_toy_dataset(str(out), per_class, size, seed)
-        print(f"toy dataset in {out}: {n} new images")
+    fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)
 
-    def fit_vq_cmd(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, minutes: float = 3.0,
-                   max_steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
-        """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG."""
-        fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)
 
-    def finalize_cmd(out: str) -> None:
-        """Merge every rank's shards into manifest.parquet and failures.parquet."""
-        finalize(str(out))
+def _finalize(out: str) -> None:
+    """Merge every rank's shards into manifest.parquet and failures.parquet."""
+    from npp.tokenize.run import finalize
 
+    finalize(str(out))
+
+
+def _tokenize_commands() -> dict:
+    from npp.tokenize.config import TokenizeConfig
+
+    toy, fit_vq_cmd, finalize_cmd = _toy, _fit_vq, _finalize
     return {
-        "run": config_command(TokenizeConfig, tokenize),
+        "run": config_command(TokenizeConfig, "npp.tokenize.run:tokenize",
+                              "Encode images (ImageFolder or parquet) into VQ-code shards; reruns resume."),
         "finalize": finalize_cmd,
         "toy": toy,
         "fit-vq": fit_vq_cmd,
@@ -116,9 +147,8 @@ class _Train:
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         from npp.train.config import TrainConfig
-        from npp.train.trainer import train
 
-        config_command(TrainConfig, train)(*args, **kwargs)
+        config_command(TrainConfig, "npp.train.trainer:train")(*args, **kwargs)
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:
@@ -160,9 +190,10 @@ class _Eval:
 
 
 def _sample_command():
-    from npp.eval.sample import SampleConfig, sample
+    from npp.eval.config import SampleConfig
 
-    return config_command(SampleConfig, sample)
+    return config_command(SampleConfig, "npp.eval.sample:sample",
+                          "Class-balanced guided samples of a checkpoint (.npz + PNG grid); reruns resume.")
 
 
 def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> None:
@@ -176,15 +207,15 @@ class _Demo:
     """npp demo [--out demo_out ...] | npp demo compare"""
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        from npp.demo import DemoConfig, demo
+        from npp.demo import DemoConfig
 
-        config_command(DemoConfig, demo)(*args, **kwargs)
+        config_command(DemoConfig, "npp.demo:demo")(*args, **kwargs)
 
     def compare(self, *args: Any, **kwargs: Any) -> None:
         """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
-        from npp.demo import DemoConfig, demo_compare
+        from npp.demo import DemoConfig
 
-        config_command(DemoConfig, demo_compare)(*args, **kwargs)
+        config_command(DemoConfig, "npp.demo:demo_compare")(*args, **kwargs)
 
 
 def _demo_command() -> _Demo:
@@ -222,11 +253,73 @@ COMMANDS = {
 }
 
 
-def main() -> None:
-    """Run a subcommand; user errors print one clear line (NPP_DEBUG=1 shows the traceback)."""
+def _target(argv: list[str]) -> tuple[Any, int]:
+    """The callable a command line reaches through COMMANDS, and the index of its first flag."""
+    obj: Any = COMMANDS
+    i = 0
+    while i < len(argv) and not argv[i].startswith("-"):
+        name = argv[i]
+        if isinstance(obj, dict):
+            nxt = obj.get(name, obj.get(name.replace("-", "_")))
+        else:
+            nxt = getattr(obj, name.replace("-", "_"), None)
+            nxt = nxt if callable(nxt) and not name.startswith("_") else None
+        if nxt is None:
+            break
+        obj, i = nxt, i + 1
+    return obj, i
+
+
+def _is_str(annotation: Any) -> bool:
+    return annotation in (str, "str", "Optional[str]", "str | None") or annotation == Optional[str]
+
+
+def quote_string_flags(argv: list[str]) -> list[str]:
+    """Quote the values of string-typed flags so fire's literal parsing leaves them as typed.
+
+    fire would turn `--out 1e3` into 1000.0 (and `--run 2024` into 2024) and warn about
+    `2in1`; a quoted value is parsed as exactly that string.
+    """
+    target, start = _target(argv)
     try:
-        fire.Fire(COMMANDS, name="npp")
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return argv
+    str_flags = {name for name, p in params.items() if _is_str(p.annotation)}
+    out = list(argv[:start])
+    i = start
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        if tok.startswith("--"):
+            name, eq, value = tok[2:].partition("=")
+            key = name.replace("-", "_")
+            if key in str_flags:
+                if eq:
+                    out.append(f"--{name}={value!r}")
+                    i += 1
+                    continue
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    out += [tok, repr(argv[i + 1])]
+                    i += 2
+                    continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run a subcommand; user errors print one clear line and exit 2 (NPP_DEBUG=1 shows the traceback).
+
+    Only the project's own error types (and a missing file) count as user errors: any
+    other exception is a bug and keeps its traceback.
+    """
+    argv = quote_string_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        fire.Fire(COMMANDS, command=argv, name="npp")
+    except (NppError, FileNotFoundError) as e:
         if os.environ.get("NPP_DEBUG"):
             raise
         print(f"npp: error: {e}", file=sys.stderr)

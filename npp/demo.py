@@ -21,9 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from npp.train.distributed import free_port
+from npp.errors import ConfigError
 
 
 @dataclass
@@ -134,7 +132,7 @@ class Demo:
         t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(c.nproc),
-            "--master_port", str(free_port()), "-m", "npp.cli", "train",
+            "--master_port", str(_free_port()), "-m", "npp.cli", "train",
             "--shards", str(self.shards), "--out", str(run), "--model", c.model, "--schedule", schedule,
             "--epochs", str(c.epochs), "--global-batch", str(c.global_batch), "--lr", str(c.lr),
             "--end-lr", str(c.end_lr), "--warmup-epochs", "1", "--ds-config", str(self.ds_config),
@@ -146,7 +144,7 @@ class Demo:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // c.nproc)), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
+            raise ConfigError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
         self.timings[f"train {name}"] = time.time() - t
         return run
 
@@ -165,6 +163,8 @@ class Demo:
 
     def untrained_baseline(self, run: Path) -> dict:
         """The same architecture with its initial weights, sampled and scored the same way."""
+        import torch
+
         from npp.models.configs import GPTConfig
         from npp.models.gpt import GPT
 
@@ -229,3 +229,9 @@ def demo(cfg: DemoConfig) -> None:
 def demo_compare(cfg: DemoConfig) -> None:
     """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
     Demo(cfg).compare()
+
+
+def _free_port() -> int:
+    from npp.train.distributed import free_port
+
+    return free_port()

@@ -13,3 +13,7 @@ class NppError(Exception):
 
 class UsageError(NppError, ValueError):
     """A flag value that cannot work (checked before any heavy import or work)."""
+
+
+class ConfigError(NppError, ValueError):
+    """A setting (schedule, model size, config field, data) that cannot be used as given."""

@@ -16,6 +16,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
+from npp.errors import ConfigError
+
 FID_KEY = re.compile(r"^fid(_[a-z]+)?(_cfg[0-9.]+)?$")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -36,7 +38,7 @@ def collect(experiment: str) -> list[dict]:
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {mlflow.get_tracking_uri()}: train a run first")
+        raise ConfigError(f"no MLflow experiment {experiment!r} at {mlflow.get_tracking_uri()}: train a run first")
     rows = []
     for run in client.search_runs([exp.experiment_id]):
         if "mlflow.parentRunId" in run.data.tags:

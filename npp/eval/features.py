@@ -22,9 +22,9 @@ def load_feature_net(inception: Optional[str] = None, classifier: Optional[str] 
 
         net, path = load_toynet(classifier), classifier
     else:
-        from npp.models.inception import load_inception
-
         import os
+
+        from npp.models.inception import load_inception
 
         path = inception or os.environ.get("NPP_INCEPTION_WEIGHTS", "")
         net = load_inception(inception)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from npp.errors import ConfigError
 from npp.eval.reference import real_images
 from npp.models.toynet import ToyNet, ToyNetConfig
 
@@ -29,7 +30,7 @@ def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, b
     images, _ = real_images(data, None, image_size)
     labels = np.array([it.label for it in source.items])
     if len(labels) != len(images):
-        raise ValueError(f"{data} has unreadable images: run `npp tokenize run` first to list them in failures.parquet")
+        raise ConfigError(f"{data} has unreadable images: run `npp tokenize run` first to list them in failures.parquet")
     order = rng.permutation(len(images))
     n_val = max(len(images) // 10, 1)
     val, tr = order[:n_val], order[n_val:]

@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from npp.errors import NppError
 from npp.eval.features import extract
 from npp.eval.metrics import gaussian_stats
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
-from npp.errors import NppError
 from npp.pipeline.sources import open_source, read_bytes
 
 

@@ -13,41 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from npp.errors import ConfigError
+from npp.eval.config import SampleConfig
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import generate
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
-
-
-@dataclass
-class SampleConfig:
-    ckpt: str
-    vq: str
-    out: str
-    per_class: int = 50
-    cfg_scale: Union[float, str] = 2.0  # one scale, or several: "1.5,2.0,2.5" / [1.5, 2.0] (a sweep)
-    batch: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_interval: int = -1
-    seed: int = 0
-    labels: str = "balanced"  # balanced: per_class of every class; random: num_samples uniform labels
-    num_samples: int = 0  # for --labels random (default per_class x classes)
-    ema: bool = False  # sample with the EMA weights when the checkpoint has them
-    grid_classes: int = 16  # rows of the PNG grid
-    grid_per_class: int = 8
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (CUDA autocast)
 
 
 def cfg_scales(value) -> list[float]:
@@ -62,7 +41,7 @@ def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
     if cfg.labels == "random":
         n = cfg.num_samples or cfg.per_class * num_classes
         return np.random.default_rng(cfg.seed).integers(0, num_classes, n)
-    raise ValueError(f"--labels must be balanced or random, got {cfg.labels!r}")
+    raise ConfigError(f"--labels must be balanced or random, got {cfg.labels!r}")
 
 
 def scale_dir(out: Path, scale: float) -> Path:
@@ -84,7 +63,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     vq, _ = load_vq(cfg.vq)
     mc = model.config
     if vq.config.codebook_size != mc.vocab_size:
-        raise ValueError(f"{cfg.vq} has {vq.config.codebook_size} codes but {cfg.ckpt} expects vocab {mc.vocab_size}: "
+        raise ConfigError(f"{cfg.vq} has {vq.config.codebook_size} codes but {cfg.ckpt} expects vocab {mc.vocab_size}: "
                          "use the tokenizer the model was trained with")
     model, vq = model.to(device).eval(), vq.to(device).eval()
     labels = sample_labels(cfg, mc.num_classes)
@@ -118,7 +97,7 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
     images = np.concatenate([z["arr_0"] for z in parts])
     got_labels = np.concatenate([z["labels"] for z in parts])
     if not np.array_equal(got_labels, labels):
-        raise ValueError(f"pieces in {pdir} were made with other labels: delete {pdir} and sample again")
+        raise ConfigError(f"pieces in {pdir} were made with other labels: delete {pdir} and sample again")
     target = samples_path(cfg.out, scale)
     tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, arr_0=images, labels=got_labels)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from npp.errors import NppError
+from npp.errors import ConfigError, NppError
 
 from .configs import GPT_SIZES, GPTConfig
 
@@ -107,7 +107,7 @@ def infer_gpt_config(state: Mapping[str, torch.Tensor], block_size: int = 256, *
     if n_head is None:
         match = [h for (L, h, d) in GPT_SIZES.values() if L == n_layer and d == dim]
         if not match:
-            raise ValueError(f"no registered size has {n_layer} layers of width {dim}: pass n_head explicitly")
+            raise ConfigError(f"no registered size has {n_layer} layers of width {dim}: pass n_head explicitly")
         n_head = match[0]
     head_dim = dim // n_head
     n_kv_head = (qkv_rows // head_dim - n_head) // 2
@@ -140,7 +140,9 @@ def load_gpt(
     **config_overrides: Any,
 ):
     """Build a GPT from a checkpoint file: its stored config, an explicit one, or one inferred from shapes."""
-    from .gpt import GPT  # local import keeps this module usable for VQ checkpoints without the GPT
+    from .gpt import (
+        GPT,  # local import keeps this module usable for VQ checkpoints without the GPT
+    )
 
     ckpt = read_checkpoint(path)
     state = extract_state_dict(ckpt, use_ema=use_ema)

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from npp.errors import ConfigError
+
 
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n (LlamaGen's `find_multiple`)."""
@@ -57,22 +59,22 @@ class GPTConfig:
         if self.grid is None:
             side = math.isqrt(self.block_size)
             if side * side != self.block_size:
-                raise ValueError(
+                raise ConfigError(
                     f"block_size={self.block_size} is not a square: pass grid=(rows, cols) for a non-square token grid"
                 )
             self.grid = (side, side)
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         if self.grid[0] * self.grid[1] != self.block_size:
-            raise ValueError(f"grid {self.grid} holds {self.grid[0] * self.grid[1]} tokens, block_size is {self.block_size}")
+            raise ConfigError(f"grid {self.grid} holds {self.grid[0] * self.grid[1]} tokens, block_size is {self.block_size}")
         if self.dim % self.n_head:
-            raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
         if self.kv_heads <= 0 or self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+            raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 4:
             # 2-D RoPE splits each head in a row half and a column half of rotary pairs.
-            raise ValueError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE")
+            raise ConfigError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE")
         if self.cls_token_num != 1:
-            raise ValueError("a class-conditional GPT uses exactly one class token (cls_token_num=1)")
+            raise ConfigError("a class-conditional GPT uses exactly one class token (cls_token_num=1)")
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +103,7 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in args if k not in names and k not in cls._IGNORED)
         if unknown:
-            raise ValueError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(names)}")
+            raise ConfigError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(names)}")
         kept = {k: v for k, v in args.items() if k in names}
         if kept.get("grid") is not None:
             kept["grid"] = tuple(kept["grid"])
@@ -133,7 +135,7 @@ def gpt_config(name: str, **overrides: Any) -> GPTConfig:
     try:
         n_layer, n_head, dim = GPT_SIZES[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(GPT_SIZES)}") from None
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(GPT_SIZES)}") from None
     return GPTConfig.from_dict({"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from npp.errors import ConfigError
+
 from .gpt import GPT
 
 
@@ -81,7 +83,7 @@ def generate(
     device = labels.device
     use_cfg = cfg_scale != 1.0
     if use_cfg and not cfg.has_null_class:
-        raise ValueError("this model was trained without label dropout (no null class): use cfg_scale=1")
+        raise ConfigError("this model was trained without label dropout (no null class): use cfg_scale=1")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)

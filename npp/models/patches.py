@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from npp.errors import ConfigError
+
 
 def check_patch_side(grid: tuple[int, int], patch_side: int) -> tuple[int, int]:
     """The patch grid (rows/k, cols/k); a k that does not divide both sides is a ValueError."""
     rows, cols = grid
     if patch_side < 1 or rows % patch_side or cols % patch_side:
-        raise ValueError(
+        raise ConfigError(
             f"patch side {patch_side} does not divide the {rows}x{cols} token grid; "
             f"use a k that divides both {rows} and {cols}"
         )

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from npp.errors import ConfigError
+
 
 @dataclass
 class ToyNetConfig:
@@ -64,7 +66,7 @@ def load_toynet(path: str) -> ToyNet:
 
     ckpt = read_checkpoint(path)
     if ckpt.get("kind") != "toynet":
-        raise ValueError(f"{path} is not a toy classifier checkpoint: make one with `npp eval fit-classifier`")
+        raise ConfigError(f"{path} is not a toy classifier checkpoint: make one with `npp eval fit-classifier`")
     net = ToyNet(ToyNetConfig(**ckpt["config"]))
     load_state_strict(net, extract_state_dict(ckpt), source=path)
     return net.eval()

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from npp.errors import ConfigError
+
 
 @dataclass
 class VQConfig:
@@ -42,7 +44,7 @@ class VQConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - names)
         if unknown:
-            raise ValueError(f"unknown VQConfig fields {unknown}; known fields: {sorted(names)}")
+            raise ConfigError(f"unknown VQConfig fields {unknown}; known fields: {sorted(names)}")
         return cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in args.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +65,7 @@ VQ_PRESETS = {
 
 def vq_config(name: str, **overrides: Any) -> VQConfig:
     if name not in VQ_PRESETS:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(VQ_PRESETS)}")
+        raise ConfigError(f"unknown tokenizer {name!r}; choose one of {sorted(VQ_PRESETS)}")
     return VQConfig.from_dict({**VQ_PRESETS[name], **overrides})
 
 

@@ -18,6 +18,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from npp.errors import ConfigError
+
 # A decompression bomb is bad input, not a reason to stop a run: PIL raises, we record it.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
@@ -75,13 +77,13 @@ def crop_ranges(crop_range: CropRange) -> list[float]:
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--crop-range {crop_range!r} is not a number or a comma list like 1.1,1.05") from None
+            raise ConfigError(f"--crop-range {crop_range!r} is not a number or a comma list like 1.1,1.05") from None
     elif isinstance(crop_range, (int, float)):
         values = [float(crop_range)]
     else:
         values = [float(v) for v in crop_range]
     if not values or any(v < 1.0 for v in values):
-        raise ValueError(f"--crop-range {crop_range!r}: each range must be >= 1 (1.1 enlarges the center crop by 10%)")
+        raise ConfigError(f"--crop-range {crop_range!r}: each range must be >= 1 (1.1 enlarges the center crop by 10%)")
     return values
 
 

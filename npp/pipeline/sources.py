@@ -119,8 +119,6 @@ def scan_parquet(
     root: str, image_column: str = "image", label_column: str = "label", num_classes: Optional[int] = None
 ) -> ImageSource:
     """Parquet files (a file or a directory of *.parquet) with image bytes and an integer label."""
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 

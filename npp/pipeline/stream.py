@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from npp.errors import ConfigError
+
 BLOCK = 512
 
 
@@ -160,7 +162,7 @@ class CodeStream(IterableDataset):
             raise ValueError("shards and shard_samples differ in length")
         need = world * max(1, num_workers)
         if len(shards) < need:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(shards)} shards cannot feed {world} ranks x {max(1, num_workers)} loader workers "
                 f"(a rank or worker without shards hangs the job): lower --workers or re-tokenize with "
                 f"a smaller --samples-per-shard so there are at least {need} shards"

@@ -18,8 +18,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from npp.errors import ConfigError
 from npp.models.vq import VQModel, vq_config
-from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image, to_model_input, to_uint8_images
+from npp.pipeline.images import (
+    ImageDecodeError,
+    center_crop_adm,
+    decode_image,
+    to_model_input,
+    to_uint8_images,
+)
 from npp.pipeline.sources import open_source, read_bytes
 
 
@@ -35,7 +42,7 @@ def load_images(data: str, image_size: int, limit: int = 0) -> tuple[np.ndarray,
         except (ImageDecodeError, OSError) as e:
             skipped.append(f"{item.source}: {e}")
     if not images:
-        raise ValueError(f"no readable images in {data}")
+        raise ConfigError(f"no readable images in {data}")
     return np.stack(images), np.array(labels), skipped
 
 

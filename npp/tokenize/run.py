@@ -17,15 +17,24 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
 from npp.pipeline.files import file_sha256
-from npp.pipeline.images import ImageDecodeError, decode_image, deterministic_reason, describe_views, make_views, to_model_input
+from npp.pipeline.images import (
+    ImageDecodeError,
+    decode_image,
+    describe_views,
+    deterministic_reason,
+    make_views,
+    to_model_input,
+)
 from npp.pipeline.shards import (
     FORMAT_VERSION,
     Sample,
@@ -37,7 +46,13 @@ from npp.pipeline.shards import (
     shard_name,
     write_shard,
 )
-from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
+from npp.pipeline.sources import (
+    ImageSource,
+    SourceItem,
+    listing_sha256,
+    open_source,
+    read_bytes,
+)
 from npp.pipeline.workers import WorkerInit
 from npp.tokenize.config import TokenizeConfig
 
@@ -61,7 +76,7 @@ def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, i
     else:
         r, w = 0, 1
     if not 0 <= r < w:
-        raise ValueError(f"rank {r} is outside world size {w}")
+        raise ConfigError(f"rank {r} is outside world size {w}")
     return r, w
 
 

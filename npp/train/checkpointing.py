@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from npp.errors import ConfigError
 from npp.train.distributed import DistEnv, barrier
 
 TAG_PREFIX = "step_"
@@ -92,14 +93,14 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> Optional[dict]:
     rng_file = ckpt_dir / tag / f"rng_rank{env.rank}.pt"
     saved_world = len(list((ckpt_dir / tag).glob("rng_rank*.pt")))
     if saved_world != env.world_size:
-        raise RuntimeError(
+        raise ConfigError(
             f"{ckpt_dir / tag} was saved by {saved_world} ranks, this job has {env.world_size}: resume with the same "
             "world size, or convert with DeepSpeed's ds_to_universal.py and load it with "
             '"checkpoint": {"load_universal": true} in the DeepSpeed config (the data position then restarts the epoch)'
         )
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+        raise ConfigError(f"DeepSpeed could not load {ckpt_dir / tag}")
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     if ema is not None and (ckpt_dir / tag / "ema.pt").exists():
         ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from npp.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -40,7 +42,7 @@ def read_env() -> DistEnv:
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
         if "MASTER_ADDR" not in env:
-            raise RuntimeError("running under srun without MASTER_ADDR: use slurm/train.sbatch, which sets it")
+            raise ConfigError("running under srun without MASTER_ADDR: use slurm/train.sbatch, which sets it")
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         env.setdefault("MASTER_PORT", "29500")
         return DistEnv(rank, world, local)

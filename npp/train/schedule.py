@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence
 
+from npp.errors import ConfigError
 from npp.models.configs import GPTConfig, train_flops_per_sample
 from npp.models.patches import check_patch_side
 
@@ -32,20 +33,20 @@ def validate_schedule(stages: Sequence[Stage], grid: Optional[tuple[int, int]] =
     """Shares positive and summing to 1, the last stage k = 1, every k dividing the grid."""
     stages = list(stages)
     if not stages:
-        raise ValueError("the schedule is empty: give at least one stage, e.g. '1:1' for next-token training")
+        raise ConfigError("the schedule is empty: give at least one stage, e.g. '1:1' for next-token training")
     for s in stages:
         if s.patch_side < 1:
-            raise ValueError(f"patch side {s.patch_side} in stage '{s}' must be a positive integer")
+            raise ConfigError(f"patch side {s.patch_side} in stage '{s}' must be a positive integer")
         if s.share <= 0:
-            raise ValueError(f"stage '{s}' has a share of {float(s.share):g}; every share must be positive")
+            raise ConfigError(f"stage '{s}' has a share of {float(s.share):g}; every share must be positive")
     total = sum((s.share for s in stages), Fraction(0))
     if total != 1:
-        raise ValueError(
+        raise ConfigError(
             f"the shares of schedule '{format_schedule(stages)}' sum to {float(total):g}, not 1: "
             "shares are fractions of the whole training budget"
         )
     if stages[-1].patch_side != 1:
-        raise ValueError(
+        raise ConfigError(
             f"the last stage of '{format_schedule(stages)}' has patch side {stages[-1].patch_side}: "
             "it must be 1 so the final model predicts token by token, as sampling does"
         )
@@ -66,7 +67,7 @@ def parse_schedule(text: str, grid: Optional[tuple[int, int]] = None) -> list[St
             side, share = part.split(":")
             stages.append(Stage(int(side), Fraction(share.strip())))
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot read stage '{part}' of schedule '{text}': write patch_side:share, e.g. '4:0.25,2:0.25,1:0.5'"
             ) from None
     return validate_schedule(stages, grid)
@@ -75,14 +76,14 @@ def parse_schedule(text: str, grid: Optional[tuple[int, int]] = None) -> list[St
 def paper_schedule(patch_levels: int, epoch_rate: float, epochs: int) -> list[Stage]:
     """The reference code's schedule: sides [2^(L-1), ..., 2, 1], stage i ending at int(E·r^(L-1-i)) epochs."""
     if patch_levels < 1:
-        raise ValueError(f"patch_levels must be >= 1, got {patch_levels}")
+        raise ConfigError(f"patch_levels must be >= 1, got {patch_levels}")
     if not 0 < epoch_rate < 1 and patch_levels > 1:
-        raise ValueError(f"epoch_rate must lie in (0, 1), got {epoch_rate}")
+        raise ConfigError(f"epoch_rate must lie in (0, 1), got {epoch_rate}")
     sides = [2 ** (patch_levels - 1 - i) for i in range(patch_levels)]
     ends = [int(epochs * epoch_rate ** (patch_levels - 1 - i)) for i in range(patch_levels)]
     starts = [0] + ends[:-1]
     if any(e <= s for s, e in zip(starts, ends)):
-        raise ValueError(f"{epochs} epochs at rate {epoch_rate} leave an empty stage (stage ends at epochs {ends})")
+        raise ConfigError(f"{epochs} epochs at rate {epoch_rate} leave an empty stage (stage ends at epochs {ends})")
     return validate_schedule([Stage(k, Fraction(e - s, epochs)) for k, s, e in zip(sides, starts, ends)])
 
 
@@ -104,7 +105,7 @@ class PatchSchedule:
     def __init__(self, stages: Sequence[Stage], total_steps: int):
         self.stages = validate_schedule(stages)
         if total_steps < len(self.stages):
-            raise ValueError(f"{total_steps} steps cannot hold {len(self.stages)} stages")
+            raise ConfigError(f"{total_steps} steps cannot hold {len(self.stages)} stages")
         self.total_steps = int(total_steps)
         cum, self.spans = Fraction(0), []
         start = 0
@@ -112,7 +113,7 @@ class PatchSchedule:
             cum += s.share
             end = round(cum * self.total_steps)
             if end <= start:
-                raise ValueError(f"stage '{s}' gets no step out of {total_steps}: train longer or raise its share")
+                raise ConfigError(f"stage '{s}' gets no step out of {total_steps}: train longer or raise its share")
             self.spans.append(StageSpan(i, s.patch_side, start, end))
             start = end
 

@@ -30,7 +30,12 @@ from npp.train.config import TrainConfig
 from npp.train.distributed import DistEnv, all_max, all_mean, barrier, init, read_env
 from npp.train.ds_config import build_ds_config
 from npp.train.ema import EMA
-from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
+from npp.train.schedule import (
+    PatchSchedule,
+    format_schedule,
+    paper_schedule,
+    parse_schedule,
+)
 from npp.train.tracking import Tracker, git_commit
 
 # Dense bf16 peak per GPU, for MFU (set NPP_PEAK_FLOPS for other devices).

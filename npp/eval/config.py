@@ -1,0 +1,28 @@
+"""The sample stage's typed config (torch-free, so the CLI can check flags before importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str
+    vq: str
+    out: str
+    per_class: int = 50
+    cfg_scale: Union[float, str] = 2.0  # one scale, or several: "1.5,2.0,2.5" / [1.5, 2.0] (a sweep)
+    batch: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_interval: int = -1
+    seed: int = 0
+    labels: str = "balanced"  # balanced: per_class of every class; random: num_samples uniform labels
+    num_samples: int = 0  # for --labels random (default per_class x classes)
+    ema: bool = False  # sample with the EMA weights when the checkpoint has them
+    grid_classes: int = 16  # rows of the PNG grid
+    grid_per_class: int = 8
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (CUDA autocast)
