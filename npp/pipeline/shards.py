@@ -181,3 +181,60 @@ def load_manifest(out: str | os.PathLike) -> list[dict]:
     if not path.exists():
         raise ShardSetError(f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`")
     return pq.read_table(path).to_pylist()
+
+
+def resolve_shard_dirs(spec: str) -> list[str]:
+    """`A`, `A,B` or globs (`shards/in256-*`) → shard-set directories, in the order given (globs sorted)."""
+    import glob
+
+    dirs: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        if any(c in part for c in "*?["):
+            found = sorted(d for d in glob.glob(part) if (Path(d) / "meta.json").exists())
+            if not found:
+                raise ShardSetError(f"--shards pattern {part!r} matches no shard set (no directory with meta.json)")
+            dirs += found
+        else:
+            dirs.append(part)
+    if not dirs:
+        raise ShardSetError("--shards is empty: pass a shard-set directory, a comma list, or a glob")
+    if len(set(map(os.path.realpath, dirs))) != len(dirs):
+        raise ShardSetError(f"--shards names a shard set twice: {dirs}")
+    return dirs
+
+
+# What must agree between shard sets trained on together: the same codes mean the same thing.
+COMPATIBLE_FIELDS = ("tokenizer", "codebook_size", "grid", "image_size", "num_classes", "class_names")
+
+
+def open_shard_sets(spec: str) -> tuple[dict, list[dict]]:
+    """The combined meta and manifest of one or several finalized shard sets made for the same model.
+
+    Manifest rows gain `path`; the combined meta's `samples` is the sum (the epoch is
+    all sets together) and `sets` lists the directories. Views may differ between
+    sets (e.g. a 2-view set and NPP's 20-view ten-crop set): training picks a view
+    per sample from whatever the sample holds.
+    """
+    dirs = resolve_shard_dirs(spec)
+    metas, manifest = [], []
+    for d in dirs:
+        meta = read_meta(d)
+        if not meta.get("complete"):
+            raise ShardSetError(f"{d} is not finalized: run `npp tokenize finalize --out {d}`")
+        for row in load_manifest(d):
+            manifest.append({**row, "path": os.path.join(d, row["file"])})
+        metas.append(meta)
+    first = metas[0]
+    for d, meta in zip(dirs[1:], metas[1:]):
+        diffs = [f for f in COMPATIBLE_FIELDS if meta.get(f) != first.get(f)]
+        if diffs:
+            raise ShardSetError(
+                f"shard sets {dirs[0]} and {d} differ in {', '.join(diffs)}: sets trained on together must be made "
+                "with the same tokenizer, image size and class list"
+            )
+    combined = {**first, "samples": sum(m["samples"] for m in metas), "sets": dirs}
+    if len(dirs) > 1:
+        combined["views"] = [m["views"] for m in metas]
+    return combined, manifest

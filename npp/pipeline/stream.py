@@ -288,4 +288,5 @@ def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def shard_paths(shard_dir: str, manifest: list[dict]) -> tuple[list[str], list[int]]:
-    return [os.path.join(shard_dir, m["file"]) for m in manifest], [int(m["samples"]) for m in manifest]
+    """Paths and sample counts of a manifest's shards (rows with `path` come from several sets)."""
+    return [m.get("path") or os.path.join(shard_dir, m["file"]) for m in manifest], [int(m["samples"]) for m in manifest]

@@ -14,7 +14,7 @@ from typing import Optional
 
 @dataclass
 class TrainConfig:
-    shards: str  # shard-set directory written by `npp tokenize run`
+    shards: str  # shard-set directory written by `npp tokenize run`; several: "A,B" or a glob (same tokenizer)
     out: str  # run directory: checkpoints, exported model, config, metrics.jsonl
     model: str = "GPT-B"  # a size of npp.models.configs.GPT_SIZES
     schedule: str = "4:0.25,2:0.25,1:0.5"  # patch_side:share,...; "1:1" is the next-token baseline
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4  # DataLoader workers per rank (default from SLURM_CPUS_PER_TASK when set)
     shuffle_buffer: int = 5000
+    mix_shards: int = 16  # shards each loader worker reads at once, in a random order of their samples
     log_every: int = 50
     ckpt_every: int = 1000  # steps between checkpoints (also saved on SIGTERM/SIGUSR1 and at the end)
     keep: int = 3  # checkpoints kept

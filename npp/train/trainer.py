@@ -23,7 +23,7 @@ import torch
 from npp.errors import NppError
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
-from npp.pipeline.shards import load_manifest, read_meta
+from npp.pipeline.shards import open_shard_sets
 from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, shard_paths
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
@@ -86,10 +86,7 @@ class Trainer:
         self.env: DistEnv = read_env()
         cuda = torch.cuda.is_available()
         # Everything that can be wrong with the inputs is checked before the process group starts.
-        self.meta = read_meta(cfg.shards)
-        if not self.meta.get("complete"):
-            raise TrainingError(f"{cfg.shards} is not finalized: run `npp tokenize finalize --out {cfg.shards}`")
-        self.manifest = load_manifest(cfg.shards)
+        self.meta, self.manifest = open_shard_sets(cfg.shards)
         self.ds_config = build_ds_config(cfg, self.env.world_size, cuda)
         self.model_cfg = self._model_config()
         check_meta_matches(self.model_cfg, self.meta, cfg.shards)
@@ -170,7 +167,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.env.world_size,
-            "shards_meta": {k: self.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer")},
+            "shards_meta": {k: self.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer", "sets")},
             "git_commit": git_commit(),
         }
         paths = [self.run_dir / "config.json", self.run_dir / "ds_config.json"]
@@ -287,7 +284,7 @@ class Trainer:
         stream = CodeStream(
             paths, counts, batch_size=self.ds_config["train_micro_batch_size_per_gpu"], rank=self.env.rank,
             world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
-            start_batches=self.micro_batches, num_workers=self.workers,
+            start_batches=self.micro_batches, num_workers=self.workers, mix_shards=self.cfg.mix_shards,
         )
         return make_loader(stream, self.workers)
 
