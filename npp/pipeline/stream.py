@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from npp.errors import ConfigError
+from npp.pipeline.workers import WorkerInit
 
 BLOCK = 512
 
@@ -271,10 +272,16 @@ def _keep(batch: dict) -> dict:
 
 
 def make_loader(stream: CodeStream, workers: int, prefetch: int = 4) -> DataLoader:
-    """The DataLoader for a CodeStream: batches pass through as built (no collation, no tensor IPC)."""
+    """The DataLoader for a CodeStream: batches pass through as built (no collation, no tensor IPC).
+
+    Workers ignore the stop signals and die with their rank (npp.pipeline.workers): a
+    SIGTERM sent to every process of the job must reach the rank's save, not kill the
+    DataLoader under it.
+    """
     return DataLoader(
         stream, batch_size=None, num_workers=workers, collate_fn=_keep,
         persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
+        worker_init_fn=WorkerInit(ignore_stop_signals=True) if workers else None,
     )
 
 

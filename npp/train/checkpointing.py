@@ -85,11 +85,17 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> Optional[dict]:
-    """Resume from `latest`: engine state, this rank's RNG, EMA. Returns the client state, or None for a fresh run."""
+def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict], Optional[dict]]:
+    """Resume from `latest`: engine state and EMA. Returns (client state, this rank's RNG state), or
+    (None, None) for a fresh run.
+
+    The RNG state is returned, not applied: the caller applies it after everything that
+    draws from the global generators at start-up (creating the DataLoader iterator
+    does), or dropout would run one draw behind the uninterrupted run.
+    """
     tag = latest_tag(ckpt_dir)
     if tag is None:
-        return None
+        return None, None
     rng_file = ckpt_dir / tag / f"rng_rank{env.rank}.pt"
     saved_world = len(list((ckpt_dir / tag).glob("rng_rank*.pt")))
     if saved_world != env.world_size:
@@ -101,7 +107,7 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> Optional[dict]:
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False)  # ours: written by save()
     if ema is not None and (ckpt_dir / tag / "ema.pt").exists():
         ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
-    return client_state
+    return client_state, rng

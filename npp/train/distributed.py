@@ -72,6 +72,14 @@ def all_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks (one collective for several numbers)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def all_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -9,11 +9,8 @@ srun, or alone.
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,15 +24,17 @@ from npp.pipeline.shards import open_shard_sets
 from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, shard_paths
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
-from npp.train.distributed import DistEnv, all_max, all_mean, barrier, init, read_env
+from npp.train.distributed import DistEnv, all_max, barrier, init, read_env
 from npp.train.ds_config import build_ds_config
 from npp.train.ema import EMA
+from npp.train.progress import Progress
 from npp.train.schedule import (
     PatchSchedule,
     format_schedule,
     paper_schedule,
     parse_schedule,
 )
+from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
 
 # Dense bf16 peak per GPU, for MFU (set NPP_PEAK_FLOPS for other devices).
@@ -105,8 +104,14 @@ class Trainer:
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
         self.workers = default_workers(cfg.workers)
-        self.stop_requested = False
-        self.corrupt_shards = 0  # skipped by the data stream, over this process's life
+        need = self.env.world_size * max(1, self.workers)
+        if len(self.manifest) < need:
+            raise TrainingError(
+                f"{len(self.manifest)} shards cannot feed {self.env.world_size} ranks x {max(1, self.workers)} loader "
+                f"workers (a rank or worker without shards hangs the job): lower --workers to "
+                f"{max(1, len(self.manifest) // self.env.world_size)} or re-tokenize with a smaller --samples-per-shard "
+                f"so there are at least {need} shards"
+            )
         self.bad_streak = 0  # consecutive non-finite losses
         self.last_lr = 0.0
 
@@ -176,72 +181,29 @@ class Trainer:
         self.run_config = config
         return [str(p) for p in paths]
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):  # noqa: ARG001
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
-            signal.signal(sig, request_stop)
-
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
         self._build()
-        artifacts = self._write_run_files() if self.env.is_main else []
-        barrier()
-        client = checkpointing.load(self.engine, self.ckpt_dir, self.env, self.ema) or {}
-        self.step = int(client.get("step", 0))
-        self.micro_batches = int(client.get("micro_batches", 0))
-        self.train_flops = float(client.get("train_flops", 0.0))
-        self.bad_total = int(client.get("bad_steps", 0))
-        self.tracker = Tracker(self.env.is_main and self.cfg.tracking)
-        run_id = client.get("mlflow_run_id") or self._saved_run_id()
-        self.tracker.start(
-            self.cfg.experiment, self.cfg.run_name or self.run_dir.name, run_id,
-            params=self.run_config if self.env.is_main else {},
-            tags={"git_commit": self.run_config.get("git_commit", "") if self.env.is_main else "",
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-                  "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
-                  "schedule": format_schedule(self.schedule.stages)},
-            artifacts=artifacts,
-        )
-        if self.env.is_main and self.tracker.run_id:
-            (self.run_dir / "mlflow_run_id").write_text(self.tracker.run_id)
-        self._install_signal_handlers()
-        self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
-                  f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch "
-                  f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers")
-        batches = iter(self._loader())
+        batches = self._start()
         stage = None
-        window = {"loss": [], "t0": time.time(), "steps": 0, "flops": 0.0}
         try:
             while self.step < self.total_steps:
                 span = self.schedule.stage_at(self.step)
                 if span.index != stage:
                     stage = span.index
                     self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
-                loss, stopped = self.train_step(batches, span.patch_side)
+                loss, stop = self.train_step(batches, span.patch_side)
                 self.step += 1
-                self._record(loss, span.patch_side, window)
-                if stopped:
-                    self._save()
-                    self._log(f"stop requested: saved step {self.step} in {self.ckpt_dir}, exiting for requeue")
-                    self.tracker.finish("KILLED")
-                    return {"step": self.step, "stopped": True}
+                self._record(loss, span.patch_side)
+                if stop:
+                    return self._stop_and_save()
                 if self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
                     self._save()
             self._save()
         except BaseException:
             self.tracker.finish("FAILED")
             raise
-        barrier()
-        exported = None
-        if self.env.is_main:
-            from npp.train.export import export
-
-            exported = export(str(self.run_dir))
-            self.tracker.log({"exported_step": self.step}, self.step)
-        self.tracker.finish()
-        return {"step": self.step, "stopped": False, "exported": exported}
+        return self._finish()
 
     def train_step(self, batches, patch_side: int) -> tuple[float, bool]:
         """One optimizer step of grad_accum micro-batches; returns (mean loss, stop requested)."""
@@ -250,23 +212,16 @@ class Trainer:
             batch = next(batches)
             self.micro_batches += 1
             if batch["corrupt"]:
-                self._log(f"warning: {batch['corrupt']} corrupt shard(s) skipped by the data stream")
-                self.corrupt_shards += batch["corrupt"]
+                print(f"[npp train] rank {self.env.rank}: warning: {batch['corrupt']} corrupt shard(s) skipped by the "
+                      "data stream", flush=True)
+                self.progress.corrupt_local += batch["corrupt"]
             idx, labels = batch_to_device(batch, self.device)
             _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
             # One small collective per micro-step: agree on skipping a bad loss and on stopping.
-            local_stop = self.stop_requested or (self.run_dir / "STOP").exists()
-            bad, stop_any = all_max([0.0 if torch.isfinite(loss).item() else 1.0, float(local_stop)], self.device)
+            bad, stop_any = all_max([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.local())], self.device)
             stop = stop or bool(stop_any)
             if bad:
-                self.bad_total += 1
-                self.bad_streak += 1
-                self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
-                if self.bad_streak >= self.cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{self.bad_streak} consecutive non-finite losses at step {self.step}: stopping. The last good "
-                        f"checkpoint is {checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}; lower --lr or check the data"
-                    )
+                self._skip_bad_batch()
                 continue
             self.bad_streak = 0
             self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
@@ -288,45 +243,97 @@ class Trainer:
         )
         return make_loader(stream, self.workers)
 
-    def _record(self, loss: float, patch_side: int, window: dict) -> None:
+    def _start(self):
+        """Write the run files, resume or start, attach MLflow; returns the batch iterator.
+
+        Order matters for exact resume: the DataLoader iterator is created (it draws a
+        seed from torch's global generator) before this rank's saved RNG state is put
+        back, as it was in the uninterrupted run at the step of the checkpoint.
+        """
+        artifacts = self._write_run_files() if self.env.is_main else []
+        barrier()
+        client, rng = checkpointing.load(self.engine, self.ckpt_dir, self.env, self.ema)
+        client = client or {}
+        self.step = int(client.get("step", 0))
+        self.micro_batches = int(client.get("micro_batches", 0))
+        self.train_flops = float(client.get("train_flops", 0.0))
+        self.bad_total = int(client.get("bad_steps", 0))
+        self.progress = Progress(self.run_dir, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
+                                 corrupt_base=int(client.get("corrupt_shards", 0)))
+        self.progress.resume_at(self.step)
+        self.tracker = Tracker(self.env.is_main and self.cfg.tracking)
+        run_id = client.get("mlflow_run_id") or self._saved_run_id()
+        self.tracker.start(
+            self.cfg.experiment, self.cfg.run_name or self.run_dir.name, run_id,
+            params=self.run_config if self.env.is_main else {},
+            tags={"git_commit": self.run_config.get("git_commit", "") if self.env.is_main else "",
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                  "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
+                  "schedule": format_schedule(self.schedule.stages)},
+            artifacts=artifacts,
+        )
+        if self.env.is_main and self.tracker.run_id:
+            (self.run_dir / "mlflow_run_id").write_text(self.tracker.run_id)
+        self.stop = StopRequest(self.run_dir, self.env.is_main)
+        self.stop.install()
+        self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
+                  f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch "
+                  f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers")
+        batches = iter(self._loader())
+        if rng is not None:
+            checkpointing.set_rng_state(rng)
+        return batches
+
+    def _stop_and_save(self) -> dict:
+        reason = self.stop.reason()
+        self._save()
+        self.stop.consume()
+        self._log(f"stop requested ({reason}): saved step {self.step} in {self.ckpt_dir}, exiting 0 for requeue")
+        self.tracker.finish("KILLED")
+        return {"step": self.step, "stopped": True}
+
+    def _finish(self) -> dict:
+        barrier()
+        exported = None
+        if self.env.is_main:
+            from npp.train.export import export
+
+            exported = export(str(self.run_dir))
+            self.tracker.log({"exported_step": self.step}, self.step)
+        self.tracker.finish()
+        return {"step": self.step, "stopped": False, "exported": exported}
+
+    def _skip_bad_batch(self) -> None:
+        """Every rank skips the micro-batch when any rank's loss is non-finite (one agreed skip = one bad step)."""
+        self.bad_total += 1
+        self.bad_streak += 1
+        self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
+        if self.bad_streak >= self.cfg.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_streak} consecutive non-finite losses at step {self.step}: stopping. The last good "
+                f"checkpoint is {checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}; lower --lr or check the data"
+            )
+
+    def _record(self, loss: float, patch_side: int) -> None:
         flops = self.cfg.global_batch * self.stage_flops[self.schedule.stage_at(self.step - 1).index]
         self.train_flops += flops
-        window["loss"].append(loss)
-        window["steps"] += 1
-        window["flops"] += flops
-        lr = self.last_lr
-        if self.env.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
-        if self.step % self.cfg.log_every and self.step != self.total_steps:
+        if not self.progress.record(self.step, loss, patch_side, self.last_lr, flops):
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - window["t0"]
-        mean_loss = all_mean(float(np.mean(window["loss"])), self.device)
-        samples_s = window["steps"] * self.cfg.global_batch / dt
-        grad_norm = self.engine.get_global_grad_norm()
         h, w = self.model_cfg.grid
-        metrics = {
-            "loss": mean_loss, "lr": lr, "patch_side": patch_side, "samples_per_s": samples_s,
-            "tokens_per_s": samples_s * h * w, "train_flops": self.train_flops,
-            "epoch": self.step / max(1, self.steps_per_epoch), "bad_steps": self.bad_total,
-            "corrupt_shards": self.corrupt_shards,
-        }
-        if grad_norm is not None and math.isfinite(float(grad_norm)):
-            metrics["grad_norm"] = float(grad_norm)
-        peak = peak_flops(self.device)
-        if peak:
-            metrics["mfu"] = window["flops"] / dt / (peak * self.env.world_size)
+        metrics = self.progress.window_metrics(self.env.world_size, self.cfg.global_batch, h * w,
+                                               peak_flops(self.device), self.engine.get_global_grad_norm())
+        metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.train_flops,
+                       epoch=self.step / max(1, self.steps_per_epoch), bad_steps=self.bad_total)
         self.tracker.log(metrics, self.step)
-        self._log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
-                           {"step": self.step, **metrics}.items()))
-        window.update(loss=[], t0=time.time(), steps=0, flops=0.0)
+        Progress.line(self.step, metrics, self._log)
 
     def _save(self) -> None:
+        self.progress.global_counters()  # a collective: every rank saves at the same step
         client = {
             "step": self.step, "micro_batches": self.micro_batches, "train_flops": self.train_flops,
-            "bad_steps": self.bad_total, "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
+            "bad_steps": self.bad_total, "corrupt_shards": self.progress.corrupt_total,
+            "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
+            "samples_seen": self.micro_batches * self.ds_config["train_micro_batch_size_per_gpu"] * self.env.world_size,
         }
         checkpointing.save(self.engine, self.ckpt_dir, self.step, client, self.env, self.ema, self.cfg.keep)
 

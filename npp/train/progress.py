@@ -1,0 +1,102 @@
+"""Per-step records and periodic metrics of a training run, each step exactly once.
+
+`metrics.jsonl` (rank 0) gets one line per optimizer step. A resumed run redoes the
+steps between its checkpoint and the interruption, so on resume the file is cut
+back to the checkpoint's step first; MLflow keeps points it already has (its
+history cannot be edited), so the tracker logs nothing at or below the last step
+it already holds (see Tracker.start). Since resume is exact the redone values equal
+the ones kept. Counters that mean something for the whole job (corrupt shards) are
+summed over ranks at each log step, in the same collective as the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from npp.train.distributed import all_sum
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records of steps <= last_step; returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if rec.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    tmp.replace(path)
+    return dropped
+
+
+class Progress:
+    def __init__(self, run_dir: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
+                 corrupt_base: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.is_main, self.device = is_main, device
+        self.log_every, self.total_steps = log_every, total_steps
+        self.corrupt_base = corrupt_base  # global count at the checkpoint we resumed from
+        self.corrupt_local = 0  # skipped by this rank's stream since this process started
+        self.corrupt_total = corrupt_base
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses: list[float] = []
+        self.t0, self.steps, self.flops = time.time(), 0, 0.0
+
+    def resume_at(self, step: int) -> None:
+        if self.is_main and step:
+            dropped = truncate_jsonl(self.path, step)
+            if dropped:
+                print(f"[npp train] metrics.jsonl: dropped {dropped} record(s) after step {step} (redone now)", flush=True)
+
+    def record(self, step: int, loss: float, patch_side: int, lr: float, flops: float) -> bool:
+        """Append the step's record; True when this step is a log step (every rank agrees)."""
+        self.losses.append(loss)
+        self.steps += 1
+        self.flops += flops
+        if self.is_main:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def global_counters(self) -> None:
+        """Sum this rank's counters over ranks (a collective: every rank calls it at the same step)."""
+        self.corrupt_total = self.corrupt_base + int(all_sum([float(self.corrupt_local)], self.device)[0])
+
+    def window_metrics(self, world_size: int, global_batch: int, tokens_per_sample: int,
+                       peak: Optional[float], grad_norm) -> dict:
+        """Metrics over the steps since the last log step; a collective (loss mean, counters)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = max(time.time() - self.t0, 1e-9)
+        loss_sum, corrupt = all_sum([float(np.mean(self.losses)), float(self.corrupt_local)], self.device)
+        self.corrupt_total = self.corrupt_base + int(corrupt)
+        samples_s = self.steps * global_batch / dt
+        metrics = {"loss": loss_sum / world_size, "samples_per_s": samples_s,
+                   "tokens_per_s": samples_s * tokens_per_sample, "corrupt_shards": self.corrupt_total}
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)
+        if peak:
+            metrics["mfu"] = self.flops / dt / (peak * world_size)
+        self._reset()
+        return metrics
+
+    @staticmethod
+    def line(step: int, metrics: dict, log: Callable[[str], None]) -> None:
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in {"step": step, **metrics}.items()))
