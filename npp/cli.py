@@ -157,6 +157,13 @@ class _Train:
 
         export(str(run), str(tag) or None, str(out) or None)
 
+    @staticmethod
+    def convert(run: str) -> None:
+        """Make RUN's latest checkpoint loadable on any number of ranks (DeepSpeed universal checkpoint)."""
+        from npp.train.universal import convert
+
+        convert(str(run))
+
 
 class _Eval:
     """npp eval --samples S.npz --ref R.npz ... | npp eval ref ... | npp eval fit-classifier ..."""

@@ -158,6 +158,7 @@ class CodeStream(IterableDataset):
         start_batches: int = 0,
         num_workers: int = 0,
         mix_shards: int = 16,
+        start_epoch: int = 0,
     ):
         if len(shards) != len(shard_samples):
             raise ValueError("shards and shard_samples differ in length")
@@ -172,6 +173,7 @@ class CodeStream(IterableDataset):
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.shuffle_buffer, self.start_batches, self.num_workers = max(1, shuffle_buffer), start_batches, num_workers
         self.mix_shards = max(1, int(mix_shards))
+        self.start_epoch = int(start_epoch)  # start_batches count from the start of this data epoch
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -229,7 +231,7 @@ class CodeStream(IterableDataset):
         worker = (physical + self.start_batches) % workers
         skip_batches = self.start_batches // workers + (1 if worker < self.start_batches % workers else 0)
         skip = skip_batches * self.batch_size
-        epoch = 0
+        epoch = self.start_epoch
         while skip > 0:  # whole data epochs are skipped by counting, not reading
             n = self.samples_of(epoch, worker, workers)
             if n == 0 or skip < n:
@@ -265,6 +267,32 @@ class CodeStream(IterableDataset):
             if not produced and stats["corrupt"] >= len(self.shards):
                 raise CorruptShardError("every shard of this worker is unreadable")
             epoch += 1
+
+
+def next_untouched_epoch(shards: list[str], shard_samples: list[int], batch_size: int, world: int, workers: int,
+                         seed: int, start_epoch: int, batches: int) -> int:
+    """The first data epoch that no stream of a (world, workers, batch) layout has begun after `batches`
+    micro-batches per rank counted from `start_epoch`.
+
+    A run resumed with another layout (world size, loader workers, micro-batch) cannot
+    replay the old streams' positions, so it continues from this epoch: no sample of
+    the interrupted epoch is seen twice, and the part of it no stream reached is skipped.
+    """
+    w_count = max(1, workers)
+    best = start_epoch
+    for rank in range(world):
+        stream = CodeStream(shards, shard_samples, batch_size, rank=rank, world=world, seed=seed, num_workers=workers)
+        for w in range(w_count):
+            left = (batches // w_count + (1 if w < batches % w_count else 0)) * batch_size
+            epoch = start_epoch
+            while left > 0:
+                n = stream.samples_of(epoch, w, w_count)
+                if n == 0 or left < n:
+                    break
+                left -= n
+                epoch += 1
+            best = max(best, epoch + (1 if left > 0 else 0))
+    return best
 
 
 def _keep(batch: dict) -> dict:

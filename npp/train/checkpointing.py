@@ -24,6 +24,7 @@ import torch
 
 from npp.errors import ConfigError
 from npp.train.distributed import DistEnv, barrier
+from npp.train.errors import TrainingError
 
 TAG_PREFIX = "step_"
 
@@ -38,6 +39,30 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
         return None
     tag = path.read_text().strip()
     return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def is_universal(tag_dir: Path) -> bool:
+    """A checkpoint converted by `npp train convert` (DeepSpeed's universal format, any world size)."""
+    return (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    return len(list(tag_dir.glob("rng_rank*.pt")))
+
+
+def check_world_size(ckpt_dir: Path, world_size: int) -> Optional[str]:
+    """The tag a start will resume from; refuses a ZeRO checkpoint of another world size (before any work)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None or is_universal(ckpt_dir / tag):
+        return tag
+    saved = saved_world_size(ckpt_dir / tag)
+    if saved != world_size:
+        raise TrainingError(
+            f"{ckpt_dir / tag} was saved by {saved} ranks, this job has {world_size}: run "
+            f"`npp train convert --run {ckpt_dir.parent}` (DeepSpeed's universal checkpoint), then start again "
+            "with any number of ranks; or resume with the same world size"
+        )
+    return tag
 
 
 def rng_state() -> dict:
@@ -93,21 +118,16 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict]
     draws from the global generators at start-up (creating the DataLoader iterator
     does), or dropout would run one draw behind the uninterrupted run.
     """
-    tag = latest_tag(ckpt_dir)
+    tag = check_world_size(ckpt_dir, env.world_size)
     if tag is None:
         return None, None
-    rng_file = ckpt_dir / tag / f"rng_rank{env.rank}.pt"
-    saved_world = len(list((ckpt_dir / tag).glob("rng_rank*.pt")))
-    if saved_world != env.world_size:
-        raise ConfigError(
-            f"{ckpt_dir / tag} was saved by {saved_world} ranks, this job has {env.world_size}: resume with the same "
-            "world size, or convert with DeepSpeed's ds_to_universal.py and load it with "
-            '"checkpoint": {"load_universal": true} in the DeepSpeed config (the data position then restarts the epoch)'
-        )
+    universal = is_universal(ckpt_dir / tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False)  # ours: written by save()
+    # ours, written by save(); a universal checkpoint has no per-rank RNG (the ranks are new)
+    rng = None if universal else torch.load(ckpt_dir / tag / f"rng_rank{env.rank}.pt", map_location="cpu",
+                                            weights_only=False)
     if ema is not None and (ckpt_dir / tag / "ema.pt").exists():
         ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
     return client_state, rng

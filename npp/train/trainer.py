@@ -17,16 +17,22 @@ from typing import Optional
 import numpy as np
 import torch
 
-from npp.errors import NppError
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.shards import open_shard_sets
-from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, shard_paths
+from npp.pipeline.stream import (
+    CodeStream,
+    batch_to_device,
+    make_loader,
+    next_untouched_epoch,
+    shard_paths,
+)
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
 from npp.train.distributed import DistEnv, all_max, barrier, init, read_env
 from npp.train.ds_config import build_ds_config
 from npp.train.ema import EMA
+from npp.train.errors import TrainingError
 from npp.train.progress import Progress
 from npp.train.schedule import (
     PatchSchedule,
@@ -39,10 +45,6 @@ from npp.train.tracking import Tracker, git_commit
 
 # Dense bf16 peak per GPU, for MFU (set NPP_PEAK_FLOPS for other devices).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}
-
-
-class TrainingError(NppError, RuntimeError):
-    pass
 
 
 def check_meta_matches(model_cfg: GPTConfig, meta: dict, shards: str) -> None:
@@ -104,6 +106,10 @@ class Trainer:
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
         self.workers = default_workers(cfg.workers)
+        # a ZeRO checkpoint of another world size is refused here, before any work
+        self.resume_tag = checkpointing.check_world_size(self.ckpt_dir, self.env.world_size)
+        if self.resume_tag and checkpointing.is_universal(self.ckpt_dir / self.resume_tag):
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         need = self.env.world_size * max(1, self.workers)
         if len(self.manifest) < need:
             raise TrainingError(
@@ -239,7 +245,8 @@ class Trainer:
         stream = CodeStream(
             paths, counts, batch_size=self.ds_config["train_micro_batch_size_per_gpu"], rank=self.env.rank,
             world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
-            start_batches=self.micro_batches, num_workers=self.workers, mix_shards=self.cfg.mix_shards,
+            start_batches=self.micro_batches - self.data_base["micro_batches"], start_epoch=self.data_base["epoch"],
+            num_workers=self.workers, mix_shards=self.cfg.mix_shards,
         )
         return make_loader(stream, self.workers)
 
@@ -256,6 +263,7 @@ class Trainer:
         client = client or {}
         self.step = int(client.get("step", 0))
         self.micro_batches = int(client.get("micro_batches", 0))
+        self.data_base = self._data_position(client)
         self.train_flops = float(client.get("train_flops", 0.0))
         self.bad_total = int(client.get("bad_steps", 0))
         self.progress = Progress(self.run_dir, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
@@ -282,7 +290,35 @@ class Trainer:
         batches = iter(self._loader())
         if rng is not None:
             checkpointing.set_rng_state(rng)
+        elif self.step:  # resumed on new ranks (universal checkpoint): fresh, deterministic per-rank streams
+            torch.manual_seed(self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step)
+            np.random.seed((self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step) % 2**32)
         return batches
+
+    def _layout(self) -> dict:
+        return {"world_size": self.env.world_size, "workers": max(1, self.workers),
+                "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
+
+    def _data_position(self, client: dict) -> dict:
+        """Where this start's data streams begin: {"epoch", "micro_batches"} (micro-batches are counted from there).
+
+        Same layout as the checkpoint: the streams replay exactly. Another layout (world
+        size, loader workers, micro-batch): continue at the first data epoch no old
+        stream had begun (npp.pipeline.stream.next_untouched_epoch).
+        """
+        base = dict(client.get("data_base") or {"epoch": 0, "micro_batches": 0})
+        if not client:
+            return base
+        old = client.get("data_layout") or {**self._layout(), "world_size": client.get("world_size")}
+        if old == self._layout():
+            return base
+        paths, counts = shard_paths(self.cfg.shards, self.manifest)
+        epoch = next_untouched_epoch(paths, counts, old["micro_batch"], old["world_size"], old["workers"],
+                                     self.cfg.seed, base["epoch"], self.micro_batches - base["micro_batches"])
+        seen = (self.micro_batches - base["micro_batches"]) * old["micro_batch"] * old["world_size"]
+        self._log(f"data layout changed ({old} -> {self._layout()}): streams continue at data epoch {epoch} "
+                  f"({seen} samples consumed since epoch {base['epoch']}; none is repeated)")
+        return {"epoch": epoch, "micro_batches": self.micro_batches}
 
     def _stop_and_save(self) -> dict:
         reason = self.stop.reason()
@@ -333,7 +369,9 @@ class Trainer:
             "step": self.step, "micro_batches": self.micro_batches, "train_flops": self.train_flops,
             "bad_steps": self.bad_total, "corrupt_shards": self.progress.corrupt_total,
             "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
-            "samples_seen": self.micro_batches * self.ds_config["train_micro_batch_size_per_gpu"] * self.env.world_size,
+            "data_layout": self._layout(), "data_base": self.data_base,
+            # lets deepspeed.checkpoint.ds_to_universal convert this checkpoint (npp train convert)
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
         }
         checkpointing.save(self.engine, self.ckpt_dir, self.step, client, self.env, self.ema, self.cfg.keep)
 

@@ -133,3 +133,20 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
         batches = take(CodeStream(paths, counts, batch_size=4, shuffle_buffer=1), 5)
     assert sum(b["corrupt"] for b in batches) == 1
     assert {i // 10 for b in batches for i in ids(b)} == {0, 2}
+
+
+def test_next_untouched_epoch_after_a_layout_change(tmp_path):
+    from npp.pipeline.stream import next_untouched_epoch
+
+    paths, counts = make_shards(tmp_path, n_shards=8, per_shard=10)  # 80 samples per data epoch
+    # one stream: 25 batches of 4 = 100 samples = epoch 0 whole + a quarter of epoch 1 -> epoch 2 is untouched
+    assert next_untouched_epoch(paths, counts, 4, 1, 0, 0, 0, 25) == 2
+    assert next_untouched_epoch(paths, counts, 4, 1, 0, 0, 0, 20) == 1  # exactly one epoch: epoch 1 untouched
+    assert next_untouched_epoch(paths, counts, 4, 1, 0, 0, 3, 0) == 3  # nothing read since the base epoch
+    # 2 ranks x 2 workers: each logical stream owns 2 shards (20 samples) per epoch; after 11 batches of 5 per
+    # rank, worker 0 has made 6 (30 samples: into epoch 1) and worker 1 5 (25: into epoch 1) -> epoch 2
+    assert next_untouched_epoch(paths, counts, 5, 2, 2, 0, 0, 11) == 2
+    # check the arithmetic against the real streams: 110 samples read = all 80 of epoch 0 and 30 of epoch 1
+    old = [i for r in range(2) for b in take(CodeStream(paths, counts, batch_size=5, rank=r, world=2,
+                                                        num_workers=2), 11, workers=2) for i in ids(b)]
+    assert len(old) == 110 and len(set(old)) == 80  # epoch 0 complete, part of epoch 1

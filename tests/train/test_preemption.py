@@ -9,6 +9,7 @@ does, or only the launcher, the way `kill <torchrun pid>` does.
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -26,8 +27,8 @@ def _mlflow_steps(tmp_path, run_id, key="loss"):
     return [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, key)]
 
 
-def _start(shard_set, run, tmp_path, **overrides):
-    return subprocess.Popen(launch_cmd(shard_set, run, **{**RUN, **overrides}), env=run_env(tmp_path),
+def _start(shard_set, run, tmp_path, nproc=2, **overrides):
+    return subprocess.Popen(launch_cmd(shard_set, run, nproc, **{**RUN, **overrides}), env=run_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -122,3 +123,36 @@ def test_stop_file_and_sigusr1_stops_are_consumed(shard_set, tmp_path, reference
     assert first + 3 <= second < RUN["total_steps"]
     launch(shard_set, run, tmp_path, **{**RUN, "ckpt_every": 1000})
     _assert_each_step_once_and_equal(run, reference, RUN["total_steps"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_through_a_universal_checkpoint(shard_set, tmp_path, reference, before, after):
+    run = tmp_path / "run"
+    proc = _start(shard_set, run, tmp_path, ckpt_every=1000, nproc=before)
+    _wait(proc, lambda: len(read_metrics(run)) >= 6)
+    (run / "STOP").write_text("")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(r["step"] for r in read_metrics(run))
+    # the ZeRO checkpoint is refused on another world size, before any work, with the way out
+    refused = subprocess.run(launch_cmd(shard_set, run, nproc=after, **RUN), env=run_env(tmp_path),
+                             capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and f"npp train convert --run {run}" in refused.stdout + refused.stderr
+    conv = subprocess.run([sys.executable, "-m", "npp.cli", "train", "convert", "--run", str(run)],
+                          env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    log = launch(shard_set, run, tmp_path, nproc=after, **RUN)
+    assert f"resuming at step {stopped}/24" in log and "data layout changed" in log
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 25))
+    resumed = [r for r in records if r["step"] > stopped]
+    for r in records:  # the LR schedule continues exactly; before the stop, the run is the reference
+        assert r["lr"] == pytest.approx(reference[r["step"]]["lr"])
+        if r["step"] <= stopped and before == 2:  # the reference ran on 2 ranks
+            assert r["loss"] == pytest.approx(reference[r["step"]]["loss"], rel=1e-6, abs=1e-6)
+    # the weights and moments came back: no jump back towards the initial ln(64) = 4.16, the curve goes on
+    assert abs(resumed[0]["loss"] - reference[stopped]["loss"]) < 0.2, (resumed[0], reference[stopped])
+    mean_run = sum(r["loss"] for r in resumed) / len(resumed)
+    mean_ref = sum(reference[r["step"]]["loss"] for r in resumed) / len(resumed)
+    assert abs(mean_run - mean_ref) < 0.06, (mean_run, mean_ref)

@@ -1,9 +1,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
+import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from npp.pipeline.stream import parse_shard
 from npp.train.config import TrainConfig
 from npp.train.ds_config import DeepSpeedConfigError
 from npp.train.trainer import Trainer, TrainingError
-from tests.train.conftest import launch, launch_cmd, run_env
+from tests.train.conftest import launch
 
 
 def metrics(run):
@@ -125,3 +124,33 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
                             epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1))
     assert sum(m["samples"] for m in load_manifest(shard_set)) == 80
     assert t.steps_per_epoch == 5 and t.total_steps == 15 and t.warmup_steps == 5
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--workers", "9"], {"WORLD_SIZE": "2", "RANK": "0"}, "8 shards cannot feed 2 ranks x 9 loader workers"),
+    (["--model", "GPT-Huge"], {}, "unknown model 'GPT-Huge'"),
+    (["--schedule", "4:0.5,2:0.5"], {}, "must be 1 so the final model predicts token by token"),
+    (["--global-batch", "17"], {"WORLD_SIZE": "2", "RANK": "0"}, "does not divide by world size 2"),
+])
+def test_bad_runs_fail_before_anything_is_created(shard_set, tmp_path, flags, env, message):
+    """One line naming the problem and the fix, exit 2, no run directory, no MLflow run."""
+    run = tmp_path / "run"
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", **env}
+    proc = subprocess.run([sys.executable, "-m", "npp.cli", "train", "--shards", str(shard_set), "--out", str(run),
+                           "--model", "GPT-Nano", "--global-batch", "16", "--total-steps", "4", *flags],
+                          env=full_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("npp: error:") and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not run.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unfinalized_shard_set_is_a_one_line_error(shard_set, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(shard_set, partial)
+    meta = json.loads((partial / "meta.json").read_text())
+    (partial / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    proc = subprocess.run([sys.executable, "-m", "npp.cli", "train", "--shards", str(partial), "--out",
+                           str(tmp_path / "run"), "--model", "GPT-Nano"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not finalized: run `npp tokenize finalize" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
