@@ -90,6 +90,8 @@ tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; r
 	  --samples-per-shard $(SAMPLES_PER_SHARD) --workers $(WORKERS) $(VIEWS_FLAGS)
 
 tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
+	@# SLURM opens --output=logs/... before the job runs: the directory must exist at submission
+	mkdir -p logs
 	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
 	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch --array=$(ARRAY) slurm/tokenize.sbatch
 
@@ -99,6 +101,7 @@ train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes)
 	  --ds-config $(DS_CONFIG) $(TRAIN_FLAGS)
 
 train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue)
+	mkdir -p logs
 	SHARDS=$(SHARDS) OUT=$(RUN) MODEL=$(MODEL) SCHEDULE=$(SCHEDULE) EPOCHS=$(EPOCHS) GLOBAL_BATCH=$(GLOBAL_BATCH) \
 	  DS_CONFIG=$(DS_CONFIG) EXTRA="$(TRAIN_FLAGS)" sbatch --nodes=$(NODES) slurm/train.sbatch
 

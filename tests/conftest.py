@@ -31,3 +31,17 @@ def make_gpt(grid=(8, 8), vocab=64, num_classes=5, seed=0, random_head=True, **o
 @pytest.fixture
 def gpt():
     return make_gpt()
+
+
+@pytest.fixture(scope="session")
+def shard_set(tmp_path_factory):
+    """Toy images -> untrained small VQ -> shards: 80 samples in 8 shards, vocab 64, 8x8 grid."""
+    from npp.pipeline.toy import write_toy_dataset
+    from npp.tokenize.run import TokenizeConfig, tokenize
+
+    root = tmp_path_factory.mktemp("train_data")
+    write_toy_dataset(str(root / "images"), per_class=8, size=32)
+    save_small_vq(root / "vq.pt")
+    tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
+                            image_size=32, samples_per_shard=10, batch=32, workers=0))
+    return root / "shards"  # 80 samples in 8 shards, vocab 64, 8x8 grid

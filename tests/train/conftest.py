@@ -4,22 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from npp.pipeline.toy import write_toy_dataset
-from npp.tokenize.run import TokenizeConfig, tokenize
 from npp.train.distributed import free_port
-from tests.conftest import save_small_vq
-
-
-@pytest.fixture(scope="session")
-def shard_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    write_toy_dataset(str(root / "images"), per_class=8, size=32)
-    save_small_vq(root / "vq.pt")
-    tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
-                            image_size=32, samples_per_shard=10, batch=32, workers=0))
-    return root / "shards"  # 80 samples in 8 shards, vocab 64, 8x8 grid
 
 
 def train_args(shards, out, **overrides):
