@@ -36,6 +36,8 @@ DS_CONFIG ?= ds_configs/zero2.json
 NGPU ?= 1
 NODES ?= 1
 TRAIN_FLAGS ?=
+# extra sbatch flags for the *-slurm targets, e.g. SBATCH_FLAGS="--partition=gpu --account=me"
+SBATCH_FLAGS ?=
 
 # sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
 CKPT ?= $(RUN)/model.pt
@@ -93,7 +95,7 @@ tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
 	@# SLURM opens --output=logs/... before the job runs: the directory must exist at submission
 	mkdir -p logs
 	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
-	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch --array=$(ARRAY) slurm/tokenize.sbatch
+	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch
 
 train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes); reruns resume
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp.cli train --shards $(SHARDS) --out $(RUN) \
@@ -103,7 +105,7 @@ train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes)
 train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue)
 	mkdir -p logs
 	SHARDS=$(SHARDS) OUT=$(RUN) MODEL=$(MODEL) SCHEDULE=$(SCHEDULE) EPOCHS=$(EPOCHS) GLOBAL_BATCH=$(GLOBAL_BATCH) \
-	  DS_CONFIG=$(DS_CONFIG) EXTRA="$(TRAIN_FLAGS)" sbatch --nodes=$(NODES) slurm/train.sbatch
+	  DS_CONFIG=$(DS_CONFIG) EXTRA="$(TRAIN_FLAGS)" sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/train.sbatch
 
 export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt
 	$(VENV)/bin/npp train export --run $(RUN)

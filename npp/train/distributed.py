@@ -52,11 +52,42 @@ def read_env() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
+def skip_jit_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op on CPU; gloo serves.
+
+    torch builds JIT ops under a lock file in ~/.cache/torch_extensions; a start killed
+    while holding it (preemption during `deepspeed.initialize`) leaves the lock behind and
+    every later start by that user, on every node sharing the home directory, waits on
+    it forever. The op only speeds up CPU all-reduce, which this pipeline uses for tests
+    and the demo, so it is not built at all.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def stale_extension_locks(names: list[str], max_age_s: float = 600.0) -> list[str]:
+    """Lock files of JIT op builds older than max_age_s (a build takes a minute or two): left by a killed start."""
+    import glob
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time()
+    # TORCH_EXTENSIONS_DIR/<name>/lock, or <default root>/py311_cpu/<name>/lock
+    found = [p for name in names for pattern in (os.path.join(root, name, "lock"), os.path.join(root, "*", name, "lock"))
+             for p in glob.glob(pattern)]
+    return [lock for lock in found if now - os.path.getmtime(lock) > max_age_s]
+
+
 def init(env: DistEnv) -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        skip_jit_shm_op()
     if cuda:
         torch.cuda.set_device(env.local_rank)
     # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.

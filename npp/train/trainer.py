@@ -29,7 +29,7 @@ from npp.pipeline.stream import (
 )
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
-from npp.train.distributed import DistEnv, all_max, barrier, init, read_env
+from npp.train.distributed import DistEnv, all_sum, barrier, init, read_env, stale_extension_locks
 from npp.train.ds_config import build_ds_config
 from npp.train.ema import EMA
 from npp.train.errors import TrainingError
@@ -106,6 +106,14 @@ class Trainer:
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
         self.workers = default_workers(cfg.workers)
+        zero = self.ds_config.get("zero_optimization", {})
+        if zero.get("offload_optimizer") or zero.get("offload_param"):  # DeepSpeed JIT-builds cpu_adam
+            stale = stale_extension_locks(["cpu_adam"])
+            if stale:
+                raise TrainingError(
+                    f"{stale[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: every start would wait "
+                    "on it forever. If no build is running on any node, delete it and rerun"
+                )
         # a ZeRO checkpoint of another world size is refused here, before any work
         self.resume_tag = checkpointing.check_world_size(self.ckpt_dir, self.env.world_size)
         if self.resume_tag and checkpointing.is_universal(self.ckpt_dir / self.resume_tag):
@@ -224,10 +232,10 @@ class Trainer:
             idx, labels = batch_to_device(batch, self.device)
             _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
             # One small collective per micro-step: agree on skipping a bad loss and on stopping.
-            bad, stop_any = all_max([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.local())], self.device)
+            bad, stop_any = all_sum([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.local())], self.device)
             stop = stop or bool(stop_any)
             if bad:
-                self._skip_bad_batch()
+                self._skip_bad_batch(int(bad))
                 continue
             self.bad_streak = 0
             self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
@@ -339,9 +347,10 @@ class Trainer:
         self.tracker.finish()
         return {"step": self.step, "stopped": False, "exported": exported}
 
-    def _skip_bad_batch(self) -> None:
-        """Every rank skips the micro-batch when any rank's loss is non-finite (one agreed skip = one bad step)."""
-        self.bad_total += 1
+    def _skip_bad_batch(self, ranks: int) -> None:
+        """Every rank skips the micro-batch when any rank's loss is non-finite; `bad_steps` counts the
+        non-finite losses summed over ranks, the streak counts skipped micro-steps."""
+        self.bad_total += ranks
         self.bad_streak += 1
         self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
         if self.bad_streak >= self.cfg.max_bad_steps:

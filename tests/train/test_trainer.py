@@ -66,15 +66,25 @@ def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, d
 
 
 @pytest.mark.slow
-def test_corrupt_shard_is_survived(shard_set, tmp_path):
+def test_corrupt_shards_are_survived_and_counted_over_all_ranks(shard_set, tmp_path):
+    import re
+
+    import mlflow
+
     shards = tmp_path / "shards"
     shutil.copytree(shard_set, shards)
-    data = bytearray((shards / "train-000003.tar").read_bytes())
-    data[1024 + 50 : 1024 + 60] = b"\xff" * 10
-    (shards / "train-000003.tar").write_bytes(bytes(data))
-    log = launch(shards, tmp_path / "run", tmp_path, nproc=1, total_steps=12, ckpt_every=100)
-    assert "corrupt shard(s) skipped" in log
-    assert max(metrics(tmp_path / "run")) == 12
+    for name in ("train-000003.tar", "train-000006.tar"):
+        data = bytearray((shards / name).read_bytes())
+        data[1024 + 50 : 1024 + 60] = b"\xff" * 10
+        (shards / name).write_bytes(bytes(data))
+    run = tmp_path / "run"
+    log = launch(shards, run, tmp_path, nproc=2, total_steps=12, ckpt_every=100, log_every=12)
+    assert max(metrics(run)) == 12
+    warned = [(int(r), int(n)) for r, n in re.findall(r"rank (\d): warning: (\d+) corrupt shard", log)]
+    assert {r for r, _ in warned} == {0, 1}, warned  # both ranks met a corrupt shard
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = mlflow.tracking.MlflowClient().get_metric_history((run / "mlflow_run_id").read_text(), "corrupt_shards")
+    assert logged[-1].value == sum(n for _, n in warned) >= 2
 
 
 def _cfg(shards, out, **kw):

@@ -1,0 +1,217 @@
+"""slurm/*.sbatch submitted through `make *-slurm` to a real single-node SLURM cluster (CPU, GPT-Nano).
+
+Each test drives SLURM the way a user or the cluster does (sbatch, scancel, scontrol
+requeue, the time-limit USR1) and checks what the job did from its log, the run
+directory and MLflow. A requeued job waits for a begin time (~2 min on Slurm 22.05);
+the tests release it at once with `scontrol update StartTime=now`, which changes when
+it starts, not what it does.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from npp.tokenize.run import TokenizeConfig, tokenize
+from tests.conftest import save_small_vq
+from tests.train.conftest import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+TRAIN = ("--total-steps 40 --ckpt-every 8 --log-every 4 --warmup-epochs 0.5 --lr 3e-3 --end-lr 1e-4 "
+         "--shuffle-buffer 20")
+SBATCH = "--gres=none --cpus-per-task=2 --nodes=1"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A fresh copy of the working tree (no logs/), sharing the installed .venv."""
+    dest = tmp_path_factory.mktemp("checkout") / "npp"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)  # mtimes kept: make sees the set-up stamp as current
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    assert not (dest / "logs").exists()
+    return dest
+
+
+def make(checkout, target, env, **variables):
+    args = ["make", "-C", str(checkout), target, *[f"{k}={v}" for k, v in variables.items()]]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+
+
+def job_env(tmp_path, slurm_cluster, **extra):
+    return {**os.environ, **slurm_cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "GPUS_PER_NODE": "2", "WORKERS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "TQDM_MININTERVAL": "5", **extra}
+
+
+def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, **extra):
+    return make(checkout, "train-slurm", job_env(tmp_path, slurm_cluster, **extra), SHARDS=shard_set, RUN=run,
+                MODEL="GPT-Nano", SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH=16, TRAIN_FLAGS=TRAIN, SBATCH_FLAGS=SBATCH)
+
+
+def job_log(checkout, job):
+    path = checkout / "logs" / f"npp-train_{job}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(cond, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def release_requeued(slurm_cluster, job, restarts):
+    """Wait until the job is pending again after `restarts` restarts, then let it start now."""
+    wait_for(lambda: int(slurm_cluster.job_state(job).get("Restarts", 0)) >= restarts
+             and slurm_cluster.job_state(job).get("JobState") == "PENDING", 180, f"job {job} to be requeued")
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+def mlflow_runs_and_loss_steps(tmp_path, run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.tracking.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    steps = [m.step for m in client.get_metric_history((run / "mlflow_run_id").read_text(), "loss")]
+    return len(runs), steps
+
+
+def assert_each_step_once(run, total=40):
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, total + 1))
+
+
+def test_train_slurm_runs_from_a_fresh_checkout_despite_a_stale_op_lock(checkout, slurm_cluster, tmp_path, shard_set):
+    """make train-slurm with no logs/ yet; a JIT-op lock left by a killed start must not hang it."""
+    ext = tmp_path / "torch_extensions"
+    lock = ext / "deepspeed_shm_comm" / "lock"  # where torch puts it under TORCH_EXTENSIONS_DIR
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    run = tmp_path / "run"
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, TORCH_EXTENSIONS_DIR=str(ext))
+    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400)
+    log = job_log(checkout, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert (run / "model.pt").exists() and "training finished; checkpoint saved: step_000000040" in log
+    assert_each_step_once(run)
+    n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
+    assert n_runs == 1 and steps == list(range(4, 41, 4))
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
+    run = tmp_path / "run"
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
+    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)  # what --signal=B:USR1@N sends
+    release_requeued(slurm_cluster, job, 1)
+    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
+    log = job_log(checkout, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    saved = re.search(r"checkpoint saved: step_0*(\d+); requeueing", log)
+    assert saved, log[-3000:]
+    assert f"resuming at step {saved.group(1)}/40" in log
+    assert_each_step_once(run)
+    n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
+    assert n_runs == 1 and steps == list(range(4, 41, 4))
+
+
+def test_preemption_requeue_saves_if_it_can_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
+    run = tmp_path / "run"
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
+    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
+    slurm_cluster.run("scontrol", "requeue", job, check=True)  # TERM to every process, then a restart
+    release_requeued(slurm_cluster, job, 1)
+    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
+    log = job_log(checkout, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    resumed = re.search(r"resuming at step (\d+)/40", log)
+    assert resumed and int(resumed.group(1)) >= 8, log[-3000:]  # the TERM save, or the step-8 checkpoint
+    if "checkpoint saved" in log.split("resuming at")[0]:
+        assert f"checkpoint saved: step_{int(resumed.group(1)):09d}" in log
+    assert "not requeueing" in log and log.count("requeueing job") == 0
+    assert_each_step_once(run)
+    assert mlflow_runs_and_loss_steps(tmp_path, run)[0] == 1
+
+
+def test_scancel_ends_the_job_for_good_and_claims_only_what_was_saved(checkout, slurm_cluster, tmp_path, shard_set):
+    run = tmp_path / "run"
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
+    wait_for(lambda: len(read_metrics(run)) >= 5, 300, "training to reach step 5")
+    slurm_cluster.run("scancel", job, check=True)
+    slurm_cluster.wait_state(job, ("CANCELLED",), 120)
+    time.sleep(5)
+    info = slurm_cluster.job_state(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info  # no self-requeue
+    wait_for(lambda: "not requeueing" in job_log(checkout, job) or "training failed" in job_log(checkout, job),
+             60, "the script's closing line")
+    log = job_log(checkout, job)
+    latest = (run / "checkpoints" / "latest").read_text() if (run / "checkpoints" / "latest").exists() else "none"
+    if "checkpoint saved:" in log:
+        assert f"checkpoint saved: {latest}" in log
+    else:
+        assert f"no new checkpoint (latest is still {latest})" in log
+
+
+@pytest.fixture(scope="module")
+def tokenize_inputs(tmp_path_factory):
+    from npp.pipeline.toy import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("tok")
+    write_toy_dataset(str(root / "images"), per_class=120, size=40)
+    save_small_vq(root / "vq.pt")
+    ref = root / "reference"
+    tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(ref), image_size=32,
+                            samples_per_shard=25, batch=4, workers=0))
+    return root
+
+
+def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out):
+    return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), DATA=root / "images", VQ=root / "vq.pt",
+                OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25, ARRAY="0-1", VIEWS_FLAGS="--views 2 --batch 2",
+                SBATCH_FLAGS="--gres=none --cpus-per-task=1")
+
+
+def _wait_array(slurm_cluster, job, timeout=300):
+    wait_for(lambda: not slurm_cluster.run("squeue", "-h", "-j", job).stdout.strip(), timeout, f"array {job}")
+
+
+def _shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("train-*.tar"))}
+
+
+def test_tokenize_array_equals_one_process_and_resumes_after_a_cancelled_task(checkout, slurm_cluster, tmp_path,
+                                                                             tokenize_inputs):
+    root = tokenize_inputs
+    reference = _shard_bytes(root / "reference")
+    out = tmp_path / "shards"
+    job = _tokenize_array(checkout, slurm_cluster, tmp_path, root, out)
+    _wait_array(slurm_cluster, job)
+    assert (out / "manifest.parquet").exists(), (checkout / "logs").iterdir()
+    assert _shard_bytes(out) == reference
+    # cancel task 1 while it runs, rerun the array: it completes to the same bytes
+    out2 = tmp_path / "shards2"
+    job = _tokenize_array(checkout, slurm_cluster, tmp_path, root, out2)
+    wait_for(lambda: slurm_cluster.job_state(f"{job}_1").get("JobState") == "RUNNING", 120, "task 1 to run")
+    wait_for(lambda: any(out2.glob("train-*.tar")), 120, "a first shard")
+    slurm_cluster.run("scancel", f"{job}_1", check=True)
+    _wait_array(slurm_cluster, job)
+    assert slurm_cluster.job_state(f"{job}_1")["JobState"] == "CANCELLED"
+    assert not (out2 / "manifest.parquet").exists(), "task 1 finished before it could be cancelled"
+    job = _tokenize_array(checkout, slurm_cluster, tmp_path, root, out2)
+    _wait_array(slurm_cluster, job)
+    assert (out2 / "manifest.parquet").exists() and _shard_bytes(out2) == reference
