@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from npp.models.vq import VQModel, vq_config
-from npp.pipeline.images import decode_image, make_views, to_model_input
+from npp.pipeline.images import decode_image, make_views
 from npp.pipeline.sources import open_source, read_bytes
 from npp.pipeline.toy import write_toy_dataset
 from npp.tokenize.run import TokenizeConfig, encode_batch, tokenize

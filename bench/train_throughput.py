@@ -24,7 +24,7 @@ from npp.models.gpt import configure_optimizer_groups
 from npp.pipeline.shards import Sample, encode_tar
 from npp.pipeline.stream import CodeStream, make_loader
 from npp.train.distributed import init, read_env
-from npp.train.trainer import peak_flops
+from npp.train.mfu import peak_flops
 
 
 def stream_rate(paths: list[str], per_shard: int, batch: int, workers: int, seconds: float = 3.0) -> float:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from npp.pipeline.devices import exact_fp32, pick_device
 from npp.pipeline.files import file_sha256
 
 
@@ -39,7 +40,8 @@ def metric_suffix(net) -> str:
 @torch.no_grad()
 def extract(net, images: np.ndarray, batch: int = 100, device: Optional[torch.device] = None, desc: str = "features") -> dict:
     """uint8 (N, H, W, 3) → {"pool", "logits", "spatial"} float64 arrays."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device("auto")
+    exact_fp32(device)  # FID must not depend on the GPU: no TF32 in the feature network
     net = net.to(device).eval()
     out: dict[str, list] = {"pool": [], "logits": [], "spatial": []}
     for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch"):

@@ -25,6 +25,7 @@ from npp.errors import ConfigError
 from npp.eval.config import SampleConfig
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import generate
+from npp.pipeline.devices import fast_matmul, pick_device
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
 
@@ -58,7 +59,8 @@ def _rank() -> tuple[int, int]:
 
 def sample(cfg: SampleConfig) -> list[str]:
     """Generate (or finish) the samples of every cfg scale; returns the merged .npz paths made here."""
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
+    fast_matmul(device)
     model, ckpt = load_gpt(cfg.ckpt, use_ema=cfg.ema)
     vq, _ = load_vq(cfg.vq)
     mc = model.config

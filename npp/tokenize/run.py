@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
+from npp.pipeline.devices import fast_matmul, pick_device
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import (
     ImageDecodeError,
@@ -109,12 +110,6 @@ def _collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def shard_assignment(n_inputs: int, samples_per_shard: int, seed: int) -> list[np.ndarray]:
     """Input indices of each shard: consecutive slices of a seeded permutation of all inputs."""
     order = np.random.default_rng([seed, n_inputs]).permutation(n_inputs)
@@ -171,7 +166,8 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         f"rank {rank}/{world} owns {len(mine)}, {len(mine) - len(todo)} already complete, {len(todo)} to do"
     )
 
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
+    fast_matmul(device)
     vq = vq.to(device)
     per_batch = max(1, cfg.batch // meta["views"]["views"])
     loader = DataLoader(

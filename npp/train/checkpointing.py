@@ -128,6 +128,6 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict]
     # ours, written by save(); a universal checkpoint has no per-rank RNG (the ranks are new)
     rng = None if universal else torch.load(ckpt_dir / tag / f"rng_rank{env.rank}.pt", map_location="cpu",
                                             weights_only=False)
-    if ema is not None and (ckpt_dir / tag / "ema.pt").exists():
+    if ema is not None and ema.model is not None and (ckpt_dir / tag / "ema.pt").exists():
         ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
     return client_state, rng

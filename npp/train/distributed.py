@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from npp.errors import ConfigError
+from npp.pipeline.devices import pick_device
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,10 @@ def init(env: DistEnv) -> torch.device:
     cuda = torch.cuda.is_available()
     if not cuda:
         skip_jit_shm_op()
-    if cuda:
-        torch.cuda.set_device(env.local_rank)
+    device = pick_device("auto")  # cuda:(local_rank % visible GPUs), set as current
     # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    return device
 
 
 def all_max(values: list[float], device: torch.device) -> list[float]:

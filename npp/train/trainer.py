@@ -29,10 +29,18 @@ from npp.pipeline.stream import (
 )
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
-from npp.train.distributed import DistEnv, all_sum, barrier, init, read_env, stale_extension_locks
+from npp.train.distributed import (
+    DistEnv,
+    all_sum,
+    barrier,
+    init,
+    read_env,
+    stale_extension_locks,
+)
 from npp.train.ds_config import build_ds_config
 from npp.train.ema import EMA
 from npp.train.errors import TrainingError
+from npp.train.mfu import peak_flops
 from npp.train.progress import Progress
 from npp.train.schedule import (
     PatchSchedule,
@@ -42,9 +50,6 @@ from npp.train.schedule import (
 )
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
-
-# Dense bf16 peak per GPU, for MFU (set NPP_PEAK_FLOPS for other devices).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}
 
 
 def check_meta_matches(model_cfg: GPTConfig, meta: dict, shards: str) -> None:
@@ -70,13 +75,18 @@ def default_workers(requested: int) -> int:
     return max(1, min(8, cpus - 1)) if cpus else 4
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    if "NPP_PEAK_FLOPS" in os.environ:
-        return float(os.environ["NPP_PEAK_FLOPS"])
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device):
+    """The GPT on its device, then AdamW over its parameters there.
+
+    The optimizer is built after the move: a fused AdamW over CPU parameters fails on
+    older torch (kept with SYSTEM_SITE=1), and its state must live where the weights do.
+    """
+    model = GPT(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(
+        configure_optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+    return model, optimizer
 
 
 class Trainer:
@@ -158,22 +168,18 @@ class Trainer:
 
         self.device = init(self.env)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
-        model = GPT(self.model_cfg)
-        self.ema = EMA(model, self.cfg.ema_decay) if self.cfg.ema else None
+        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device)
         torch.manual_seed(self.cfg.seed * 1000 + self.env.rank)  # different dropout per rank
         np.random.seed(self.cfg.seed * 1000 + self.env.rank)
-        cuda = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            configure_optimizer_groups(model, self.cfg.weight_decay),
-            lr=self.cfg.lr,
-            betas=(self.cfg.beta1, self.cfg.beta2),
-            fused=cuda,
-        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        if self.cfg.compile and cuda:
+        # after initialize, on the device, from the weights DeepSpeed trains (see npp.train.ema)
+        self.ema = (EMA(self.engine.module, self.cfg.ema_decay, keep=self.env.is_main,
+                        master_weights=not self.ds_config.get("bf16", {}).get("enabled"))
+                    if self.cfg.ema else None)
+        if self.cfg.compile and self.device.type == "cuda":
             self.engine.compile()
 
     def _write_run_files(self) -> list[str]:

@@ -1,0 +1,51 @@
+"""Which device a process computes on: one GPU per local rank, or the CPU.
+
+torchrun and srun start one process per GPU and say which through LOCAL_RANK (srun:
+SLURM_LOCALID). Every stage that runs on a GPU (train, tokenize's encoder, sampling,
+the eval feature network) asks here, so `make sample NGPU=8` puts rank r on GPU r
+rather than all ranks on GPU 0. Where srun binds one GPU per task, each process sees
+one device, hence `local_rank % device_count()`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def local_rank() -> int:
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto": this process's GPU (set as the current CUDA device) when CUDA is available, else the CPU."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        index = local_rank() % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:  # plain "cuda" means this rank's GPU
+            dev = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def fast_matmul(device: torch.device) -> None:
+    """TF32 for matmul/conv where exact fp32 is not needed (tokenize's encoder, sampling)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def exact_fp32(device: torch.device) -> None:
+    """TF32 off: FID features must not depend on the GPU model."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
