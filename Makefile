@@ -46,6 +46,9 @@ CFG ?= 2.0
 PER_CLASS ?= 50
 SAMPLE_BATCH ?= 64
 REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
+# `make eval-ref` writes its own file (never over ADM's REF); 50,000 images as ADM's batches
+REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
+REF_LIMIT ?= 50000
 INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
 EVAL_FLAGS ?= --inception $(INCEPTION)
 
@@ -117,8 +120,8 @@ sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SA
 eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT
 	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) $(EVAL_FLAGS)
 
-eval-ref: setup  ## reference statistics (REF) from the real images of SHARDS
-	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF) $(EVAL_FLAGS)
+eval-ref: setup  ## reference statistics (REF_OUT) from REF_LIMIT real images of SHARDS' source, streamed
+	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) --limit $(REF_LIMIT) $(EVAL_FLAGS)
 
 compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment
 	$(VENV)/bin/npp compare --out compare

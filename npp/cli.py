@@ -178,14 +178,18 @@ class _Eval:
 
     @staticmethod
     def ref(out: str, data: str = "", shards: str = "", image_size: int = 0, inception: str = "", classifier: str = "",
-            limit: int = 0, max_features: int = 10000) -> None:
-        """Reference statistics from real images (--data), or from the images a shard set was made from (--shards)."""
+            limit: int = 50_000, max_features: int = 10000) -> None:
+        """Reference statistics from real images (--data), or from the images a shard set was made from (--shards).
+
+        At most --limit images (a seeded subset; ADM's reference batches hold 50,000; 0 = all), streamed
+        through the feature network batch by batch.
+        """
         from npp.eval.features import load_feature_net
-        from npp.eval.reference import make_reference, real_images
+        from npp.eval.reference import iter_real_images, make_reference
 
         net = load_feature_net(str(inception) or None, str(classifier) or None)
-        images, source = real_images(str(data) or None, str(shards) or None, image_size or None, limit)
-        make_reference(net, images, str(out), max_features, source)
+        batches, source = iter_real_images(str(data) or None, str(shards) or None, image_size or None, int(limit))
+        make_reference(net, batches, str(out), max_features, source)
 
     @staticmethod
     def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,

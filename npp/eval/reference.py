@@ -40,8 +40,7 @@ def load_npz(path: str, role: str) -> dict:
         raise ReferenceError(f"{role} file {path} is not a readable .npz ({e}): regenerate it") from None
 
 
-def real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 0) -> tuple[np.ndarray, str]:
-    """Real images cropped as tokenize crops them: from a folder/parquet, or the source a shard set was made from."""
+def _reference_items(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int):
     if shards:
         meta = json.loads((Path(shards) / "meta.json").read_text())
         # format 1 kept the path inside "source"; format 2 beside it (identity holds no paths)
@@ -53,29 +52,62 @@ def real_images(data: Optional[str], shards: Optional[str], image_size: Optional
         raise ReferenceError("give --image-size (the size samples are generated at)")
     source = open_source(data)
     items = source.items
-    if limit and len(items) > limit:
+    if limit and len(items) > limit:  # a seeded, class-blind subset (ADM's reference batches hold 50,000)
         idx = np.random.default_rng(0).choice(len(items), limit, replace=False)
         items = [items[i] for i in sorted(idx)]
-    images = []
-    for item in tqdm(items, desc="reference images", unit="img"):
-        try:
-            images.append(center_crop_adm(decode_image(read_bytes(item, source.image_column)), image_size))
-        except (ImageDecodeError, OSError):
-            continue
+    return source, items, int(image_size), data
+
+
+def iter_real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 50_000,
+                     batch: int = 256):
+    """(batches of uint8 (n, S, S, 3) cropped as tokenize crops them, source path): never all images at once."""
+    source, items, size, data = _reference_items(data, shards, image_size, limit)
+
+    def batches():
+        buf = []
+        for item in tqdm(items, desc="reference images", unit="img"):
+            try:
+                buf.append(center_crop_adm(decode_image(read_bytes(item, source.image_column)), size))
+            except (ImageDecodeError, OSError):
+                continue
+            if len(buf) == batch:
+                yield np.stack(buf)
+                buf = []
+        if buf:
+            yield np.stack(buf)
+
+    return batches(), data
+
+
+def real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 0) -> tuple[np.ndarray, str]:
+    """Real images cropped as tokenize crops them, as one array (small sets: the demo, the toy classifier)."""
+    batches, data = iter_real_images(data, shards, image_size, limit)
+    images = list(batches)
     if not images:
         raise ReferenceError(f"no readable images in {data}")
-    return np.stack(images), data
+    return np.concatenate(images), data
 
 
-def make_reference(net, images: np.ndarray, out: str, max_features: int = 10000, source: str = "") -> dict:
-    feats = extract(net, images, desc="reference features")
-    mu, sigma = gaussian_stats(feats["pool"])
-    mu_s, sigma_s = gaussian_stats(feats["spatial"])
-    keep = feats["pool"]
+def make_reference(net, images, out: str, max_features: int = 10000, source: str = "") -> dict:
+    """Statistics of real images: one uint8 array, or an iterable of batches (streamed through the network)."""
+    if isinstance(images, np.ndarray):
+        images = [images]
+    pool, spatial, count, size = [], [], 0, 0
+    for chunk in images:
+        feats = extract(net, chunk, desc="reference features")
+        pool.append(feats["pool"].astype(np.float32))
+        spatial.append(feats["spatial"].astype(np.float32))
+        count, size = count + len(chunk), chunk.shape[1]
+    if not count:
+        raise ReferenceError(f"no readable images for the reference {out}")
+    pool_f, spatial_f = np.concatenate(pool), np.concatenate(spatial)
+    mu, sigma = gaussian_stats(pool_f.astype(np.float64))
+    mu_s, sigma_s = gaussian_stats(spatial_f.astype(np.float64))
+    keep = pool_f
     if len(keep) > max_features:
         keep = keep[np.random.default_rng(0).choice(len(keep), max_features, replace=False)]
     ref = {
-        "net": np.array(net.name), "image_size": np.array(images.shape[1]), "count": np.array(len(images)),
+        "net": np.array(net.name), "image_size": np.array(size), "count": np.array(count),
         "weights_sha256": np.array(getattr(net, "weights_sha256", "")), "source": np.array(source),
         "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "features": keep.astype(np.float32),
     }
@@ -83,7 +115,7 @@ def make_reference(net, images: np.ndarray, out: str, max_features: int = 10000,
     tmp = f"{out}.tmp{os.getpid()}.npz"
     np.savez(tmp, **ref)
     os.replace(tmp, out)
-    print(f"reference {out}: {len(images)} images at {images.shape[1]}px through {net.name}")
+    print(f"reference {out}: {count} images at {size}px through {net.name}")
     return ref
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .configs import GPTConfig
 from .patches import check_patch_side, patch_embeddings, patch_targets
@@ -124,7 +125,10 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
         q = apply_rope(q.view(b, t, self.n_head, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # v is a view of the fused q|k|v output; attention saves v for backward, which would
+        # pin the whole B x T x 3·dim buffer until backward. A copy of v alone lets it go
+        # (q and k are new tensors after the rotation already).
+        v = v.reshape(b, t, self.n_kv_head, self.head_dim).transpose(1, 2).contiguous()
 
         mask, causal = None, True
         if start is not None:
@@ -192,6 +196,8 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope: dict[tuple, torch.Tensor] = {}
+        # per-block activation checkpointing in training (a run setting, not part of the saved config)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -216,8 +222,12 @@ class GPT(nn.Module):
 
     def _trunk(self, h: torch.Tensor, rope: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
         h = self.tok_dropout(h)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and start is None
         for layer in self.layers:
-            h = layer(h, rope, start)
+            if recompute:  # keep only each block's input; recompute its insides in backward (same dropout masks)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
+            else:
+                h = layer(h, rope, start)
         return self.output(self.norm(h)).float()
 
     def forward(

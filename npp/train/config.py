@@ -54,6 +54,7 @@ class TrainConfig:
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)
     compile: bool = False  # torch.compile the model (CUDA)
+    activation_checkpointing: bool = False  # recompute each block in backward: larger micro-batches (GPT-XXL/XXXL)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

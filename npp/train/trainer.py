@@ -82,6 +82,7 @@ def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: to
     older torch (kept with SYSTEM_SITE=1), and its state must live where the weights do.
     """
     model = GPT(model_cfg).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = torch.optim.AdamW(
         configure_optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",

@@ -112,3 +112,35 @@ def test_bad_inputs_name_the_file_and_the_fix(setup, tmp_path):
         evaluate(str(few), str(adm), classifier=classifier, log=False)
     with pytest.raises(ReferenceError, match="does not exist"):
         evaluate(str(tmp_path / "missing.npz"), str(setup / "ref.npz"), classifier=classifier, log=False)
+
+
+def test_reference_streams_batches_and_equals_the_one_array_version(setup, tmp_path):
+    from npp.eval.reference import iter_real_images
+
+    net = load_feature_net(classifier=str(setup / "toynet.pt"))
+    batches, _ = iter_real_images(str(setup / "images"), None, 32, limit=0, batch=16)
+    sizes = []
+
+    def watched():
+        for b in batches:
+            sizes.append(len(b))
+            yield b
+
+    streamed = make_reference(net, watched(), str(tmp_path / "streamed.npz"))
+    images, _ = real_images(str(setup / "images"), None, 32)
+    whole = make_reference(net, images, str(tmp_path / "whole.npz"))
+    assert max(sizes) == 16 and sum(sizes) == len(images) == 60  # never more than one batch in memory
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_allclose(streamed[key], whole[key], rtol=1e-5, atol=1e-6)
+    limited, _ = iter_real_images(str(setup / "images"), None, 32, limit=25, batch=16)
+    assert sum(len(b) for b in limited) == 25
+
+
+def test_make_eval_ref_never_writes_over_adms_reference():
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "eval-ref", "SHARDS=shards/in256"], capture_output=True, text=True,
+                         cwd=os.path.join(os.path.dirname(__file__), "..", "..")).stdout
+    line = next(line for line in out.splitlines() if "npp eval ref" in line)
+    assert "--out ckpts/ref_in256.npz" in line and "--limit 50000" in line
+    assert "VIRTUAL_imagenet256_labeled" not in line
