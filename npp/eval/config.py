@@ -25,4 +25,4 @@ class SampleConfig:
     grid_classes: int = 16  # rows of the PNG grid
     grid_per_class: int = 8
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (CUDA autocast)
+    precision: str = "fp32"  # fp32 | bf16 (weights and KV cache in bf16; logits and sampling in fp32)

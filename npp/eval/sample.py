@@ -68,6 +68,8 @@ def sample(cfg: SampleConfig) -> list[str]:
         raise ConfigError(f"{cfg.vq} has {vq.config.codebook_size} codes but {cfg.ckpt} expects vocab {mc.vocab_size}: "
                          "use the tokenizer the model was trained with")
     model, vq = model.to(device).eval(), vq.to(device).eval()
+    if cfg.precision == "bf16":  # weights and the KV cache in bf16: half the cache (GPT-XXL, batch 64, CFG: 9.7 GB)
+        model = model.to(torch.bfloat16)
     labels = sample_labels(cfg, mc.num_classes)
     pieces = (len(labels) + cfg.batch - 1) // cfg.batch
     rank, world = _rank()
@@ -79,9 +81,8 @@ def sample(cfg: SampleConfig) -> list[str]:
         todo = [p for p in range(pieces) if p % world == rank and not (pdir / f"piece_{p:06d}.npz").exists()]
         for p in tqdm(todo, desc=f"sample cfg={scale:g} rank {rank}", unit="batch"):
             lab = torch.from_numpy(labels[p * cfg.batch : (p + 1) * cfg.batch]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda"):
-                codes = generate(model, lab, cfg_scale=scale, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, cfg_interval=cfg.cfg_interval, seed=cfg.seed * 1000003 + p)
+            codes = generate(model, lab, cfg_scale=scale, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p, cfg_interval=cfg.cfg_interval, seed=cfg.seed * 1000003 + p)
             images = to_uint8_images(vq.decode_codes(codes).float())
             tmp = pdir / f".piece_{p:06d}.tmp{os.getpid()}.npz"
             np.savez(tmp, arr_0=images, labels=lab.cpu().numpy())

@@ -117,3 +117,10 @@ def generate(
     if return_logits:
         return grid, torch.stack(all_logits, dim=1)
     return grid
+
+
+def kv_cache_bytes(config, batch: int, dtype: torch.dtype, cfg: bool = True) -> int:
+    """Bytes of the KV cache `generate` allocates: k and v per layer for the whole sequence (CFG doubles the batch)."""
+    rows = batch * (2 if cfg else 1)
+    per_layer = 2 * rows * config.kv_heads * config.block_size * config.head_dim
+    return per_layer * config.n_layer * torch.empty((), dtype=dtype).element_size()

@@ -32,7 +32,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | bf16-mixed | bf16 | fp32
     ds_config: str = "ds_configs/zero2.json"
     ema: bool = False
     ema_decay: float = 0.9999

@@ -42,13 +42,22 @@ def micro_batch(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_batch // per_step
 
 
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+
+
 def resolve_precision(precision: str, cuda: bool) -> str:
+    """auto: bf16-mixed on CUDA (LlamaGen's recipe), fp32 on CPU.
+
+    bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the forward runs under
+    bf16 autocast. bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
+    master weights in the optimizer), with fp32 gradient accumulation and fp32
+    communication unless the DeepSpeed JSON sets `data_types.grad_accum_dtype` /
+    `communication_data_type` itself. Both run on CPU too (the tests use that).
+    """
     if precision == "auto":
-        return "bf16" if cuda else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise DeepSpeedConfigError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "bf16" and not cuda:
-        raise DeepSpeedConfigError("bf16 training needs CUDA; on CPU use --precision fp32 (or auto)")
+        return "bf16-mixed" if cuda else "fp32"
+    if precision not in PRECISIONS:
+        raise DeepSpeedConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
 
 
@@ -66,6 +75,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
     precision = resolve_precision(cfg.precision, cuda)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds.pop("fp16", None)
+    if precision == "bf16":  # fp32 accumulation and reduction unless the JSON opts out
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     ds["zero_allow_untested_optimizer"] = True  # our AdamW with decay groups (torch, fused on CUDA)
     ds.setdefault("steps_per_print", 10**9)
     zero = ds.setdefault("zero_optimization", {})

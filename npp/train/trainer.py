@@ -37,7 +37,7 @@ from npp.train.distributed import (
     read_env,
     stale_extension_locks,
 )
-from npp.train.ds_config import build_ds_config
+from npp.train.ds_config import build_ds_config, resolve_precision
 from npp.train.ema import EMA
 from npp.train.errors import TrainingError
 from npp.train.mfu import peak_flops
@@ -100,6 +100,7 @@ class Trainer:
         # Everything that can be wrong with the inputs is checked before the process group starts.
         self.meta, self.manifest = open_shard_sets(cfg.shards)
         self.ds_config = build_ds_config(cfg, self.env.world_size, cuda)
+        self.precision = resolve_precision(cfg.precision, cuda)
         self.model_cfg = self._model_config()
         check_meta_matches(self.model_cfg, self.meta, cfg.shards)
         self.steps_per_epoch = self.meta["samples"] // cfg.global_batch
@@ -237,7 +238,8 @@ class Trainer:
                       "data stream", flush=True)
                 self.progress.corrupt_local += batch["corrupt"]
             idx, labels = batch_to_device(batch, self.device)
-            _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+                _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
             # One small collective per micro-step: agree on skipping a bad loss and on stopping.
             bad, stop_any = all_sum([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.local())], self.device)
             stop = stop or bool(stop_any)

@@ -100,3 +100,25 @@ def test_guidance_needs_a_null_class():
     model = make_gpt(class_dropout_prob=0.0)
     with pytest.raises(ValueError, match="null class"):
         generate(model, torch.tensor([0]), cfg_scale=2.0)
+
+
+def test_bf16_sampling_keeps_the_kv_cache_in_bf16_at_half_the_bytes():
+    from npp.models.configs import gpt_config
+    from npp.models.generate import kv_cache_bytes
+
+    model = make_gpt()
+    seen = {}
+    real = model.setup_caches
+
+    def record(batch, max_len, dtype, device):
+        real(batch, max_len, dtype, device)
+        caches = [layer.attention.kv_cache for layer in model.layers]
+        seen[dtype] = sum(c.k.nbytes + c.v.nbytes for c in caches)
+
+    model.setup_caches = record
+    generate(model, torch.tensor([0, 1]), cfg_scale=2.0, seed=0)
+    tokens = generate(model.to(torch.bfloat16), torch.tensor([0, 1]), cfg_scale=2.0, seed=0)
+    assert tokens.shape == (2, 8, 8)
+    assert seen[torch.bfloat16] * 2 == seen[torch.float32] == kv_cache_bytes(model.config, 2, torch.float32)
+    xxl = gpt_config("GPT-XXL", vocab_size=16384, block_size=256, num_classes=1000)
+    assert kv_cache_bytes(xxl, 64, torch.bfloat16) == 9_663_676_416  # 9.7 GB (fp32: 19.3 GB)
