@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare demo demo-compare
+.PHONY: help setup test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare demo demo-compare
 
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
 DATA ?= data/imagenet/train
@@ -89,6 +89,9 @@ bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
+
+gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): throughput, MFU, memory, bf16 paths; exits 0 without CUDA
+	$(PY) bench/gpu_check.py
 
 tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
 	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \

@@ -18,3 +18,12 @@ def test_user_error_is_one_line_and_exit_code_2():
     assert proc.returncode == 2
     assert proc.stderr.startswith("npp: error:") and "must be 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gpu_check_refuses_cleanly_without_cuda():
+    import os
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    proc = subprocess.run(["make", "-s", "gpu-check"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here; nothing was run" in proc.stdout
