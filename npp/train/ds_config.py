@@ -82,7 +82,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     zero = ds.setdefault("zero_optimization", {})
     if not cuda:
-        # gloo has no reduce_scatter; offload needs pinned CUDA memory.
+        # gloo has no reduce_scatter; CPU training gains nothing from offloading to the CPU.
         zero["reduce_scatter"] = False
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)

@@ -75,19 +75,28 @@ def default_workers(requested: int) -> int:
     return max(1, min(8, cpus - 1)) if cpus else 4
 
 
-def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device):
+def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, offload: bool = False):
     """The GPT on its device, then AdamW over its parameters there.
 
     The optimizer is built after the move: a fused AdamW over CPU parameters fails on
     older torch (kept with SYSTEM_SITE=1), and its state must live where the weights do.
+    With the optimizer offloaded (ZeRO-Offload) DeepSpeed requires its own CPU Adam
+    (`zero_force_ds_cpu_optimizer`): DeepSpeedCPUAdam in AdamW mode, same groups.
     """
     model = GPT(model_cfg).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = torch.optim.AdamW(
-        configure_optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
-    )
+    groups = configure_optimizer_groups(model, cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return model, DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     return model, optimizer
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in ("none", None)
 
 
 class Trainer:
@@ -170,7 +179,8 @@ class Trainer:
 
         self.device = init(self.env)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
-        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device)
+        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device,
+                                                     offload=offloads_optimizer(self.ds_config))
         torch.manual_seed(self.cfg.seed * 1000 + self.env.rank)  # different dropout per rank
         np.random.seed(self.cfg.seed * 1000 + self.env.rank)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)

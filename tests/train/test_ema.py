@@ -59,3 +59,40 @@ def test_ema_is_saved_restored_and_exported(shard_set, tmp_path):
     assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"])  # an average, not a copy
     for k in a["ema"]:  # the EMA resumed exactly
         torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(monkeypatch):
+    """ds_configs/zero3_offload.json as the GPU path builds it (offload kept, bf16), on CPU with gloo.
+
+    The first run JIT-builds DeepSpeed's cpu_adam op (about a minute on 2 cores; cached after)."""
+    import deepspeed
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from npp.train.distributed import free_port, skip_jit_shm_op
+    from npp.train.ds_config import build_ds_config
+    from npp.train.trainer import offloads_optimizer
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    cfg = TrainConfig(shards="s", out="o", model="GPT-Nano", global_batch=4, precision="bf16",
+                      ds_config="ds_configs/zero3_offload.json")
+    ds = build_ds_config(cfg, 1, cuda=True)  # what a GPU run gets
+    assert offloads_optimizer(ds) and ds["zero_optimization"]["stage"] == 3
+    ds["zero_optimization"]["reduce_scatter"] = False  # gloo has no reduce_scatter (NCCL does)
+    model, opt = build_model_and_optimizer(_model_cfg(), cfg, torch.device("cpu"), offload=True)
+    assert isinstance(opt, DeepSpeedCPUAdam)
+    skip_jit_shm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        idx, labels = torch.randint(0, 64, (4, 64)), torch.randint(0, 10, (4,))
+        losses = []
+        for _ in range(3):
+            _, loss = engine(idx, labels, targets=idx, patch=1)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    finally:
+        torch.distributed.destroy_process_group()
+    assert losses[-1] < losses[0]
