@@ -113,9 +113,12 @@ def _toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
     print(f"toy dataset in {out}: {n} new images")
 
 
-def _fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, minutes: float = 3.0,
-            max_steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
-    """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG."""
+def _fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, max_steps: int = 1200,
+            minutes: float = 0.0, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
+    """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG.
+
+    The budget is --max-steps; --minutes > 0 adds a wall-clock cap (then the result depends on the machine).
+    """
     from npp.tokenize.fit_vq import fit_vq
 
     fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)

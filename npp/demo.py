@@ -29,8 +29,7 @@ class DemoConfig:
     out: str = "demo_out"
     per_class: int = 1000  # toy images per class (10 classes): fewer and the tiny GPT memorises instead of generalising
     image_size: int = 32
-    vq_minutes: float = 2.0
-    vq_steps: int = 1200
+    vq_steps: int = 700  # a step budget, never wall-clock: the same numbers on any machine
     classifier_epochs: int = 2
     model: str = "GPT-Tiny"
     schedule: str = "4:0.25,2:0.25,1:0.5"
@@ -83,14 +82,13 @@ class Demo:
         write_toy_dataset(str(self.images), per_class=c.per_class, size=48, seed=c.seed)
         self.timings["toy"] = time.time() - t
 
-        t = _step(f"2/6 tokenizer: fit VQ-toy ({c.vq_minutes} min budget) -> {self.vq}")
+        t = _step(f"2/6 tokenizer: fit VQ-toy ({c.vq_steps} steps) -> {self.vq}")
         if self.vq.exists():
             print(f"reusing {self.vq}")
         else:
             from npp.tokenize.fit_vq import fit_vq
 
-            fit_vq(str(self.images), str(self.vq), image_size=c.image_size, minutes=c.vq_minutes,
-                   max_steps=c.vq_steps, seed=c.seed)
+            fit_vq(str(self.images), str(self.vq), image_size=c.image_size, max_steps=c.vq_steps, seed=c.seed)
         self.timings["vq"] = time.time() - t
 
         t = _step(f"3/6 tokenize -> WebDataset shards in {self.shards}")

@@ -49,7 +49,7 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
             f"samples {samples_path} are {images.shape[1]}px but reference {ref_path} was made at {ref['image_size']}px: "
             "make the reference at the samples' size (`npp eval ref --image-size ...`)"
         )
-    for need, what in ((10, "the Inception Score's 10 splits"), (4, "precision/recall with k=3")):
+    for need, what in ((4, "precision/recall with k=3"),):
         if len(images) < need:
             raise ReferenceError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
     feats = extract(net, images, desc=f"features {Path(samples_path).name}")
@@ -60,7 +60,7 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
     metrics = {
         f"fid{sfx}": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
         f"sfid{sfx}": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
-        f"is{sfx}": inception_score(feats["logits"], splits=10),
+        f"is{sfx}": inception_score(feats["logits"]),
         f"precision{sfx}": precision,
         f"recall{sfx}": recall,
     }

@@ -54,7 +54,7 @@ def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, b
                 opt.step()
                 sched.step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(torch.from_numpy(images[val[i : i + 256]]))["logits"].argmax(1) for i in range(0, len(val), 256)])

@@ -43,18 +43,27 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> float:
-    """exp(E_x KL(p(y|x) ‖ p(y))), the mean over `splits` equal parts (ADM: 10 splits of 5000)."""
+IS_SPLIT = 5000  # ADM's evaluator: consecutive parts of 5,000 samples
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT) -> float:
+    """exp(E_x KL(p(y|x) ‖ p(y))) per consecutive part of `split_size` samples, averaged: ADM's evaluator.
+
+    With N not a multiple of the part size the last part is the remainder (smaller), as
+    ADM's loop `for i in range(0, N, 5000)` makes it; N < 5000 is one part. At N = 50,000
+    this equals the classic 10 equal splits; at N = 10,000 ADM's 2 parts differ from 10
+    equal splits by about 3%.
+    """
     logits = np.asarray(logits, dtype=np.float64)
-    if logits.shape[0] < splits:
-        raise MetricInputError(f"the Inception Score needs at least {splits} samples (one per split), got {logits.shape[0]}")
+    if logits.shape[0] < 1:
+        raise MetricInputError("the Inception Score needs at least one sample")
     logp = logits - logits.max(axis=1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    return float(np.mean([_is_of(part) for part in np.array_split(logp, splits)]))
+    return float(np.mean([_is_of(logp[i : i + split_size]) for i in range(0, len(logp), split_size)]))
 
 
-def inception_score_from_probs(probs: np.ndarray, splits: int = 10) -> float:
-    return inception_score(np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None)), splits)
+def inception_score_from_probs(probs: np.ndarray, split_size: int = IS_SPLIT) -> float:
+    return inception_score(np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None)), split_size)
 
 
 def _is_of(logp: np.ndarray) -> float:

@@ -1,7 +1,9 @@
 """Fit a small VQ tokenizer (LlamaGen's architecture, narrow) on a folder of images.
 
 For datasets without a pretrained tokenizer, such as the toy set: reconstruction
-(MSE + L1), codebook and commitment losses, Adam, a wall-clock or step budget.
+(MSE + L1), codebook and commitment losses, Adam, a budget in steps (the same
+tokenizer on any machine; `minutes` adds an optional wall-clock cap, which makes the
+result depend on the machine's speed and is off by default).
 Dead codes are re-seeded from current encoder outputs so the small codebook stays
 in use. Writes a LlamaGen-format checkpoint (`{"model": state_dict}`, plus our
 "config") and a PNG of originals above reconstructions.
@@ -59,7 +61,7 @@ def fit_vq(
     out: str,
     preset: str = "VQ-toy",
     image_size: int = 32,
-    minutes: float = 3.0,
+    minutes: float = 0.0,
     max_steps: int = 1200,
     batch: int = 32,
     lr: float = 3e-3,
@@ -79,7 +81,7 @@ def fit_vq(
     start = time.time()
     step, losses = 0, []
     bar = tqdm(total=max_steps, desc="fit-vq", unit="step")
-    while step < max_steps and time.time() - start < minutes * 60:
+    while step < max_steps and not (minutes and time.time() - start >= minutes * 60):
         idx = rng.integers(0, len(images), batch)
         x = to_model_input(images[idx])
         rec, codes, codebook_loss, commit_loss = vq(x)
@@ -96,7 +98,7 @@ def fit_vq(
         step += 1
         bar.update(1)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", used=int((usage > 0.01).sum()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", used=int((usage > 0.01).sum()), refresh=False)
     bar.close()
     vq.eval()
     with torch.no_grad():

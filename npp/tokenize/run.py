@@ -201,7 +201,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
                     failed += len(state["failures"])
                     writes.append(writer.submit(_flush, out, cfg.split, b["shard"], pending.pop(b["shard"]), rank))
             bar.update(len(batch))
-            bar.set_postfix(failed=failed)
+            bar.set_postfix(failed=failed, refresh=False)  # refresh=True would defeat TQDM_MININTERVAL
         for w in writes:
             w.result()  # re-raise a failed write here
     counts = {"inputs_this_run": len(entries), "encoded": encoded, "failed": failed}

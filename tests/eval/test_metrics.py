@@ -31,7 +31,7 @@ def test_frechet_distance_matches_a_float64_numpy_reference():
 
 def test_inception_score_on_constructed_tables():
     confident = np.eye(10)[np.tile(np.arange(10), 20)]  # every class equally often, each sample certain
-    assert inception_score_from_probs(confident, splits=10) == pytest.approx(10.0, rel=1e-9)
+    assert inception_score_from_probs(confident, split_size=20) == pytest.approx(10.0, rel=1e-9)
     uniform = np.full((100, 10), 0.1)
     assert inception_score_from_probs(uniform) == pytest.approx(1.0)
     one_class = np.eye(10)[np.zeros(100, int)]
@@ -40,9 +40,32 @@ def test_inception_score_on_constructed_tables():
     p = np.array([[0.75, 0.25], [0.25, 0.75]] * 50)
     assert inception_score_from_probs(p) == pytest.approx(np.exp(0.75 * np.log(1.5) + 0.25 * np.log(0.5)))
     with np.errstate(divide="ignore"):
-        assert inception_score(np.log(confident), splits=10) == pytest.approx(10.0, rel=1e-9)
-    with pytest.raises(MetricInputError, match="at least 10 samples"):
-        inception_score(np.zeros((5, 3)))
+        assert inception_score(np.log(confident), split_size=20) == pytest.approx(10.0, rel=1e-9)
+    with pytest.raises(MetricInputError, match="at least one sample"):
+        inception_score(np.zeros((0, 3)))
+
+
+def _adm_inception_score(preds: np.ndarray, split_size: int = 5000) -> float:
+    """A transcription of ADM's evaluator (guided-diffusion evaluations/evaluator.py, compute_inception_score)."""
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        kl = np.mean(np.sum(kl, 1))
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def test_inception_score_as_adm_computes_it():
+    rng = np.random.default_rng(0)
+    for n in (10_000, 12_345, 3_000):  # two parts; a smaller last part; one part
+        logits = rng.normal(0, 3, (n, 1008)) + np.where(rng.random((n, 1)) < 0.5, 0, 2) * rng.normal(0, 1, (1, 1008))
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        assert inception_score(logits) == pytest.approx(_adm_inception_score(probs), rel=1e-9), n
+        if n == 10_000:  # ten equal splits of 1,000 (the classic recipe) give another number here
+            ten = np.mean([_adm_inception_score(part, len(part)) for part in np.array_split(probs, 10)])
+            assert abs(ten - inception_score(logits)) > 1e-3 * ten
 
 
 def test_precision_and_recall_on_constructed_sets():

@@ -226,3 +226,15 @@ def test_loader_workers_exit_when_tokenize_is_killed(tmp_path, vq_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, f"loader workers {left} outlived the killed tokenize run"
+
+
+def test_progress_in_a_log_file_updates_at_the_promised_interval(toy_tree, vq_path, tmp_path):
+    """stderr to a file: one update per TQDM_MININTERVAL (10 s), not one per batch."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    with open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.run([sys.executable, "-m", "npp.cli", "tokenize", "run", "--data", str(toy_tree), "--vq",
+                               str(vq_path), "--out", str(tmp_path / "out"), "--image-size", "32", "--workers", "0",
+                               "--batch", "2"], stderr=err, stdout=subprocess.DEVNULL, env=env, timeout=120)
+    assert proc.returncode == 0
+    updates = (tmp_path / "err.log").read_text().replace("\r", "\n").count("tokenize rank 0:")
+    assert updates <= 3, f"{updates} progress updates for a run of a few seconds (37 batches)"
