@@ -145,13 +145,29 @@ def _tokenize_commands() -> dict:
     }
 
 
+def train_with_evaluation(cfg) -> None:
+    """Train; with --eval-every, hand the trainer an evaluator built by the eval stage (train never imports eval)."""
+    from npp.train.trainer import train
+
+    evaluator = None
+    if cfg.eval_every or cfg.eval_every_epochs:
+        from npp.eval.during_training import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(
+            vq=cfg.vq, ref=cfg.eval_ref, inception=cfg.inception or None, classifier=cfg.classifier or None,
+            per_class=cfg.eval_per_class, cfg_scale=cfg.eval_cfg, temperature=cfg.eval_temperature,
+            top_k=cfg.eval_top_k, batch=cfg.eval_batch, seed=cfg.seed,
+        )
+    train(cfg, evaluator)
+
+
 class _Train:
     """npp train --shards DIR --out RUN ... | npp train export --run RUN"""
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         from npp.train.config import TrainConfig
 
-        config_command(TrainConfig, "npp.train.trainer:train")(*args, **kwargs)
+        config_command(TrainConfig, "npp.cli:train_with_evaluation")(*args, **kwargs)
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:

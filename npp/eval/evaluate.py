@@ -53,6 +53,11 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
         if len(images) < need:
             raise ReferenceError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
     feats = extract(net, images, desc=f"features {Path(samples_path).name}")
+    return metrics_from_features(net, feats, ref, data.get("labels"))
+
+
+def metrics_from_features(net, feats: dict, ref: dict, labels=None) -> dict[str, float]:
+    """FID, sFID, IS (ADM's parts of 5,000), precision/recall and, with a classifier, class accuracy."""
     mu, sigma = gaussian_stats(feats["pool"])
     mu_s, sigma_s = gaussian_stats(feats["spatial"])
     precision, recall = precision_recall(ref["features"], feats["pool"], k=3)
@@ -64,9 +69,9 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
         f"precision{sfx}": precision,
         f"recall{sfx}": recall,
     }
-    if net.name != "inception" and "labels" in data:
+    if net.name != "inception" and labels is not None:
         # share of samples the classifier puts in the class they were conditioned on
-        metrics[f"class_accuracy{sfx}"] = float((feats["logits"].argmax(1) == data["labels"]).mean())
+        metrics[f"class_accuracy{sfx}"] = float((feats["logits"].argmax(1) == np.asarray(labels)).mean())
     return metrics
 
 

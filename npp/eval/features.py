@@ -38,14 +38,15 @@ def metric_suffix(net) -> str:
 
 
 @torch.no_grad()
-def extract(net, images: np.ndarray, batch: int = 100, device: Optional[torch.device] = None, desc: str = "features") -> dict:
+def extract(net, images: np.ndarray, batch: int = 100, device: Optional[torch.device] = None, desc: str = "features",
+            progress: bool = True) -> dict:
     """uint8 (N, H, W, 3) → {"pool", "logits", "spatial"} float64 arrays."""
     device = device or pick_device("auto")
-    exact_fp32(device)  # FID must not depend on the GPU: no TF32 in the feature network
     net = net.to(device).eval()
     out: dict[str, list] = {"pool": [], "logits": [], "spatial": []}
-    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch"):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
-        for k, v in net(x).items():
-            out[k].append(v.double().cpu().numpy())
+    with exact_fp32(device):  # FID must not depend on the GPU: no TF32 in the feature network
+        for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+            for k, v in net(x).items():
+                out[k].append(v.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}

@@ -9,6 +9,7 @@ one device, hence `local_rank % device_count()`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,8 +45,15 @@ def fast_matmul(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def exact_fp32(device: torch.device) -> None:
-    """TF32 off: FID features must not depend on the GPU model."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+@contextlib.contextmanager
+def exact_fp32(device: torch.device):
+    """TF32 off inside the block (FID features must not depend on the GPU model), as it was after it."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

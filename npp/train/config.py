@@ -54,6 +54,18 @@ class TrainConfig:
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)
     compile: bool = False  # torch.compile the model (CUDA)
+    # FID during training (see npp.eval.during_training): 0 = off
+    eval_every: int = 0  # steps between evaluations (also at the last step)
+    eval_every_epochs: float = 0.0  # the same in epochs (when eval_every is 0)
+    eval_per_class: int = 10  # samples per class at each eval point (fixed labels and seeds)
+    eval_cfg: float = 2.0  # classifier-free guidance scale of the eval samples
+    eval_temperature: float = 1.0
+    eval_top_k: int = 0
+    eval_batch: int = 64
+    eval_ref: str = ""  # reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)
+    inception: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+    classifier: str = ""  # or a toy classifier (npp eval fit-classifier) as the feature network
+    vq: str = ""  # the tokenizer the shards were made with (decodes the eval samples)
     activation_checkpointing: bool = False  # recompute each block in backward: larger micro-batches (GPT-XXL/XXXL)
 
     def to_dict(self) -> dict:

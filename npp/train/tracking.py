@@ -41,7 +41,8 @@ class Tracker:
         self.enabled = enabled
         self.run_id: Optional[str] = None
         self._mlflow = None
-        self.logged_through = 0  # a resumed run logs nothing at or below this step (MLflow has it already)
+        # per metric: a resumed run logs nothing at or below the last step MLflow already has for it
+        self.logged_through: dict[str, int] = {}
 
     def start(self, experiment: str, run_name: str, run_id: Optional[str], params: dict, tags: dict, artifacts: list[str]) -> None:
         if not self.enabled:
@@ -52,8 +53,9 @@ class Tracker:
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
         if run_id:
             mlflow.start_run(run_id=run_id)
-            history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_through = max((m.step for m in history), default=0)
+            client = mlflow.tracking.MlflowClient()
+            for key in client.get_run(run_id).data.metrics:
+                self.logged_through[key] = max((m.step for m in client.get_metric_history(run_id, key)), default=0)
         else:
             mlflow.set_experiment(experiment)
             mlflow.start_run(run_name=run_name, tags=tags)
@@ -66,8 +68,11 @@ class Tracker:
         self.run_id = mlflow.active_run().info.run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self._mlflow is not None and step > self.logged_through:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self._mlflow is None:
+            return
+        fresh = {k: float(v) for k, v in metrics.items() if step > self.logged_through.get(k, 0)}
+        if fresh:
+            self._mlflow.log_metrics(fresh, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._mlflow is not None:

@@ -100,8 +100,11 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, evaluator=None):
+        """`evaluator`: a callable (model, num_classes, device, rank, world) -> metrics (rank 0), called at the
+        eval points; cli.py builds it from the eval stage (npp.eval.during_training)."""
         self.cfg = cfg
+        self.evaluator = evaluator
         self.run_dir = Path(cfg.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.env: DistEnv = read_env()
@@ -126,6 +129,13 @@ class Trainer:
         self.schedule = PatchSchedule(stages, self.total_steps)
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
+        self.eval_every = int(cfg.eval_every or round(cfg.eval_every_epochs * self.steps_per_epoch))
+        if self.eval_every and self.evaluator is None:
+            raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
+                                "from --vq, --eval-ref and --inception/--classifier)")
+        if self.eval_every and self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            raise TrainingError("--eval-every with ZeRO-3 is not supported (the weights are partitioned): use "
+                                "ZeRO-1/2, or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
         self.workers = default_workers(cfg.workers)
         zero = self.ds_config.get("zero_optimization", {})
         if zero.get("offload_optimizer") or zero.get("offload_param"):  # DeepSpeed JIT-builds cpu_adam
@@ -227,6 +237,8 @@ class Trainer:
                 loss, stop = self.train_step(batches, span.patch_side)
                 self.step += 1
                 self._record(loss, span.patch_side)
+                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                    self._evaluate()
                 if stop:
                     return self._stop_and_save()
                 if self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
@@ -366,6 +378,37 @@ class Trainer:
         self.tracker.finish()
         return {"step": self.step, "stopped": False, "exported": exported}
 
+    def _evaluate(self) -> None:
+        """FID & co of the model now (the EMA when there is one), logged at this step beside train_flops.
+
+        Every rank samples its pieces; the training RNG streams are saved and put back, so
+        an evaluation never changes what training does (exact resume holds with evals on).
+        """
+        rng = checkpointing.rng_state()
+        model = self._sampling_model()
+        metrics = self.evaluator(model, self.model_cfg.num_classes, self.device, self.env.rank, self.env.world_size)
+        checkpointing.set_rng_state(rng)
+        if self.env.is_main:
+            metrics["train_flops"] = self.train_flops
+            self.tracker.log(metrics, self.step)
+            self._log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def _sampling_model(self):
+        if self.ema is None:
+            return self.engine.module
+        if self.env.world_size == 1:
+            return self.ema.model
+        # the EMA lives on rank 0: every rank samples with a copy of it
+        if self.ema.model is not None:
+            model = self.ema.model
+        else:
+            if getattr(self, "_ema_copy", None) is None:
+                self._ema_copy = GPT(self.model_cfg).to(self.device).eval()
+            model = self._ema_copy
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+        return model
+
     def _skip_bad_batch(self, ranks: int) -> None:
         """Every rank skips the micro-batch when any rank's loss is non-finite; `bad_steps` counts the
         non-finite losses summed over ranks, the streak counts skipped micro-steps."""
@@ -412,8 +455,8 @@ class Trainer:
             print(f"[npp train] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig, evaluator=None) -> None:
     """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory."""
-    result = Trainer(cfg).train()
+    result = Trainer(cfg, evaluator).train()
     if result.get("stopped"):
         sys.exit(0)

@@ -1,0 +1,76 @@
+"""FID while training: the evaluation the trainer calls at its eval points (built here, handed over by cli.py).
+
+So the training run in MLflow holds FID (and IS, precision/recall, class accuracy with
+a classifier) as a curve against cumulative training FLOPs, and NPP and NTP runs
+compare like with like: every eval point samples the same class-balanced labels with
+the same seeds (piece p of `batch` samples uses seed `seed·1000003 + p`, as `npp
+sample` does), in every run, on any number of ranks. Ranks sample the pieces
+p % world == rank, extract features locally, and rank 0 gathers them and computes the
+metrics against the reference. The train stage only sees a callable
+`(model, num_classes, device, rank, world) -> metrics` and does not import this stage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from npp.eval.evaluate import metrics_from_features
+from npp.eval.features import extract, load_feature_net
+from npp.eval.reference import ReferenceError, reference_for
+from npp.models.checkpoint import load_vq
+from npp.models.generate import generate
+from npp.pipeline.images import to_uint8_images
+
+
+class TrainingEvaluator:
+    def __init__(self, vq: str, ref: str, inception: Optional[str] = None, classifier: Optional[str] = None,
+                 per_class: int = 10, cfg_scale: float = 2.0, temperature: float = 1.0, top_k: int = 0,
+                 batch: int = 64, seed: int = 0):
+        if not vq or not ref or not (inception or classifier):
+            raise ReferenceError("--eval-every needs --vq (the run's tokenizer), --eval-ref REF.npz and a feature "
+                                 "network (--inception PATH or --classifier toynet.pt)")
+        self.vq, _ = load_vq(vq)
+        self.net = load_feature_net(inception, classifier)
+        self.ref = reference_for(self.net, ref)
+        self.per_class, self.cfg_scale, self.temperature, self.top_k = per_class, cfg_scale, temperature, top_k
+        self.batch, self.seed = batch, seed
+        self.settings = {"eval_per_class": per_class, "eval_cfg": cfg_scale, "eval_temperature": temperature,
+                         "eval_top_k": top_k, "eval_seed": seed, "eval_ref": ref, "eval_net": self.net.name}
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, num_classes: int, device: torch.device, rank: int, world: int) -> dict:
+        t0 = time.time()
+        labels = np.repeat(np.arange(num_classes), self.per_class)
+        pieces = (len(labels) + self.batch - 1) // self.batch
+        vq = self.vq.to(device)
+        mine: dict[int, dict] = {}
+        for p in range(rank, pieces, world):
+            lab = torch.from_numpy(labels[p * self.batch : (p + 1) * self.batch]).to(device)
+            codes = generate(model, lab, cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k,
+                             seed=self.seed * 1000003 + p)
+            images = to_uint8_images(vq.decode_codes(codes).float())
+            mine[p] = extract(self.net, images, device=device, desc=f"eval features piece {p}", progress=False)
+        gathered = _gather(mine, world)
+        if rank != 0:
+            return {}
+        order = sorted(gathered)
+        feats = {k: np.concatenate([gathered[p][k] for p in order]) for k in ("pool", "spatial", "logits")}
+        metrics = metrics_from_features(self.net, feats, self.ref, labels)
+        metrics["eval_seconds"] = time.time() - t0
+        metrics["eval_samples"] = float(len(labels))
+        return metrics
+
+
+def _gather(mine: dict, world: int) -> dict:
+    if world == 1 or not torch.distributed.is_initialized():
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    out: dict = {}
+    for part in parts:
+        out.update(part)
+    return out
