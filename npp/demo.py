@@ -67,6 +67,13 @@ class Demo:
         self.ref = self.out / "ref_toynet.npz"
         self.mlflow_uri = f"sqlite:///{self.out / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        # artifacts under the demo's directory (a sqlite store would put them in ./mlruns of the cwd)
+        import mlflow
+
+        from npp.pipeline.mlflow_utils import mark_training_experiment
+
+        mlflow.set_tracking_uri(self.mlflow_uri)
+        mark_training_experiment("npp-demo", artifact_location=(self.out / "mlartifacts").as_uri())
         self.ds_config = Path(cfg.ds_config)
         if not self.ds_config.is_absolute():
             self.ds_config = Path(__file__).resolve().parent.parent / cfg.ds_config

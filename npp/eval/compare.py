@@ -65,6 +65,41 @@ def collect(experiment: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["metric"], r["run"], r["step"]))
 
 
+def crossing_flops(points: list[tuple[float, float]], target: float) -> Optional[float]:
+    """The training FLOPs at which a FID curve first reaches `target` (linear between eval points), or None."""
+    points = sorted(points)
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            xp, yp = points[i - 1]
+            return xp + (yp - target) / (yp - y) * (x - xp)
+    return None
+
+
+def cost_at_equal_fid(rows: list[dict], metric: str) -> Optional[dict]:
+    """NPP's training FLOPs to reach NTP's final FID, over NTP's FLOPs for it: the ratio the paper claims (~0.6).
+
+    NTP is the run whose schedule is "1:1"; NPP any other. With several of either, the
+    last-named (sorted) of each is used. None when either is missing.
+    """
+    curves: dict[str, dict] = {}
+    for r in rows:
+        if r["metric"] == metric and r["train_pflops"] is not None:
+            kind = "ntp" if r["schedule"] in ("1:1", "1:1.0") else "npp"
+            curves.setdefault(kind, {}).setdefault(r["run"], []).append((r["train_pflops"], r["fid"]))
+    if "ntp" not in curves or "npp" not in curves:
+        return None
+    ntp_run, npp_run = sorted(curves["ntp"])[-1], sorted(curves["npp"])[-1]
+    ntp, npp = sorted(curves["ntp"][ntp_run]), sorted(curves["npp"][npp_run])
+    target_flops, target = ntp[-1]
+    reached = crossing_flops(npp, target)
+    out = {"ntp_run": ntp_run, "npp_run": npp_run, "metric": metric, "ntp_final_fid": target,
+           "ntp_pflops": target_flops, "npp_best_fid": min(y for _, y in npp), "npp_pflops_at_equal_fid": reached,
+           "ratio": (reached / target_flops) if reached is not None else None}
+    return out
+
+
 def plot(rows: list[dict], path: Path, metric: str) -> None:
     """FID against training PFLOPs, one line per run (plain PIL: no plotting dependency)."""
     pts = [r for r in rows if r["metric"] == metric and r["train_pflops"] is not None]
@@ -124,4 +159,16 @@ def compare(experiment: str = "npp", out: str = "compare", metric: Optional[str]
         w.writerows(rows)
     plot(rows, out_dir / "compare.png", metric)
     print(f"wrote {out_dir / 'compare.csv'} and {out_dir / 'compare.png'} ({metric} against training FLOPs)")
+    ratio = cost_at_equal_fid(rows, metric)
+    if ratio is not None:
+        if ratio["ratio"] is not None:
+            print(f"NPP ({ratio['npp_run']}) reaches NTP's final {metric} {ratio['ntp_final_fid']:.3f} "
+                  f"({ratio['ntp_run']}, {ratio['ntp_pflops']:.4g} PFLOPs) at {ratio['npp_pflops_at_equal_fid']:.4g} "
+                  f"PFLOPs: measured cost ratio {ratio['ratio']:.3f} (the paper: about 0.6)")
+        else:
+            print(f"NPP ({ratio['npp_run']}) never reaches NTP's final {metric} {ratio['ntp_final_fid']:.3f} "
+                  f"(best {ratio['npp_best_fid']:.3f}): no cost ratio at equal FID")
+        import json
+
+        (out_dir / "cost_ratio.json").write_text(json.dumps(ratio, indent=2))
     return rows

@@ -122,7 +122,7 @@ def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict
 def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt: Optional[str], experiment: str) -> None:
     import mlflow
 
-    from npp.train.tracking import flatten
+    from npp.pipeline.mlflow_utils import flatten, mark_training_experiment
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     records = [_sidecar(f) for f in results]
@@ -132,8 +132,8 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt
     if run_id:
         parent = mlflow.start_run(run_id=run_id)
     else:
-        mlflow.set_experiment(experiment)
-        parent = mlflow.start_run(run_name=f"eval {Path(next(iter(results))).stem}")
+        parent = mlflow.start_run(experiment_id=mark_training_experiment(experiment),
+                                  run_name=f"eval {Path(next(iter(results))).stem}")
     with parent:
         for (path, metrics), record in zip(results.items(), records):
             scale = record.get("cfg_scale")

@@ -317,7 +317,7 @@ class Trainer:
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                   "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
                   "schedule": format_schedule(self.schedule.stages)},
-            artifacts=artifacts,
+            artifacts=artifacts, dataset=self._dataset_identity() if self.env.is_main else None,
         )
         if self.env.is_main and self.tracker.run_id:
             (self.run_dir / "mlflow_run_id").write_text(self.tracker.run_id)
@@ -358,6 +358,14 @@ class Trainer:
         self._log(f"data layout changed ({old} -> {self._layout()}): streams continue at data epoch {epoch} "
                   f"({seen} samples consumed since epoch {base['epoch']}; none is repeated)")
         return {"epoch": epoch, "micro_batches": self.micro_batches}
+
+    def _dataset_identity(self) -> dict:
+        """The shard set(s) as MLflow sees a dataset: name, a digest of every shard's sha256, where it lives."""
+        import hashlib
+
+        digest = hashlib.sha256("".join(m["sha256"] for m in self.manifest).encode()).hexdigest()[:16]
+        sets = self.meta.get("sets") or [self.cfg.shards]
+        return {"name": ",".join(Path(s).name for s in sets), "digest": digest, "source": os.path.abspath(sets[0])}
 
     def _stop_and_save(self) -> dict:
         reason = self.stop.reason()

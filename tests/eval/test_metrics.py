@@ -83,3 +83,20 @@ def test_precision_and_recall_on_constructed_sets():
     assert precision_recall(grid, left, k=3) == (1.0, 0.6)
     with pytest.raises(MetricInputError, match="more than 3 sample"):
         precision_recall(grid, grid[:3])
+
+
+def test_cost_ratio_at_equal_fid_interpolates_npp_to_ntps_final_fid():
+    from npp.eval.compare import cost_at_equal_fid, crossing_flops
+
+    def rows(run, schedule, pts):
+        return [{"run": run, "schedule": schedule, "metric": "fid", "train_pflops": x, "fid": y} for x, y in pts]
+
+    ntp = rows("ntp", "1:1", [(10, 40.0), (20, 25.0), (40, 12.0)])
+    npp = rows("npp", "4:0.25,2:0.25,1:0.5", [(6, 35.0), (12, 20.0), (23, 10.0)])
+    r = cost_at_equal_fid(ntp + npp, "fid")
+    # NPP crosses 12.0 between (12, 20) and (23, 10): 12 + (20 - 12) / (20 - 10) * 11 = 20.8 PFLOPs
+    assert r["npp_pflops_at_equal_fid"] == pytest.approx(20.8) and r["ratio"] == pytest.approx(20.8 / 40)
+    assert crossing_flops([(1, 5.0), (2, 4.0)], 3.0) is None
+    worse = rows("npp", "2:0.5,1:0.5", [(6, 35.0), (23, 13.0)])
+    assert cost_at_equal_fid(ntp + worse, "fid")["ratio"] is None
+    assert cost_at_equal_fid(npp, "fid") is None  # no NTP run to compare with

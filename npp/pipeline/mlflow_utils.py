@@ -1,0 +1,34 @@
+"""MLflow helpers shared by the stages: flat params, and experiments the UI opens as training experiments."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def mark_training_experiment(name: str, artifact_location: Optional[str] = None) -> str:
+    """Get or create the experiment (artifacts at `artifact_location` if new) and tag it as model training;
+    returns its id."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    if artifact_location and client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifact_location)
+    exp = mlflow.set_experiment(name)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.tracking.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
