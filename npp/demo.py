@@ -41,6 +41,8 @@ class DemoConfig:
     nproc: int = 2  # DeepSpeed processes (torchrun, gloo on CPU)
     ds_config: str = "ds_configs/zero2.json"
     samples_per_class: int = 50
+    eval_points: int = 5  # FID during training: this many evaluations over the run (a curve against FLOPs)
+    eval_per_class: int = 20
     # a tiny model's unconditional half is weak: mild guidance and a cooler temperature sample best
     cfg_scale: float = 2.0
     top_k: int = 0
@@ -143,6 +145,9 @@ class Demo:
             "--end-lr", str(c.end_lr), "--warmup-epochs", "1", "--ds-config", str(self.ds_config),
             "--workers", "1", "--log-every", "50", "--ckpt-every", "500", "--seed", str(c.seed),
             "--experiment", "npp-demo", "--run-name", name,
+            "--eval-every-epochs", str(c.epochs / max(1, c.eval_points)), "--eval-per-class", str(c.eval_per_class),
+            "--eval-cfg", str(c.cfg_scale), "--eval-temperature", str(c.temperature), "--eval-top-k", str(c.top_k),
+            "--eval-batch", "100", "--vq", str(self.vq), "--eval-ref", str(self.ref), "--classifier", str(self.classifier),
             "--token-dropout", str(c.dropout), "--resid-dropout", str(c.dropout),
             "--ffn-dropout", str(c.dropout), "--attn-dropout", str(c.dropout),
         ]

@@ -11,11 +11,15 @@ from npp.models.checkpoint import load_gpt
 from npp.pipeline.shards import load_manifest, read_meta
 
 
+def _small(out):
+    return DemoConfig(out=str(out), per_class=12, vq_steps=25, classifier_epochs=1, model="GPT-Nano", epochs=2,
+                      global_batch=16, samples_per_class=2, eval_points=2, eval_per_class=2, check_quality=False)
+
+
 @pytest.mark.slow
 def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = DemoConfig(out=str(tmp_path / "demo"), per_class=12, vq_minutes=0.5, vq_steps=25, classifier_epochs=1,
-                     model="GPT-Nano", epochs=2, global_batch=16, samples_per_class=2, check_quality=False)
+    cfg = _small(tmp_path / "demo")
     result = Demo(cfg).run()
     out = tmp_path / "demo"
 
@@ -38,7 +42,10 @@ def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
     for key in ("loss", "train_flops", "fid_toynet", "is_toynet", "precision_toynet", "recall_toynet",
                 "class_accuracy_toynet"):
         assert key in metrics, key
-    assert client.get_metric_history(run_id, "fid_toynet")[0].step == ckpt["steps"]
+    # FID during training at each eval point (epochs 1 and 2), then the final evaluation at the last step
+    fid_steps = [m.step for m in client.get_metric_history(run_id, "fid_toynet")]
+    assert fid_steps[:2] == [ckpt["steps"] // 2, ckpt["steps"]] and fid_steps[-1] == ckpt["steps"]
+    assert not (tmp_path / "mlruns").exists() and (out / "mlartifacts").is_dir()  # artifacts stay in the demo dir
     saved = json.loads((out / "demo_result.json").read_text())
     assert saved["untrained"]["metrics"]["fid_toynet"] > 0
 
@@ -46,3 +53,32 @@ def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
     stamp = {p: (out / p).stat().st_mtime_ns for p in ("vq_toy.pt", "toynet.pt", "ref_toynet.npz", "shards/meta.json")}
     Demo(cfg).prepare()
     assert stamp == {p: (out / p).stat().st_mtime_ns for p in stamp}
+
+
+@pytest.mark.slow
+def test_demo_numbers_do_not_depend_on_the_machine_being_busy(tmp_path, monkeypatch):
+    """Two shrunken demos from scratch, the second beside a CPU hog on both cores: the same metrics."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    quiet = Demo(_small(tmp_path / "quiet")).run()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = Demo(_small(tmp_path / "busy")).run()
+    finally:
+        for h in hogs:
+            h.kill()
+    for which in ("trained", "untrained"):
+        a, b = quiet[which]["metrics"], busy[which]["metrics"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (which, k)
+    for name in ("vq_toy.pt", "shards/meta.json"):
+        assert (tmp_path / "quiet" / name).exists() and (tmp_path / "busy" / name).exists()
+    curves = []
+    for d in ("quiet", "busy"):
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / d / 'mlflow.db'}")
+        run_id = (tmp_path / d / "runs" / "npp" / "mlflow_run_id").read_text()
+        curves.append([(m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")])
+    assert curves[0] == curves[1]

@@ -19,3 +19,15 @@ def test_fitting_lowers_reconstruction_error(toy_tree, tmp_path):
     short = fit_vq(str(toy_tree), str(tmp_path / "a.pt"), image_size=32, max_steps=1, batch=16, seed=0)
     longer = fit_vq(str(toy_tree), str(tmp_path / "b.pt"), image_size=32, max_steps=60, batch=16, seed=0)
     assert longer["recon_mse"] < 0.7 * short["recon_mse"]
+
+
+def test_the_budget_is_steps_not_wall_clock(toy_tree, tmp_path, monkeypatch):
+    """On a machine 1000x slower (each clock read 10 s later) the tokenizer is the same: all its steps run."""
+    import itertools
+
+    from npp.tokenize import fit_vq as fit_vq_module
+
+    clock = itertools.count(0, 10.0)
+    monkeypatch.setattr(fit_vq_module.time, "time", lambda: next(clock))
+    stats = fit_vq(str(toy_tree), str(tmp_path / "slow.pt"), image_size=32, max_steps=8, batch=8)
+    assert stats["steps"] == 8
