@@ -211,6 +211,16 @@ class _Eval:
         make_reference(net, batches, str(out), max_features, source)
 
     @staticmethod
+    def watch(run: str, vq: str, ref: str, inception: str = "", classifier: str = "", per_class: int = 10,
+              cfg_scale: float = 2.0, temperature: float = 1.0, top_k: int = 0, batch: int = 64, seed: int = 0,
+              ema: bool = True, interval: float = 300.0, once: bool = False) -> None:
+        """Evaluate each new checkpoint of RUN once (FID & co at its step, in its MLflow run); resumable."""
+        from npp.eval_watch import watch
+
+        watch(str(run), str(vq), str(ref), str(inception) or None, str(classifier) or None, per_class, cfg_scale,
+              temperature, top_k, batch, seed, ema, interval, once)
+
+    @staticmethod
     def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,
                        seed: int = 0) -> None:
         """Train the toy classifier that stands in for Inception on datasets like the toy set."""

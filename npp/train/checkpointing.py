@@ -92,6 +92,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, em
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{env.rank}.pt")
     if ema is not None and env.is_main:
         torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
+    if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (npp eval watch)
+        import json
+
+        (ckpt_dir / tag / "client.json").write_text(json.dumps(
+            {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
     barrier()
     if env.is_main:
         tmp = ckpt_dir / f"latest.tmp{os.getpid()}"

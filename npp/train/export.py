@@ -18,6 +18,11 @@ from npp.models.checkpoint import strip_prefixes
 from npp.train.checkpointing import TAG_PREFIX, latest_tag
 
 
+def tag_step(tag: str) -> int:
+    """step_000001000 (or step_000001000_universal) -> 1000."""
+    return int(tag[len(TAG_PREFIX):].split("_")[0])
+
+
 def consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     zero_files = list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
     if zero_files:
@@ -43,7 +48,7 @@ def export(run: str, tag: Optional[str] = None, out: Optional[str] = None) -> st
     ckpt = {
         "model": consolidated_state(ckpt_dir, tag),
         "config": config["model_config"],
-        "steps": int(tag[len(TAG_PREFIX):]),
+        "steps": tag_step(tag),
         "train": {"schedule": config["schedule"], "run": str(run_dir.resolve()), "tag": tag,
                   "git_commit": config.get("git_commit"), "world_size": config.get("world_size")},
     }

@@ -111,3 +111,33 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
     hist = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="fid_toynet")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
+
+
+@pytest.mark.slow
+def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_set, tmp_path, eval_assets):
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tests.train.conftest import run_env
+
+    run = tmp_path / "run"
+    launch(shard_set, run, tmp_path, total_steps=12, log_every=4, ckpt_every=4, keep=3)
+    cmd = [sys.executable, "-m", "npp.cli", "eval", "watch", "--run", str(run), "--vq", eval_assets["vq"], "--ref",
+           eval_assets["eval_ref"], "--classifier", eval_assets["classifier"], "--per-class", "2", "--batch", "8",
+           "--once"]
+    env = run_env(tmp_path)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("eval watch step_") == 3
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # resumable: nothing new
+    assert again.returncode == 0 and "eval watch step_" not in again.stdout
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.tracking.MlflowClient()
+    run_id = (run / "mlflow_run_id").read_text()
+    assert [m.step for m in client.get_metric_history(run_id, "fid_toynet")] == [4, 8, 12]
+    flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
+    assert flops[4] < flops[8] < flops[12]
+    assert os.path.exists(run / "eval_watch.json")
