@@ -81,6 +81,18 @@ def release_requeued(slurm_cluster, job, restarts):
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
+def interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run, command: list[str]):
+    """Submit a training job, interrupt it at step 10 with `command JOB`, let the requeued job run to the end."""
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
+    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
+    slurm_cluster.run(*command, job, check=True)
+    release_requeued(slurm_cluster, job, 1)
+    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
+    log = job_log(checkout, job)
+    assert info["JobState"] == "COMPLETED", f"{log[-3000:]}\n{info}\n{slurm_cluster.logs()[-4000:]}"
+    return info, log
+
+
 def mlflow_runs_and_loss_steps(tmp_path, run):
     import mlflow
 
@@ -115,13 +127,10 @@ def test_train_slurm_runs_from_a_fresh_checkout_despite_a_stale_op_lock(checkout
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
     run = tmp_path / "run"
-    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
-    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)  # what --signal=B:USR1@N sends
-    release_requeued(slurm_cluster, job, 1)
-    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
-    log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    # what --signal=B:USR1@N sends
+    info, log = interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run,
+                                     ["scancel", "--signal=USR1", "--batch"])
+    assert info["Restarts"] == "1", log[-3000:]
     saved = re.search(r"checkpoint saved: step_0*(\d+); requeueing", log)
     assert saved, log[-3000:]
     assert f"resuming at step {saved.group(1)}/40" in log
@@ -132,13 +141,8 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(checkout, slurm_clu
 
 def test_preemption_requeue_saves_if_it_can_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
     run = tmp_path / "run"
-    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
-    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
-    slurm_cluster.run("scontrol", "requeue", job, check=True)  # TERM to every process, then a restart
-    release_requeued(slurm_cluster, job, 1)
-    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
-    log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    # TERM to every process, then a restart
+    info, log = interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run, ["scontrol", "requeue"])
     resumed = re.search(r"resuming at step (\d+)/40", log)
     assert resumed and int(resumed.group(1)) >= 8, log[-3000:]  # the TERM save, or the step-8 checkpoint
     if "checkpoint saved" in log.split("resuming at")[0]:
