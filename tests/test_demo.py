@@ -1,6 +1,7 @@
 """A shrunken `make demo`: every stage through the same code, minutes on CPU; checks every artefact."""
 
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -16,11 +17,22 @@ def _small(out):
                       global_batch=16, samples_per_class=2, eval_points=2, eval_per_class=2, check_quality=False)
 
 
+@pytest.fixture(scope="module")
+def quiet_demo(tmp_path_factory):
+    """One shrunken demo from scratch on an otherwise idle machine (cwd: its own folder)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        return tmp, Demo(_small(tmp / "demo")).run()
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.mark.slow
-def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_shrunken_demo_produces_consistent_artefacts(quiet_demo):
+    tmp_path, result = quiet_demo
     cfg = _small(tmp_path / "demo")
-    result = Demo(cfg).run()
     out = tmp_path / "demo"
 
     meta = read_meta(out / "shards")
@@ -42,9 +54,9 @@ def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
     for key in ("loss", "train_flops", "fid_toynet", "is_toynet", "precision_toynet", "recall_toynet",
                 "class_accuracy_toynet"):
         assert key in metrics, key
-    # FID during training at each eval point (epochs 1 and 2), then the final evaluation at the last step
-    fid_steps = [m.step for m in client.get_metric_history(run_id, "fid_toynet")]
-    assert fid_steps[:2] == [ckpt["steps"] // 2, ckpt["steps"]] and fid_steps[-1] == ckpt["steps"]
+    curve = [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet")]
+    assert curve == [ckpt["steps"] // 2, ckpt["steps"]]  # FID during training at epochs 1 and 2
+    assert [m.step for m in client.get_metric_history(run_id, "fid_toynet")] == [ckpt["steps"]]  # the final eval
     assert not (tmp_path / "mlruns").exists() and (out / "mlartifacts").is_dir()  # artifacts stay in the demo dir
     saved = json.loads((out / "demo_result.json").read_text())
     assert saved["untrained"]["metrics"]["fid_toynet"] > 0
@@ -56,13 +68,13 @@ def test_shrunken_demo_produces_consistent_artefacts(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_numbers_do_not_depend_on_the_machine_being_busy(tmp_path, monkeypatch):
-    """Two shrunken demos from scratch, the second beside a CPU hog on both cores: the same metrics."""
+def test_demo_numbers_do_not_depend_on_the_machine_being_busy(quiet_demo, tmp_path, monkeypatch):
+    """A second shrunken demo from scratch, beside a CPU hog on both cores: the same metrics as the quiet one."""
     import subprocess
     import sys
 
+    quiet_dir, quiet = quiet_demo
     monkeypatch.chdir(tmp_path)
-    quiet = Demo(_small(tmp_path / "quiet")).run()
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         busy = Demo(_small(tmp_path / "busy")).run()
@@ -74,11 +86,9 @@ def test_demo_numbers_do_not_depend_on_the_machine_being_busy(tmp_path, monkeypa
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (which, k)
-    for name in ("vq_toy.pt", "shards/meta.json"):
-        assert (tmp_path / "quiet" / name).exists() and (tmp_path / "busy" / name).exists()
     curves = []
-    for d in ("quiet", "busy"):
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / d / 'mlflow.db'}")
-        run_id = (tmp_path / d / "runs" / "npp" / "mlflow_run_id").read_text()
+    for d in (quiet_dir / "demo", tmp_path / "busy"):
+        mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
+        run_id = (d / "runs" / "npp" / "mlflow_run_id").read_text()
         curves.append([(m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")])
     assert curves[0] == curves[1]

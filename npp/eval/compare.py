@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from npp.errors import ConfigError
 
-FID_KEY = re.compile(r"^fid(_[a-z]+)?(_cfg[0-9.]+)?$")
+FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_cfg[0-9.]+)?$")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
@@ -50,7 +50,8 @@ def collect(experiment: str) -> list[dict]:
         name = run.info.run_name
         schedule = run.data.params.get("schedule", "?")
         for key in fid_keys:
-            is_key = "is" + key[3:]
+            prefix, base = ("curve/", key[len("curve/"):]) if key.startswith("curve/") else ("", key)
+            is_key = prefix + "is" + base[3:]
             is_hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, is_key)}
             latest = {}  # an evaluation repeated at a step: its last value counts
             for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp):
@@ -144,7 +145,9 @@ def compare(experiment: str = "npp", out: str = "compare", metric: Optional[str]
     if not rows:
         print(f"no evaluated runs in experiment {experiment!r}: run `npp eval` on their checkpoints first")
         return rows
-    metric = metric or sorted({r["metric"] for r in rows}, key=len)[0]
+    if not metric:  # FID during training (a curve of like points) when there is one, else the plain key
+        counts = {m: sum(r["metric"] == m for r in rows) for m in {r["metric"] for r in rows}}
+        metric = sorted(counts, key=lambda m: (not m.startswith("curve/"), -counts[m], len(m)))[0]
     header = f"{'run':<28} {'schedule':<22} {'metric':<16} {'step':>7} {'PFLOPs':>10} {'wall h':>8} {'FID':>8} {'IS':>8}"
     print(header)
     for r in rows:

@@ -8,6 +8,11 @@ sample` does), in every run, on any number of ranks. Ranks sample the pieces
 p % world == rank, extract features locally, and rank 0 gathers them and computes the
 metrics against the reference. The train stage only sees a callable
 `(model, num_classes, device, rank, world) -> metrics` and does not import this stage.
+
+The metrics are named `curve/<metric>` (`curve/fid_toynet`, `curve/eval_seconds`): a
+curve's points all come from the same small fixed sample set, while `npp eval` on a
+final checkpoint (usually 50,000 samples) logs plain `fid`; FID depends on the
+sample count, so the two must not share a series. MLflow's UI groups `curve/`.
 """
 
 from __future__ import annotations
@@ -62,7 +67,10 @@ class TrainingEvaluator:
         metrics = metrics_from_features(self.net, feats, self.ref, labels)
         metrics["eval_seconds"] = time.time() - t0
         metrics["eval_samples"] = float(len(labels))
-        return metrics
+        return {f"{CURVE}{k}": v for k, v in metrics.items()}
+
+
+CURVE = "curve/"
 
 
 def _gather(mine: dict, world: int) -> dict:

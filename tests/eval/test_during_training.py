@@ -34,11 +34,11 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.tracking.MlflowClient()
     run_id = (evald / "mlflow_run_id").read_text()
-    fid = client.get_metric_history(run_id, "fid_toynet")
+    fid = client.get_metric_history(run_id, "curve/fid_toynet")
     assert [m.step for m in fid] == [5, 10, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[5] < flops[10] < flops[12]
-    for key in ("is_toynet", "class_accuracy_toynet", "eval_seconds"):
+    for key in ("curve/is_toynet", "curve/class_accuracy_toynet", "curve/eval_seconds"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [5, 10, 12], key
 
 
@@ -107,9 +107,9 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
     datasets = got["inputs"]["dataset_inputs"]
     assert len(datasets) == 1 and datasets[0]["dataset"]["name"] == shard_set.name and datasets[0]["dataset"]["digest"]
     keys = {m["key"] for m in got["data"]["metrics"]}
-    assert {"fid_toynet", "train_flops", "loss"} <= keys
+    assert {"curve/fid_toynet", "train_flops", "loss"} <= keys
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
-    hist = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="fid_toynet")
+    hist = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
 
 
@@ -137,7 +137,7 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.tracking.MlflowClient()
     run_id = (run / "mlflow_run_id").read_text()
-    assert [m.step for m in client.get_metric_history(run_id, "fid_toynet")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet")] == [4, 8, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
     assert os.path.exists(run / "eval_watch.json")
