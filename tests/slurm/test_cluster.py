@@ -3,7 +3,7 @@
 Each test drives SLURM the way a user or the cluster does (sbatch, scancel, scontrol
 requeue, the time-limit USR1) and checks what the job did from its log, the run
 directory and MLflow. A requeued job waits for a begin time (~2 min on Slurm 22.05);
-the tests release it at once with `scontrol update StartTime=now`, which changes when
+the tests release it after 3 s with `scontrol update StartTime=now`, which changes when
 it starts, not what it does.
 """
 
@@ -78,6 +78,10 @@ def release_requeued(slurm_cluster, job, restarts):
     """Wait until the job is pending again after `restarts` restarts, then let it start now."""
     wait_for(lambda: int(slurm_cluster.job_state(job).get("Restarts", 0)) >= restarts
              and slurm_cluster.job_state(job).get("JobState") == "PENDING", 180, f"job {job} to be requeued")
+    # Not at once: slurmd revokes the old incarnation's credential with a 1-second clock, and a restart
+    # launched within that second is refused ("Job credential revoked"), which SLURM's own begin-time
+    # delay after a requeue never risks.
+    time.sleep(3)
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
