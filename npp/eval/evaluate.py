@@ -18,12 +18,7 @@ from typing import Optional
 import numpy as np
 
 from npp.eval.features import extract, load_feature_net, metric_suffix
-from npp.eval.metrics import (
-    frechet_distance,
-    gaussian_stats,
-    inception_score,
-    precision_recall,
-)
+from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import ReferenceError, load_npz, reference_for
 
 

@@ -3,13 +3,7 @@
 Nothing here imports a stage, DeepSpeed or MLflow.
 """
 
-from .configs import (
-    GPT_SIZES,
-    GPTConfig,
-    count_parameters,
-    gpt_config,
-    train_flops_per_sample,
-)
+from .configs import GPT_SIZES, GPTConfig, count_parameters, gpt_config, train_flops_per_sample
 from .generate import generate
 from .gpt import GPT
 

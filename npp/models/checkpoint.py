@@ -140,9 +140,7 @@ def load_gpt(
     **config_overrides: Any,
 ):
     """Build a GPT from a checkpoint file: its stored config, an explicit one, or one inferred from shapes."""
-    from .gpt import (
-        GPT,  # local import keeps this module usable for VQ checkpoints without the GPT
-    )
+    from .gpt import GPT  # local import keeps this module usable for VQ checkpoints without the GPT
 
     ckpt = read_checkpoint(path)
     state = extract_state_dict(ckpt, use_ema=use_ema)

@@ -210,12 +210,7 @@ class FIDInception(nn.Module):
 
 def load_inception(path: Optional[str] = None) -> FIDInception:
     """The FID Inception with the standard weights, read weights-only; a clear error if the file is missing."""
-    from .checkpoint import (
-        CheckpointMismatchError,
-        extract_state_dict,
-        load_state_strict,
-        read_checkpoint,
-    )
+    from .checkpoint import CheckpointMismatchError, extract_state_dict, load_state_strict, read_checkpoint
 
     path = path or os.environ.get("NPP_INCEPTION_WEIGHTS")
     if not path:

@@ -22,13 +22,7 @@ from tqdm import tqdm
 
 from npp.errors import ConfigError
 from npp.models.vq import VQModel, vq_config
-from npp.pipeline.images import (
-    ImageDecodeError,
-    center_crop_adm,
-    decode_image,
-    to_model_input,
-    to_uint8_images,
-)
+from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image, to_model_input, to_uint8_images
 from npp.pipeline.sources import open_source, read_bytes
 
 

@@ -47,13 +47,7 @@ from npp.pipeline.shards import (
     shard_name,
     write_shard,
 )
-from npp.pipeline.sources import (
-    ImageSource,
-    SourceItem,
-    listing_sha256,
-    open_source,
-    read_bytes,
-)
+from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
 from npp.pipeline.workers import WorkerInit
 from npp.tokenize.config import TokenizeConfig
 

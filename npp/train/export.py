@@ -26,9 +26,7 @@ def tag_step(tag: str) -> int:
 def consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     zero_files = list((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt"))
     if zero_files:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # no ZeRO: the module states file holds the full weights (our own file)

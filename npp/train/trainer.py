@@ -20,34 +20,16 @@ import torch
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.shards import open_shard_sets
-from npp.pipeline.stream import (
-    CodeStream,
-    batch_to_device,
-    make_loader,
-    next_untouched_epoch,
-    shard_paths,
-)
+from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, next_untouched_epoch, shard_paths
 from npp.train import checkpointing
 from npp.train.config import TrainConfig
-from npp.train.distributed import (
-    DistEnv,
-    all_sum,
-    barrier,
-    init,
-    read_env,
-    stale_extension_locks,
-)
+from npp.train.distributed import DistEnv, all_sum, barrier, init, read_env, stale_extension_locks
 from npp.train.ds_config import build_ds_config, resolve_precision
 from npp.train.ema import EMA
 from npp.train.errors import TrainingError
 from npp.train.mfu import peak_flops
 from npp.train.progress import Progress
-from npp.train.schedule import (
-    PatchSchedule,
-    format_schedule,
-    paper_schedule,
-    parse_schedule,
-)
+from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
 

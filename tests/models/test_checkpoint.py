@@ -3,12 +3,7 @@ import argparse
 import pytest
 import torch
 
-from npp.models.checkpoint import (
-    CheckpointMismatchError,
-    infer_gpt_config,
-    load_gpt,
-    read_checkpoint,
-)
+from npp.models.checkpoint import CheckpointMismatchError, infer_gpt_config, load_gpt, read_checkpoint
 from tests.conftest import make_gpt
 
 

@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp.pipeline.images import (
-    ImageDecodeError,
-    center_crop_adm,
-    decode_image,
-    make_views,
-)
+from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image, make_views
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -5,14 +5,7 @@ import pytest
 import torch
 
 from npp.pipeline.shards import Sample, encode_tar
-from npp.pipeline.stream import (
-    CodeStream,
-    CorruptShardError,
-    assign_shards,
-    batch_to_device,
-    make_loader,
-    parse_shard,
-)
+from npp.pipeline.stream import CodeStream, CorruptShardError, assign_shards, batch_to_device, make_loader, parse_shard
 
 
 def make_shards(tmp_path, n_shards=6, per_shard=10, views=2, grid=4):

@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 
 from npp.pipeline.images import decode_image, make_views
-from npp.pipeline.shards import (
-    ShardSetError,
-    iter_tar_samples,
-    open_shard_sets,
-    read_meta,
-)
+from npp.pipeline.shards import ShardSetError, iter_tar_samples, open_shard_sets, read_meta
 from npp.pipeline.sources import open_source, read_bytes
 from npp.pipeline.stream import CodeStream, shard_paths
 from npp.tokenize.run import TokenizeConfig, tokenize

@@ -3,13 +3,7 @@ from fractions import Fraction
 import pytest
 
 from npp.models import gpt_config
-from npp.train.schedule import (
-    PatchSchedule,
-    Stage,
-    paper_schedule,
-    parse_schedule,
-    schedule_cost_ratio,
-)
+from npp.train.schedule import PatchSchedule, Stage, paper_schedule, parse_schedule, schedule_cost_ratio
 
 
 def test_parse_schedule():
