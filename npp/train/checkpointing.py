@@ -14,6 +14,7 @@ rename), so a crash during a save leaves the previous checkpoint as latest.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -66,11 +67,15 @@ def check_world_size(ckpt_dir: Path, world_size: int) -> Optional[str]:
 
 
 def rng_state() -> dict:
+    """Every generator's state as tensors and plain numbers, so the file loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
     }
 
 
@@ -78,8 +83,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+def load_rng_state(path: Path) -> dict:
+    """A rank's RNG file, loaded with weights_only=True.
+
+    Files written before this format pickled numpy's state tuple (an ndarray inside):
+    they load with only numpy's array reconstruction allowed, and are converted.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        arrays = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(arrays):
+            old = torch.load(path, map_location="cpu", weights_only=True)
+    _, keys, pos, has_gauss, gauss = old["numpy"]
+    version, py_state, py_gauss = old["python"]
+    return {**old, "numpy": {"keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
@@ -130,9 +156,8 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict]
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    # ours, written by save(); a universal checkpoint has no per-rank RNG (the ranks are new)
-    rng = None if universal else torch.load(ckpt_dir / tag / f"rng_rank{env.rank}.pt", map_location="cpu",
-                                            weights_only=False)
+    # a universal checkpoint has no per-rank RNG (the ranks are new)
+    rng = None if universal else load_rng_state(ckpt_dir / tag / f"rng_rank{env.rank}.pt")
     if ema is not None and ema.model is not None and (ckpt_dir / tag / "ema.pt").exists():
         ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
     return client_state, rng

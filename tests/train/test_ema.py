@@ -96,3 +96,26 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     finally:
         torch.distributed.destroy_process_group()
     assert losses[-1] < losses[0]
+
+
+def test_rng_files_load_with_weights_only_and_restore_every_generator(tmp_path):
+    import pickle
+    import random
+
+    import numpy as np
+
+    from npp.train.checkpointing import load_rng_state, rng_state, set_rng_state
+
+    random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached gaussian
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    with open(tmp_path / "rng.pt", "rb") as fh:  # plain tensors and numbers: nothing to unpickle beyond them
+        assert torch.load(fh, weights_only=True)
+    legacy = {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(legacy, tmp_path / "legacy.pt")  # the format of earlier checkpoints
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "legacy.pt", weights_only=True)
+    expected = (random.random(), np.random.normal(), float(torch.rand(1)))
+    for name in ("rng.pt", "legacy.pt"):
+        random.seed(9), np.random.seed(9), torch.manual_seed(9)
+        set_rng_state(load_rng_state(tmp_path / name))
+        assert (random.random(), np.random.normal(), float(torch.rand(1))) == expected, name
