@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -26,11 +25,6 @@ import time
 def emit(rows: list, **fig) -> None:
     rows.append(fig)
     print(json.dumps(fig), flush=True)
-
-
-def single_process_env() -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
 
 
 def train_figures(rows: list, model_name: str, precision: str, micro: int, sides: list[int], steps: int,
@@ -135,7 +129,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; nothing was run (this check needs one NVIDIA GPU)")
         return 0
-    single_process_env()
+    from npp.train.distributed import read_env
+
+    read_env()  # a world of one on a free local port, as a plain `npp train` gets
     rows: list = []
     print(f"gpu-check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     for precision in ("bf16-mixed", "bf16"):

@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from npp.pipeline.toy import write_toy_dataset
 from npp.tokenize.run import TokenizeConfig, tokenize
-from npp.train.distributed import free_port
+from npp.train.launch import torchrun_train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +42,11 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "OMP_NUM_THREADS": "1"}
         for precision in ("fp32", "bf16-mixed", "bf16"):
             run = root / precision
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), "-m", "npp.cli", "train", "--shards", str(root / "shards"), "--out", str(run),
-                   "--model", "GPT-Nano", "--global-batch", "16", "--total-steps", str(args.steps), "--workers", "1",
-                   "--log-every", "50", "--ckpt-every", "100000", "--warmup-epochs", "0.5", "--lr", "3e-3",
-                   "--end-lr", "1e-4", "--schedule", "2:0.5,1:0.5", "--precision", precision,
-                   "--ds-config", str(REPO / "ds_configs" / "zero2.json")]
+            cmd = torchrun_train_cmd(2, {
+                "shards": root / "shards", "out": run, "model": "GPT-Nano", "global_batch": 16,
+                "total_steps": args.steps, "workers": 1, "log_every": 50, "ckpt_every": 100000, "warmup_epochs": 0.5,
+                "lr": 3e-3, "end_lr": 1e-4, "schedule": "2:0.5,1:0.5", "precision": precision,
+                "ds_config": REPO / "ds_configs" / "zero2.json"})
             subprocess.run(cmd, env=env, check=True, capture_output=True)
             curves[precision] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
             print(f"{precision}: done", flush=True)

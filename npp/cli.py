@@ -134,14 +134,13 @@ def _finalize(out: str) -> None:
 def _tokenize_commands() -> dict:
     from npp.tokenize.config import TokenizeConfig
 
-    toy, fit_vq_cmd, finalize_cmd = _toy, _fit_vq, _finalize
     return {
         "run": config_command(TokenizeConfig, "npp.tokenize.run:tokenize",
                               "Encode images (ImageFolder or parquet) into VQ-code shards; reruns resume."),
-        "finalize": finalize_cmd,
-        "toy": toy,
-        "fit-vq": fit_vq_cmd,
-        "fit_vq": fit_vq_cmd,
+        "finalize": _finalize,
+        "toy": _toy,
+        "fit-vq": _fit_vq,
+        "fit_vq": _fit_vq,
     }
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from npp.errors import ConfigError
+from npp.train.launch import torchrun_train_cmd
 
 
 @dataclass
@@ -137,20 +137,16 @@ class Demo:
         c = self.cfg
         run = self.out / "runs" / name
         t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(c.nproc),
-            "--master_port", str(_free_port()), "-m", "npp.cli", "train",
-            "--shards", str(self.shards), "--out", str(run), "--model", c.model, "--schedule", schedule,
-            "--epochs", str(c.epochs), "--global-batch", str(c.global_batch), "--lr", str(c.lr),
-            "--end-lr", str(c.end_lr), "--warmup-epochs", "1", "--ds-config", str(self.ds_config),
-            "--workers", "1", "--log-every", "50", "--ckpt-every", "500", "--seed", str(c.seed),
-            "--experiment", "npp-demo", "--run-name", name,
-            "--eval-every-epochs", str(c.epochs / max(1, c.eval_points)), "--eval-per-class", str(c.eval_per_class),
-            "--eval-cfg", str(c.cfg_scale), "--eval-temperature", str(c.temperature), "--eval-top-k", str(c.top_k),
-            "--eval-batch", "100", "--vq", str(self.vq), "--eval-ref", str(self.ref), "--classifier", str(self.classifier),
-            "--token-dropout", str(c.dropout), "--resid-dropout", str(c.dropout),
-            "--ffn-dropout", str(c.dropout), "--attn-dropout", str(c.dropout),
-        ]
+        cmd = torchrun_train_cmd(c.nproc, {
+            "shards": self.shards, "out": run, "model": c.model, "schedule": schedule, "epochs": c.epochs,
+            "global_batch": c.global_batch, "lr": c.lr, "end_lr": c.end_lr, "warmup_epochs": 1,
+            "ds_config": self.ds_config, "workers": 1, "log_every": 50, "ckpt_every": 500, "seed": c.seed,
+            "experiment": "npp-demo", "run_name": name,
+            "eval_every_epochs": c.epochs / max(1, c.eval_points), "eval_per_class": c.eval_per_class,
+            "eval_cfg": c.cfg_scale, "eval_temperature": c.temperature, "eval_top_k": c.top_k, "eval_batch": 100,
+            "vq": self.vq, "eval_ref": self.ref, "classifier": self.classifier,
+            "token_dropout": c.dropout, "resid_dropout": c.dropout, "ffn_dropout": c.dropout, "attn_dropout": c.dropout,
+        })
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // c.nproc)), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
@@ -239,9 +235,3 @@ def demo(cfg: DemoConfig) -> None:
 def demo_compare(cfg: DemoConfig) -> None:
     """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
     Demo(cfg).compare()
-
-
-def _free_port() -> int:
-    from npp.train.distributed import free_port
-
-    return free_port()

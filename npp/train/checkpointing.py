@@ -13,6 +13,7 @@ rename), so a crash during a save leaves the previous checkpoint as latest.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -119,8 +120,6 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, em
     if ema is not None and env.is_main:
         torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
     if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (npp eval watch)
-        import json
-
         (ckpt_dir / tag / "client.json").write_text(json.dumps(
             {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
     barrier()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 
 from npp.errors import ConfigError
 from npp.pipeline.devices import pick_device
+from npp.train.launch import free_port
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_env() -> DistEnv:
@@ -95,28 +89,12 @@ def init(env: DistEnv) -> torch.device:
     return device
 
 
-def all_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (one collective for several flags)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
-
-
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks (one collective for several numbers)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
-
-
-def all_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return float(t.item())
 
 
 def barrier() -> None:

@@ -75,9 +75,12 @@ class Progress:
                 fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
         return step % self.log_every == 0 or step == self.total_steps
 
-    def global_counters(self) -> None:
-        """Sum this rank's counters over ranks (a collective: every rank calls it at the same step)."""
-        self.corrupt_total = self.corrupt_base + int(all_sum([float(self.corrupt_local)], self.device)[0])
+    def global_counters(self, loss: float = 0.0) -> float:
+        """Sum (loss, this rank's corrupt shards) over ranks in one collective (every rank calls it at the same
+        step); updates the job's corrupt-shard total and returns the summed loss."""
+        loss_sum, corrupt = all_sum([loss, float(self.corrupt_local)], self.device)
+        self.corrupt_total = self.corrupt_base + int(corrupt)
+        return loss_sum
 
     def window_metrics(self, world_size: int, global_batch: int, tokens_per_sample: int,
                        peak: Optional[float], grad_norm) -> dict:
@@ -85,8 +88,7 @@ class Progress:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = max(time.time() - self.t0, 1e-9)
-        loss_sum, corrupt = all_sum([float(np.mean(self.losses)), float(self.corrupt_local)], self.device)
-        self.corrupt_total = self.corrupt_base + int(corrupt)
+        loss_sum = self.global_counters(float(np.mean(self.losses)))
         samples_s = self.steps * global_batch / dt
         metrics = {"loss": loss_sum / world_size, "samples_per_s": samples_s,
                    "tokens_per_s": samples_s * tokens_per_sample, "corrupt_shards": self.corrupt_total}

@@ -49,8 +49,11 @@ class Tracker:
         if run_id:
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
             client = mlflow.tracking.MlflowClient()
+            # MLflow's own system/ metrics are sampled in time, not steps, and hold thousands of points after
+            # days: reading their histories would slow every restart, and we never log them
             for key in client.get_run(run_id).data.metrics:
-                self.logged_through[key] = max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+                if not key.startswith("system/"):
+                    self.logged_through[key] = max((m.step for m in client.get_metric_history(run_id, key)), default=0)
         else:
             exp = mark_training_experiment(experiment)
             mlflow.start_run(run_name=run_name, tags=tags, experiment_id=exp, log_system_metrics=system_metrics)

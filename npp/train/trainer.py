@@ -119,8 +119,7 @@ class Trainer:
             raise TrainingError("--eval-every with ZeRO-3 is not supported (the weights are partitioned): use "
                                 "ZeRO-1/2, or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
         self.workers = default_workers(cfg.workers)
-        zero = self.ds_config.get("zero_optimization", {})
-        if zero.get("offload_optimizer") or zero.get("offload_param"):  # DeepSpeed JIT-builds cpu_adam
+        if offloads_optimizer(self.ds_config):  # DeepSpeed JIT-builds its cpu_adam op
             stale = stale_extension_locks(["cpu_adam"])
             if stale:
                 raise TrainingError(
@@ -312,8 +311,9 @@ class Trainer:
         if rng is not None:
             checkpointing.set_rng_state(rng)
         elif self.step:  # resumed on new ranks (universal checkpoint): fresh, deterministic per-rank streams
-            torch.manual_seed(self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step)
-            np.random.seed((self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step) % 2**32)
+            seed = (self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step) % 2**32
+            torch.manual_seed(seed)
+            np.random.seed(seed)
         return batches
 
     def _layout(self) -> dict:

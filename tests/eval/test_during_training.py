@@ -46,15 +46,14 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite store in tmp), ended when the test ends."""
     import os
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from npp.train.launch import free_port
+
+    port = free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",

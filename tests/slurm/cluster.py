@@ -15,18 +15,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from npp.train.launch import free_port
+
 PACKAGES = "slurmd slurmctld slurm-client munge"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")
 
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _which(name: str) -> str:
@@ -46,7 +42,7 @@ class Cluster:
         for d in ("etc", "state", "spool", "log", "munge"):
             (r / d).mkdir(parents=True, exist_ok=True)
         self.munge_socket = r / "munge" / "munge.socket"
-        ctl, slurmd = _free_port(), _free_port()
+        ctl, slurmd = free_port(), free_port()
         self.conf.write_text(f"""ClusterName=npptest
 SlurmctldHost={self.host}
 SlurmctldPort={ctl}

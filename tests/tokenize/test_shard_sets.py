@@ -67,3 +67,18 @@ def test_shard_sets_of_different_tokenizers_are_refused(two_sets, toy_tree, tmp_
         open_shard_sets(f"{two_sets}/flip,{tmp_path}/other")
     with pytest.raises(ShardSetError, match="matches no shard set"):
         open_shard_sets(f"{tmp_path}/nothing-*")
+
+
+@pytest.mark.parametrize("views,expected", [(2, 3072), (20, 12288)])
+def test_bytes_per_sample_in_the_tars_as_readme_states(views, expected):
+    """README's ImageNet disk figures: 3 KB (2 views) and 12 KB (20 views) per 16x16-code sample."""
+    from npp.pipeline.shards import Sample, encode_tar
+    from npp.pipeline.sources import unique_key
+
+    def tar(n):
+        return len(encode_tar([Sample(unique_key(f"n01440764/n01440764_{10026 + i}.JPEG"),
+                                      np.zeros((views, 16, 16), np.uint16), 0) for i in range(n)]))
+
+    per_sample = (tar(40) - tar(20)) // 20
+    assert per_sample == expected
+    assert per_sample * 1_281_167 / 1e9 == pytest.approx(3.9 if views == 2 else 15.7, abs=0.05)

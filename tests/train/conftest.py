@@ -2,25 +2,19 @@
 
 import os
 import subprocess
-import sys
 
-from npp.train.distributed import free_port
+from npp.train.launch import torchrun_train_cmd
 
 
 def train_args(shards, out, **overrides):
-    args = {"model": "GPT-Nano", "global_batch": 16, "total_steps": 16, "workers": 1, "log_every": 4,
-            "ckpt_every": 4, "warmup_epochs": 0.5, "lr": 3e-3, "end_lr": 1e-4, "shuffle_buffer": 20,
+    return {"shards": shards, "out": out, "model": "GPT-Nano", "global_batch": 16, "total_steps": 16, "workers": 1,
+            "log_every": 4, "ckpt_every": 4, "warmup_epochs": 0.5, "lr": 3e-3, "end_lr": 1e-4, "shuffle_buffer": 20,
             "ds_config": os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero2.json"),
             "schedule": "4:0.25,2:0.25,1:0.5", **overrides}
-    cmd = ["--shards", str(shards), "--out", str(out)]
-    for k, v in args.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    return cmd
 
 
 def launch_cmd(shards, out, nproc=2, **overrides):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), "-m", "npp.cli", "train", *train_args(shards, out, **overrides)]
+    return torchrun_train_cmd(nproc, train_args(shards, out, **overrides))
 
 
 def run_env(tmp_path):

@@ -19,11 +19,22 @@ def _model_cfg():
     return gpt_config("GPT-Nano", vocab_size=64, block_size=64, grid=(8, 8), num_classes=10)
 
 
-def test_optimizer_is_built_over_parameters_already_on_the_device():
+def test_optimizer_is_built_over_parameters_already_on_the_device(monkeypatch):
+    """The devices are read when AdamW is constructed: that is where a fused AdamW refuses CPU parameters
+    (moving the model afterwards would move the same parameters, and hide the bug)."""
+    seen = {}
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            params = list(params)
+            seen["devices"] = {p.device for g in params for p in g["params"]}
+            seen["fused"] = kw.get("fused")
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
     model, opt = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META)
-    devices = {p.device for g in opt.param_groups for p in g["params"]}
-    assert devices == {META} and next(model.parameters()).device == META
-    assert all(not g.get("fused") for g in opt.param_groups)  # fused only for CUDA
+    assert isinstance(opt, Recording) and seen["devices"] == {META}
+    assert seen["fused"] is False  # fused only for CUDA
 
 
 def test_ema_lives_on_the_device_of_the_module_and_only_where_kept():
@@ -69,8 +80,9 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from npp.train.distributed import free_port, skip_jit_shm_op
+    from npp.train.distributed import skip_jit_shm_op
     from npp.train.ds_config import build_ds_config
+    from npp.train.launch import free_port
     from npp.train.trainer import offloads_optimizer
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
