@@ -37,20 +37,19 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         decay = 0.0 if self.updates == 0 else self.decay
-        ema_params = list(self.model.parameters()) if self.model is not None else [None] * len(list(module.parameters()))
-        for ema_p, p in zip(ema_params, module.parameters()):
+        self.updates += 1
+        if self.master_weights and self.model is None:
+            return  # nothing to gather, nothing kept here
+        targets = list(self.model.parameters()) if self.model is not None else [None] * len(list(module.parameters()))
+        for ema_p, p in zip(targets, module.parameters()):
             if self.master_weights:
-                if ema_p is None:
-                    continue
                 source = p.detach()
             else:
                 from deepspeed.utils import safe_get_full_fp32_param
 
                 source = safe_get_full_fp32_param(p)  # collective: every rank calls it
-                if ema_p is None:
-                    continue
-            ema_p.mul_(decay).add_(source.to(ema_p.dtype), alpha=1 - decay)
-        self.updates += 1
+            if ema_p is not None:
+                ema_p.mul_(decay).add_(source.to(ema_p.dtype), alpha=1 - decay)
 
     def state_dict(self) -> dict:
         assert self.model is not None, "only the rank that keeps the EMA saves it"
