@@ -5,6 +5,8 @@ project's own components (build_ds_config, build_model_and_optimizer, DeepSpeed'
 engine, the EMA, generate, the FID Inception) on synthetic data it makes itself:
 - GPT-B, ZeRO-2, bf16-mixed and bf16, 30 steps at each of k = 4, 2, 1, EMA on:
   samples/s, tokens/s, MFU, peak memory;
+- GPT-B at k=4 with and without one host read of the loss per step (what the trainer
+  did before --sync-every): the cost of a sync per step, side by side;
 - GPT-XXL at micro-batch 8 and 32, with and without activation checkpointing: peak
   memory of one step, or a clean OOM report;
 - sampling 64 GPT-B images with CFG in bf16: images/s and KV-cache bytes;
@@ -28,7 +30,7 @@ def emit(rows: list, **fig) -> None:
 
 
 def train_figures(rows: list, model_name: str, precision: str, micro: int, sides: list[int], steps: int,
-                  ckpt: bool, ema: bool) -> None:
+                  ckpt: bool, ema: bool, host_read: bool = False) -> None:
     import deepspeed
     import torch
 
@@ -62,11 +64,13 @@ def train_figures(rows: list, model_name: str, precision: str, micro: int, sides
             engine.step()
             if ema_obj is not None:
                 ema_obj.update(engine.module)
+            if host_read:
+                loss.item()  # the host waits for the GPU here
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
         peak = peak_flops(device)
         emit(rows, check="train", model=model_name, precision=precision, k=k, micro_batch=micro,
-             activation_checkpointing=ckpt, ema=ema, samples_per_s=micro / dt, tokens_per_s=micro * 256 / dt,
+             activation_checkpointing=ckpt, ema=ema, host_read_per_step=host_read, samples_per_s=micro / dt, tokens_per_s=micro * 256 / dt,
              mfu=(flops / dt / peak) if peak else None, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30,
              loss=float(loss))
     del engine, model, opt, ema_obj
@@ -136,6 +140,8 @@ def main() -> int:
     print(f"gpu-check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     for precision in ("bf16-mixed", "bf16"):
         train_figures(rows, "GPT-B", precision, 32, [4, 2, 1], args.steps, ckpt=False, ema=True)
+    for host_read in (True, False):
+        train_figures(rows, "GPT-B", "bf16-mixed", 32, [4], args.steps, ckpt=False, ema=False, host_read=host_read)
     for micro in (8, 32):
         for ckpt in (False, True):
             memory_figure(rows, micro, ckpt)
@@ -144,7 +150,8 @@ def main() -> int:
     print("\n| check | settings | figures |\n|---|---|---|")
     for r in rows:
         settings = {k: v for k, v in r.items() if k in ("model", "precision", "k", "micro_batch",
-                                                         "activation_checkpointing", "batch", "images")}
+                                                         "activation_checkpointing", "batch", "images",
+                                                         "host_read_per_step")}
         figs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()
                 if k not in settings and k != "check"}
         print(f"| {r['check']} | {settings} | {figs} |")

@@ -7,11 +7,20 @@ Two faults seen in production:
   makes the DataLoader raise in the rank before the rank can save its checkpoint, so
   workers ignore the stop signals and leave the stopping to their rank (which exits,
   and takes them with it through the parent-death signal).
+- Ignoring SIGTERM has a cost: a rank that ends with an uncaught exception (the
+  traceback keeps its DataLoader iterator alive) reaches multiprocessing's exit hook,
+  which `terminate()`s (SIGTERM) its daemonic children and then joins them: forever.
+  So the parent registers its own exit hook, run before multiprocessing's, that
+  SIGKILLs the loader workers still alive; the rank exits and the job fails instead of
+  hanging to its time limit.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook now, so ours (registered later) runs first
 import os
 import signal
 import sys
@@ -32,6 +41,29 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+_EXIT_HOOK = []
+
+
+def kill_workers_at_exit() -> None:
+    """In the parent: at interpreter exit, SIGKILL the daemonic children (loader workers) still alive.
+
+    Registered once, after multiprocessing's own hook (imported above), so it runs first (atexit is LIFO).
+    """
+    if not _EXIT_HOOK:
+        atexit.register(_kill_daemon_children)
+        _EXIT_HOOK.append(True)
+
+
+def _kill_daemon_children() -> None:
+    # torch's SIGCHLD handler would raise "DataLoader worker ... killed" mid-way through the joins
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    for child in children:  # all of them first: a join must not stand between a worker and its kill
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
 class WorkerInit:
     """DataLoader `worker_init_fn`: die with the parent; optionally leave stop signals to the parent.
 
@@ -41,6 +73,8 @@ class WorkerInit:
     def __init__(self, ignore_stop_signals: bool = False):
         self.parent_pid = os.getpid()
         self.ignore_stop_signals = ignore_stop_signals
+        if ignore_stop_signals:  # built in the parent, before the workers start
+            kill_workers_at_exit()
 
     def __call__(self, worker_id: int) -> None:  # noqa: ARG002
         die_with_parent(self.parent_pid)

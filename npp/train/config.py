@@ -49,7 +49,8 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000  # steps between checkpoints (also saved on SIGTERM/SIGUSR1 and at the end)
     keep: int = 3  # checkpoints kept
-    max_bad_steps: int = 5  # consecutive non-finite losses before stopping with an error
+    max_bad_steps: int = 5  # consecutive steps skipped for non-finite gradients before stopping with an error
+    sync_every: int = 10  # steps between host reads of losses and stop agreement (also at log/ckpt/eval steps)
     experiment: str = "npp"  # MLflow experiment
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)

@@ -61,6 +61,27 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
+def check_skips_non_finite(ds: dict, stage: int, precision: str, path: str) -> None:
+    """Refuse DeepSpeed configurations that would apply an update with non-finite gradients.
+
+    The trainer relies on DeepSpeed skipping such a step (npp.train.bad_steps): its ZeRO
+    optimizers do when the global gradient norm is invalid, and so does its bf16
+    optimizer at stage 0; a plain fp32 engine at stage 0 steps the torch optimizer as is.
+    """
+    zero = ds.get("zero_optimization", {})
+    if stage == 0 and precision != "bf16":
+        raise DeepSpeedConfigError(
+            f"{path}: ZeRO stage 0 with {precision} weights would apply non-finite gradients (DeepSpeed skips such "
+            "steps only in its ZeRO and bf16 optimizers): use ds_configs/zero1.json (on one GPU it holds the same)"
+        )
+    if stage in (1, 2) and zero.get("compute_grad_norm") is False:
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.compute_grad_norm=false turns off DeepSpeed's skip of "
+                                   "non-finite steps: remove it")
+    if stage in (1, 2) and precision == "bf16" and ds.get("bf16", {}).get("check_grad_overflow") is False:
+        raise DeepSpeedConfigError(f"{path}: bf16.check_grad_overflow=false turns off DeepSpeed's skip of non-finite "
+                                   "steps under bf16: remove it")
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
     ds = copy.deepcopy(load_ds_json(cfg.ds_config))
     stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -75,6 +96,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
     precision = resolve_precision(cfg.precision, cuda)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds.pop("fp16", None)
+    check_skips_non_finite(ds, stage, precision, cfg.ds_config)
     if precision == "bf16":  # fp32 accumulation and reduction unless the JSON opts out
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         ds.setdefault("communication_data_type", "fp32")

@@ -1,6 +1,9 @@
 """Per-step records and periodic metrics of a training run, each step exactly once.
 
-`metrics.jsonl` (rank 0) gets one line per optimizer step. A resumed run redoes the
+`metrics.jsonl` (rank 0) gets one line per optimizer step. The losses stay on the
+device until a sync point (`flush`, every --sync-every steps and at log, checkpoint
+and eval steps): reading a loss per step would stall the host until the GPU caught
+up, and at k=4 a GPT-B micro-step is about a millisecond of GPU work. A resumed run redoes the
 steps between its checkpoint and the interruption, so on resume the file is cut
 back to the checkpoint's step first; MLflow keeps points it already has (its
 history cannot be edited), so the tracker logs nothing at or below the last step
@@ -53,10 +56,11 @@ class Progress:
         self.corrupt_base = corrupt_base  # global count at the checkpoint we resumed from
         self.corrupt_local = 0  # skipped by this rank's stream since this process started
         self.corrupt_total = corrupt_base
+        self.pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on the device, k, lr)
         self._reset()
 
     def _reset(self) -> None:
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # flushed losses of the steps since the last log step
         self.t0, self.steps, self.flops = time.time(), 0, 0.0
 
     def resume_at(self, step: int) -> None:
@@ -65,15 +69,25 @@ class Progress:
             if dropped:
                 print(f"[npp train] metrics.jsonl: dropped {dropped} record(s) after step {step} (redone now)", flush=True)
 
-    def record(self, step: int, loss: float, patch_side: int, lr: float, flops: float) -> bool:
-        """Append the step's record; True when this step is a log step (every rank agrees)."""
-        self.losses.append(loss)
+    def record(self, step: int, loss: torch.Tensor, patch_side: int, lr: float, flops: float) -> bool:
+        """Keep the step's record (its loss a device tensor: no host sync); True when this step is a log
+        step (every rank agrees)."""
+        self.pending.append((step, loss.detach(), patch_side, lr))
         self.steps += 1
         self.flops += flops
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def flush(self) -> None:
+        """Read the pending losses in one host transfer and append their records to metrics.jsonl."""
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, loss, _, _ in self.pending]).tolist()
+        self.losses += values
         if self.is_main:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
-        return step % self.log_every == 0 or step == self.total_steps
+                for (step, _, patch_side, lr), loss in zip(self.pending, values):
+                    fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
+        self.pending = []
 
     def global_counters(self, loss: float = 0.0) -> float:
         """Sum (loss, this rank's corrupt shards) over ranks in one collective (every rank calls it at the same
@@ -85,6 +99,7 @@ class Progress:
     def window_metrics(self, world_size: int, global_batch: int, tokens_per_sample: int,
                        peak: Optional[float], grad_norm) -> dict:
         """Metrics over the steps since the last log step; a collective (loss mean, counters)."""
+        self.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = max(time.time() - self.t0, 1e-9)

@@ -4,6 +4,9 @@ SLURM (preemption, `scancel`, the time limit) and torchrun (relaying its own SIG
 signal every process of the job; `#SBATCH --signal=B:USR1@N` warns the batch script,
 which writes `RUN/STOP`. Either way the ranks finish the current step, agree through
 one all-reduce that someone asked to stop, save, and exit 0 so the job can requeue.
+The ranks look at sync points only (every --sync-every steps, see Trainer): the
+all-reduce makes the host wait for the device, which per step would cost NPP's
+short k=4 steps much of their speed; a stop is therefore honoured within that many steps.
 The loader workers ignore these signals (npp.pipeline.workers) so they cannot take
 the DataLoader down before the save. Only rank 0 looks for the file (a `stat` per
 step from every rank is real load on a shared filesystem); the agreement spreads it.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+
+from npp.train.distributed import all_sum
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
@@ -35,6 +40,10 @@ class StopRequest:
     def local(self) -> bool:
         """This rank's view: a signal arrived, or (rank 0) the STOP file exists."""
         return bool(self.signalled) or (self.is_main and self.file.exists())
+
+    def agreed(self, device) -> bool:
+        """Did any rank ask to stop? One all-reduce: every rank calls it at the same step."""
+        return all_sum([float(self.local())], device)[0] > 0
 
     def reason(self) -> str:
         if self.signalled:

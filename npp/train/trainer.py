@@ -22,8 +22,9 @@ from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.shards import open_shard_sets
 from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, next_untouched_epoch, shard_paths
 from npp.train import checkpointing
+from npp.train.bad_steps import BadSteps
 from npp.train.config import TrainConfig
-from npp.train.distributed import DistEnv, all_sum, barrier, init, read_env, stale_extension_locks
+from npp.train.distributed import DistEnv, barrier, init, read_env, stale_extension_locks
 from npp.train.ds_config import build_ds_config, resolve_precision
 from npp.train.ema import EMA
 from npp.train.errors import TrainingError
@@ -92,6 +93,9 @@ class Trainer:
         self.env: DistEnv = read_env()
         cuda = torch.cuda.is_available()
         # Everything that can be wrong with the inputs is checked before the process group starts.
+        for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep"):
+            if int(getattr(cfg, flag)) < 1:
+                raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cfg, flag)}")
         self.meta, self.manifest = open_shard_sets(cfg.shards)
         self.ds_config = build_ds_config(cfg, self.env.world_size, cuda)
         self.precision = resolve_precision(cfg.precision, cuda)
@@ -138,7 +142,6 @@ class Trainer:
                 f"{max(1, len(self.manifest) // self.env.world_size)} or re-tokenize with a smaller --samples-per-shard "
                 f"so there are at least {need} shards"
             )
-        self.bad_streak = 0  # consecutive non-finite losses
         self.last_lr = 0.0
 
     # --- set-up ------------------------------------------------------------------
@@ -215,14 +218,19 @@ class Trainer:
                 if span.index != stage:
                     stage = span.index
                     self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
-                loss, stop = self.train_step(batches, span.patch_side)
-                self.step += 1
-                self._record(loss, span.patch_side)
-                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
-                    self._evaluate()
-                if stop:
+                loss = self.train_step(batches, span.patch_side)
+                self.train_flops += self.cfg.global_batch * self.stage_flops[span.index]  # spent, applied or not
+                if loss is None:  # DeepSpeed skipped the update: a gradient was not finite
+                    self.bad.skipped(self.step + 1, self._last_good, self._log)
+                else:
+                    self.bad.applied()
+                    self.step += 1
+                    self._record(loss, span.patch_side)
+                    if self._eval_due():
+                        self._evaluate()
+                if self._sync_due(skipped=loss is None) and self._stop_agreed():
                     return self._stop_and_save()
-                if self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
+                if loss is not None and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
                     self._save()
             self._save()
         except BaseException:
@@ -230,10 +238,17 @@ class Trainer:
             raise
         return self._finish()
 
-    def train_step(self, batches, patch_side: int) -> tuple[float, bool]:
-        """One optimizer step of grad_accum micro-batches; returns (mean loss, stop requested)."""
-        losses, good, stop = [], 0, False
-        while good < self.cfg.grad_accum:
+    def train_step(self, batches, patch_side: int) -> Optional[torch.Tensor]:
+        """One optimizer step of grad_accum micro-batches: this rank's mean loss, still on the device, or
+        None when DeepSpeed skipped the update because a gradient was not finite (see npp.train.bad_steps).
+
+        Nothing here waits for the device: no loss is read and no flag is agreed on per
+        micro-step (the sync points do that), so the host queues the next micro-step while
+        the GPU runs this one.
+        """
+        losses = []
+        self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
+        for _ in range(self.cfg.grad_accum):
             batch = next(batches)
             self.micro_batches += 1
             if batch["corrupt"]:
@@ -243,21 +258,14 @@ class Trainer:
             idx, labels = batch_to_device(batch, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
                 _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
-            # One small collective per micro-step: agree on skipping a bad loss and on stopping.
-            bad, stop_any = all_sum([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.local())], self.device)
-            stop = stop or bool(stop_any)
-            if bad:
-                self._skip_bad_batch(int(bad))
-                continue
-            self.bad_streak = 0
-            self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
-            good += 1
+            losses.append(loss.detach())
+        if not self.engine.was_step_applied():
+            return None
         if self.ema is not None:
             self.ema.update(self.engine.module)
-        return float(np.mean(losses)), stop
+        return torch.stack(losses).float().mean()
 
     # --- components used by the loop -----------------------------------------------
     def _loader(self):
@@ -285,7 +293,7 @@ class Trainer:
         self.micro_batches = int(client.get("micro_batches", 0))
         self.data_base = self._data_position(client)
         self.train_flops = float(client.get("train_flops", 0.0))
-        self.bad_total = int(client.get("bad_steps", 0))
+        self.bad = BadSteps(int(client.get("bad_steps", 0)), self.cfg.max_bad_steps)
         self.progress = Progress(self.run_dir, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
                                  corrupt_base=int(client.get("corrupt_shards", 0)))
         self.progress.resume_at(self.step)
@@ -399,36 +407,42 @@ class Trainer:
             torch.distributed.broadcast(p.data, src=0)
         return model
 
-    def _skip_bad_batch(self, ranks: int) -> None:
-        """Every rank skips the micro-batch when any rank's loss is non-finite; `bad_steps` counts the
-        non-finite losses summed over ranks, the streak counts skipped micro-steps."""
-        self.bad_total += ranks
-        self.bad_streak += 1
-        self._log(f"warning: non-finite loss at step {self.step}, micro-batch skipped ({self.bad_streak} in a row)")
-        if self.bad_streak >= self.cfg.max_bad_steps:
-            raise TrainingError(
-                f"{self.bad_streak} consecutive non-finite losses at step {self.step}: stopping. The last good "
-                f"checkpoint is {checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}; lower --lr or check the data"
-            )
+    def _last_good(self) -> str:
+        return f"{checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}"
 
-    def _record(self, loss: float, patch_side: int) -> None:
+    def _eval_due(self) -> bool:
+        return bool(self.eval_every) and (self.step % self.eval_every == 0 or self.step == self.total_steps)
+
+    def _sync_due(self, skipped: bool) -> bool:
+        """Sync points: every --sync-every steps, log/checkpoint/eval steps, the last step, a skipped step.
+        A function of the step alone (and of DeepSpeed's skip, the same on every rank): all ranks agree."""
+        s = self.step
+        return (skipped or s % self.cfg.sync_every == 0 or s % self.cfg.log_every == 0 or s % self.cfg.ckpt_every == 0
+                or self._eval_due() or s == self.total_steps)
+
+    def _stop_agreed(self) -> bool:
+        """At a sync point: write the losses read so far, then agree on a stop request (one all-reduce)."""
+        self.progress.flush()
+        return self.stop.agreed(self.device)
+
+    def _record(self, loss: torch.Tensor, patch_side: int) -> None:
         flops = self.cfg.global_batch * self.stage_flops[self.schedule.stage_at(self.step - 1).index]
-        self.train_flops += flops
         if not self.progress.record(self.step, loss, patch_side, self.last_lr, flops):
             return
         h, w = self.model_cfg.grid
         metrics = self.progress.window_metrics(self.env.world_size, self.cfg.global_batch, h * w,
                                                peak_flops(self.device), self.engine.get_global_grad_norm())
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.train_flops,
-                       epoch=self.step / max(1, self.steps_per_epoch), bad_steps=self.bad_total)
+                       epoch=self.step / max(1, self.steps_per_epoch), bad_steps=self.bad.total)
         self.tracker.log(metrics, self.step)
         Progress.line(self.step, metrics, self._log)
 
     def _save(self) -> None:
+        self.progress.flush()  # every record up to the checkpoint's step is on disk before it
         self.progress.global_counters()  # a collective: every rank saves at the same step
         client = {
             "step": self.step, "micro_batches": self.micro_batches, "train_flops": self.train_flops,
-            "bad_steps": self.bad_total, "corrupt_shards": self.progress.corrupt_total,
+            "bad_steps": self.bad.total, "corrupt_shards": self.progress.corrupt_total,
             "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
             "data_layout": self._layout(), "data_base": self.data_base,
             # lets deepspeed.checkpoint.ds_to_universal convert this checkpoint (npp train convert)

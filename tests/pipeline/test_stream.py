@@ -143,3 +143,33 @@ def test_next_untouched_epoch_after_a_layout_change(tmp_path):
     old = [i for r in range(2) for b in take(CodeStream(paths, counts, batch_size=5, rank=r, world=2,
                                                         num_workers=2), 11, workers=2) for i in ids(b)]
     assert len(old) == 110 and len(set(old)) == 80  # epoch 0 complete, part of epoch 1
+
+
+CRASH = """
+import sys
+from npp.pipeline.stream import CodeStream, make_loader
+paths, counts = sys.argv[1].split(","), [10] * 4
+batches = iter(make_loader(CodeStream(paths, counts, batch_size=4, num_workers=2, shuffle_buffer=8), 2))
+next(batches)
+print("workers", flush=True)
+raise RuntimeError("a rank fails with its DataLoader alive")
+"""
+
+
+def test_a_rank_that_fails_with_live_loader_workers_exits(tmp_path):
+    """Workers ignore SIGTERM (see npp.pipeline.workers); multiprocessing's exit hook terminates them with SIGTERM and
+    joins: without our own hook the failed rank hangs forever."""
+    import subprocess
+    import sys
+
+    paths, _ = make_shards(tmp_path, n_shards=4)
+    proc = subprocess.Popen([sys.executable, "-c", CRASH, ",".join(paths)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("the process hung at exit with its loader workers alive: " + out + err[-2000:]) from None
+    assert "workers" in out and "a rank fails with its DataLoader alive" in err
+    assert proc.returncode == 1

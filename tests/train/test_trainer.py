@@ -118,6 +118,32 @@ def test_clear_errors_before_any_process_group(shard_set, tmp_path, monkeypatch,
         Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", schedule="3:0.5,1:0.5"))
 
 
+@pytest.mark.parametrize("zero,bf16,precision,message", [
+    ({"stage": 0}, {}, "fp32", "ZeRO stage 0 with fp32 weights would apply non-finite gradients"),
+    ({"stage": 0}, {}, "bf16-mixed", "ZeRO stage 0 with bf16-mixed weights"),
+    ({"stage": 2, "compute_grad_norm": False}, {}, "fp32", "compute_grad_norm=false turns off"),
+    ({"stage": 1}, {"check_grad_overflow": False}, "bf16", "check_grad_overflow=false turns off"),
+])
+def test_configs_that_would_apply_non_finite_gradients_are_refused(tmp_path, zero, bf16, precision, message):
+    """The trainer leaves the skip of a non-finite step to DeepSpeed (npp.train.bad_steps): where DeepSpeed would
+    step anyway, the run is refused before any work."""
+    from npp.train.ds_config import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero, "bf16": bf16}))
+    cfg = _cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision=precision)
+    with pytest.raises(DeepSpeedConfigError, match=message):
+        build_ds_config(cfg, 1, cuda=False)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))  # DeepSpeed's bf16 optimizer skips them
+    assert build_ds_config(_cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision="bf16"), 1, cuda=False)
+
+
+@pytest.mark.parametrize("flag", ["sync_every", "log_every", "ckpt_every", "grad_accum", "max_bad_steps", "keep"])
+def test_step_counts_below_one_are_refused(shard_set, tmp_path, single_rank, flag):
+    with pytest.raises(TrainingError, match=f"--{flag.replace('_', '-')} must be at least 1, got 0"):
+        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", **{flag: 0}))
+
+
 def test_shards_must_match_the_model(shard_set, tmp_path, single_rank):
     run = tmp_path / "run"
     run.mkdir()
