@@ -118,3 +118,42 @@ def test_a_non_finite_step_is_skipped_then_a_streak_stops_the_run(shard_set, tmp
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(shard_set, tmp_path):
     proc, out, results, run = run_poisoned(shard_set, tmp_path, "zero2.json", "fp32", nproc=2, poison_rank=1)
     check_skip_then_stop(proc, out, results, run, 2)
+
+
+CRASH = textwrap.dedent('''
+    import sys
+    from npp.train.config import TrainConfig
+    from npp.train.trainer import Trainer
+
+    cfg = TrainConfig(shards=sys.argv[1], out=sys.argv[2], model="GPT-Nano", global_batch=16, total_steps=40,
+                      ckpt_every=100, log_every=4, workers=1, tracking=False, warmup_epochs=0,
+                      ds_config="ds_configs/zero2.json")
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def crashing_step(batches, patch_side):
+        if trainer.step == 6 and trainer.env.rank == 1:
+            raise RuntimeError("CUDA out of memory (simulated) on rank 1")
+        return real_step(batches, patch_side)
+
+    trainer.train_step = crashing_step
+    trainer.train()
+''')
+
+
+@pytest.mark.slow
+def test_a_rank_that_crashes_ends_the_job(shard_set, tmp_path):
+    """An uncaught error on one rank, loader workers alive: the job fails at once instead of hanging to its time
+    limit (the workers ignore SIGTERM, which multiprocessing's exit hook relied on; see npp.pipeline.workers)."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(shard_set), str(tmp_path / "run")]
+    try:
+        proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=120,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        subprocess.run(["pkill", "-KILL", "-f", str(script)])
+        raise AssertionError("the job hung after a rank crashed") from e
+    assert proc.returncode != 0
+    assert "CUDA out of memory (simulated) on rank 1" in proc.stdout + proc.stderr
