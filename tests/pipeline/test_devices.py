@@ -38,14 +38,65 @@ def test_explicit_devices_are_kept(fake_gpus, monkeypatch):
     assert devices.pick_device("cpu") == torch.device("cpu")
 
 
-def test_every_gpu_stage_asks_for_this_ranks_device(fake_gpus, monkeypatch):
-    """sample, eval features, tokenize and train all choose their device through pick_device."""
-    import inspect
+@pytest.fixture
+def rank3_on_cpu(fake_gpus, monkeypatch):
+    """LOCAL_RANK=3 of 8 fake GPUs: every stage's call to pick_device is recorded with the device it would get, and
+    the stage then computes on the CPU (this machine has no GPU)."""
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    asked = []
+
+    def spy(device="auto"):
+        asked.append(devices.pick_device(device))
+        return torch.device("cpu")
+
+    def patch(module):
+        monkeypatch.setattr(module, "pick_device", spy)
+
+    return asked, patch
+
+
+def test_tokenize_encodes_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
+    from npp.pipeline.toy import write_toy_dataset
+    from npp.tokenize import run
+    from tests.conftest import save_small_vq
+
+    asked, patch = rank3_on_cpu
+    patch(run)
+    write_toy_dataset(str(tmp_path / "images"), per_class=1, size=32)
+    save_small_vq(tmp_path / "vq.pt")
+    run.tokenize(run.TokenizeConfig(data=str(tmp_path / "images"), vq=str(tmp_path / "vq.pt"), out=str(tmp_path / "s"),
+                                    image_size=32, samples_per_shard=10, batch=8, workers=0))
+    assert asked == [torch.device("cuda", 3)]
+
+
+def test_sampling_and_features_run_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
+    import numpy as np
 
     from npp.eval import features, sample
-    from npp.tokenize import run
+    from npp.models.toynet import ToyNet, ToyNetConfig
+    from tests.conftest import make_gpt, save_small_vq
+
+    asked, patch = rank3_on_cpu
+    patch(sample)
+    patch(features)
+    save_small_vq(tmp_path / "vq.pt")
+    gpt = make_gpt(vocab=64, num_classes=2)
+    torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 1}, tmp_path / "gpt.pt")
+    sample.sample(sample.SampleConfig(ckpt=str(tmp_path / "gpt.pt"), vq=str(tmp_path / "vq.pt"), out=str(tmp_path / "o"),
+                                      per_class=1, batch=2, cfg_scale="1.0"))
+    features.extract(ToyNet(ToyNetConfig(num_classes=2)), np.zeros((2, 32, 32, 3), np.uint8), progress=False)
+    assert asked == [torch.device("cuda", 3)] * 2
+
+
+def test_training_ranks_take_their_gpu(rank3_on_cpu, monkeypatch):
+    """distributed.init: the device first (set as current before NCCL starts), then the process group."""
+    import deepspeed
+
     from npp.train import distributed
 
-    for module in (sample, features, run, distributed):
-        assert "pick_device(" in inspect.getsource(module), module.__name__
-        assert '"cuda" if torch.cuda.is_available()' not in inspect.getsource(module), module.__name__
+    asked, patch = rank3_on_cpu
+    patch(distributed)
+    started = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: started.append((list(asked), kw["dist_backend"])))
+    assert distributed.init(distributed.DistEnv(3, 8, 3)) == torch.device("cpu")
+    assert started == [([torch.device("cuda", 3)], "nccl")]
