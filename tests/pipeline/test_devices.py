@@ -1,5 +1,6 @@
 """Each rank computes on its own GPU: the device choice, checked with a patched CUDA on a CPU machine."""
 
+import deepspeed  # imported before any test patches CUDA: DeepSpeed picks its accelerator (CPU here) once, at import
 import pytest
 import torch
 
@@ -90,7 +91,7 @@ def test_sampling_and_features_run_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
 
 def test_training_ranks_take_their_gpu(rank3_on_cpu, monkeypatch):
     """distributed.init: the device first (set as current before NCCL starts), then the process group."""
-    import deepspeed
+    from deepspeed.accelerator import real_accelerator
 
     from npp.train import distributed
 
@@ -100,3 +101,4 @@ def test_training_ranks_take_their_gpu(rank3_on_cpu, monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: started.append((list(asked), kw["dist_backend"])))
     assert distributed.init(distributed.DistEnv(3, 8, 3)) == torch.device("cpu")
     assert started == [([torch.device("cuda", 3)], "nccl")]
+    assert real_accelerator.ds_accelerator.device_name() == "cpu"  # later tests still get DeepSpeed's CPU accelerator
