@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import multiprocessing
 import multiprocessing.util  # registers multiprocessing's exit hook now, so ours (registered later) runs first
 import os
@@ -41,17 +42,13 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-_EXIT_HOOK = []
-
-
+@functools.cache
 def kill_workers_at_exit() -> None:
     """In the parent: at interpreter exit, SIGKILL the daemonic children (loader workers) still alive.
 
-    Registered once, after multiprocessing's own hook (imported above), so it runs first (atexit is LIFO).
+    Registered once (cached), after multiprocessing's own hook (imported above), so it runs first (atexit is LIFO).
     """
-    if not _EXIT_HOOK:
-        atexit.register(_kill_daemon_children)
-        _EXIT_HOOK.append(True)
+    atexit.register(_kill_daemon_children)
 
 
 def _kill_daemon_children() -> None:

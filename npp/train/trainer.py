@@ -219,16 +219,17 @@ class Trainer:
                     stage = span.index
                     self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
                 loss = self.train_step(batches, span.patch_side)
-                self.train_flops += self.cfg.global_batch * self.stage_flops[span.index]  # spent, applied or not
+                flops = self.cfg.global_batch * self.stage_flops[span.index]
+                self.train_flops += flops  # spent, applied or not
                 if loss is None:  # DeepSpeed skipped the update: a gradient was not finite
                     self.bad.skipped(self.step + 1, self._last_good, self._log)
                 else:
                     self.bad.applied()
                     self.step += 1
-                    self._record(loss, span.patch_side)
+                    self._record(loss, span.patch_side, flops)
                     if self._eval_due():
                         self._evaluate()
-                if self._sync_due(skipped=loss is None) and self._stop_agreed():
+                if self._sync_due(skipped=loss is None) and self._sync():
                     return self._stop_and_save()
                 if loss is not None and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
                     self._save()
@@ -420,13 +421,13 @@ class Trainer:
         return (skipped or s % self.cfg.sync_every == 0 or s % self.cfg.log_every == 0 or s % self.cfg.ckpt_every == 0
                 or self._eval_due() or s == self.total_steps)
 
-    def _stop_agreed(self) -> bool:
-        """At a sync point: write the losses read so far, then agree on a stop request (one all-reduce)."""
+    def _sync(self) -> bool:
+        """At a sync point: read the pending losses into metrics.jsonl, then agree on a stop request (one
+        all-reduce); True when the ranks stop here."""
         self.progress.flush()
         return self.stop.agreed(self.device)
 
-    def _record(self, loss: torch.Tensor, patch_side: int) -> None:
-        flops = self.cfg.global_batch * self.stage_flops[self.schedule.stage_at(self.step - 1).index]
+    def _record(self, loss: torch.Tensor, patch_side: int, flops: float) -> None:
         if not self.progress.record(self.step, loss, patch_side, self.last_lr, flops):
             return
         h, w = self.model_cfg.grid
