@@ -19,7 +19,7 @@ from npp.train.launch import free_port
 from tests.train.conftest import read_metrics, run_env
 
 POISON = textwrap.dedent('''
-    import json, sys, torch, deepspeed
+    import json, os, sys, torch, deepspeed
     from npp.train.config import TrainConfig
     from npp.train.trainer import Trainer
 
@@ -60,10 +60,11 @@ POISON = textwrap.dedent('''
             before = snapshot()
             loss = real_step(batches, patch_side)
             after = snapshot()
-            print("RESULT " + json.dumps({
+            line = "RESULT " + json.dumps({
                 "rank": trainer.env.rank, "skipped": loss is None, "weights": same(before[0], after[0]),
                 "master": same(before[1], after[1]), "adam": same(before[2], after[2]) and len(before[2]) > 0,
-                "lr_epoch": [before[3], after[3]]}), flush=True)
+                "lr_epoch": [before[3], after[3]]}) + "\\n"
+            os.write(1, line.encode())  # one write: the ranks share stdout, and print() writes the newline apart
             return loss
         if step == 10:  # weights blow up at the 11th step: every later loss is NaN
             with torch.no_grad():
@@ -85,7 +86,8 @@ def run_poisoned(shard_set, tmp_path, ds_config, precision, nproc=1, poison_rank
            if nproc > 1 else [sys.executable])
     proc = subprocess.run(cmd + args, env=run_env(tmp_path), capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
+    decoder = json.JSONDecoder()
+    results = [decoder.raw_decode(part)[0] for part in out.split("RESULT ")[1:]]
     return proc, out, results, run
 
 
