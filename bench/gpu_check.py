@@ -1,160 +1,315 @@
-"""One-shot GPU check: the CUDA paths an 8xH100/H200 user runs first, on one GPU, in a few minutes.
+"""One-shot GPU check: npp's training step beside a plain PyTorch step of the same model, on one GPU.
 
-Prints one JSON line per figure and a table at the end. Everything runs through the
-project's own components (build_ds_config, build_model_and_optimizer, DeepSpeed's
-engine, the EMA, generate, the FID Inception) on synthetic data it makes itself:
-- GPT-B, ZeRO-2, bf16-mixed and bf16, 30 steps at each of k = 4, 2, 1, EMA on:
-  samples/s, tokens/s, MFU, peak memory;
-- GPT-B at k=4 with and without one host read of the loss per step (what the trainer
-  did before --sync-every): the cost of a sync per step, side by side;
-- GPT-XXL at micro-batch 8 and 32, with and without activation checkpointing: peak
-  memory of one step, or a clean OOM report;
-- sampling 64 GPT-B images with CFG in bf16: images/s and KV-cache bytes;
-- Inception features of 256 images (random weights: speed only): images/s.
-On a machine without CUDA it says so and exits 0 without doing anything.
+Everything runs through the project's own components on synthetic data it makes itself:
+the trainer's step (`npp.train.step.TrainStep`: DeepSpeed engine, clipping, EMA) as
+`npp train` builds it (`build_ds_config`, `build_model_and_optimizer`, `start_engine`:
+compiled blocks, bf16-mixed), timed beside
+- a plain PyTorch step of the same GPT: fp32 weights, fused AdamW, bf16 autocast around
+  the model, gradient clipping, the same compiled blocks;
+- forward + backward alone (the floor any optimizer step adds to).
+Figures, one JSON line each and a table at the end:
+- train: GPT-B (micro-batch 32, 128) and GPT-XXL (8, 32) at k = 4, 2, 1: ms per step, MFU
+  against the bf16 peak, npp/plain, and per model the NPP schedule's wall-clock ratio
+  against next-token training (per-k step times weighted by the schedule's step shares);
+- memory: GPT-XXL peak memory of a step with and without activation checkpointing;
+- engines: GPT-B with ds_configs/zero3.json, zero3_offload.json and --precision bf16;
+- sample / inception: see the functions below.
+Without CUDA it says so and exits 0, unless --rehearse: then the same code runs on the
+CPU with tiny models (GPT-Nano/GPT-Tiny, a few steps), to check the script before a GPU
+session spends minutes on it (figures there mean nothing).
 
-    make gpu-check            # or: .venv/bin/python bench/gpu_check.py [--steps 30]
+    make gpu-check                       # or: .venv/bin/python bench/gpu_check.py [--out figures.jsonl]
+    .venv/bin/python bench/gpu_check.py --rehearse --nocompile
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+SCHEDULE = "4:0.25,2:0.25,1:0.5"
 
 
-def emit(rows: list, **fig) -> None:
-    rows.append(fig)
-    print(json.dumps(fig), flush=True)
+@dataclass
+class Setup:
+    device: object
+    steps: int
+    compile: bool
+    rehearse: bool
+    out: object = None
+    rows: list = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def emit(self, **fig) -> dict:
+        self.rows.append(fig)
+        line = json.dumps(fig)
+        print(line, flush=True)
+        if self.out:
+            self.out.write(line + "\n")
+            self.out.flush()
+        return fig
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def name(self, model: str) -> str:
+        """On --rehearse the big models are stood in for by small ones."""
+        return {"GPT-B": "GPT-Nano", "GPT-XXL": "GPT-Tiny"}.get(model, model) if self.rehearse else model
 
 
-def train_figures(rows: list, model_name: str, precision: str, micro: int, sides: list[int], steps: int,
-                  ckpt: bool, ema: bool, host_read: bool = False) -> None:
-    import deepspeed
-    import torch
-
-    from npp.models.configs import gpt_config, train_flops_per_sample
-    from npp.train.config import TrainConfig
-    from npp.train.ds_config import build_ds_config
-    from npp.train.ema import EMA
-    from npp.train.mfu import peak_flops
-    from npp.train.trainer import build_model_and_optimizer
-
-    device = torch.device("cuda", 0)
-    cfg = TrainConfig(shards="-", out="-", model=model_name, global_batch=micro, precision=precision,
-                      ds_config="ds_configs/zero2.json", activation_checkpointing=ckpt)
-    mcfg = gpt_config(model_name, vocab_size=16384, block_size=256, num_classes=1000)
-    ds = build_ds_config(cfg, 1, True)
-    torch.cuda.reset_peak_memory_stats()
-    model, opt = build_model_and_optimizer(mcfg, cfg, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    ema_obj = EMA(engine.module, 0.9999, master_weights=precision != "bf16") if ema else None
-    idx = torch.randint(0, 16384, (micro, 256), device=device)
-    labels = torch.randint(0, 1000, (micro,), device=device)
-    for k in sides:
-        flops = train_flops_per_sample(mcfg, k) * micro
-        for i in range(steps + 3):  # 3 warm-up steps
-            if i == 3:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                _, loss = engine(idx, labels, targets=idx, patch=k)
-            engine.backward(loss)
-            engine.step()
-            if ema_obj is not None:
-                ema_obj.update(engine.module)
-            if host_read:
-                loss.item()  # the host waits for the GPU here
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / steps
-        peak = peak_flops(device)
-        emit(rows, check="train", model=model_name, precision=precision, k=k, micro_batch=micro,
-             activation_checkpointing=ckpt, ema=ema, host_read_per_step=host_read, samples_per_s=micro / dt, tokens_per_s=micro * 256 / dt,
-             mfu=(flops / dt / peak) if peak else None, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30,
-             loss=float(loss))
-    del engine, model, opt, ema_obj
-    torch.cuda.empty_cache()
-
-
-def memory_figure(rows: list, micro: int, ckpt: bool) -> None:
-    import torch
-
-    try:
-        train_figures(rows, "GPT-XXL", "bf16-mixed", micro, [1], 1, ckpt, False)
-    except torch.cuda.OutOfMemoryError as e:
-        emit(rows, check="train", model="GPT-XXL", micro_batch=micro, activation_checkpointing=ckpt,
-             oom=str(e).splitlines()[0][:200])
-        torch.cuda.empty_cache()
-
-
-def sampling_figure(rows: list) -> None:
-    import torch
-
-    from npp.models import GPT, gpt_config
-    from npp.models.generate import generate, kv_cache_bytes
-
-    cfg = gpt_config("GPT-B", vocab_size=16384, block_size=256, num_classes=1000)
-    model = GPT(cfg).cuda().to(torch.bfloat16).eval()
-    labels = torch.arange(64, device="cuda") % 1000
-    generate(model, labels[:8], cfg_scale=2.0, seed=0)  # warm-up
-    torch.cuda.synchronize()
+def timed(setup: Setup, fn, steps: int, warmup: int = 3) -> float:
+    """Seconds per call of fn after `warmup` calls (compilation, allocator, optimizer state)."""
+    for _ in range(warmup):
+        fn()
+    setup.sync()
     t0 = time.perf_counter()
-    generate(model, labels, cfg_scale=2.0, seed=0)
-    torch.cuda.synchronize()
-    emit(rows, check="sample", model="GPT-B", batch=64, cfg=2.0, precision="bf16",
-         images_per_s=64 / (time.perf_counter() - t0), kv_cache_bytes=kv_cache_bytes(cfg, 64, torch.bfloat16))
+    for _ in range(steps):
+        fn()
+    setup.sync()
+    return (time.perf_counter() - t0) / steps
 
 
-def inception_figure(rows: list) -> None:
-    import numpy as np
+def model_config(model: str):
+    from npp.models.configs import gpt_config
+
+    return gpt_config(model, vocab_size=16384, block_size=256, num_classes=1000)
+
+
+def synthetic_batch(setup: Setup, micro: int):
     import torch
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16384, (micro, 256), generator=gen).to(setup.device)
+    labels = torch.randint(0, 1000, (micro,), generator=gen).to(setup.device)
+    return idx, labels
+
+
+@contextmanager
+def npp_engine(setup: Setup, model: str, micro: int, precision: str = "bf16-mixed", ds_config="ds_configs/zero2.json",
+               ckpt: bool = False, ema: bool = True):
+    """npp's own step as `npp train` builds it, on one GPU; freed afterwards."""
+    from npp.train.config import TrainConfig
+    from npp.train.step import standalone_step
+
+    cfg = TrainConfig(shards="-", out="-", model=model, global_batch=micro, precision=precision, ds_config=ds_config,
+                      activation_checkpointing=ckpt, ema=ema, compile="on" if setup.compile else "off")
+    setup.reset_memory()
+    step = standalone_step(model_config(model), cfg, setup.device)
+    try:
+        yield step
+    finally:
+        step.engine.destroy()  # DeepSpeed's hooks and buffers go with it
+        del step
+        setup.reset_memory()
+
+
+@contextmanager
+def plain_model(setup: Setup, model: str):
+    """The same GPT as plain PyTorch trains it: fp32 weights, fused AdamW, the same compiled blocks."""
+    import torch
+
+    from npp.models.gpt import GPT, configure_optimizer_groups
+
+    setup.reset_memory()
+    torch.manual_seed(0)
+    net = GPT(model_config(model)).to(setup.device)
+    if setup.compile:
+        net.compile_blocks()
+    opt = torch.optim.AdamW(configure_optimizer_groups(net, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=setup.cuda)
+    try:
+        yield net, opt
+    finally:
+        del net, opt
+        setup.reset_memory()
+
+
+def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
+    """npp step, plain step, forward+backward alone, per k; then the schedule's wall-clock ratio."""
+    import torch
+
+    from npp.models.configs import train_flops_per_sample
+    from npp.train.mfu import peak_flops
+    from npp.train.schedule import parse_schedule
+
+    name = setup.name(model)
+    cfg = model_config(name)
+    peak = peak_flops(setup.device)
+    idx, labels = synthetic_batch(setup, micro)
+    times: dict = {"npp": {}, "plain": {}, "fwd_bwd": {}}
+    with npp_engine(setup, name, micro) as step:
+        for k in sides:
+            times["npp"][k] = timed(setup, lambda: step([(idx, labels)], k), setup.steps)
+        npp_peak = setup.peak_gb()
+    with plain_model(setup, name) as (net, opt):
+        autocast = torch.autocast(setup.device.type, dtype=torch.bfloat16)
+
+        def plain_step(k):
+            with autocast:
+                _, loss = net(idx, labels, targets=idx, patch=k)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def fwd_bwd(k):
+            with autocast:
+                _, loss = net(idx, labels, targets=idx, patch=k)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+
+        for k in sides:
+            times["plain"][k] = timed(setup, lambda: plain_step(k), setup.steps)
+            times["fwd_bwd"][k] = timed(setup, lambda: fwd_bwd(k), setup.steps)
+    for k in sides:
+        flops = train_flops_per_sample(cfg, k) * micro
+        row = {"check": "train", "model": name, "micro_batch": micro, "k": k}
+        for kind, t in times.items():
+            row[f"{kind}_ms"] = t[k] * 1e3
+            row[f"{kind}_mfu"] = flops / t[k] / peak if peak else None
+        row["npp_vs_plain"] = times["npp"][k] / times["plain"][k]
+        row["k_vs_k1"] = times["npp"][k] / times["npp"][1] if 1 in sides else None
+        row["npp_peak_gb"] = npp_peak
+        setup.emit(**row)
+    if set(sides) >= {4, 2, 1}:
+        stages = parse_schedule(SCHEDULE, cfg.grid)
+        for kind in ("npp", "plain"):
+            wall = sum(s.share * times[kind][s.patch_side] for s in stages) / times[kind][1]
+            flop = (sum(s.share * train_flops_per_sample(cfg, s.patch_side) for s in stages)
+                    / train_flops_per_sample(cfg, 1))
+            setup.emit(check="schedule", model=name, micro_batch=micro, kind=kind, schedule=SCHEDULE,
+                       wall_clock_vs_ntp=wall, flops_vs_ntp=flop)
+
+
+def memory_rows(setup: Setup, micro: int) -> None:
+    """GPT-XXL peak memory of npp's step with and without activation checkpointing (or a clean OOM report)."""
+    import torch
+
+    name = setup.name("GPT-XXL")
+    idx, labels = synthetic_batch(setup, micro)
+    for ckpt in (False, True):
+        try:
+            with npp_engine(setup, name, micro, ckpt=ckpt, ema=False) as step:
+                t = timed(setup, lambda: step([(idx, labels)], 1), 2, warmup=1)
+                setup.emit(check="memory", model=name, micro_batch=micro, k=1, activation_checkpointing=ckpt,
+                           peak_gb=setup.peak_gb(), step_ms=t * 1e3)
+        except torch.OutOfMemoryError as e:
+            setup.emit(check="memory", model=name, micro_batch=micro, k=1, activation_checkpointing=ckpt,
+                       oom=str(e).splitlines()[0][:160])
+
+
+def engine_rows(setup: Setup) -> None:
+    """GPT-B through the other engines a user may pick: ZeRO-3, ZeRO-3 with the optimizer on the CPU, DeepSpeed bf16."""
+    name = setup.name("GPT-B")
+    micro = 32 if setup.cuda else 2
+    idx, labels = synthetic_batch(setup, micro)
+    runs = [("ds_configs/zero3.json", "bf16-mixed"), ("ds_configs/zero3_offload.json", "bf16-mixed"),
+            ("ds_configs/zero2.json", "bf16")]
+    for ds_config, precision in runs:
+        if setup.rehearse and "offload" in ds_config:
+            continue  # build_ds_config drops the offload on CPU: the same run as zero3.json there
+        t0 = time.perf_counter()
+        try:
+            ema = precision == "bf16"  # the EMA's gather of fp32 master weights
+            with npp_engine(setup, name, micro, precision=precision, ds_config=ds_config, ema=ema) as step:
+                build_s = time.perf_counter() - t0
+                for k in (4, 1):
+                    t = timed(setup, lambda: step([(idx, labels)], k), max(3, setup.steps // 3), warmup=2)
+                    setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision, k=k,
+                               micro_batch=micro, step_ms=t * 1e3, peak_gb=setup.peak_gb(), build_s=build_s)
+        except Exception as e:  # one engine failing must not hide the others' figures
+            setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision,
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
+def inception_rows(setup: Setup) -> None:
+    import numpy as np
 
     from npp.eval.features import extract
     from npp.models.inception import FIDInception
 
+    n = 256 if setup.cuda else 8
     net = FIDInception()
-    images = np.random.default_rng(0).integers(0, 256, (256, 256, 256, 3), dtype=np.uint8)
-    extract(net, images[:32], desc="warm-up")
-    torch.cuda.synchronize()
+    images = np.random.default_rng(0).integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    extract(net, images[: min(32, n)], desc="warm-up", progress=False)
+    setup.sync()
     t0 = time.perf_counter()
-    extract(net, images, batch=128, desc="inception")
-    torch.cuda.synchronize()
-    emit(rows, check="inception", images=256, tf32=torch.backends.cuda.matmul.allow_tf32,
-         images_per_s=256 / (time.perf_counter() - t0))
+    extract(net, images, batch=128, desc="inception", progress=False)
+    setup.sync()
+    setup.emit(check="inception", images=n, images_per_s=n / (time.perf_counter() - t0))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    args = ap.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here; nothing was run (this check needs one NVIDIA GPU)")
-        return 0
-    from npp.train.distributed import read_env
-
-    read_env()  # a world of one on a free local port, as a plain `npp train` gets
-    rows: list = []
-    print(f"gpu-check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
-    for precision in ("bf16-mixed", "bf16"):
-        train_figures(rows, "GPT-B", precision, 32, [4, 2, 1], args.steps, ckpt=False, ema=True)
-    for host_read in (True, False):
-        train_figures(rows, "GPT-B", "bf16-mixed", 32, [4], args.steps, ckpt=False, ema=False, host_read=host_read)
-    for micro in (8, 32):
-        for ckpt in (False, True):
-            memory_figure(rows, micro, ckpt)
-    sampling_figure(rows)
-    inception_figure(rows)
+def table(rows: list) -> None:
     print("\n| check | settings | figures |\n|---|---|---|")
+    keys = ("model", "precision", "k", "micro_batch", "activation_checkpointing", "batch", "images", "ds_config",
+            "kind", "schedule")
     for r in rows:
-        settings = {k: v for k, v in r.items() if k in ("model", "precision", "k", "micro_batch",
-                                                         "activation_checkpointing", "batch", "images",
-                                                         "host_read_per_step")}
+        settings = {k: v for k, v in r.items() if k in keys}
         figs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()
                 if k not in settings and k != "check"}
         print(f"| {r['check']} | {settings} | {figs} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="", help="also write the JSON lines to this file")
+    ap.add_argument("--only", default="", help="comma list of parts: train,memory,engines,sample,inception")
+    ap.add_argument("--rehearse", action="store_true", help="run the same code on the CPU with tiny models")
+    ap.add_argument("--nocompile", action="store_true", help="eager blocks (npp train --nocompile)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and not args.rehearse:
+        print("gpu-check: no CUDA device here; nothing was run (this check needs one NVIDIA GPU; "
+              "--rehearse runs the same code on the CPU with tiny models)")
+        return 0
+    from npp.train.distributed import init, read_env
+
+    device = init(read_env())  # a world of one on a free local port, as a plain `npp train` gets
+    steps = args.steps if not args.rehearse else min(args.steps, 2)
+    out = open(args.out, "a") if args.out else None
+    setup = Setup(device, steps, compile=not args.nocompile, rehearse=args.rehearse, out=out, rows=[])
+    parts = set(args.only.split(",")) if args.only else {"train", "memory", "engines", "sample", "inception"}
+    where = torch.cuda.get_device_name(0) if setup.cuda else "CPU (rehearsal: figures mean nothing)"
+    print(f"gpu-check on {where}, torch {torch.__version__}, blocks {'compiled' if setup.compile else 'eager'}",
+          flush=True)
+    if "train" in parts:
+        for model, micro in (("GPT-B", 32), ("GPT-B", 128), ("GPT-XXL", 8), ("GPT-XXL", 32)):
+            train_rows(setup, model, micro if setup.cuda else 2)
+    if "memory" in parts:
+        for micro in (8, 32):
+            memory_rows(setup, micro if setup.cuda else 2)
+    if "engines" in parts:
+        engine_rows(setup)
+    if "inception" in parts:
+        inception_rows(setup)
+    table(setup.rows)
+    if out:
+        out.close()
     return 0
 
 

@@ -7,6 +7,7 @@ DeepSpeed or tracking: see `checkpoint.py` for loading and `generate.py` for sam
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -196,8 +197,13 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope: dict[tuple, torch.Tensor] = {}
-        # per-block activation checkpointing in training (a run setting, not part of the saved config)
+        # Run settings, not part of the saved config:
+        # per-block activation checkpointing in training;
         self.activation_checkpointing = False
+        # the dtype the teacher-forced forward autocasts to (bf16-mixed training), None for the weights' own dtype.
+        # The autocast is entered here, inside the module, because DeepSpeed's engine.forward switches an
+        # autocast opened around it off (on CUDA) unless its config has a torch_autocast section.
+        self.autocast_dtype: Optional[torch.dtype] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,14 +226,43 @@ class GPT(nn.Module):
             self._rope[key] = rope_2d(prow, pcol, self.config.head_dim, self.config.rope_base, device=device)
         return self._rope[key]
 
+    def compile_blocks(self, **kwargs) -> None:
+        """Compile each transformer block for full-sequence forwards (training), as torchtitan does.
+
+        A block at a time keeps compile time to one block's graph, shared by every layer
+        (parameters are graph inputs), and one graph per patch side (shapes are static, so
+        a stage never recompiles; the next stage's sequence length compiles once more).
+        The module objects and their state-dict names are unchanged (`nn.Module.compile`).
+        KV-cached decoding calls the blocks' eager forward: its position changes every token.
+        """
+        import torch._dynamo.config as dynamo_config
+
+        # a graph per (patch side, train/eval, per-layer constants such as a drop-path rate)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(self.layers))
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                        64 * len(self.layers))
+        for layer in self.layers:
+            layer.compile(**{"dynamic": False, **kwargs})
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layers)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()  # an autocast the caller opened stays in force
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
     def _trunk(self, h: torch.Tensor, rope: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
         h = self.tok_dropout(h)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and start is None
         for layer in self.layers:
             if recompute:  # keep only each block's input; recompute its insides in backward (same dropout masks)
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
+            elif start is not None:  # decoding: the eager forward (a compiled block would recompile per position)
+                h = layer.forward(h, rope, start)
             else:
-                h = layer(h, rope, start)
+                h = layer(h, rope)
         return self.output(self.norm(h)).float()
 
     def forward(
@@ -244,6 +279,10 @@ class GPT(nn.Module):
         targets: idx is a prefix (B, T) of raster tokens and logits are
         (B, min(T + 1, rows·cols), vocab), position j predicting token j.
         """
+        with self._autocast(idx.device):
+            return self._forward(idx, labels, targets, patch)
+
+    def _forward(self, idx, labels, targets, patch):
         n_tokens = self.grid[0] * self.grid[1]
         drop_labels = self.training and targets is not None
         cls = self.cls_embedding(labels, drop_labels=drop_labels)

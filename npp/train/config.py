@@ -54,7 +54,7 @@ class TrainConfig:
     experiment: str = "npp"  # MLflow experiment
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: str = "auto"  # torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; on = any device
     # FID during training (see npp.eval.during_training): 0 = off
     eval_every: int = 0  # steps between evaluations (also at the last step)
     eval_every_epochs: float = 0.0  # the same in epochs (when eval_every is 0)

@@ -46,10 +46,11 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
-    """auto: bf16-mixed on CUDA (LlamaGen's recipe), fp32 on CPU.
+    """auto: bf16-mixed on CUDA (LlamaGen's recipe), fp32 on CPU. Called once per run; the result goes to
+    the DeepSpeed config, the model, the EMA and the benches (npp.train.step says how each uses it).
 
-    bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the forward runs under
-    bf16 autocast. bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
+    bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's forward runs
+    under bf16 autocast, opened inside the module (see npp.train.step). bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
     master weights in the optimizer), with fp32 gradient accumulation and fp32
     communication unless the DeepSpeed JSON sets `data_types.grad_accum_dtype` /
     `communication_data_type` itself. Both run on CPU too (the tests use that).
@@ -82,7 +83,11 @@ def check_skips_non_finite(ds: dict, stage: int, precision: str, path: str) -> N
                                    "steps under bf16: remove it")
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
+def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool, precision: str) -> dict:
+    """The DeepSpeed config of this run; `precision` is the resolved one (resolve_precision), never "auto"."""
+    if precision not in PRECISIONS:
+        raise DeepSpeedConfigError(f"build_ds_config takes a resolved precision ({', '.join(PRECISIONS)}), "
+                                   f"got {precision!r}")
     ds = copy.deepcopy(load_ds_json(cfg.ds_config))
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -93,7 +98,6 @@ def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool) -> dict:
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["train_batch_size"] = cfg.global_batch
     ds["gradient_clipping"] = cfg.grad_clip
-    precision = resolve_precision(cfg.precision, cuda)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds.pop("fp16", None)
     check_skips_non_finite(ds, stage, precision, cfg.ds_config)

@@ -10,6 +10,10 @@ rank 0 accumulates them. Only rank 0 keeps the copy (GPT-XXL: 5.6 GB, not 5.6 GB
 per rank). ZeRO-3 partitions the module itself and is refused with --ema before any
 work (see ds_config). Starts as a copy (decay 0 at the first update, as DiT does)
 and is always in eval mode: it is only ever used for sampling.
+
+The update is one fused multi-tensor lerp over all parameters (`torch._foreach_lerp_`),
+not a mul_/add_ pair per tensor: GPT-XXL has ~440 parameter tensors, and per-tensor
+kernels cost more launch time on the host than the arithmetic takes on the GPU.
 """
 
 from __future__ import annotations
@@ -28,28 +32,35 @@ class EMA:
         self.decay = decay
         self.master_weights = master_weights
         self.model: Optional[nn.Module] = None
+        self._params: list[torch.Tensor] = []
         if keep:
             self.model = copy.deepcopy(module).float().eval()
+            for m in self.model.modules():  # a compiled module's copy would still call the original's graph
+                if getattr(m, "_compiled_call_impl", None) is not None:
+                    m._compiled_call_impl = None
             for p in self.model.parameters():
                 p.requires_grad_(False)
+            self._params = list(self.model.parameters())
         self.updates = 0
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         decay = 0.0 if self.updates == 0 else self.decay
         self.updates += 1
-        if self.master_weights and self.model is None:
-            return  # nothing to gather, nothing kept here
-        targets = list(self.model.parameters()) if self.model is not None else [None] * len(list(module.parameters()))
-        for ema_p, p in zip(targets, module.parameters()):
-            if self.master_weights:
-                source = p.detach()
-            else:
-                from deepspeed.utils import safe_get_full_fp32_param
+        if self.master_weights:
+            if self.model is None:
+                return  # nothing to gather, nothing kept here
+            sources = [p.detach() for p in module.parameters()]
+        else:
+            from deepspeed.utils import safe_get_full_fp32_param
 
-                source = safe_get_full_fp32_param(p)  # collective: every rank calls it
-            if ema_p is not None:
-                ema_p.mul_(decay).add_(source.to(ema_p.dtype), alpha=1 - decay)
+            sources = [safe_get_full_fp32_param(p) for p in module.parameters()]  # collective: every rank calls it
+            if self.model is None:
+                return
+        if sources[0].dtype != self._params[0].dtype:
+            sources = [s.to(self._params[0].dtype) for s in sources]
+        # ema + (1 - decay)·(source − ema) = decay·ema + (1 − decay)·source, every tensor in one fused op
+        torch._foreach_lerp_(self._params, sources, 1.0 - decay)
 
     def state_dict(self) -> dict:
         assert self.model is not None, "only the rank that keeps the EMA saves it"

@@ -10,10 +10,15 @@ history cannot be edited), so the tracker logs nothing at or below the last step
 it already holds (see Tracker.start). Since resume is exact the redone values equal
 the ones kept. Counters that mean something for the whole job (corrupt shards) are
 summed over ranks at each log step, in the same collective as the loss.
+
+Throughput is step time only: checkpoint saves, evaluations and the logging itself are
+timed apart (`exclude`) and reported beside it (`ckpt_s`, `eval_s`, `log_s` of the
+window), so a save does not show up as a slow interval of training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -48,8 +53,10 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
 
 
 class Progress:
+    EXCLUDED = ("ckpt", "eval", "log")  # time spent outside training steps, per window
+
     def __init__(self, run_dir: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
-                 corrupt_base: int = 0):
+                 corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.is_main, self.device = is_main, device
         self.log_every, self.total_steps = log_every, total_steps
@@ -57,11 +64,22 @@ class Progress:
         self.corrupt_local = 0  # skipped by this rank's stream since this process started
         self.corrupt_total = corrupt_base
         self.pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on the device, k, lr)
+        self.clock = clock
         self._reset()
 
     def _reset(self) -> None:
         self.losses: list[float] = []  # flushed losses of the steps since the last log step
-        self.t0, self.steps, self.flops = time.time(), 0, 0.0
+        self.t0, self.steps, self.flops = self.clock(), 0, 0.0
+        self.excluded = dict.fromkeys(self.EXCLUDED, 0.0)
+
+    @contextlib.contextmanager
+    def exclude(self, kind: str):
+        """Time spent in the block (a save, an eval, logging) is reported as `<kind>_s`, not as step time."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded[kind] += self.clock() - start
 
     def resume_at(self, step: int) -> None:
         if self.is_main and step:
@@ -102,11 +120,13 @@ class Progress:
         self.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = max(time.time() - self.t0, 1e-9)
+        outside = sum(self.excluded.values())
+        dt = max(self.clock() - self.t0 - outside, 1e-9)  # time in training steps alone
         loss_sum = self.global_counters(float(np.mean(self.losses)))
         samples_s = self.steps * global_batch / dt
         metrics = {"loss": loss_sum / world_size, "samples_per_s": samples_s,
-                   "tokens_per_s": samples_s * tokens_per_sample, "corrupt_shards": self.corrupt_total}
+                   "tokens_per_s": samples_s * tokens_per_sample, "step_s": dt / max(1, self.steps),
+                   **{f"{kind}_s": t for kind, t in self.excluded.items()}, "corrupt_shards": self.corrupt_total}
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         if peak:

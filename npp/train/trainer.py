@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from npp.models.configs import GPTConfig, gpt_config
-from npp.models.gpt import GPT, configure_optimizer_groups
+from npp.models.gpt import GPT
 from npp.pipeline.shards import open_shard_sets
 from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, next_untouched_epoch, shard_paths
 from npp.train import checkpointing
@@ -26,11 +26,11 @@ from npp.train.bad_steps import BadSteps
 from npp.train.config import TrainConfig
 from npp.train.distributed import DistEnv, barrier, init, read_env, stale_extension_locks
 from npp.train.ds_config import build_ds_config, resolve_precision
-from npp.train.ema import EMA
 from npp.train.errors import TrainingError
 from npp.train.mfu import peak_flops
 from npp.train.progress import Progress
 from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
+from npp.train.step import TrainStep, build_model_and_optimizer, compile_setting, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
 
@@ -58,30 +58,6 @@ def default_workers(requested: int) -> int:
     return max(1, min(8, cpus - 1)) if cpus else 4
 
 
-def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, offload: bool = False):
-    """The GPT on its device, then AdamW over its parameters there.
-
-    The optimizer is built after the move: a fused AdamW over CPU parameters fails on
-    older torch (kept with SYSTEM_SITE=1), and its state must live where the weights do.
-    With the optimizer offloaded (ZeRO-Offload) DeepSpeed requires its own CPU Adam
-    (`zero_force_ds_cpu_optimizer`): DeepSpeedCPUAdam in AdamW mode, same groups.
-    """
-    model = GPT(model_cfg).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    groups = configure_optimizer_groups(model, cfg.weight_decay)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return model, DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    return model, optimizer
-
-
-def offloads_optimizer(ds_config: dict) -> bool:
-    device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    return device not in ("none", None)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, evaluator=None):
         """`evaluator`: a callable (model, num_classes, device, rank, world) -> metrics (rank 0), called at the
@@ -96,9 +72,10 @@ class Trainer:
         for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep"):
             if int(getattr(cfg, flag)) < 1:
                 raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cfg, flag)}")
+        compile_setting(cfg.compile)
         self.meta, self.manifest = open_shard_sets(cfg.shards)
-        self.ds_config = build_ds_config(cfg, self.env.world_size, cuda)
-        self.precision = resolve_precision(cfg.precision, cuda)
+        self.precision = resolve_precision(cfg.precision, cuda)  # resolved once, handed to every part below
+        self.ds_config = build_ds_config(cfg, self.env.world_size, cuda, self.precision)
         self.model_cfg = self._model_config()
         check_meta_matches(self.model_cfg, self.meta, cfg.shards)
         self.steps_per_epoch = self.meta["samples"] // cfg.global_batch
@@ -169,24 +146,16 @@ class Trainer:
         return self.schedule.lr_at(step, c.lr, c.end_lr, self.warmup_steps, c.decay_ratio) / c.lr
 
     def _build(self) -> None:
-        import deepspeed
-
         self.device = init(self.env)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
-        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device,
+        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device, self.precision,
                                                      offload=offloads_optimizer(self.ds_config))
         torch.manual_seed(self.cfg.seed * 1000 + self.env.rank)  # different dropout per rank
         np.random.seed(self.cfg.seed * 1000 + self.env.rank)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        # after initialize, on the device, from the weights DeepSpeed trains (see npp.train.ema)
-        self.ema = (EMA(self.engine.module, self.cfg.ema_decay, keep=self.env.is_main,
-                        master_weights=not self.ds_config.get("bf16", {}).get("enabled"))
-                    if self.cfg.ema else None)
-        if self.cfg.compile and self.device.type == "cuda":
-            self.engine.compile()
+        self.engine, self.ema, self.compiled = start_engine(model, optimizer, self.ds_config, self.cfg, self.precision,
+                                                            self.device, keep_ema=self.env.is_main, scheduler=scheduler)
+        self.step_fn = TrainStep(self.engine, self.ema)
 
     def _write_run_files(self) -> list[str]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,11 +197,13 @@ class Trainer:
                     self.step += 1
                     self._record(loss, span.patch_side, flops)
                     if self._eval_due():
-                        self._evaluate()
+                        with self.progress.exclude("eval"):
+                            self._evaluate()
                 if self._sync_due(skipped=loss is None) and self._sync():
                     return self._stop_and_save()
                 if loss is not None and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
-                    self._save()
+                    with self.progress.exclude("ckpt"):
+                        self._save()
             self._save()
         except BaseException:
             self.tracker.finish("FAILED")
@@ -240,15 +211,18 @@ class Trainer:
         return self._finish()
 
     def train_step(self, batches, patch_side: int) -> Optional[torch.Tensor]:
-        """One optimizer step of grad_accum micro-batches: this rank's mean loss, still on the device, or
-        None when DeepSpeed skipped the update because a gradient was not finite (see npp.train.bad_steps).
+        """One optimizer step of grad_accum micro-batches (npp.train.step.TrainStep): this rank's mean loss,
+        still on the device, or None when DeepSpeed skipped the update because a gradient was not finite.
 
         Nothing here waits for the device: no loss is read and no flag is agreed on per
         micro-step (the sync points do that), so the host queues the next micro-step while
         the GPU runs this one.
         """
-        losses = []
         self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
+        return self.step_fn(self._micro_batches(batches), patch_side)
+
+    def _micro_batches(self, batches):
+        """The next grad_accum batches on the device, counted (resume position) as they are taken."""
         for _ in range(self.cfg.grad_accum):
             batch = next(batches)
             self.micro_batches += 1
@@ -256,17 +230,7 @@ class Trainer:
                 print(f"[npp train] rank {self.env.rank}: warning: {batch['corrupt']} corrupt shard(s) skipped by the "
                       "data stream", flush=True)
                 self.progress.corrupt_local += batch["corrupt"]
-            idx, labels = batch_to_device(batch, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
-                _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach())
-        if not self.engine.was_step_applied():
-            return None
-        if self.ema is not None:
-            self.ema.update(self.engine.module)
-        return torch.stack(losses).float().mean()
+            yield batch_to_device(batch, self.device)
 
     # --- components used by the loop -----------------------------------------------
     def _loader(self):
@@ -315,7 +279,8 @@ class Trainer:
         self.stop.install()
         self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
                   f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch "
-                  f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers")
+                  f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers; precision "
+                  f"{self.precision}, blocks {'compiled' if self.compiled else 'eager'}")
         batches = iter(self._loader())
         if rng is not None:
             checkpointing.set_rng_state(rng)
@@ -435,8 +400,9 @@ class Trainer:
                                                peak_flops(self.device), self.engine.get_global_grad_norm())
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.train_flops,
                        epoch=self.step / max(1, self.steps_per_epoch), bad_steps=self.bad.total)
-        self.tracker.log(metrics, self.step)
-        Progress.line(self.step, metrics, self._log)
+        with self.progress.exclude("log"):
+            self.tracker.log(metrics, self.step)
+            Progress.line(self.step, metrics, self._log)
 
     def _save(self) -> None:
         self.progress.flush()  # every record up to the checkpoint's step is on disk before it

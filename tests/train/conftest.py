@@ -22,8 +22,8 @@ def run_env(tmp_path):
             "PYTHONUNBUFFERED": "1"}
 
 
-def launch(shards, out, tmp_path, nproc=2, timeout=300, **overrides):
-    proc = subprocess.run(launch_cmd(shards, out, nproc, **overrides), env=run_env(tmp_path),
+def launch(shards, out, tmp_path, nproc=2, timeout=300, env=None, **overrides):
+    proc = subprocess.run(launch_cmd(shards, out, nproc, **overrides), env={**run_env(tmp_path), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -9,7 +9,7 @@ import torch
 from npp.models import gpt_config
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA
-from npp.train.trainer import build_model_and_optimizer
+from npp.train.step import build_model_and_optimizer
 from tests.train.conftest import launch, launch_cmd, read_metrics, run_env
 
 META = torch.device("meta")  # a device that is not the CPU: whatever is built on the CPU by mistake shows
@@ -32,13 +32,13 @@ def test_optimizer_is_built_over_parameters_already_on_the_device(monkeypatch):
             super().__init__(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
-    model, opt = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META)
+    model, opt = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META, "fp32")
     assert isinstance(opt, Recording) and seen["devices"] == {META}
     assert seen["fused"] is False  # fused only for CUDA
 
 
 def test_ema_lives_on_the_device_of_the_module_and_only_where_kept():
-    model, _ = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META)
+    model, _ = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META, "fp32")
     ema = EMA(model, 0.99)
     assert {p.device for p in ema.model.parameters()} == {META}
     assert all(p.dtype == torch.float32 for p in ema.model.parameters())
@@ -83,16 +83,16 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     from npp.train.distributed import skip_jit_shm_op
     from npp.train.ds_config import build_ds_config
     from npp.train.launch import free_port
-    from npp.train.trainer import offloads_optimizer
+    from npp.train.step import offloads_optimizer
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     cfg = TrainConfig(shards="s", out="o", model="GPT-Nano", global_batch=4, precision="bf16",
                       ds_config="ds_configs/zero3_offload.json")
-    ds = build_ds_config(cfg, 1, cuda=True)  # what a GPU run gets
+    ds = build_ds_config(cfg, 1, cuda=True, precision="bf16")  # what a GPU run gets
     assert offloads_optimizer(ds) and ds["zero_optimization"]["stage"] == 3
     ds["zero_optimization"]["reduce_scatter"] = False  # gloo has no reduce_scatter (NCCL does)
-    model, opt = build_model_and_optimizer(_model_cfg(), cfg, torch.device("cpu"), offload=True)
+    model, opt = build_model_and_optimizer(_model_cfg(), cfg, torch.device("cpu"), "bf16", offload=True)
     assert isinstance(opt, DeepSpeedCPUAdam)
     skip_jit_shm_op()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -133,9 +133,10 @@ def test_configs_that_would_apply_non_finite_gradients_are_refused(tmp_path, zer
     path.write_text(json.dumps({"zero_optimization": zero, "bf16": bf16}))
     cfg = _cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision=precision)
     with pytest.raises(DeepSpeedConfigError, match=message):
-        build_ds_config(cfg, 1, cuda=False)
+        build_ds_config(cfg, 1, cuda=False, precision=precision)
     path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))  # DeepSpeed's bf16 optimizer skips them
-    assert build_ds_config(_cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision="bf16"), 1, cuda=False)
+    assert build_ds_config(_cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision="bf16"), 1, cuda=False,
+                           precision="bf16")
 
 
 @pytest.mark.parametrize("flag", ["sync_every", "log_every", "ckpt_every", "grad_accum", "max_bad_steps", "keep"])

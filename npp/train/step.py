@@ -1,0 +1,138 @@
+"""The training step and what it runs on: the one step the trainer loops and `make gpu-check` times.
+
+`build_model_and_optimizer` puts the GPT on its device with the run's precision and
+builds AdamW over the parameters there; `start_engine` hands both to
+`deepspeed.initialize`, builds the EMA from the weights DeepSpeed trains and compiles
+the blocks; `TrainStep` takes one optimizer step of grad_accum micro-batches.
+
+Precision (resolved once, `npp.train.ds_config.resolve_precision`, and handed to each part):
+- bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's own forward
+  runs under bf16 autocast (`GPT.autocast_dtype`). The autocast is opened inside the
+  module because DeepSpeed 0.19's `engine.forward` runs the module under
+  `torch.autocast(enabled=False)` when it finds an autocast open around it and its
+  config has no `torch_autocast` section: an autocast around the engine call trained
+  in fp32 on every GPU (its check reads CUDA's autocast state, so CPU runs never showed it).
+- bf16: DeepSpeed's bf16 (bf16 weights, fp32 master weights); no autocast.
+- fp32: neither.
+On CUDA, TF32 is on for whatever matmuls stay fp32 (FID features turn it off for themselves).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from npp.models.configs import GPTConfig
+from npp.models.gpt import GPT, configure_optimizer_groups
+from npp.pipeline.devices import fast_matmul
+from npp.train.config import TrainConfig
+from npp.train.ema import EMA
+from npp.train.errors import TrainingError
+
+COMPILE_ON = ("true", "on", "1", "yes")
+COMPILE_OFF = ("false", "off", "0", "no", "none", "")
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in ("none", None)
+
+
+def compile_setting(value) -> str:
+    """--compile as one of auto | on | off (fire gives True/False for --compile/--nocompile)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in COMPILE_ON:
+        return "on"
+    if text in COMPILE_OFF:
+        return "off"
+    raise TrainingError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
+
+
+def compiles(value, device: torch.device, zero_stage: int) -> bool:
+    """auto: compile on CUDA; on: on any device (the CPU tests); off: eager. Never under ZeRO-3, whose
+    parameter-gathering hooks run around every submodule (DeepSpeed compiles those through its own backend)."""
+    setting = compile_setting(value)
+    if zero_stage == 3:
+        return False
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, precision: str,
+                              offload: bool = False):
+    """The GPT on its device, then AdamW over its parameters there.
+
+    The optimizer is built after the move: a fused AdamW over CPU parameters fails on
+    older torch (kept with SYSTEM_SITE=1), and its state must live where the weights do.
+    With the optimizer offloaded (ZeRO-Offload) DeepSpeed requires its own CPU Adam
+    (`zero_force_ds_cpu_optimizer`): DeepSpeedCPUAdam in AdamW mode, same groups.
+    """
+    model = GPT(model_cfg).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+    groups = configure_optimizer_groups(model, cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return model, DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return model, optimizer
+
+
+def start_engine(model: GPT, optimizer, ds_config: dict, cfg: TrainConfig, precision: str, device: torch.device,
+                 keep_ema: bool, scheduler=None):
+    """deepspeed.initialize, then the EMA (rank `keep_ema` holds it), then the compiled blocks.
+
+    Returns (engine, ema or None, compiled). The EMA copies the module before it is
+    compiled, from the weights DeepSpeed trains (see npp.train.ema).
+    """
+    import deepspeed
+
+    fast_matmul(device)  # TF32 for fp32 matmuls on CUDA
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    ema = EMA(engine.module, cfg.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if cfg.ema else None
+    compiled = compiles(cfg.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
+    if compiled:
+        engine.module.compile_blocks()
+    return engine, ema, compiled
+
+
+class TrainStep:
+    """One optimizer step: forward, backward and DeepSpeed's step per micro-batch, then the EMA.
+
+    Returns this rank's mean loss, still on the device (nothing here makes the host wait
+    for the GPU), or None when DeepSpeed skipped the update because a gradient was not
+    finite (then the EMA is not updated either; see npp.train.bad_steps).
+    """
+
+    def __init__(self, engine, ema: Optional[EMA]):
+        self.engine, self.ema = engine, ema
+
+    def __call__(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], patch_side: int):
+        losses = []
+        for idx, labels in micro_batches:
+            _, loss = self.engine(idx, labels, targets=idx, patch=patch_side)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        if not self.engine.was_step_applied():
+            return None
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def standalone_step(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, seed: int = 0) -> TrainStep:
+    """npp's step in a world of one, outside a run (gpu-check, benches, tests): the DeepSpeed config, model,
+    optimizer, engine, EMA and compiled blocks exactly as the trainer builds them. The process group must
+    exist (npp.train.distributed.init). `step.engine.destroy()` frees DeepSpeed's hooks and buffers."""
+    from npp.train.ds_config import build_ds_config, resolve_precision
+
+    precision = resolve_precision(cfg.precision, device.type == "cuda")
+    ds = build_ds_config(cfg, 1, device.type == "cuda", precision)
+    torch.manual_seed(seed)
+    model, optimizer = build_model_and_optimizer(model_cfg, cfg, device, precision, offload=offloads_optimizer(ds))
+    engine, ema, _ = start_engine(model, optimizer, ds, cfg, precision, device, keep_ema=True)
+    return TrainStep(engine, ema)
