@@ -51,6 +51,8 @@ REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
 REF_LIMIT ?= 50000
 INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
 EVAL_FLAGS ?= --inception $(INCEPTION)
+# make gpu-check GPU_CHECK_FLAGS="--out figures.jsonl --only train"
+GPU_CHECK_FLAGS ?=
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -86,12 +88,13 @@ test-fast: setup  ## the suite without the slow integration tests
 
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
+	$(PY) bench/step_overhead.py
 	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
 
-gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): throughput, MFU, memory, bf16 paths; exits 0 without CUDA
-	$(PY) bench/gpu_check.py
+gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): npp step vs plain PyTorch, MFU, memory, sampling; exits 0 without CUDA
+	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
 
 tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
 	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \

@@ -50,7 +50,7 @@ class EMA:
         if self.master_weights:
             if self.model is None:
                 return  # nothing to gather, nothing kept here
-            sources = [p.detach() for p in module.parameters()]
+            sources = list(module.parameters())  # read under no_grad: no detach (a view op per tensor) needed
         else:
             from deepspeed.utils import safe_get_full_fp32_param
 

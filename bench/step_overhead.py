@@ -1,0 +1,122 @@
+"""The fixed cost of npp's training step beside a plain PyTorch step, where compute is smallest (k=4).
+
+On a GPU a step's fixed cost is host time: every ATen op the host dispatches is at least
+one kernel launch (a few µs), and at GPT-B k=4 a whole step is a few ms of GPU work. So
+besides wall time on this machine, this counts the ATen ops each part of a step
+dispatches that runs a kernel (a TorchDispatchMode sees each op; views are left out; the
+count does not depend on the machine), side by side in one run:
+- fwd+bwd: the model's forward and backward alone;
+- plain: fwd+bwd, clip_grad_norm_, AdamW step, zero_grad (fp32 weights, as plain PyTorch trains);
+- npp: `TrainStep` as `npp train` builds it (DeepSpeed ZeRO-2 engine, clipping), without and with the EMA;
+- EMA update alone: one fused `_foreach_lerp_` (npp) against a mul_/add_ pair per tensor.
+
+    .venv/bin/python bench/step_overhead.py [--model GPT-Nano] [--batch 8] [--k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from npp.models import gpt_config
+from npp.models.gpt import GPT, configure_optimizer_groups
+from npp.train.config import TrainConfig
+from npp.train.distributed import init, read_env
+from npp.train.step import standalone_step
+
+
+METADATA_ONLY = {"aten._unsafe_view", "aten.lift_fresh", "aten.alias"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that run a kernel: views (view, detach, slice, t, ...) only change metadata."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and str(func.overloadpacket) not in METADATA_ONLY:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(fn, steps: int) -> tuple[float, int]:
+    """(ms per call, ATen ops per call) after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    counter = OpCounter()
+    with counter:
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps * 1e3, counter.ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="GPT-Nano")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    device = init(read_env())
+    cfg = gpt_config(args.model, vocab_size=16384, block_size=256, num_classes=1000)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16384, (args.batch, 256), generator=gen).to(device)
+    labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    rows = {}
+
+    torch.manual_seed(0)
+    net = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(configure_optimizer_groups(net, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+
+    def fwd_bwd():
+        _, loss = net(idx, labels, targets=idx, patch=args.k)
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+
+    def plain():
+        _, loss = net(idx, labels, targets=idx, patch=args.k)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows["fwd+bwd"] = measure(fwd_bwd, args.steps)
+    rows["plain step"] = measure(plain, args.steps)
+
+    for ema in (False, True):
+        train_cfg = TrainConfig(shards="-", out="-", model=args.model, global_batch=args.batch, ema=ema, compile="off",
+                                ds_config="ds_configs/zero2.json")
+        step = standalone_step(cfg, train_cfg, device)
+        rows[f"npp step{' + EMA' if ema else ''}"] = measure(lambda: step([(idx, labels)], args.k), args.steps)
+        if ema:
+            module, averaged = step.engine.module, step.ema
+            rows["EMA update, fused (npp)"] = measure(lambda: averaged.update(module), args.steps)
+            pairs = list(zip(averaged.model.parameters(), module.parameters()))
+
+            @torch.no_grad()
+            def per_tensor():
+                for e, p in pairs:
+                    e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
+
+            rows["EMA update, per tensor"] = measure(per_tensor, args.steps)
+        step.engine.destroy()
+
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{args.model} ({n_params / 1e6:.1f}M params, {len(list(net.parameters()))} tensors), k={args.k}, "
+          f"micro-batch {args.batch}, {device.type}, {torch.get_num_threads()} threads, fp32, ZeRO-2")
+    base_ms, base_ops = rows["plain step"]
+    print(f"{'':26s} {'ms/step':>9s} {'vs plain':>9s} {'ATen ops':>9s} {'vs plain':>9s}")
+    for name, (ms, ops) in rows.items():
+        print(f"{name:26s} {ms:9.2f} {ms / base_ms:9.2f} {ops:9d} {ops / base_ops:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
