@@ -44,7 +44,8 @@ CKPT ?= $(RUN)/model.pt
 SAMPLES ?= $(RUN)/samples
 CFG ?= 2.0
 PER_CLASS ?= 50
-SAMPLE_BATCH ?= 64
+# 0: the largest batch the free GPU memory holds (KV-cache formula, at most 256); 64 on CPU
+SAMPLE_BATCH ?= 0
 REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
 # `make eval-ref` writes its own file (never over ADM's REF); 50,000 images as ADM's batches
 REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz

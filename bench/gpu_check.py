@@ -13,7 +13,9 @@ Figures, one JSON line each and a table at the end:
   against next-token training (per-k step times weighted by the schedule's step shares);
 - memory: GPT-XXL peak memory of a step with and without activation checkpointing;
 - engines: GPT-B with ds_configs/zero3.json, zero3_offload.json and --precision bf16;
-- sample / inception: see the functions below.
+- sample: GPT-B and GPT-XXL at batch 64 and 256 (CFG 2.0, bf16): images/s, ms per token, the GPU's busy
+  share, beside the bandwidth limit; the wall time per phase of evaluating 10,000 GPT-B samples;
+- inception: FID Inception features/s.
 Without CUDA it says so and exits 0, unless --rehearse: then the same code runs on the
 CPU with tiny models (GPT-Nano/GPT-Tiny, a few steps), to check the script before a GPU
 session spends minutes on it (figures there mean nothing).
@@ -245,6 +247,131 @@ def engine_rows(setup: Setup) -> None:
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
+def sample_rows(setup: Setup) -> None:
+    """GPT-B and GPT-XXL sampling (256 px grid, CFG 2.0, bf16 weights and KV cache) at batch 64 and 256 through
+    npp's Sampler (its token step compiled and graph-captured): images/s, ms per token, the GPU's busy share of
+    the token loop (kernel time / wall time, from the profiler), beside the bandwidth limit (bytes read per
+    token step: the bf16 weights and the KV cache written so far, at the device-to-device copy bandwidth)."""
+    import torch
+
+    from npp.models.configs import count_parameters
+    from npp.models.generate import Sampler, kv_cache_bytes
+    from npp.models.gpt import GPT
+
+    bandwidth = measured_bandwidth(setup)
+    for model in ("GPT-B", "GPT-XXL"):
+        name = setup.name(model)
+        cfg = model_config(name)
+        setup.reset_memory()
+        torch.manual_seed(0)
+        net = GPT(cfg).to(setup.device).to(torch.bfloat16).eval()
+        torch.nn.init.normal_(net.output.weight, std=0.02)  # a zero head would draw uniform tokens: keep it real
+        for batch in (64, 256) if setup.cuda else (2, 4):
+            sampler = Sampler(net, batch, guidance=True, compile=setup.compile)
+            labels = torch.arange(batch, device=setup.device) % 1000
+            sampler.generate(labels, cfg_scale=2.0, seed=0)  # compile, capture
+            setup.sync()
+            t0 = time.perf_counter()
+            busy = profiled_busy_seconds(setup, lambda: sampler.generate(labels, cfg_scale=2.0, seed=1))
+            wall = time.perf_counter() - t0
+            tokens = cfg.grid[0] * cfg.grid[1]
+            weights = count_parameters(cfg) * 2
+            kv_full = kv_cache_bytes(cfg, batch, torch.bfloat16, cfg=True)
+            limit_s = tokens * weights / bandwidth + kv_full * (tokens + 1) / 2 / bandwidth  # the cache grows
+            setup.emit(check="sample", model=name, batch=batch, cfg=2.0, precision="bf16", compiled=sampler.compiled,
+                       images_per_s=batch / wall, ms_per_token=wall / tokens * 1e3,
+                       gpu_busy_share=(busy / wall) if busy is not None else None,
+                       limit_images_per_s=batch / limit_s, kv_cache_gb=kv_full / 2**30, peak_gb=setup.peak_gb())
+            del sampler
+            setup.reset_memory()
+        del net
+
+
+def measured_bandwidth(setup: Setup) -> float:
+    """Device-to-device copy bandwidth (bytes/s, read + write counted once each) of a 1 GiB buffer."""
+    import torch
+
+    n = (1 << 30) if setup.cuda else (1 << 24)
+    a = torch.empty(n, dtype=torch.uint8, device=setup.device)
+    b = torch.empty_like(a)
+    t = timed(setup, lambda: b.copy_(a), 10, warmup=2)
+    del a, b
+    return 2 * n / t
+
+
+def profiled_busy_seconds(setup: Setup, fn):
+    """Run fn under the profiler; the seconds the GPU spent in kernels (None on CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not setup.cuda:
+        fn()
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        setup.sync()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def eval_phase_rows(setup: Setup) -> None:
+    """Wall time per phase of an evaluation of 10,000 GPT-B samples (random weights, a random LlamaGen VQ-16 and
+    Inception: speed only): generate (npp's Sampler, bf16, CFG 2.0, its auto batch), VQ decode, Inception
+    features, statistics (FID, sFID, IS, precision/recall against a reference of the same size)."""
+    import numpy as np
+    import torch
+
+    from npp.eval.evaluate import metrics_from_features
+    from npp.eval.features import extract
+    from npp.eval.sample import auto_batch
+    from npp.models.generate import Sampler
+    from npp.models.gpt import GPT
+    from npp.models.inception import FIDInception
+    from npp.models.vq import VQModel, vq_config
+    from npp.pipeline.images import to_uint8_images
+
+    n = 10_000 if setup.cuda else 8
+    cfg = model_config(setup.name("GPT-B"))
+    setup.reset_memory()
+    net = GPT(cfg).to(setup.device).to(torch.bfloat16).eval()
+    torch.nn.init.normal_(net.output.weight, std=0.02)
+    vq = VQModel(vq_config("VQ-16" if setup.cuda else "VQ-toy", codebook_size=16384)).to(setup.device).eval()
+    batch = auto_batch(cfg, torch.bfloat16, True, setup.device, n)
+    sampler = Sampler(net, batch, guidance=True, compile=setup.compile)
+    labels = np.arange(n) % 1000
+    seconds = {"generate": 0.0, "decode": 0.0, "inception": 0.0, "statistics": 0.0}
+    images = []
+    sampler.generate(torch.zeros(1, dtype=torch.long, device=setup.device), cfg_scale=2.0, seed=0)  # compile
+    for start in range(0, n, batch):
+        lab = torch.from_numpy(labels[start : start + batch]).to(setup.device)
+        t0 = time.perf_counter()
+        codes = sampler.generate(lab, cfg_scale=2.0, seed=0, sample_ids=range(start, start + len(lab)))
+        setup.sync()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            images.append(to_uint8_images(vq.decode_codes(codes).float()))
+        setup.sync()
+        seconds["generate"] += t1 - t0
+        seconds["decode"] += time.perf_counter() - t1
+    images = np.concatenate(images)
+    t0 = time.perf_counter()
+    feats = extract(FIDInception(), images, batch=200, device=setup.device, progress=False)
+    seconds["inception"] = time.perf_counter() - t0
+    ref = {"mu": feats["pool"].mean(0), "sigma": np.cov(feats["pool"], rowvar=False),
+           "mu_s": feats["spatial"].mean(0), "sigma_s": np.cov(feats["spatial"], rowvar=False),
+           "features": feats["pool"][::-1].copy()}
+    t0 = time.perf_counter()
+    metrics_from_features(FIDInception(), feats, ref)
+    seconds["statistics"] = time.perf_counter() - t0
+    setup.emit(check="eval_phases", model=cfg_name(setup), samples=n, batch=batch,
+               **{f"{k}_s": v for k, v in seconds.items()}, total_s=sum(seconds.values()))
+    del sampler, net, vq
+    setup.reset_memory()
+
+
+def cfg_name(setup: Setup) -> str:
+    return setup.name("GPT-B")
+
+
 def inception_rows(setup: Setup) -> None:
     import numpy as np
 
@@ -265,7 +392,7 @@ def inception_rows(setup: Setup) -> None:
 def table(rows: list) -> None:
     print("\n| check | settings | figures |\n|---|---|---|")
     keys = ("model", "precision", "k", "micro_batch", "activation_checkpointing", "batch", "images", "ds_config",
-            "kind", "schedule")
+            "kind", "schedule", "samples")
     for r in rows:
         settings = {k: v for k, v in r.items() if k in keys}
         figs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()
@@ -305,6 +432,9 @@ def main(argv=None) -> int:
             memory_rows(setup, micro if setup.cuda else 2)
     if "engines" in parts:
         engine_rows(setup)
+    if "sample" in parts:
+        sample_rows(setup)
+        eval_phase_rows(setup)
     if "inception" in parts:
         inception_rows(setup)
     table(setup.rows)

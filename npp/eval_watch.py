@@ -61,16 +61,15 @@ def watch(run: str, vq: str, ref: str, inception: Optional[str] = None, classifi
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     evaluated = []
+    model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
     while True:
         for tag in [t for t in _complete_tags(ckpt_dir) if t not in done]:
             if not (ckpt_dir / tag).is_dir():  # pruned meanwhile (--keep)
                 continue
-            model = GPT(model_cfg)
             weights = None
             if ema and (ckpt_dir / tag / "ema.pt").exists():
                 weights = torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True)["model"]
             model.load_state_dict(weights or consolidated_state(ckpt_dir, tag))
-            model = model.to(device).eval()
             step = tag_step(tag)
             metrics = evaluator(model, model_cfg.num_classes, device, 0, 1)
             client = ckpt_dir / tag / "client.json"

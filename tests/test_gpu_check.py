@@ -28,6 +28,10 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     engines = [r for r in rows if r["check"] == "engine"]
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
+    sampling = [r for r in rows if r["check"] == "sample"]
+    assert len(sampling) == 4 and all(r["images_per_s"] > 0 and r["limit_images_per_s"] > 0 for r in sampling)
+    phases = [r for r in rows if r["check"] == "eval_phases"]
+    assert len(phases) == 1 and all(phases[0][f"{k}_s"] > 0 for k in ("generate", "decode", "inception", "statistics"))
     assert [r for r in rows if r["check"] == "inception"]
     assert "| check | settings | figures |" in proc.stdout
 

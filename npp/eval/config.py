@@ -13,7 +13,7 @@ class SampleConfig:
     out: str
     per_class: int = 50
     cfg_scale: Union[float, str] = 2.0  # one scale, or several: "1.5,2.0,2.5" / [1.5, 2.0] (a sweep)
-    batch: int = 64
+    batch: int = 0  # samples per piece; 0: the largest the free GPU memory holds (KV cache formula, at most 256), 64 on CPU
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -26,3 +26,4 @@ class SampleConfig:
     grid_per_class: int = 8
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (weights and KV cache in bf16; logits and sampling in fp32)
+    compile: str = "auto"  # the token step compiled and captured as a CUDA graph: auto = on CUDA; off = eager

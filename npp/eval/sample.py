@@ -1,18 +1,21 @@
 """Class-balanced (or random-label) guided sampling to ADM-layout `.npz` files.
 
-Samples are made in pieces of `--batch`; piece p always has the same labels and
-the seed `seed·1000003 + p`, so the result does not depend on how many processes
-made it. Ranks (torchrun's RANK/WORLD_SIZE) take the pieces p with
-p % world == rank; a piece is written atomically, so an interrupted run resumes
-from the pieces it has; the process that finds every piece present merges them
-into `samples_cfg<scale>.npz` (`arr_0` uint8 N×H×W×3, `labels`), a PNG grid (a row
-per class) and a JSON record of every setting that changes a FID.
+Samples are made in pieces of `--batch`; sample j (its index in the label list) always
+has the same label and the seed `seed·1000003 + j` (npp.models.generate), so the result
+depends neither on the batch size nor on how many processes made it. Ranks
+(torchrun's RANK/WORLD_SIZE) take the pieces p with p % world == rank; a piece is
+written atomically, so an interrupted run resumes from the pieces it has; the process
+that finds every piece present merges them into `samples_cfg<scale>.npz` (`arr_0`
+uint8 N×H×W×3, `labels`), a PNG grid (a row per class) and a JSON record of every
+setting that changes a FID, with the seconds spent generating, decoding and writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from npp.errors import ConfigError
 from npp.eval.config import SampleConfig
 from npp.models.checkpoint import load_gpt, load_vq
-from npp.models.generate import generate
+from npp.models.generate import Sampler, kv_cache_bytes
 from npp.pipeline.devices import fast_matmul, pick_device
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
@@ -53,48 +56,130 @@ def samples_path(out: str | Path, scale: float) -> Path:
     return Path(out) / f"samples_cfg{scale:g}.npz"
 
 
+MAX_AUTO_BATCH = 256
+
+
+def auto_batch(config, dtype: torch.dtype, guidance: bool, device: torch.device, total: int,
+               free_bytes: int | None = None) -> int:
+    """The largest batch (a multiple of 8, at most 256 and the sample count) whose KV cache and per-token
+    buffers fit in 80% of the free GPU memory; 64 on the CPU.
+
+    Per sample: the KV cache (`kv_cache_bytes`: every layer's keys and values for the whole
+    sequence, twice with guidance) plus the fp32 logits of a token step and what the draw
+    makes of them (softmax, cumulative sum, comparison: 4 vocabulary-sized rows per row).
+    """
+    if device.type != "cuda" and free_bytes is None:
+        return max(1, min(64, total))
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    rows = 2 if guidance else 1
+    per_sample = kv_cache_bytes(config, 1, dtype, guidance) + rows * 4 * config.vocab_size * 4
+    fit = int(0.8 * free_bytes // per_sample)
+    if fit < 1:
+        raise ConfigError(f"not even one sample's KV cache ({per_sample / 2**30:.2f} GiB) fits in the "
+                          f"{free_bytes / 2**30:.1f} GiB free on {device}: use --precision bf16 or a larger GPU")
+    batch = min(fit, MAX_AUTO_BATCH, total)
+    return batch if batch < 8 else batch - batch % 8
+
+
 def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def compile_flag(value) -> bool | None:
+    """--compile auto | on | off (fire gives True/False for --compile/--nocompile); None means auto."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in ("true", "on", "1", "yes"):
+        return True
+    if text in ("false", "off", "0", "no", ""):
+        return False
+    raise ConfigError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
 
 
 def sample(cfg: SampleConfig) -> list[str]:
     """Generate (or finish) the samples of every cfg scale; returns the merged .npz paths made here."""
     device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
     fast_matmul(device)
+    compile_step = compile_flag(cfg.compile)
     model, ckpt = load_gpt(cfg.ckpt, use_ema=cfg.ema)
     vq, _ = load_vq(cfg.vq)
     mc = model.config
     if vq.config.codebook_size != mc.vocab_size:
         raise ConfigError(f"{cfg.vq} has {vq.config.codebook_size} codes but {cfg.ckpt} expects vocab {mc.vocab_size}: "
-                         "use the tokenizer the model was trained with")
+                          "use the tokenizer the model was trained with")
     model, vq = model.to(device).eval(), vq.to(device).eval()
     if cfg.precision == "bf16":  # weights and the KV cache in bf16: half the cache (GPT-XXL, batch 64, CFG: 9.7 GB)
         model = model.to(torch.bfloat16)
     labels = sample_labels(cfg, mc.num_classes)
-    pieces = (len(labels) + cfg.batch - 1) // cfg.batch
+    scales = cfg_scales(cfg.cfg_scale)
+    dtype = next(model.parameters()).dtype
+    batch = cfg.batch or auto_batch(mc, dtype, any(s != 1.0 for s in scales), device, len(labels))
+    pieces = (len(labels) + batch - 1) // batch
     rank, world = _rank()
     out = Path(cfg.out)
     made = []
-    for scale in cfg_scales(cfg.cfg_scale):
+    samplers: dict[bool, Sampler] = {}  # one per guided/unguided: caches and the captured step are reused
+    for scale in scales:
         pdir = scale_dir(out, scale)
         pdir.mkdir(parents=True, exist_ok=True)
+        check_piece_layout(pdir, batch)
+        guided = scale != 1.0
         todo = [p for p in range(pieces) if p % world == rank and not (pdir / f"piece_{p:06d}.npz").exists()]
-        for p in tqdm(todo, desc=f"sample cfg={scale:g} rank {rank}", unit="batch"):
-            lab = torch.from_numpy(labels[p * cfg.batch : (p + 1) * cfg.batch]).to(device)
-            codes = generate(model, lab, cfg_scale=scale, temperature=cfg.temperature, top_k=cfg.top_k,
-                             top_p=cfg.top_p, cfg_interval=cfg.cfg_interval, seed=cfg.seed * 1000003 + p)
-            images = to_uint8_images(vq.decode_codes(codes).float())
-            tmp = pdir / f".piece_{p:06d}.tmp{os.getpid()}.npz"
-            np.savez(tmp, arr_0=images, labels=lab.cpu().numpy())
-            os.replace(tmp, pdir / f"piece_{p:06d}.npz")
+        if todo and guided not in samplers:
+            samplers[guided] = Sampler(model, batch, guided, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cfg_interval,
+                                       compile=compile_step)
+        seconds = {"generate": 0.0, "decode": 0.0, "write": 0.0}
+        bar = tqdm(todo, desc=f"sample cfg={scale:g} rank {rank} batch {batch}", unit="batch")
+        for p in bar:
+            ids = np.arange(p * batch, min((p + 1) * batch, len(labels)))
+            lab = torch.from_numpy(labels[ids]).to(device)
+            with phase(seconds, "generate", device):
+                codes = samplers[guided].generate(lab, cfg_scale=scale, seed=cfg.seed, sample_ids=ids)
+            with phase(seconds, "decode", device):
+                images = to_uint8_images(vq.decode_codes(codes).float())
+            with phase(seconds, "write", device):
+                tmp = pdir / f".piece_{p:06d}.tmp{os.getpid()}.npz"
+                np.savez(tmp, arr_0=images, labels=lab.cpu().numpy())
+                os.replace(tmp, pdir / f"piece_{p:06d}.npz")
+            bar.set_postfix({k: f"{v:.0f}s" for k, v in seconds.items()})
+        if todo:
+            print(f"cfg={scale:g} rank {rank}: {len(todo)} pieces of {batch}: " +
+                  ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
+            (pdir / f"seconds_rank{rank}.json").write_text(json.dumps(seconds))
         if all((pdir / f"piece_{p:06d}.npz").exists() for p in range(pieces)):
-            made.append(str(merge(cfg, scale, pieces, ckpt, labels)))
+            made.append(str(merge(cfg, scale, pieces, ckpt, labels, batch)))
         else:
             print(f"cfg={scale:g}: other ranks' pieces are still missing; the last rank to finish merges")
     return made
 
 
-def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray) -> Path:
+@contextlib.contextmanager
+def phase(seconds: dict, name: str, device: torch.device):
+    """Wall seconds of a phase (the GPU is waited for at its end, so each phase is charged its own work)."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[name] += time.perf_counter() - start
+
+
+def check_piece_layout(pdir: Path, batch: int) -> None:
+    """Pieces already on disk must have this run's batch size (a resumed run with another --batch, or an auto
+    batch on a GPU with other free memory, would cut the samples differently)."""
+    layout = pdir / "pieces.json"
+    if layout.exists():
+        old = json.loads(layout.read_text())["batch"]
+        if old != batch and any(pdir.glob("piece_*.npz")):
+            raise ConfigError(f"{pdir} holds pieces of {old} samples, this run makes pieces of {batch}: pass "
+                              f"--batch {old} to finish them (the samples do not depend on it)")
+    tmp = layout.with_name(f".pieces.json.tmp{os.getpid()}")  # ranks write it at once: never a half-written file
+    tmp.write_text(json.dumps({"batch": batch}))
+    os.replace(tmp, layout)
+
+
+def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray, batch: int) -> Path:
     pdir = scale_dir(Path(cfg.out), scale)
     parts = [np.load(pdir / f"piece_{p:06d}.npz") for p in range(pieces)]
     images = np.concatenate([z["arr_0"] for z in parts])
@@ -106,8 +191,13 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
     np.savez(tmp, arr_0=images, labels=got_labels)
     os.replace(tmp, target)
     save_grid(images, got_labels, target.with_suffix(".png"), cfg.grid_classes, cfg.grid_per_class)
+    seconds: dict = {}
+    for path in pdir.glob("seconds_rank*.json"):  # what each rank spent, summed (a resumed run: its last start)
+        for k, v in json.loads(path.read_text()).items():
+            seconds[k] = seconds.get(k, 0.0) + v
     record = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "device")},
+        "batch": batch, "seconds": seconds,
         "cfg_scale": scale, "count": int(len(images)), "image_size": int(images.shape[1]),
         "ckpt_steps": ckpt.get("steps"), "ckpt_train": ckpt.get("train"),
         "ckpt_sha256": file_sha256(cfg.ckpt), "vq_sha256": file_sha256(cfg.vq),

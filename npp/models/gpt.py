@@ -95,18 +95,35 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of past positions for one layer. A plain object, never in a state dict."""
+    """Keys and values of every position of one layer, allocated once for the whole sequence.
+
+    A plain object, never in a state dict. `write` takes the first new position as an
+    int (a range of new positions; the past is sliced, shapes grow) or as a 0-d tensor
+    (one new position; the whole cache is attended with a mask of the positions written
+    so far). The tensor form keeps every shape and the control flow of a token step
+    the same at every position, so the step can be compiled once and captured as a
+    CUDA graph (npp.models.generate).
+    """
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
         shape = (batch, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(max_len, device=device)
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, start, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, S, Dh) from position `start`; returns (keys, values, mask or None) to attend to."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v, (self.positions <= start)[None, None, None, :]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        mask = None
+        if k.shape[2] > 1:  # several new positions: each sees the past and the new ones before it
+            mask = self.positions[:end][None, :] <= self.positions[start:end][:, None]
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
 
 class Attention(nn.Module):
@@ -120,7 +137,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
+        """`start`: None (a full sequence, causal), or the first cached position (int, or a 0-d tensor)."""
         b, t, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
@@ -135,11 +153,8 @@ class Attention(nn.Module):
         if start is not None:
             if self.kv_cache is None:
                 raise RuntimeError("decoding with a position needs caches: call model.setup_caches first")
-            k, v = self.kv_cache.write(start, k, v)
+            k, v, mask = self.kv_cache.write(start, k, v)
             causal = False
-            if t > 1:  # several new positions: each sees the past and the new ones before it
-                q_pos = torch.arange(start, start + t, device=x.device)
-                mask = torch.arange(start + t, device=x.device)[None, :] <= q_pos[:, None]
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -173,7 +188,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
         h = x + self.drop_path(self.attention(self.attention_norm(x), rope, start))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
@@ -253,7 +268,7 @@ class GPT(nn.Module):
             return contextlib.nullcontext()  # an autocast the caller opened stays in force
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def _trunk(self, h: torch.Tensor, rope: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
+    def _trunk(self, h: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
         h = self.tok_dropout(h)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and start is None
         for layer in self.layers:
@@ -314,15 +329,22 @@ class GPT(nn.Module):
             layer.attention.kv_cache = None
 
     @torch.no_grad()
-    def decode(self, start: int, tokens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+    def decode(self, start, tokens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         """Logits (B, S, vocab) for S new positions from `start`, using and filling the caches.
 
         Position 0 is the class token (pass `labels`); later positions take `tokens` (B, S).
+        `start` as a 0-d tensor decodes one position with static shapes (see KVCache).
         """
         if (labels is None) == (tokens is None):
             raise ValueError("decode takes labels (position 0) or tokens (later positions), not both")
         h = self.cls_embedding(labels, drop_labels=False) if labels is not None else self.tok_embeddings(tokens)
-        rope = self.rope_for(1, h.device)[start : start + h.shape[1]]
+        table = self.rope_for(1, h.device)
+        if isinstance(start, torch.Tensor):
+            if h.shape[1] != 1:
+                raise ValueError("a tensor position decodes one position at a time")
+            rope = table.index_select(0, start.view(1))
+        else:
+            rope = table[start : start + h.shape[1]]
         return self._trunk(h, rope, start)
 
 

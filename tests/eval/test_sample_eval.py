@@ -10,7 +10,8 @@ from npp.eval.evaluate import evaluate
 from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
 from npp.eval.reference import ReferenceError, make_reference, real_images
-from npp.eval.sample import SampleConfig, sample, samples_path
+from npp.errors import ConfigError
+from npp.eval.sample import SampleConfig, auto_batch, sample, samples_path
 from npp.pipeline.toy import write_toy_dataset
 from tests.conftest import make_gpt, save_small_vq
 
@@ -59,6 +60,39 @@ def test_class_balanced_sweep_resume_and_ranks(setup, tmp_path, monkeypatch):
         made = sample(_cfg(setup, ranked))
         assert len(made) == (0 if rank == 0 else 2)
     assert np.array_equal(np.load(samples_path(ranked, 2.0))["arr_0"], ref_images)
+
+
+def test_samples_do_not_depend_on_the_batch_and_the_phases_are_timed(setup, tmp_path):
+    """Batch 8 and batch 3 (7 pieces, the last padded) give the same images; the record says what each phase cost;
+    a resumed run with another batch is refused (its pieces would be cut differently)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    sample(_cfg(setup, a, temperature=0.9))
+    sample(SampleConfig(ckpt=str(setup / "gpt.pt"), vq=str(setup / "vq.pt"), out=str(b), per_class=2, batch=3,
+                        cfg_scale="1.0,2.0", temperature=0.9))
+    for scale in (1.0, 2.0):
+        assert np.array_equal(np.load(samples_path(a, scale))["arr_0"], np.load(samples_path(b, scale))["arr_0"])
+    record = json.loads(samples_path(b, 2.0).with_suffix(".json").read_text())
+    assert record["batch"] == 3 and set(record["seconds"]) == {"generate", "decode", "write"}
+    assert record["seconds"]["generate"] > 0
+    os.remove(b / "cfg2" / "piece_000001.npz")
+    with pytest.raises(ConfigError, match="--batch 3"):
+        sample(_cfg(setup, b))
+
+
+def test_the_auto_batch_follows_free_memory_and_the_kv_cache_formula():
+    from npp.models.configs import gpt_config
+    from npp.models.generate import kv_cache_bytes
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    b = gpt_config("GPT-B", vocab_size=16384, block_size=256, num_classes=1000)
+    assert auto_batch(b, torch.bfloat16, True, cpu, 50_000) == 64 and auto_batch(b, torch.float32, True, cpu, 10) == 10
+    per_sample = kv_cache_bytes(b, 1, torch.bfloat16, True) + 2 * 4 * 16384 * 4
+    assert auto_batch(b, torch.bfloat16, True, gpu, 50_000, free_bytes=100 * per_sample) == 80  # 0.8 of it
+    assert auto_batch(b, torch.bfloat16, True, gpu, 50_000, free_bytes=10**12) == 256  # the cap
+    assert auto_batch(b, torch.bfloat16, True, gpu, 20, free_bytes=10**12) == 16  # a multiple of 8 below the count
+    xxl = gpt_config("GPT-XXL", vocab_size=16384, block_size=256, num_classes=1000)
+    with pytest.raises(ConfigError, match="not even one sample"):
+        auto_batch(xxl, torch.float32, True, gpu, 100, free_bytes=100 * 2**20)
 
 
 def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from npp.models.generate import filter_logits, generate
+from npp.models.generate import Sampler, draw, filter_logits, generate
 from tests.conftest import make_gpt
 
 
@@ -41,17 +41,69 @@ def test_cfg_interval_stops_guidance():
 
 
 def test_cfg_scale_one_equals_unguided_sampling():
-    """cfg_scale=1 draws exactly what a plain loop over the conditional model draws."""
+    """cfg_scale=1 draws exactly what a plain loop over the conditional model draws with the same rule: full
+    recompute, top-k, temperature, and the inverse CDF of sample j's uniforms (seed·1000003 + j)."""
     model = make_gpt(vocab=32)
     labels = torch.tensor([0, 1, 2, 3])
     tokens = generate(model, labels, cfg_scale=1.0, temperature=0.9, top_k=20, seed=7)
-    gen = torch.Generator().manual_seed(7)
+    noise = torch.stack([torch.rand(64, generator=torch.Generator().manual_seed(7 * 1_000_003 + j)) for j in range(4)])
     seq = torch.empty(4, 0, dtype=torch.long)
-    for _ in range(64):
+    for i in range(64):
         logits = model(seq, labels)[0][:, -1] / 0.9
-        logits = filter_logits(logits, top_k=20)
-        seq = torch.cat([seq, torch.multinomial(logits.softmax(-1), 1, generator=gen)], dim=1)
+        cdf = filter_logits(logits, top_k=20).softmax(-1).cumsum(-1)
+        nxt = torch.searchsorted(cdf, (noise[:, i] * cdf[:, -1])[:, None], right=True)
+        seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(tokens.flatten(1), seq)
+
+
+def test_a_sample_depends_on_its_seed_and_id_not_on_its_batch():
+    """Sample j's tokens are the same made in a piece of 4 or padded in a piece of 2 (ids 2 and 3)."""
+    model = make_gpt(vocab=32)
+    sampler = Sampler(model, 4, guidance=True, top_k=16)
+    labels = torch.tensor([0, 1, 2, 3])
+    whole = sampler.generate(labels, cfg_scale=2.0, seed=5, sample_ids=[0, 1, 2, 3])
+    part = sampler.generate(labels[2:], cfg_scale=2.0, seed=5, sample_ids=[2, 3])
+    assert torch.equal(whole[2:], part)
+    other = sampler.generate(labels[2:], cfg_scale=2.0, seed=5, sample_ids=[3, 2])
+    assert not torch.equal(part, other)
+
+
+def test_a_token_of_zero_probability_is_never_drawn():
+    logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]] * 3)
+    u = torch.tensor([0.0, 0.5, 0.999999])
+    assert draw(logits, u, 1.0).tolist() == [0, 2, 2]
+
+
+@pytest.mark.slow
+def test_the_compiled_step_gives_the_eager_tokens_and_never_recompiles():
+    """The token step as CUDA runs it (torch.compile, fullgraph, reduce-overhead; no graph capture on CPU):
+    the same tokens as the eager step for a fixed seed, guidance, top-k and top-p on, and no recompilation
+    across the positions of a generation or across pieces."""
+    torch._dynamo.reset()
+    model = make_gpt(vocab=64)
+    labels = torch.tensor([0, 1, 3])
+    kw = dict(temperature=0.8, top_k=40, top_p=0.9)
+    eager = Sampler(model, 3, guidance=True, compile=False, **kw)
+    compiled = Sampler(model, 3, guidance=True, compile=True, **kw)
+    assert compiled.compiled and compiled.step is not compiled._step
+    calls = []
+    real_step = compiled.step
+
+    def step(*args):
+        calls.append(args[1])
+        torch._dynamo.config.error_on_recompile = len(calls) > 1  # the first call compiles, no later one may
+        return real_step(*args)
+
+    compiled.step = step
+    try:
+        a = compiled.generate(labels, cfg_scale=2.0, seed=11)
+        b = compiled.generate(labels[:2], cfg_scale=4.0, seed=12)  # another piece: padded, another scale
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert len(calls) == 2 * 63
+    assert torch.equal(a, eager.generate(labels, cfg_scale=2.0, seed=11))
+    assert torch.equal(b, eager.generate(labels[:2], cfg_scale=4.0, seed=12))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_fixed_seed_gives_identical_tokens_and_other_seed_differs():
@@ -108,17 +160,11 @@ def test_bf16_sampling_keeps_the_kv_cache_in_bf16_at_half_the_bytes():
 
     model = make_gpt()
     seen = {}
-    real = model.setup_caches
-
-    def record(batch, max_len, dtype, device):
-        real(batch, max_len, dtype, device)
-        caches = [layer.attention.kv_cache for layer in model.layers]
-        seen[dtype] = sum(c.k.nbytes + c.v.nbytes for c in caches)
-
-    model.setup_caches = record
-    generate(model, torch.tensor([0, 1]), cfg_scale=2.0, seed=0)
-    tokens = generate(model.to(torch.bfloat16), torch.tensor([0, 1]), cfg_scale=2.0, seed=0)
-    assert tokens.shape == (2, 8, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        sampler = Sampler(model.to(dtype), 2, guidance=True)
+        seen[dtype] = sum(c.k.nbytes + c.v.nbytes for c in sampler.caches)
+        assert {c.k.dtype for c in sampler.caches} == {dtype}
+        assert sampler.generate(torch.tensor([0, 1]), cfg_scale=2.0, seed=0).shape == (2, 8, 8)
     assert seen[torch.bfloat16] * 2 == seen[torch.float32] == kv_cache_bytes(model.config, 2, torch.float32)
     xxl = gpt_config("GPT-XXL", vocab_size=16384, block_size=256, num_classes=1000)
     assert kv_cache_bytes(xxl, 64, torch.bfloat16) == 9_663_676_416  # 9.7 GB (fp32: 19.3 GB)
