@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or a SQLite file in the working directory (DESIGN: one default, here)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,18 +1,39 @@
-"""MLflow tracking for the trainer: rank 0 only, params once, reattach on resume.
+"""MLflow tracking for the trainer (rank 0): never fatal, never in the training loop's way, nothing lost.
 
-The run id lives in the checkpoint's client state and in `<run>/mlflow_run_id`, so
-a requeued job continues the same MLflow run (params are immutable in MLflow, so
-they are logged only when the run is created).
+Every point the trainer logs is first appended to `RUN/mlflow_outbox.jsonl` (a local
+file, the record of what MLflow should hold) and queued; one background thread sends
+the queue to MLflow in order with the client API. When the tracking server is
+unreachable (restarted for maintenance, a network cut, a locked database) the thread
+warns once per outage, keeps the queue and retries with backoff up to a minute apart;
+training never waits for it. When the server is back it sends what it missed. At the
+end the run is ended with its real status (FINISHED, KILLED for a stop, FAILED) after
+waiting a bounded time (`NPP_MLFLOW_DRAIN_S`, 120 s) for the queue to drain; what is
+still unsent then stays in the outbox, and the next start of the run sends it: every
+start replays the outbox, and MLflow gets nothing at or below the last step it already
+holds for a metric, so each step's point appears once, also across resumes and
+outages. The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
+
+The run id lives in the checkpoint's client state and in `RUN/mlflow_run_id`, so a
+requeued job continues the same MLflow run (params are immutable in MLflow, so they
+are logged only when the run is created). A run created while the server is down gets
+its id when the server answers.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from npp.pipeline.mlflow_utils import flatten, mark_training_experiment  # noqa: F401 (re-exported)
+from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri  # noqa: F401 (re-exported)
+
+OUTBOX = "mlflow_outbox.jsonl"
+RUN_ID_FILE = "mlflow_run_id"
 
 
 def git_commit() -> str:
@@ -24,62 +45,226 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Tracker:
-    """Thin wrapper over mlflow; a no-op on ranks other than 0 or when disabled."""
+def read_outbox(path: Path, last_step: Optional[int] = None) -> list[dict]:
+    """The outbox's records ({"step", "metrics"}), optionally only those at or below last_step."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if last_step is None or rec["step"] <= last_step:
+            out.append(rec)
+    return out
 
-    def __init__(self, enabled: bool):
+
+class Tracker:
+    """The trainer's MLflow run; a no-op on ranks other than 0 or when disabled."""
+
+    def __init__(self, enabled: bool, run_dir: Optional[Path] = None, log: Callable[[str], None] = print):
         self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir else None
+        self._outbox = self.run_dir / OUTBOX if self.run_dir else None
         self.run_id: Optional[str] = None
-        self._mlflow = None
-        # per metric: a resumed run logs nothing at or below the last step MLflow already has for it
+        self._log = log
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._down_since: Optional[float] = None
+        self._outages = 0
+        self._sent = 0
+        self._monitor = None
+        self._client = None
+        # per metric: the last step MLflow holds; nothing at or below it is sent again
         self.logged_through: dict[str, int] = {}
 
-    def start(self, experiment: str, run_name: str, run_id: Optional[str], params: dict, tags: dict, artifacts: list[str],
-              dataset: Optional[dict] = None, system_metrics: bool = True) -> None:
-        """Attach to (run_id) or create the run. A new run gets the params once, the artifacts, and the
-        shard set as its dataset input (name + digest: the UI's Dataset column). The experiment is tagged
-        as a training experiment, so MLflow 3's UI opens on its runs (not the GenAI overview). System
-        metrics (CPU/GPU utilisation and memory) are sampled by MLflow in the background."""
+    # --- the training thread's side -------------------------------------------------
+    def start(self, experiment: str, run_name: str, run_id: Optional[str], params: dict, tags: dict,
+              artifacts: list[str], dataset: Optional[dict] = None, system_metrics: bool = True,
+              resume_step: int = 0) -> None:
+        """Queue the run's creation (params, artifacts, dataset input: the UI's Dataset column) or its
+        reattachment, then the outbox's points up to `resume_step` (those MLflow lacks are sent), and start
+        the sender. The experiment is tagged as a training experiment, so MLflow 3's UI opens on its runs."""
         if not self.enabled:
             return
-        import mlflow
-
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-        if run_id:
-            mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
-            client = mlflow.tracking.MlflowClient()
-            # MLflow's own system/ metrics are sampled in time, not steps, and hold thousands of points after
-            # days: reading their histories would slow every restart, and we never log them
-            for key in client.get_run(run_id).data.metrics:
-                if not key.startswith("system/"):
-                    self.logged_through[key] = max((m.step for m in client.get_metric_history(run_id, key)), default=0)
-        else:
-            exp = mark_training_experiment(experiment)
-            mlflow.start_run(run_name=run_name, tags=tags, experiment_id=exp, log_system_metrics=system_metrics)
-            flat = flatten(params)
-            items = list(flat.items())
-            for i in range(0, len(items), 100):  # the API takes at most 100 params per call
-                mlflow.log_params(dict(items[i : i + 100]))
-            for path in artifacts:
-                mlflow.log_artifact(path)
-            if dataset:
-                from mlflow.data.dataset_source_registry import resolve_dataset_source
-                from mlflow.data.meta_dataset import MetaDataset
-
-                source = resolve_dataset_source(dataset["source"])
-                mlflow.log_input(MetaDataset(source=source, name=dataset["name"], digest=dataset["digest"]),
-                                 context="training")
-        self.run_id = mlflow.active_run().info.run_id
+        # fail fast inside one request: the sender retries for as long as it takes
+        for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+            os.environ.setdefault(var, value)
+        self.run_id = run_id
+        self._open_args = dict(experiment=experiment, run_name=run_name, params=params, tags=tags,
+                               artifacts=artifacts, dataset=dataset, system_metrics=system_metrics)
+        self._created = run_id is not None
+        try:  # once here, so the run (and RUN/mlflow_run_id) exists before the first step when the server answers
+            self._open()
+        except Exception as e:
+            self._outage(e)
+            self._queue.put(("open", None))  # the sender creates or reattaches it when the server answers
+        if self._outbox is not None:
+            kept = read_outbox(self._outbox, resume_step)
+            tmp = self._outbox.with_name(OUTBOX + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self._outbox)
+            for rec in kept:  # the backfill: points an earlier start could not send
+                self._queue.put(("metrics", rec))
+        self._thread = threading.Thread(target=self._work, name="npp-mlflow", daemon=True)  # sends the queue
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self._mlflow is None:
+        if not self.enabled or self._thread is None:
             return
-        fresh = {k: float(v) for k, v in metrics.items() if step > self.logged_through.get(k, 0)}
-        if fresh:
-            self._mlflow.log_metrics(fresh, step=step)
+        rec = {"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}
+        if self._outbox is not None:
+            with open(self._outbox, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        self._queue.put(("metrics", rec))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self._mlflow is not None:
-            self._mlflow.end_run(status=status)
-            self._mlflow = None
+    def finish(self, status: str = "FINISHED", wait_s: Optional[float] = None) -> None:
+        """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S)."""
+        if not self.enabled or self._thread is None:
+            return
+        wait_s = float(os.environ.get("NPP_MLFLOW_DRAIN_S", 120)) if wait_s is None else wait_s
+        self._queue.put(("end", status))
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout=wait_s)
+        if self._thread.is_alive():
+            where = f"{self._outbox}" if self._outbox else "this process"
+            self._log(f"warning: MLflow at {tracking_uri()} is still unreachable after {wait_s:.0f} s: the last "
+                      f"{self._queue.qsize()} queued record(s) stay in {where}; the next start of this run sends them "
+                      f"(the MLflow run shows RUNNING until then)")
+        self._stop_monitor()
+        self._thread = None
+
+    # --- the sender thread ----------------------------------------------------------
+    def _work(self) -> None:
+        backoff = 2.0
+        while True:
+            kind, item = self._queue.get()
+            while True:
+                try:
+                    self._do(kind, item)
+                    break
+                except Exception as e:  # any failure of the tracking side: keep the point, retry later
+                    self._outage(e)
+                    self._wake.wait(timeout=backoff)
+                    self._wake.clear()
+                    if self._closing:
+                        backoff = min(backoff, 2.0)
+                    backoff = min(60.0, backoff * 2)
+            if self._down_since is not None:
+                self._log(f"MLflow at {tracking_uri()} answers again after {time.time() - self._down_since:.0f} s: "
+                          "sending the points it missed")
+                self._down_since = None
+                backoff = 2.0
+                if kind != "end" and self.run_id and self._open_args["system_metrics"]:
+                    self._start_monitor()  # MLflow's monitor gave up during the outage
+            if kind == "end":
+                return
+
+    def _outage(self, error: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+            self._outages += 1
+            first = str(error).splitlines()[0][:200] if str(error) else ""
+            where = f"{self._outbox}" if self._outbox else "memory"
+            self._log(f"warning: MLflow at {tracking_uri()} is unreachable ({type(error).__name__}: {first}); "
+                      f"training goes on, every point is kept in {where} and sent when it answers again")
+
+    def _do(self, kind: str, item) -> None:
+        if kind == "open":
+            self._open()
+        elif kind == "metrics":
+            self._send(item)
+        elif kind == "end":
+            if self.run_id is not None:
+                self._stop_monitor()
+                self._mlflow_client().set_terminated(self.run_id, status=item)
+
+    def _mlflow_client(self):
+        if self._client is None:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri())
+            self._client = mlflow.tracking.MlflowClient(tracking_uri())
+        return self._client
+
+    def _open(self) -> None:
+        """Create the run (each part once, so a retry after a partial failure repeats nothing), or reattach."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+        client = self._mlflow_client()
+        a = self._open_args
+        if self.run_id is None:
+            exp = mark_training_experiment(a["experiment"])
+            self.run_id = client.create_run(exp, run_name=a["run_name"], tags=a["tags"]).info.run_id
+            self._write_run_id()
+        if not self._created:
+            items = list(flatten(a["params"]).items())
+            for i in range(0, len(items), 100):  # the API takes at most 100 params per call
+                client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in items[i : i + 100]])
+            for path in a["artifacts"]:
+                client.log_artifact(self.run_id, path)
+            if a["dataset"]:
+                d = a["dataset"]
+                dataset = Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                  source=json.dumps({"uri": d["source"]}))
+                client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+            self._created = True
+        else:
+            run = client.get_run(self.run_id)
+            if run.info.status != "RUNNING":
+                client.update_run(self.run_id, status="RUNNING")
+            # MLflow's own system/ metrics are sampled in time, not steps, and hold thousands of points after
+            # days: reading their histories would slow every restart, and we never log them
+            for key in run.data.metrics:
+                if not key.startswith("system/"):
+                    self.logged_through[key] = max((m.step for m in client.get_metric_history(self.run_id, key)),
+                                                   default=-1)
+            self._write_run_id()
+        if a["system_metrics"]:
+            self._start_monitor()
+
+    def _write_run_id(self) -> None:
+        if self.run_dir is not None:
+            tmp = self.run_dir / (RUN_ID_FILE + ".tmp")
+            tmp.write_text(self.run_id)
+            tmp.replace(self.run_dir / RUN_ID_FILE)
+
+    def _send(self, rec: dict) -> None:
+        from mlflow.entities import Metric
+
+        if self.run_id is None:
+            raise RuntimeError("the MLflow run is not open yet")
+        step = rec["step"]
+        fresh = {k: v for k, v in rec["metrics"].items() if step > self.logged_through.get(k, -1)}
+        if fresh:
+            now = int(time.time() * 1000)
+            self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
+            for k in fresh:
+                self.logged_through[k] = step
+            self._sent += 1
+
+    def _start_monitor(self) -> None:
+        """MLflow's system metrics (CPU, memory; GPU through NVML), sampled in its own thread. It stops itself
+        when the server does not answer; the sender starts it again after an outage."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._stop_monitor()
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            self._monitor.start()
+        except Exception as e:  # system metrics are a nicety: never a reason to stop
+            self._log(f"warning: MLflow system metrics not started ({type(e).__name__}: {e})")
+            self._monitor = None
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.finish()
+            except Exception:
+                pass

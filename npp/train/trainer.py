@@ -206,7 +206,7 @@ class Trainer:
                         self._save()
             self._save()
         except BaseException:
-            self.tracker.finish("FAILED")
+            self.tracker.finish("FAILED", wait_s=30.0)
             raise
         return self._finish()
 
@@ -262,7 +262,7 @@ class Trainer:
         self.progress = Progress(self.run_dir, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
                                  corrupt_base=int(client.get("corrupt_shards", 0)))
         self.progress.resume_at(self.step)
-        self.tracker = Tracker(self.env.is_main and self.cfg.tracking)
+        self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run_dir, self._log)
         run_id = client.get("mlflow_run_id") or self._saved_run_id()
         self.tracker.start(
             self.cfg.experiment, self.cfg.run_name or self.run_dir.name, run_id,
@@ -272,9 +272,8 @@ class Trainer:
                   "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
                   "schedule": format_schedule(self.schedule.stages)},
             artifacts=artifacts, dataset=self._dataset_identity() if self.env.is_main else None,
+            resume_step=self.step,
         )
-        if self.env.is_main and self.tracker.run_id:
-            (self.run_dir / "mlflow_run_id").write_text(self.tracker.run_id)
         self.stop = StopRequest(self.run_dir, self.env.is_main)
         self.stop.install()
         self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
@@ -328,7 +327,7 @@ class Trainer:
         self._save()
         self.stop.consume()
         self._log(f"stop requested ({reason}): saved step {self.step} in {self.ckpt_dir}, exiting 0 for requeue")
-        self.tracker.finish("KILLED")
+        self.tracker.finish("KILLED", wait_s=min(30.0, float(os.environ.get("NPP_MLFLOW_DRAIN_S", 30))))
         return {"step": self.step, "stopped": True}
 
     def _finish(self) -> dict:

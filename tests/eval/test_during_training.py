@@ -42,55 +42,13 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
         assert [m.step for m in client.get_metric_history(run_id, key)] == [5, 10, 12], key
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (sqlite store in tmp), ended when the test ends."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from npp.train.launch import free_port
-
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 120 s")
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-
-
-def _get(url, path, **params):
-    import json
-    import urllib.parse
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(params)}", timeout=30) as r:
-        return json.loads(r.read())
-
-
 @pytest.mark.slow
 def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_assets, mlflow_server, monkeypatch):
     """Through MLflow's REST API: a training experiment, the shard set as dataset input, FID against
     train_flops, system metrics."""
     from tests.train.conftest import launch_cmd, run_env
 
-    env = {**run_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
+    env = {**run_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server.url,
            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
     run = tmp_path / "run"
     import subprocess
@@ -99,16 +57,16 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
                                      eval_per_class=2, eval_batch=8, **eval_assets),
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="npp")["experiment"]
+    exp = mlflow_server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="npp")["experiment"]
     assert {t["key"]: t["value"] for t in exp.get("tags", [])}["mlflow.experimentKind"] == "custom_model_development"
     run_id = (run / "mlflow_run_id").read_text()
-    got = _get(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    got = mlflow_server.get("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     datasets = got["inputs"]["dataset_inputs"]
     assert len(datasets) == 1 and datasets[0]["dataset"]["name"] == shard_set.name and datasets[0]["dataset"]["digest"]
     keys = {m["key"] for m in got["data"]["metrics"]}
     assert {"curve/fid_toynet", "train_flops", "loss"} <= keys
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
-    hist = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet")
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
 
 
