@@ -11,7 +11,6 @@ checkpoints, eval's evaluator); no stage imports another.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,6 +44,7 @@ def watch(run: str, vq: str, ref: str, inception: Optional[str] = None, classifi
     from npp.models.configs import GPTConfig
     from npp.models.gpt import GPT
     from npp.pipeline.devices import pick_device
+    from npp.pipeline.mlflow_utils import log_metrics_once, tracking_uri
     from npp.train.export import consolidated_state, tag_step
 
     run_dir = Path(run)
@@ -57,13 +57,34 @@ def watch(run: str, vq: str, ref: str, inception: Optional[str] = None, classifi
                                   cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, batch=batch, seed=seed)
     device = pick_device("auto")
     state_file = run_dir / "eval_watch.json"
-    done = set(json.loads(state_file.read_text())["done"]) if state_file.exists() else set()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    done, pending = set(state.get("done", [])), dict(state.get("pending", {}))
+    mlflow.set_tracking_uri(tracking_uri())
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     evaluated = []
     model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
+
+    def save_state():
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        tmp.write_text(json.dumps({"done": sorted(done), "pending": pending}))
+        tmp.replace(state_file)
+
+    def send_pending():
+        """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""
+        for tag, rec in sorted(pending.items()):
+            try:
+                log_metrics_once(mlflow.tracking.MlflowClient(), run_id, rec["metrics"], rec["step"])
+            except Exception as e:
+                print(f"eval watch: warning: MLflow at {tracking_uri()} did not take the metrics of {tag} "
+                      f"({type(e).__name__}); kept in {state_file}, sent at the next try", flush=True)
+                return
+            del pending[tag]
+            done.add(tag)
+            save_state()
+
     while True:
-        for tag in [t for t in _complete_tags(ckpt_dir) if t not in done]:
+        send_pending()
+        for tag in [t for t in _complete_tags(ckpt_dir) if t not in done and t not in pending]:
             if not (ckpt_dir / tag).is_dir():  # pruned meanwhile (--keep)
                 continue
             weights = None
@@ -75,14 +96,15 @@ def watch(run: str, vq: str, ref: str, inception: Optional[str] = None, classifi
             client = ckpt_dir / tag / "client.json"
             if client.exists():
                 metrics["train_flops"] = float(json.loads(client.read_text())["train_flops"])
-            with mlflow.start_run(run_id=run_id):
-                mlflow.log_metrics(metrics, step=step)
             print(f"eval watch {tag}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-            done.add(tag)
+            pending[tag] = {"step": step, "metrics": metrics}  # kept before it is sent: never computed twice
+            save_state()
             evaluated.append(step)
-            tmp = state_file.with_name(state_file.name + ".tmp")
-            tmp.write_text(json.dumps({"done": sorted(done)}))
-            tmp.replace(state_file)
-        if once or (run_dir / "model.pt").exists() and not [t for t in _complete_tags(ckpt_dir) if t not in done]:
+            send_pending()
+        finished = (run_dir / "model.pt").exists() and not [t for t in _complete_tags(ckpt_dir) if t not in done]
+        if once or finished:
+            if pending:
+                raise NppError(f"MLflow at {tracking_uri()} did not take the metrics of {sorted(pending)}; they are "
+                               f"kept in {state_file}: rerun the same command when it answers")
             return evaluated
         time.sleep(interval)

@@ -84,12 +84,60 @@ def evaluate(
     files = sample_files(samples)
     net = load_feature_net(inception, classifier)
     reference = reference_for(net, ref)
-    results = {f: compute_metrics(net, f, reference, ref) for f in files}
+    results = {}
+    for f in files:
+        key = _cache_key(f, ref, net)
+        cached = _read_cache(f, key)
+        results[f] = cached if cached is not None else compute_metrics(net, f, reference, ref)
+        if cached is None:
+            _write_cache(f, key, results[f])
     for f, m in results.items():
         print(f"{f}: " + "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
     if log:
-        log_to_mlflow(results, ref, net, run_id, ckpt, experiment)
+        try:
+            log_to_mlflow(results, ref, net, run_id, ckpt, experiment)
+        except Exception as e:  # the metrics are computed and kept: losing them to a tracking outage is not an option
+            from npp.pipeline.mlflow_utils import tracking_uri
+
+            kept = ", ".join(str(_cache_path(f)) for f in results)
+            raise ReferenceError(
+                f"MLflow at {tracking_uri()} did not take the metrics ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); they are kept in {kept}: rerun the same command "
+                "when it answers (nothing is recomputed, and nothing already logged is logged twice)") from None
     return results
+
+
+def _cache_path(samples_path: str) -> Path:
+    return Path(samples_path).with_suffix(".metrics.json")
+
+
+def _cache_key(samples_path: str, ref_path: str, net) -> dict:
+    """What the metrics of a samples file depend on: the file, the reference, the feature network."""
+    def stamp(path):
+        st = os.stat(path)
+        return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    return {"samples": stamp(samples_path), "reference": stamp(ref_path), "feature_net": net.name,
+            "feature_net_sha256": getattr(net, "weights_sha256", "")}
+
+
+def _read_cache(samples_path: str, key: dict) -> Optional[dict]:
+    path = _cache_path(samples_path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("key") != key:
+        return None
+    print(f"{samples_path}: metrics from {path} (same samples, reference and network)")
+    return saved["metrics"]
+
+
+def _write_cache(samples_path: str, key: dict, metrics: dict) -> None:
+    path = _cache_path(samples_path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
+    os.replace(tmp, path)
 
 
 def _sidecar(samples_path: str) -> dict:
@@ -115,35 +163,54 @@ def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict
 
 
 def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt: Optional[str], experiment: str) -> None:
+    """Into the training run at the checkpoint's step, plus a nested run per samples file. Idempotent: a rerun
+    after an interrupted logging reuses the nested runs made and sends no metric point twice."""
     import mlflow
 
-    from npp.pipeline.mlflow_utils import flatten, mark_training_experiment
+    from npp.pipeline.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.tracking.MlflowClient()
     records = [_sidecar(f) for f in results]
     run_id, step = _training_run(run_id, ckpt, records)
     step = step or 0
     sweep = len(results) > 1
-    if run_id:
-        parent = mlflow.start_run(run_id=run_id)
-    else:
-        parent = mlflow.start_run(experiment_id=mark_training_experiment(experiment),
-                                  run_name=f"eval {Path(next(iter(results))).stem}")
-    with parent:
-        for (path, metrics), record in zip(results.items(), records):
-            scale = record.get("cfg_scale")
-            key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
-            mlflow.log_metrics({k + key_suffix: v for k, v in metrics.items()}, step=step)
-            grid = Path(path).with_suffix(".png")
-            with mlflow.start_run(run_name=f"eval step {step} cfg {scale}", nested=True):
-                mlflow.log_params(flatten({
-                    "samples": str(path), "reference": ref_path, "feature_net": net.name,
-                    "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step,
-                    "sampling": {k: v for k, v in record.items() if k != "ckpt_train"},
-                }))
-                mlflow.log_metrics(metrics, step=step)
-                if grid.exists():
-                    mlflow.log_artifact(str(grid), artifact_path="samples")
-            if grid.exists():
-                mlflow.log_artifact(str(grid), artifact_path=f"samples/step_{step}")
-        print(f"logged to MLflow run {parent.info.run_id} at step {step}")
+    standalone = not run_id  # samples of no training run: a run of their own, ended here
+    if standalone:
+        exp = mark_training_experiment(experiment)
+        run_id = _named_run(client, exp, f"eval {Path(next(iter(results))).stem}", parent=None)
+    exp = client.get_run(run_id).info.experiment_id
+    for (path, metrics), record in zip(results.items(), records):
+        scale = record.get("cfg_scale")
+        key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
+        log_metrics_once(client, run_id, {k + key_suffix: v for k, v in metrics.items()}, step)
+        grid = Path(path).with_suffix(".png")
+        nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
+        params = flatten({
+            "samples": str(path), "reference": ref_path, "feature_net": net.name,
+            "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step,
+            "sampling": {k: v for k, v in record.items() if k != "ckpt_train"},
+        })
+        have = client.get_run(nested).data.params
+        for k, v in params.items():
+            if k not in have:
+                client.log_param(nested, k, v)
+        log_metrics_once(client, nested, metrics, step)
+        if grid.exists():
+            client.log_artifact(nested, str(grid), artifact_path="samples")
+            client.log_artifact(run_id, str(grid), artifact_path=f"samples/step_{step}")
+        client.set_terminated(nested)
+    if standalone:
+        client.set_terminated(run_id)
+    print(f"logged to MLflow run {run_id} at step {step}")
+
+
+def _named_run(client, experiment_id: str, name: str, parent: Optional[str]) -> str:
+    """The run of that name (nested under `parent`) made by an earlier try, or a new one."""
+    parent_filter = f" and tags.mlflow.parentRunId = '{parent}'" if parent else ""
+    found = client.search_runs([experiment_id], filter_string=f"tags.mlflow.runName = '{name}'{parent_filter}",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id

@@ -40,3 +40,22 @@ def mark_training_experiment(name: str, artifact_location: Optional[str] = None)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         mlflow.tracking.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+class TrackingUnreachable(Exception):
+    """MLflow did not answer; what could not be logged is named, with where it is kept."""
+
+
+def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) -> int:
+    """Log the metrics at `step`, skipping every key that already has a point at that step (a rerun after a
+    failed or interrupted logging adds nothing twice). Returns how many were sent."""
+    from mlflow.entities import Metric
+
+    fresh = {k: float(v) for k, v in metrics.items()
+             if not any(m.step == step for m in client.get_metric_history(run_id, k))}
+    if fresh:
+        import time
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
+    return len(fresh)

@@ -95,6 +95,37 @@ def test_the_auto_batch_follows_free_memory_and_the_kv_cache_formula():
         auto_batch(xxl, torch.float32, True, gpu, 100, free_bytes=100 * 2**20)
 
 
+def test_eval_keeps_its_metrics_through_a_tracking_outage_and_logs_each_once(setup, tmp_path, monkeypatch):
+    """MLflow does not answer: the metrics are kept and the error names where; the rerun computes nothing again
+    and logs them; a third run adds no point twice."""
+    from npp.eval import evaluate as evaluate_module
+    from npp.train.launch import free_port
+
+    out = tmp_path / "s"
+    sample(_cfg(setup, out))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    args = (str(out / "samples_cfg*.npz"), str(setup / "ref.npz"))
+    with pytest.raises(ReferenceError, match=r"did not take the metrics.*samples_cfg1\.metrics\.json.*rerun"):
+        first = evaluate(*args, classifier=str(setup / "toynet.pt"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    computed = []
+    real = evaluate_module.compute_metrics
+    monkeypatch.setattr(evaluate_module, "compute_metrics", lambda *a: computed.append(a) or real(*a))
+    first = evaluate(*args, classifier=str(setup / "toynet.pt"))
+    again = evaluate(*args, classifier=str(setup / "toynet.pt"))
+    assert computed == [] and first == again
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("npp")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3  # the eval run and one nested run per cfg scale, reused by the rerun
+    for run in runs:
+        for key in run.data.metrics:
+            assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
+        assert run.info.status == "FINISHED"
+
+
 def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     out = tmp_path / "s"
     sample(_cfg(setup, out))
