@@ -8,7 +8,16 @@ Layout under `<run>/checkpoints/`:
 
 Every rank calls save (guarding it with rank 0 hangs ZeRO). `latest` is written by
 rank 0 only after a barrier that follows every rank's files, atomically (temp +
-rename), so a crash during a save leaves the previous checkpoint as latest.
+rename), so a crash during a save leaves the previous checkpoint as latest. Old
+checkpoints are pruned (`--keep`) only after that, so the last complete checkpoint is
+never deleted before a newer one is complete.
+
+A full disk stops the job with one line: before writing, rank 0 compares the free
+space with the size of the last checkpoint and every rank learns the answer; a write
+that fails anyway (any OSError, or torch's "file write failed") is agreed on by every
+rank after the save, the partial checkpoint is removed, and every rank raises
+`CheckpointSaveError` (the CLI prints it once, from rank 0, and exits 2), naming the
+directory, the free space and the last complete checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import numpy as np
 import torch
 
 from npp.errors import ConfigError
-from npp.train.distributed import DistEnv, barrier
+from npp.train.distributed import DistEnv, all_sum, barrier
 from npp.train.errors import TrainingError
 
 TAG_PREFIX = "step_"
@@ -109,20 +118,76 @@ def load_rng_state(path: Path) -> dict:
             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
 
 
+class CheckpointSaveError(TrainingError):
+    """A checkpoint could not be written; raised on every rank, printed once (by rank 0)."""
+
+    all_ranks = True
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _save_error(ckpt_dir: Path, tag: str, cause: str) -> CheckpointSaveError:
+    try:
+        free = f"{_gb(shutil.disk_usage(ckpt_dir).free)} free"
+    except OSError:
+        free = "free space unknown"
+    last = latest_tag(ckpt_dir)
+    resume = (f"the last complete checkpoint is {ckpt_dir / last}: free space and rerun the same command to resume "
+              "from it" if last else "no complete checkpoint exists yet: free space and rerun the same command")
+    return CheckpointSaveError(f"checkpoint {tag} not saved in {ckpt_dir} ({free}): {cause}; {resume}")
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank when any rank says so (one collective)."""
+    return all_sum([1.0 if flag else 0.0], device)[0] > 0
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
     tag = tag_for(step)
-    if env.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    # Our own files are trusted (written by this code), saved with plain torch.save.
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{env.rank}.pt")
-    if ema is not None and env.is_main:
-        torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
-    if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (npp eval watch)
-        (ckpt_dir / tag / "client.json").write_text(json.dumps(
-            {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
-    barrier()
+    if latest_tag(ckpt_dir) == tag:  # saved already at this step (a stop right after a checkpoint): nothing changed
+        return tag
+    device = getattr(engine, "device", torch.device("cpu"))
+    short = None
+    if env.is_main:  # room for one more checkpoint of the size of the last one?
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            last = latest_tag(ckpt_dir)
+            need = dir_bytes(ckpt_dir / last) if last else 0
+            free = shutil.disk_usage(ckpt_dir).free
+            if need > free:
+                short = f"it needs about {_gb(need)} (the size of {last})"
+        except OSError as e:
+            short = f"{type(e).__name__}: {e}"
+    if _any_rank(short is not None, device):
+        raise _save_error(ckpt_dir, tag, short or "rank 0 found no room for it")
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # a write failed; the other ranks wait in DeepSpeed's closing barrier
+        error = e
+        barrier()
+    if error is None:
+        try:
+            # Our own files are trusted (written by this code), saved with plain torch.save.
+            torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{env.rank}.pt")
+            if ema is not None and env.is_main:
+                torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
+            if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (eval watch)
+                (ckpt_dir / tag / "client.json").write_text(json.dumps(
+                    {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
+        except (OSError, RuntimeError) as e:
+            error = e
+    if _any_rank(error is not None, device):  # every rank has stopped writing here
+        if env.is_main:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # nothing partial stays behind
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "another rank's write failed"
+        raise _save_error(ckpt_dir, tag, f"a write failed ({cause})")
     if env.is_main:
         tmp = ckpt_dir / f"latest.tmp{os.getpid()}"
         tmp.write_text(tag)
@@ -133,9 +198,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, em
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    """Keep the newest `keep` complete checkpoints (up to `latest`); a directory newer than `latest` is what a
+    failed or killed save left behind, and goes too."""
     current = latest_tag(ckpt_dir)
-    for old in tags[: max(0, len(tags) - keep)]:
+    if current is None:
+        return
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    complete = [t for t in tags if t <= current]
+    for old in complete[: max(0, len(complete) - keep)] + [t for t in tags if t > current]:
         if old != current:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
