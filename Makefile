@@ -102,7 +102,7 @@ tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; r
 	  --samples-per-shard $(SAMPLES_PER_SHARD) --workers $(WORKERS) $(VIEWS_FLAGS)
 
 tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
-	@# SLURM opens --output=logs/... before the job runs: the directory must exist at submission
+	@# SLURM opens --output=logs/... before the job runs: logs/ is in the repository (recreated if deleted)
 	mkdir -p logs
 	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
 	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch

@@ -361,8 +361,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (NppError, FileNotFoundError) as e:
         if os.environ.get("NPP_DEBUG"):
             raise
-        # an error every rank of a job raised together (a failed save) is said once, by rank 0
-        if not getattr(e, "all_ranks", False) or os.environ.get("RANK", "0") == "0":
+        # an error every rank of a job raises alike (a flag, a failed save) is said once, by rank 0
+        said_by_all = isinstance(e, UsageError) or getattr(e, "all_ranks", False)
+        if not said_by_all or os.environ.get("RANK", "0") == "0":
             print(f"npp: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -1,10 +1,22 @@
 """Models shared by every stage: the GPT, the VQ tokenizer, feature networks, size registry.
 
-Nothing here imports a stage, DeepSpeed or MLflow.
+Nothing here imports a stage, DeepSpeed or MLflow. The size registry (`configs`) needs no
+torch, and `npp.models.configs` stays importable without it (flag checks run before torch
+is imported); `GPT` and `generate` load torch when first used.
 """
 
 from .configs import GPT_SIZES, GPTConfig, count_parameters, gpt_config, train_flops_per_sample
-from .generate import generate
-from .gpt import GPT
 
 __all__ = ["GPT", "GPTConfig", "GPT_SIZES", "gpt_config", "count_parameters", "train_flops_per_sample", "generate"]
+
+
+def __getattr__(name: str):
+    if name == "GPT":
+        from .gpt import GPT
+
+        return GPT
+    if name == "generate":
+        from .generate import generate
+
+        return generate
+    raise AttributeError(f"module 'npp.models' has no attribute {name!r}")

@@ -174,3 +174,14 @@ def train_flops_per_sample(cfg: GPTConfig, patch_side: int) -> float:
     seq = (rows // patch_side) * (cols // patch_side)
     return 6.0 * _matmul_params(cfg) * seq + 12.0 * cfg.n_layer * cfg.dim * seq * seq
 
+
+
+def check_patch_side(grid: tuple[int, int], patch_side: int) -> tuple[int, int]:
+    """The patch grid (rows/k, cols/k); a k that does not divide both sides is a ConfigError."""
+    rows, cols = grid
+    if patch_side < 1 or rows % patch_side or cols % patch_side:
+        raise ConfigError(
+            f"patch side {patch_side} does not divide the {rows}x{cols} token grid; "
+            f"use a k that divides both {rows} and {cols}"
+        )
+    return rows // patch_side, cols // patch_side

@@ -10,18 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from npp.errors import ConfigError
-
-
-def check_patch_side(grid: tuple[int, int], patch_side: int) -> tuple[int, int]:
-    """The patch grid (rows/k, cols/k); a k that does not divide both sides is a ValueError."""
-    rows, cols = grid
-    if patch_side < 1 or rows % patch_side or cols % patch_side:
-        raise ConfigError(
-            f"patch side {patch_side} does not divide the {rows}x{cols} token grid; "
-            f"use a k that divides both {rows} and {cols}"
-        )
-    return rows // patch_side, cols // patch_side
+from .configs import check_patch_side  # noqa: F401 (pure arithmetic, kept beside the grid it checks)
 
 
 def group_patches(x: torch.Tensor, grid: tuple[int, int], patch_side: int) -> torch.Tensor:

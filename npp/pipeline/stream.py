@@ -31,7 +31,6 @@ from __future__ import annotations
 import ast
 import mmap
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -144,7 +143,10 @@ def assign_shards(num_shards: int, epoch: int, seed: int, rank: int, world: int,
 
 
 class CodeStream(IterableDataset):
-    """Endless batches {"codes": uint16 (B, h·w), "labels": int64 (B,), "corrupt": int} for one rank."""
+    """Endless batches {"codes": uint16 (B, h·w), "labels": int64 (B,), "corrupt": int, "skipped": [str]} for one
+    rank. A corrupt shard is reported with the first batch made after it was met ("skipped": "path (reason)"),
+    never printed from the loader worker: a worker builds batches ahead that training may never take, so only
+    the consumer of a batch can say, and count, what training actually skipped."""
 
     def __init__(
         self,
@@ -192,7 +194,7 @@ class CodeStream(IterableDataset):
             return parse_shard(map_shard(self.shards[i]))
         except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
             stats["corrupt"] += 1
-            warnings.warn(f"skipping corrupt shard {self.shards[i]} ({e}); {stats['corrupt']} skipped so far")
+            stats["skipped"].append(f"{self.shards[i]} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
             return None
 
     def _epoch_samples(self, epoch: int, worker: int, workers: int, stats: dict) -> Iterator[tuple[np.ndarray, int]]:
@@ -238,7 +240,7 @@ class CodeStream(IterableDataset):
                 break
             skip -= n
             epoch += 1
-        stats = {"corrupt": 0}
+        stats = {"corrupt": 0, "skipped": []}
         reported = 0
         codes_batch: list[np.ndarray] = []
         labels: list[int] = []
@@ -260,8 +262,9 @@ class CodeStream(IterableDataset):
                         "codes": np.stack(codes_batch).reshape(self.batch_size, -1),
                         "labels": np.asarray(labels, dtype=np.int64),
                         "corrupt": stats["corrupt"] - reported,
+                        "skipped": stats["skipped"],
                     }
-                    reported = stats["corrupt"]
+                    reported, stats["skipped"] = stats["corrupt"], []
                     codes_batch, labels = [], []
                     yield batch
             if not produced and stats["corrupt"] >= len(self.shards):

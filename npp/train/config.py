@@ -3,13 +3,43 @@
 Defaults follow LlamaGen/NPP c2i training (FACTS.md §3); where the NPP paper's
 appendix and its code differ (warmup epochs, attention dropout) the paper wins.
 The resolved config is saved in the run directory and logged to MLflow.
+
+`validate()` checks everything that needs no torch (numbers, choices, the DeepSpeed
+JSON, the schedule against the shard set's grid, the world size, the eval inputs)
+before the CLI imports torch and DeepSpeed: a wrong flag fails in a fraction of a
+second with a line naming it. This module imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional
+
+from npp.errors import UsageError
+
+COMPILE_ON = ("true", "on", "1", "yes")
+COMPILE_OFF = ("false", "off", "0", "no", "none", "")
+
+
+def compile_setting(value) -> str:
+    """--compile as one of auto | on | off (fire gives True/False for --compile/--nocompile)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in COMPILE_ON:
+        return "on"
+    if text in COMPILE_OFF:
+        return "off"
+    raise UsageError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
+
+
+def world_size_from_env() -> int:
+    """The job's process count as torchrun or srun state it (1 for a plain `npp train`)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("SLURM_NTASKS", 1)) if "SLURM_PROCID" in os.environ else 1
 
 
 @dataclass
@@ -71,3 +101,53 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Refuse what cannot work, naming the flag and the fix; no torch, no DeepSpeed, nothing written."""
+        from npp.models.configs import gpt_config
+        from npp.pipeline.shards import read_meta, resolve_shard_dirs
+        from npp.train.ds_config import PRECISIONS, check_skips_non_finite, load_ds_json, micro_batch
+        from npp.train.schedule import paper_schedule, parse_schedule
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep", "global_batch",
+                     "epochs"):
+            need(int(getattr(self, flag)) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+        need(self.total_steps is None or int(self.total_steps) >= 1, f"--total-steps must be at least 1, got "
+             f"{self.total_steps}")
+        need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for the default), got {self.workers}")
+        need(self.lr > 0 and self.end_lr >= 0, f"--lr must be > 0 and --end-lr >= 0, got {self.lr} and {self.end_lr}")
+        need(0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), got {self.ema_decay}")
+        for flag in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):
+            need(0 <= getattr(self, flag) < 1, f"--{flag.replace('_', '-')} must lie in [0, 1), got {getattr(self, flag)}")
+        need(self.precision == "auto" or self.precision in PRECISIONS,
+             f"--precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        compile_setting(self.compile)
+        gpt_config(self.model)  # a known size
+        ds = load_ds_json(self.ds_config)
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        need(stage in (0, 1, 2, 3), f"{self.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
+        if self.precision != "auto":
+            check_skips_non_finite(ds, stage, self.precision, self.ds_config)
+        need(not (self.ema and stage == 3), "--ema with ZeRO-3 is not supported (parameters are partitioned): use "
+             "ZeRO-1/2 or drop --ema")
+        micro_batch(self, world_size_from_env())
+        dirs = resolve_shard_dirs(str(self.shards))
+        meta = read_meta(dirs[0])
+        if self.patch_levels:
+            paper_schedule(int(self.patch_levels), float(self.epoch_rate), int(self.epochs))
+        else:
+            parse_schedule(str(self.schedule), tuple(meta["grid"]) if "grid" in meta else None)
+        if self.eval_every or self.eval_every_epochs:
+            need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
+            need(stage != 3, "--eval-every with ZeRO-3 is not supported (the weights are partitioned): use ZeRO-1/2, "
+                 "or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
+            need(bool(self.vq and self.eval_ref and (self.inception or self.classifier)),
+                 "--eval-every needs --vq (the run's tokenizer), --eval-ref REF.npz and a feature network "
+                 "(--inception PATH or --classifier toynet.pt)")
+            for flag in ("vq", "eval_ref", "inception", "classifier"):
+                path = getattr(self, flag)
+                need(not path or os.path.exists(path), f"--{flag.replace('_', '-')} {path} does not exist")

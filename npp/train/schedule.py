@@ -12,8 +12,7 @@ from fractions import Fraction
 from typing import Optional, Sequence
 
 from npp.errors import ConfigError
-from npp.models.configs import GPTConfig, train_flops_per_sample
-from npp.models.patches import check_patch_side
+from npp.models.configs import GPTConfig, check_patch_side, train_flops_per_sample
 
 
 @dataclass(frozen=True)

@@ -26,29 +26,12 @@ import torch
 from npp.models.configs import GPTConfig
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.devices import fast_matmul
-from npp.train.config import TrainConfig
+from npp.train.config import TrainConfig, compile_setting
 from npp.train.ema import EMA
-from npp.train.errors import TrainingError
-
-COMPILE_ON = ("true", "on", "1", "yes")
-COMPILE_OFF = ("false", "off", "0", "no", "none", "")
-
 
 def offloads_optimizer(ds_config: dict) -> bool:
     device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     return device not in ("none", None)
-
-
-def compile_setting(value) -> str:
-    """--compile as one of auto | on | off (fire gives True/False for --compile/--nocompile)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in COMPILE_ON:
-        return "on"
-    if text in COMPILE_OFF:
-        return "off"
-    raise TrainingError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
 
 
 def compiles(value, device: torch.device, zero_stage: int) -> bool:

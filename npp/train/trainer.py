@@ -30,7 +30,7 @@ from npp.train.errors import TrainingError
 from npp.train.mfu import peak_flops
 from npp.train.progress import Progress
 from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
-from npp.train.step import TrainStep, build_model_and_optimizer, compile_setting, offloads_optimizer, start_engine
+from npp.train.step import TrainStep, build_model_and_optimizer, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
 
@@ -68,11 +68,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.env: DistEnv = read_env()
         cuda = torch.cuda.is_available()
-        # Everything that can be wrong with the inputs is checked before the process group starts.
-        for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep"):
-            if int(getattr(cfg, flag)) < 1:
-                raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cfg, flag)}")
-        compile_setting(cfg.compile)
+        # Everything that can be wrong with the inputs is checked before the process group starts: the flags
+        # (cfg.validate, which the CLI runs before importing torch), then what needs the shard set's manifest.
+        cfg.validate()
         self.meta, self.manifest = open_shard_sets(cfg.shards)
         self.precision = resolve_precision(cfg.precision, cuda)  # resolved once, handed to every part below
         self.ds_config = build_ds_config(cfg, self.env.world_size, cuda, self.precision)
@@ -226,10 +224,9 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             batch = next(batches)
             self.micro_batches += 1
-            if batch["corrupt"]:
-                print(f"[npp train] rank {self.env.rank}: warning: {batch['corrupt']} corrupt shard(s) skipped by the "
-                      "data stream", flush=True)
-                self.progress.corrupt_local += batch["corrupt"]
+            for shard in batch.get("skipped", ()):  # one line per shard the data stream skipped, each counted once
+                print(f"[npp train] rank {self.env.rank}: warning: skipped corrupt shard {shard}", flush=True)
+            self.progress.corrupt_local += batch["corrupt"]
             yield batch_to_device(batch, self.device)
 
     # --- components used by the loop -----------------------------------------------

@@ -1,3 +1,4 @@
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -122,10 +123,12 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     with open(paths[1], "r+b") as fh:
         fh.seek(1024 + 100)
         fh.write(b"\xff\xff")
-    with pytest.warns(UserWarning, match="skipping corrupt shard"):
-        batches = take(CodeStream(paths, counts, batch_size=4, shuffle_buffer=1), 5)
+    stream = CodeStream(paths, counts, batch_size=4, shuffle_buffer=1)
+    batches = list(itertools.islice(iter(stream), 5))  # the raw batches, with what each reports as skipped
     assert sum(b["corrupt"] for b in batches) == 1
-    assert {i // 10 for b in batches for i in ids(b)} == {0, 2}
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{paths[1]} (")  # the path and the reason, once
+    assert {i // 10 for b in take(CodeStream(paths, counts, batch_size=4, shuffle_buffer=1), 5) for i in ids(b)} == {0, 2}
 
 
 def test_next_untouched_epoch_after_a_layout_change(tmp_path):

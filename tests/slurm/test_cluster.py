@@ -1,4 +1,5 @@
-"""slurm/*.sbatch submitted through `make *-slurm` to a real single-node SLURM cluster (CPU, GPT-Nano).
+"""slurm/*.sbatch submitted to a real single-node SLURM cluster (CPU, GPT-Nano), from a fresh copy of the
+repository: with a bare `sbatch` as SLURM users submit scripts, and through `make *-slurm`.
 
 Each test drives SLURM the way a user or the cluster does (sbatch, scancel, scontrol
 requeue, the time-limit USR1) and checks what the job did from its log, the run
@@ -29,7 +30,7 @@ SBATCH = "--gres=none --cpus-per-task=2 --nodes=1"
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
-    """A fresh copy of the working tree (no logs/), sharing the installed .venv."""
+    """A fresh copy of the repository's files (what a clone has, logs/ with its .gitkeep only), sharing .venv."""
     dest = tmp_path_factory.mktemp("checkout") / "npp"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -38,7 +39,7 @@ def checkout(tmp_path_factory):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, dest / f)  # mtimes kept: make sees the set-up stamp as current
     (dest / ".venv").symlink_to(REPO / ".venv")
-    assert not (dest / "logs").exists()
+    assert [p.name for p in (dest / "logs").iterdir()] == [".gitkeep"]
     return dest
 
 
@@ -55,9 +56,20 @@ def job_env(tmp_path, slurm_cluster, **extra):
             "TQDM_MININTERVAL": "5", **extra}
 
 
-def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, **extra):
-    return make(checkout, "train-slurm", job_env(tmp_path, slurm_cluster, **extra), SHARDS=shard_set, RUN=run,
-                MODEL="GPT-Nano", SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH=16, TRAIN_FLAGS=TRAIN, SBATCH_FLAGS=SBATCH)
+def sbatch(checkout, env, *args):
+    """A bare `sbatch` from the repository's root, as SLURM users submit a script."""
+    proc = subprocess.run(["sbatch", *args], cwd=checkout, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+
+
+def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=False, **extra):
+    if via_make:
+        return make(checkout, "train-slurm", job_env(tmp_path, slurm_cluster, **extra), SHARDS=shard_set, RUN=run,
+                    MODEL="GPT-Nano", SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH=16, TRAIN_FLAGS=TRAIN, SBATCH_FLAGS=SBATCH)
+    env = job_env(tmp_path, slurm_cluster, SHARDS=str(shard_set), OUT=str(run), MODEL="GPT-Nano",
+                  SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH="16", EXTRA=TRAIN, **extra)
+    return sbatch(checkout, env, *SBATCH.split(), "slurm/train.sbatch")
 
 
 def job_log(checkout, job):
@@ -112,14 +124,14 @@ def assert_each_step_once(run, total=40):
 
 
 def test_train_slurm_runs_from_a_fresh_checkout_despite_a_stale_op_lock(checkout, slurm_cluster, tmp_path, shard_set):
-    """make train-slurm with no logs/ yet; a JIT-op lock left by a killed start must not hang it."""
+    """make train-slurm from a fresh copy; a JIT-op lock left by a killed start must not hang it."""
     ext = tmp_path / "torch_extensions"
     lock = ext / "deepspeed_shm_comm" / "lock"  # where torch puts it under TORCH_EXTENSIONS_DIR
     lock.parent.mkdir(parents=True)
     lock.write_text("")
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
     run = tmp_path / "run"
-    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, TORCH_EXTENSIONS_DIR=str(ext))
+    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=True, TORCH_EXTENSIONS_DIR=str(ext))
     info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400)
     log = job_log(checkout, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -188,10 +200,14 @@ def tokenize_inputs(tmp_path_factory):
     return root
 
 
-def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out):
-    return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), DATA=root / "images", VQ=root / "vq.pt",
-                OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25, ARRAY="0-1", VIEWS_FLAGS="--views 2 --batch 2",
-                SBATCH_FLAGS="--gres=none --cpus-per-task=1")
+def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=True):
+    settings = dict(DATA=root / "images", VQ=root / "vq.pt", OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25)
+    flags = dict(VIEWS_FLAGS="--views 2 --batch 2")
+    if via_make:
+        return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings, **flags, ARRAY="0-1",
+                    SBATCH_FLAGS="--gres=none --cpus-per-task=1")
+    env = job_env(tmp_path, slurm_cluster, **{k: str(v) for k, v in {**settings, **flags}.items()})
+    return sbatch(checkout, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch")
 
 
 def _wait_array(slurm_cluster, job, timeout=300):
@@ -207,7 +223,7 @@ def test_tokenize_array_equals_one_process_and_resumes_after_a_cancelled_task(ch
     root = tokenize_inputs
     reference = _shard_bytes(root / "reference")
     out = tmp_path / "shards"
-    job = _tokenize_array(checkout, slurm_cluster, tmp_path, root, out)
+    job = _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=False)  # a bare sbatch
     _wait_array(slurm_cluster, job)
     assert (out / "manifest.parquet").exists(), (checkout / "logs").iterdir()
     assert _shard_bytes(out) == reference
