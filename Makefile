@@ -133,8 +133,9 @@ eval-ref: setup  ## reference statistics (REF_OUT) from REF_LIMIT real images of
 compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment
 	$(VENV)/bin/npp compare --out compare
 
-ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI)
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+EXPERIMENT ?= npp
+ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI); prints the URL of EXPERIMENT's training runs
+	$(VENV)/bin/npp ui --experiment $(EXPERIMENT) --host 127.0.0.1 --port 5000
 
 tokenize-finalize: setup  ## merge the manifests of an array run (OUT)
 	$(VENV)/bin/npp tokenize finalize --out $(OUT)

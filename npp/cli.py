@@ -242,6 +242,30 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> 
     run_compare(str(experiment), str(out), str(metric) or None)
 
 
+def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve: bool = True) -> None:
+    """Print the URLs of an experiment's training runs in the MLflow UI, then serve the UI for
+    MLFLOW_TRACKING_URI (an http:// tracking server already serves it: then only the URLs are printed)."""
+    import shutil
+
+    import mlflow
+
+    from npp.pipeline.mlflow_utils import experiment_urls, tracking_uri
+
+    uri = tracking_uri()
+    remote = uri.startswith(("http://", "https://"))
+    base = uri if remote else f"http://{host}:{port}"
+    exp = mlflow.tracking.MlflowClient(uri).get_experiment_by_name(str(experiment))
+    if exp is None:
+        print(f"no experiment {experiment!r} in {uri} yet (train a run first); the UI opens on {base}")
+    else:
+        urls = experiment_urls(base, exp.experiment_id)
+        print(f"MLflow UI, experiment {experiment!r}:\n  training runs: {urls['runs']}\n  charts:        {urls['charts']}"
+              "  (pick train_flops as the x-axis: FID against training compute)", flush=True)
+    if serve and not remote:
+        mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+        os.execv(mlflow_bin, [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", str(host), "--port", str(port)])
+
+
 class _Demo:
     """npp demo [--out demo_out ...] | npp demo compare"""
 
@@ -288,6 +312,7 @@ COMMANDS = {
     "sample": _sample_command(),
     "eval": _Eval(),
     "compare": compare,
+    "ui": ui,
     "demo": _demo_command(),
 }
 

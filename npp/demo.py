@@ -205,7 +205,14 @@ class Demo:
         print(f"\n  sample grid:  {result['trained']['grid']}")
         print(f"  checkpoint:   {Path(result['run']) / 'model.pt'}")
         print(f"  MLflow store: {self.mlflow_uri}")
-        print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {self.mlflow_uri} --host 127.0.0.1 --port 5000")
+        print(f"  MLflow UI:    make ui MLFLOW_TRACKING_URI={self.mlflow_uri} EXPERIMENT=npp-demo")
+        exp = self._experiment_id()
+        if exp is not None:
+            from npp.pipeline.mlflow_utils import experiment_urls
+
+            urls = experiment_urls("http://127.0.0.1:5000", exp)
+            print(f"                then open {urls['runs']} (training runs) or {urls['charts']} (charts: pick "
+                  "train_flops as the x-axis)")
         if self.cfg.check_quality:
             ok = acc >= self.cfg.min_class_accuracy and fid < 0.5 * fid0
             verdict = "learned" if ok else "did NOT learn enough"
@@ -213,6 +220,12 @@ class Demo:
                   f"fid_toynet {fid:.1f} vs {fid0:.1f} untrained (need < half)")
             if not ok:
                 raise SystemExit(1)
+
+    def _experiment_id(self):
+        import mlflow
+
+        exp = mlflow.tracking.MlflowClient(self.mlflow_uri).get_experiment_by_name("npp-demo")
+        return exp.experiment_id if exp else None
 
     def compare(self) -> list[dict]:
         """NTP baseline and NPP on the same number of training samples, evaluated and compared."""

@@ -27,3 +27,25 @@ def test_gpu_check_refuses_cleanly_without_cuda():
     proc = subprocess.run(["make", "-s", "gpu-check"], cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA device here; nothing was run" in proc.stdout
+
+
+def test_ui_prints_the_url_of_the_experiments_training_runs(tmp_path):
+    """MLflow 3's UI opens an experiment on its GenAI overview; `make ui` (npp ui) names the runs view and the chart
+    view, routes the installed MLflow UI has."""
+    import glob
+    import os
+    import re
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = mlflow.tracking.MlflowClient(uri).create_experiment("npp")
+    proc = subprocess.run([sys.executable, "-m", "npp.cli", "ui", "--serve", "False"], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs\n" in proc.stdout
+    assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs?compareRunsMode=CHART" in proc.stdout
+    bundle = "".join(open(f, errors="replace").read()
+                     for f in glob.glob(os.path.join(os.path.dirname(mlflow.__file__), "server/js/build/static/js/*.js")))
+    assert '"/experiments/:experimentId/runs"' in bundle and re.search(r'"compareRunsMode"', bundle)
+    assert re.search(r'CHART', bundle)
