@@ -108,7 +108,7 @@ tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
 	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch
 
 train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes); reruns resume
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp.cli train --shards $(SHARDS) --out $(RUN) \
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp train --shards $(SHARDS) --out $(RUN) \
 	  --model $(MODEL) --schedule $(SCHEDULE) --epochs $(EPOCHS) --global-batch $(GLOBAL_BATCH) \
 	  --ds-config $(DS_CONFIG) $(TRAIN_FLAGS)
 
@@ -121,7 +121,7 @@ export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/m
 	$(VENV)/bin/npp train export --run $(RUN)
 
 sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp.cli sample --ckpt $(CKPT) --vq $(VQ) \
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp sample --ckpt $(CKPT) --vq $(VQ) \
 	  --out $(SAMPLES) --per-class $(PER_CLASS) --cfg-scale $(CFG) --batch $(SAMPLE_BATCH)
 
 eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT

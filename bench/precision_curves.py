@@ -17,7 +17,7 @@ from pathlib import Path
 
 from npp.pipeline.toy import write_toy_dataset
 from npp.tokenize.run import TokenizeConfig, tokenize
-from npp.train.launch import torchrun_train_cmd
+from npp.app.launch import torchrun_train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 

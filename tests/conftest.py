@@ -52,7 +52,7 @@ class MlflowServer:
     port and store (a tracking server restarted for maintenance)."""
 
     def __init__(self, root):
-        from npp.train.launch import free_port
+        from npp.pipeline.ranks import free_port
 
         self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"

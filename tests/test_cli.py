@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from npp.cli import COMMANDS
+from npp.app.cli import COMMANDS
 
 
 def test_schedule_command_prints_stages_and_cost(capsys):
@@ -13,7 +13,7 @@ def test_schedule_command_prints_stages_and_cost(capsys):
 
 def test_user_error_is_one_line_and_exit_code_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "npp.cli", "schedule", "--schedule", "4:0.5,2:0.5"], capture_output=True, text=True
+        [sys.executable, "-m", "npp", "schedule", "--schedule", "4:0.5,2:0.5"], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("npp: error:") and "must be 1" in proc.stderr
@@ -40,7 +40,7 @@ def test_ui_prints_the_url_of_the_experiments_training_runs(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = mlflow.tracking.MlflowClient(uri).create_experiment("npp")
-    proc = subprocess.run([sys.executable, "-m", "npp.cli", "ui", "--serve", "False"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "npp", "ui", "--serve", "False"], capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs\n" in proc.stdout

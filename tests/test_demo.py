@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from npp.demo import Demo, DemoConfig
+from npp.app.demo import Demo, DemoConfig
 from npp.models.checkpoint import load_gpt
 from npp.pipeline.shards import load_manifest, read_meta
 

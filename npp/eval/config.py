@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from npp.errors import UsageError
+from npp.pipeline.eval_spec import EvalSpec
+
 
 @dataclass
 class SampleConfig:
@@ -27,3 +30,19 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (weights and KV cache in bf16; logits and sampling in fp32)
     compile: str = "auto"  # the token step compiled and captured as a CUDA graph: auto = on CUDA; off = eager
+
+
+@dataclass
+class WatchConfig(EvalSpec):
+    """`npp eval watch`: the evaluation of `npp train --eval-every` (EvalSpec's flags, unprefixed) on each new
+    complete checkpoint of a run, outside the training job."""
+
+    run: str = ""  # the training run folder (npp train --out)
+    ema: bool = True  # evaluate the EMA weights when a checkpoint has them
+    interval: float = 300.0  # seconds between looks for new checkpoints
+    once: bool = False  # evaluate what is there now, then stop
+
+    def validate(self) -> None:
+        if not self.run:
+            raise UsageError("npp eval watch needs --run RUN (the training run's folder)")
+        super().validate()

@@ -24,43 +24,43 @@ from typing import Optional
 import numpy as np
 import torch
 
+from npp.errors import UsageError
 from npp.eval.evaluate import metrics_from_features
 from npp.eval.features import extract, load_feature_net
-from npp.eval.reference import ReferenceError, reference_for
+from npp.eval.reference import EvalInputError, reference_for
 from npp.models.checkpoint import load_vq
+from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.models.generate import Sampler
+from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.images import to_uint8_images
 
 
 class TrainingEvaluator:
-    def __init__(self, vq: str, ref: str, inception: Optional[str] = None, classifier: Optional[str] = None,
-                 per_class: int = 10, cfg_scale: float = 2.0, temperature: float = 1.0, top_k: int = 0,
-                 batch: int = 64, seed: int = 0, compile: Optional[bool] = None):
-        if not vq or not ref or not (inception or classifier):
-            raise ReferenceError("--eval-every needs --vq (the run's tokenizer), --eval-ref REF.npz and a feature "
-                                 "network (--inception PATH or --classifier toynet.pt)")
-        self.vq, _ = load_vq(vq)
-        self.net = load_feature_net(inception, classifier)
-        self.ref = reference_for(self.net, ref)
-        self.per_class, self.cfg_scale, self.temperature, self.top_k = per_class, cfg_scale, temperature, top_k
-        self.batch, self.seed = batch, seed
+    def __init__(self, spec: EvalSpec, compile: Optional[bool] = None):
+        """`spec`: what to sample and measure (checked again here for callers that skip the CLI);
+        `compile`: the sampler's graph-captured step (None: on CUDA)."""
+        try:
+            spec.validate()
+        except UsageError as e:
+            raise EvalInputError(str(e)) from None
+        self.spec = spec
+        self.vq, _ = load_vq(spec.vq)
+        self.net = load_feature_net(spec.inception or None, spec.classifier or None)
+        self.ref = reference_for(self.net, spec.ref)
         self.compile = compile
         self._samplers: dict = {}
-        self.settings = {"eval_per_class": per_class, "eval_cfg": cfg_scale, "eval_temperature": temperature,
-                         "eval_top_k": top_k, "eval_seed": seed, "eval_ref": ref, "eval_net": self.net.name}
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, num_classes: int, device: torch.device, rank: int, world: int) -> dict:
         t0 = time.time()
-        labels = np.repeat(np.arange(num_classes), self.per_class)
-        pieces = (len(labels) + self.batch - 1) // self.batch
+        spec = self.spec
+        labels = balanced_labels(num_classes, spec.per_class)
         vq = self.vq.to(device)
         mine: dict[int, dict] = {}
         sampler = self._sampler(model)
-        for p in range(rank, pieces, world):
-            ids = np.arange(p * self.batch, min((p + 1) * self.batch, len(labels)))
+        for p, ids in pieces_of_rank(len(labels), spec.batch, rank, world):
             lab = torch.from_numpy(labels[ids]).to(device)
-            codes = sampler.generate(lab, cfg_scale=self.cfg_scale, seed=self.seed, sample_ids=ids)
+            codes = sampler.generate(lab, cfg_scale=spec.cfg_scale, seed=spec.seed, sample_ids=ids)
             images = to_uint8_images(vq.decode_codes(codes).float())
             mine[p] = extract(self.net, images, device=device, desc=f"eval features piece {p}", progress=False)
         gathered = _gather(mine, world)
@@ -78,7 +78,8 @@ class TrainingEvaluator:
         """One Sampler per model object (the trainer hands the same EMA or module at every eval point)."""
         key = id(model)
         if key not in self._samplers or self._samplers[key].model is not model:
-            self._samplers[key] = Sampler(model, self.batch, self.cfg_scale != 1.0, self.temperature, self.top_k,
+            spec = self.spec
+            self._samplers[key] = Sampler(model, spec.batch, spec.cfg_scale != 1.0, spec.temperature, spec.top_k,
                                           compile=self.compile)
         return self._samplers[key]
 

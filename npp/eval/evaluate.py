@@ -19,7 +19,8 @@ import numpy as np
 
 from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
-from npp.eval.reference import ReferenceError, load_npz, reference_for
+from npp.eval.reference import EvalInputError, load_npz, reference_for
+from npp.pipeline.runs import RunFolder
 
 
 def sample_files(samples: str) -> list[str]:
@@ -27,7 +28,7 @@ def sample_files(samples: str) -> list[str]:
     for part in str(samples).split(","):
         matches = sorted(glob.glob(part.strip()))
         if not matches:
-            raise ReferenceError(f"samples file {part.strip()} does not exist: make it with `npp sample`")
+            raise EvalInputError(f"samples file {part.strip()} does not exist: make it with `npp sample`")
         files += matches
     return files
 
@@ -35,18 +36,18 @@ def sample_files(samples: str) -> list[str]:
 def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[str, float]:
     data = load_npz(samples_path, "samples")
     if "arr_0" not in data:
-        raise ReferenceError(f"samples file {samples_path} has no arr_0 (uint8 N×H×W×3 images): make it with `npp sample`")
+        raise EvalInputError(f"samples file {samples_path} has no arr_0 (uint8 N×H×W×3 images): make it with `npp sample`")
     images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ReferenceError(f"{samples_path}: arr_0 must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
+        raise EvalInputError(f"{samples_path}: arr_0 must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
     if images.shape[1] != ref["image_size"]:
-        raise ReferenceError(
+        raise EvalInputError(
             f"samples {samples_path} are {images.shape[1]}px but reference {ref_path} was made at {ref['image_size']}px: "
             "make the reference at the samples' size (`npp eval ref --image-size ...`)"
         )
     for need, what in ((4, "precision/recall with k=3"),):
         if len(images) < need:
-            raise ReferenceError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
+            raise EvalInputError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
     feats = extract(net, images, desc=f"features {Path(samples_path).name}")
     return metrics_from_features(net, feats, ref, data.get("labels"))
 
@@ -100,7 +101,7 @@ def evaluate(
             from npp.pipeline.mlflow_utils import tracking_uri
 
             kept = ", ".join(str(_cache_path(f)) for f in results)
-            raise ReferenceError(
+            raise EvalInputError(
                 f"MLflow at {tracking_uri()} did not take the metrics ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200] if str(e) else ''}); they are kept in {kept}: rerun the same command "
                 "when it answers (nothing is recomputed, and nothing already logged is logged twice)") from None
@@ -157,8 +158,7 @@ def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict
         c = read_checkpoint(ckpt)
         steps, train = c.get("steps", steps), c.get("train", train)
     if run_id is None and train and train.get("run"):
-        id_file = Path(train["run"]) / "mlflow_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        run_id = RunFolder(train["run"]).mlflow_run_id()
     return run_id, int(steps) if steps is not None else None
 
 

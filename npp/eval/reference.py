@@ -25,19 +25,19 @@ from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
 from npp.pipeline.sources import open_source, read_bytes
 
 
-class ReferenceError(NppError, ValueError):
-    pass
+class EvalInputError(NppError, ValueError):
+    """A reference, samples file or feature network that cannot be used as given; names the file and the fix."""
 
 
 def load_npz(path: str, role: str) -> dict:
     """An .npz as a dict, with errors that name the file and the fix."""
     if not os.path.isfile(path):
-        raise ReferenceError(f"{role} file {path} does not exist")
+        raise EvalInputError(f"{role} file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise ReferenceError(f"{role} file {path} is not a readable .npz ({e}): regenerate it") from None
+        raise EvalInputError(f"{role} file {path} is not a readable .npz ({e}): regenerate it") from None
 
 
 def _reference_items(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int):
@@ -47,9 +47,9 @@ def _reference_items(data: Optional[str], shards: Optional[str], image_size: Opt
         data = meta.get("source_path") or meta["source"].get("path")
         image_size = image_size or meta["image_size"]
     if not data:
-        raise ReferenceError("give --data DIR (images) or --shards DIR (a shard set, whose source images are used)")
+        raise EvalInputError("give --data DIR (images) or --shards DIR (a shard set, whose source images are used)")
     if not image_size:
-        raise ReferenceError("give --image-size (the size samples are generated at)")
+        raise EvalInputError("give --image-size (the size samples are generated at)")
     source = open_source(data)
     items = source.items
     if limit and len(items) > limit:  # a seeded, class-blind subset (ADM's reference batches hold 50,000)
@@ -84,7 +84,7 @@ def real_images(data: Optional[str], shards: Optional[str], image_size: Optional
     batches, data = iter_real_images(data, shards, image_size, limit)
     images = list(batches)
     if not images:
-        raise ReferenceError(f"no readable images in {data}")
+        raise EvalInputError(f"no readable images in {data}")
     return np.concatenate(images), data
 
 
@@ -99,7 +99,7 @@ def make_reference(net, images, out: str, max_features: int = 10000, source: str
         spatial.append(feats["spatial"].astype(np.float32))
         count, size = count + len(chunk), chunk.shape[1]
     if not count:
-        raise ReferenceError(f"no readable images for the reference {out}")
+        raise EvalInputError(f"no readable images for the reference {out}")
     pool_f, spatial_f = np.concatenate(pool), np.concatenate(spatial)
     mu, sigma = gaussian_stats(pool_f.astype(np.float64))
     mu_s, sigma_s = gaussian_stats(spatial_f.astype(np.float64))
@@ -124,15 +124,15 @@ def reference_for(net, path: str) -> dict:
     ref = load_npz(path, "reference")
     if "net" in ref:
         if str(ref["net"]) != net.name:
-            raise ReferenceError(
+            raise EvalInputError(
                 f"reference {path} was made with the {ref['net']} network but the samples are evaluated with "
                 f"{net.name}: make a reference with the same network (`npp eval ref ...`)"
             )
         return {**ref, "image_size": int(ref["image_size"])}
     if "arr_0" not in ref:
-        raise ReferenceError(f"reference {path} has neither our statistics nor ADM's arr_0 images")
+        raise EvalInputError(f"reference {path} has neither our statistics nor ADM's arr_0 images")
     if net.name != "inception":
-        raise ReferenceError(f"{path} is an ADM (Inception) reference batch; it cannot be used with {net.name}")
+        raise EvalInputError(f"{path} is an ADM (Inception) reference batch; it cannot be used with {net.name}")
     images = ref["arr_0"]
     feats = extract(net, images, desc="reference batch features")
     out = {"image_size": int(images.shape[1]), "features": feats["pool"]}

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from npp.errors import ConfigError
 from npp.eval.config import SampleConfig
+from npp.eval.pieces import balanced_labels, count_pieces, pieces_of_rank
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
-from npp.pipeline.devices import fast_matmul, pick_device
+from npp.pipeline.devices import fast_matmul, pick_device, rank_and_world
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
 
@@ -41,7 +42,7 @@ def cfg_scales(value) -> list[float]:
 
 def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
     if cfg.labels == "balanced":
-        return np.repeat(np.arange(num_classes), cfg.per_class)
+        return balanced_labels(num_classes, cfg.per_class)
     if cfg.labels == "random":
         n = cfg.num_samples or cfg.per_class * num_classes
         return np.random.default_rng(cfg.seed).integers(0, num_classes, n)
@@ -82,10 +83,6 @@ def auto_batch(config, dtype: torch.dtype, guidance: bool, device: torch.device,
     return batch if batch < 8 else batch - batch % 8
 
 
-def _rank() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def compile_flag(value) -> bool | None:
     """--compile auto | on | off (fire gives True/False for --compile/--nocompile); None means auto."""
     text = str(value).strip().lower()
@@ -116,8 +113,8 @@ def sample(cfg: SampleConfig) -> list[str]:
     scales = cfg_scales(cfg.cfg_scale)
     dtype = next(model.parameters()).dtype
     batch = cfg.batch or auto_batch(mc, dtype, any(s != 1.0 for s in scales), device, len(labels))
-    pieces = (len(labels) + batch - 1) // batch
-    rank, world = _rank()
+    pieces = count_pieces(len(labels), batch)
+    rank, world = rank_and_world()
     out = Path(cfg.out)
     made = []
     samplers: dict[bool, Sampler] = {}  # one per guided/unguided: caches and the captured step are reused
@@ -126,14 +123,14 @@ def sample(cfg: SampleConfig) -> list[str]:
         pdir.mkdir(parents=True, exist_ok=True)
         check_piece_layout(pdir, batch)
         guided = scale != 1.0
-        todo = [p for p in range(pieces) if p % world == rank and not (pdir / f"piece_{p:06d}.npz").exists()]
+        todo = [(p, ids) for p, ids in pieces_of_rank(len(labels), batch, rank, world)
+                if not (pdir / f"piece_{p:06d}.npz").exists()]
         if todo and guided not in samplers:
             samplers[guided] = Sampler(model, batch, guided, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cfg_interval,
                                        compile=compile_step)
         seconds = {"generate": 0.0, "decode": 0.0, "write": 0.0}
         bar = tqdm(todo, desc=f"sample cfg={scale:g} rank {rank} batch {batch}", unit="batch")
-        for p in bar:
-            ids = np.arange(p * batch, min((p + 1) * batch, len(labels)))
+        for p, ids in bar:
             lab = torch.from_numpy(labels[ids]).to(device)
             with phase(seconds, "generate", device):
                 codes = samplers[guided].generate(lab, cfg_scale=scale, seed=cfg.seed, sample_ids=ids)

@@ -10,16 +10,10 @@ one device, hence `local_rank % device_count()`.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-
-def local_rank() -> int:
-    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+from npp.pipeline.ranks import local_rank, rank_and_world  # noqa: F401 (rank_and_world: for the stages' use)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -1,10 +1,9 @@
 """DeepSpeed checkpoints with everything needed to resume exactly, kept to the last K.
 
-Layout under `<run>/checkpoints/`:
-    step_000001000/        DeepSpeed's model and ZeRO optimizer states (every rank writes its part)
-        rng_rank{r}.pt     torch / numpy / python RNG states of rank r
-        ema.pt             EMA weights (rank 0), when enabled
-    latest                 the tag of the newest complete checkpoint
+The layout under `RUN/checkpoints/` is the run folder's (npp.pipeline.runs, docs/run-folder.md):
+one directory per step with DeepSpeed's model and ZeRO optimizer states (every rank writes
+its part), each rank's RNG states, the EMA (rank 0) and the trainer's counters; `latest`
+names the newest complete one.
 
 Every rank calls save (guarding it with rank 0 hangs ZeRO). `latest` is written by
 rank 0 only after a barrier that follows every rank's files, atomically (temp +
@@ -23,7 +22,6 @@ directory, the free space and the last complete checkpoint to resume from.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -33,44 +31,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from npp.errors import ConfigError
+from npp.pipeline.runs import RunFolder, tag_for
 from npp.train.distributed import DistEnv, all_sum, barrier
 from npp.train.errors import TrainingError
 
-TAG_PREFIX = "step_"
+
+class CheckpointLoadError(TrainingError):
+    """DeepSpeed found no loadable checkpoint where `latest` points."""
 
 
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:09d}"
-
-
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    path = ckpt_dir / "latest"
-    if not path.exists():
-        return None
-    tag = path.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
-
-
-def is_universal(tag_dir: Path) -> bool:
-    """A checkpoint converted by `npp train convert` (DeepSpeed's universal format, any world size)."""
-    return (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
-
-
-def saved_world_size(tag_dir: Path) -> int:
-    return len(list(tag_dir.glob("rng_rank*.pt")))
-
-
-def check_world_size(ckpt_dir: Path, world_size: int) -> Optional[str]:
+def check_world_size(run: RunFolder, world_size: int) -> Optional[str]:
     """The tag a start will resume from; refuses a ZeRO checkpoint of another world size (before any work)."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None or is_universal(ckpt_dir / tag):
+    tag = run.latest_tag()
+    if tag is None or run.is_universal(tag):
         return tag
-    saved = saved_world_size(ckpt_dir / tag)
+    saved = run.saved_world_size(tag)
     if saved != world_size:
         raise TrainingError(
-            f"{ckpt_dir / tag} was saved by {saved} ranks, this job has {world_size}: run "
-            f"`npp train convert --run {ckpt_dir.parent}` (DeepSpeed's universal checkpoint), then start again "
+            f"{run.tag_dir(tag)} was saved by {saved} ranks, this job has {world_size}: run "
+            f"`npp train convert --run {run.path}` (DeepSpeed's universal checkpoint), then start again "
             "with any number of ranks; or resume with the same world size"
         )
     return tag
@@ -132,15 +111,15 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _save_error(ckpt_dir: Path, tag: str, cause: str) -> CheckpointSaveError:
+def _save_error(run: RunFolder, tag: str, cause: str) -> CheckpointSaveError:
     try:
-        free = f"{_gb(shutil.disk_usage(ckpt_dir).free)} free"
+        free = f"{_gb(shutil.disk_usage(run.checkpoints).free)} free"
     except OSError:
         free = "free space unknown"
-    last = latest_tag(ckpt_dir)
-    resume = (f"the last complete checkpoint is {ckpt_dir / last}: free space and rerun the same command to resume "
+    last = run.latest_tag()
+    resume = (f"the last complete checkpoint is {run.tag_dir(last)}: free space and rerun the same command to resume "
               "from it" if last else "no complete checkpoint exists yet: free space and rerun the same command")
-    return CheckpointSaveError(f"checkpoint {tag} not saved in {ckpt_dir} ({free}): {cause}; {resume}")
+    return CheckpointSaveError(f"checkpoint {tag} not saved in {run.checkpoints} ({free}): {cause}; {resume}")
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -148,69 +127,66 @@ def _any_rank(flag: bool, device) -> bool:
     return all_sum([1.0 if flag else 0.0], device)[0] > 0
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
+def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
     tag = tag_for(step)
-    if latest_tag(ckpt_dir) == tag:  # saved already at this step (a stop right after a checkpoint): nothing changed
+    if run.latest_tag() == tag:  # saved already at this step (a stop right after a checkpoint): nothing changed
         return tag
     device = getattr(engine, "device", torch.device("cpu"))
     short = None
     if env.is_main:  # room for one more checkpoint of the size of the last one?
         try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            last = latest_tag(ckpt_dir)
-            need = dir_bytes(ckpt_dir / last) if last else 0
-            free = shutil.disk_usage(ckpt_dir).free
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            last = run.latest_tag()
+            need = dir_bytes(run.tag_dir(last)) if last else 0
+            free = shutil.disk_usage(run.checkpoints).free
             if need > free:
                 short = f"it needs about {_gb(need)} (the size of {last})"
         except OSError as e:
             short = f"{type(e).__name__}: {e}"
     if _any_rank(short is not None, device):
-        raise _save_error(ckpt_dir, tag, short or "rank 0 found no room for it")
+        raise _save_error(run, tag, short or "rank 0 found no room for it")
     error = None
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:  # a write failed; the other ranks wait in DeepSpeed's closing barrier
         error = e
         barrier()
     if error is None:
         try:
             # Our own files are trusted (written by this code), saved with plain torch.save.
-            torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{env.rank}.pt")
+            torch.save(rng_state(), run.rng_file(tag, env.rank))
             if ema is not None and env.is_main:
-                torch.save(ema.state_dict(), ckpt_dir / tag / "ema.pt")
+                torch.save(ema.state_dict(), run.ema_file(tag))
             if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (eval watch)
-                (ckpt_dir / tag / "client.json").write_text(json.dumps(
+                run.client_file(tag).write_text(json.dumps(
                     {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
         except (OSError, RuntimeError) as e:
             error = e
     if _any_rank(error is not None, device):  # every rank has stopped writing here
         if env.is_main:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # nothing partial stays behind
+            shutil.rmtree(run.tag_dir(tag), ignore_errors=True)  # nothing partial stays behind
         cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "another rank's write failed"
-        raise _save_error(ckpt_dir, tag, f"a write failed ({cause})")
+        raise _save_error(run, tag, f"a write failed ({cause})")
     if env.is_main:
-        tmp = ckpt_dir / f"latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-        prune(ckpt_dir, keep)
+        run.set_latest(tag)
+        prune(run, keep)
     barrier()
     return tag
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
+def prune(run: RunFolder, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints (up to `latest`); a directory newer than `latest` is what a
     failed or killed save left behind, and goes too."""
-    current = latest_tag(ckpt_dir)
+    current = run.latest_tag()
     if current is None:
         return
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-    complete = [t for t in tags if t <= current]
-    for old in complete[: max(0, len(complete) - keep)] + [t for t in tags if t > current]:
+    complete = run.complete_tags()
+    for old in complete[: max(0, len(complete) - keep)] + [t for t in run.tags() if t > current]:
         if old != current:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(run.tag_dir(old), ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict], Optional[dict]]:
+def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[Optional[dict], Optional[dict]]:
     """Resume from `latest`: engine state and EMA. Returns (client state, this rank's RNG state), or
     (None, None) for a fresh run.
 
@@ -218,15 +194,16 @@ def load(engine, ckpt_dir: Path, env: DistEnv, ema=None) -> tuple[Optional[dict]
     draws from the global generators at start-up (creating the DataLoader iterator
     does), or dropout would run one draw behind the uninterrupted run.
     """
-    tag = check_world_size(ckpt_dir, env.world_size)
+    tag = check_world_size(run, env.world_size)
     if tag is None:
         return None, None
-    universal = is_universal(ckpt_dir / tag)
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, client_state = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
     if path is None:
-        raise ConfigError(f"DeepSpeed could not load {ckpt_dir / tag}")
+        raise CheckpointLoadError(f"DeepSpeed could not load {run.tag_dir(tag)}: delete it (or point "
+                                  f"{run.checkpoints / 'latest'} at an older checkpoint) and rerun")
     # a universal checkpoint has no per-rank RNG (the ranks are new)
-    rng = None if universal else load_rng_state(ckpt_dir / tag / f"rng_rank{env.rank}.pt")
-    if ema is not None and ema.model is not None and (ckpt_dir / tag / "ema.pt").exists():
-        ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=True))
+    rng = None if run.is_universal(tag) else load_rng_state(run.rng_file(tag, env.rank))
+    if ema is not None and ema.model is not None and run.ema_file(tag).exists():
+        ema.load_state_dict(torch.load(run.ema_file(tag), map_location="cpu", weights_only=True))
     return client_state, rng

@@ -13,7 +13,6 @@ second with a line naming it. This module imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,13 +32,6 @@ def compile_setting(value) -> str:
     if text in COMPILE_OFF:
         return "off"
     raise UsageError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
-
-
-def world_size_from_env() -> int:
-    """The job's process count as torchrun or srun state it (1 for a plain `npp train`)."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return int(os.environ.get("SLURM_NTASKS", 1)) if "SLURM_PROCID" in os.environ else 1
 
 
 @dataclass
@@ -85,11 +77,13 @@ class TrainConfig:
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)
     compile: str = "auto"  # torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; on = any device
-    # FID during training (see npp.eval.during_training): 0 = off
+    # FID during training (see npp.eval.during_training): 0 = off. The eval_* flags are EvalSpec's
+    # (npp.pipeline.eval_spec), the names `npp eval watch` takes, with an eval- prefix.
     eval_every: int = 0  # steps between evaluations (also at the last step)
     eval_every_epochs: float = 0.0  # the same in epochs (when eval_every is 0)
     eval_per_class: int = 10  # samples per class at each eval point (fixed labels and seeds)
-    eval_cfg: float = 2.0  # classifier-free guidance scale of the eval samples
+    eval_cfg_scale: float = 2.0  # classifier-free guidance scale of the eval samples
+    eval_cfg: Optional[float] = None  # the old spelling of --eval-cfg-scale (wins when given)
     eval_temperature: float = 1.0
     eval_top_k: int = 0
     eval_batch: int = 64
@@ -102,9 +96,33 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_every) or float(self.eval_every_epochs) > 0
+
+    def eval_interval(self, steps_per_epoch: int) -> int:
+        """Steps between evaluations, the one place it is computed: --eval-every, or --eval-every-epochs
+        rounded to whole steps and never below 1 (0 only when there is no evaluation)."""
+        if self.eval_every:
+            return int(self.eval_every)
+        if float(self.eval_every_epochs) > 0:
+            return max(1, round(float(self.eval_every_epochs) * max(1, steps_per_epoch)))
+        return 0
+
+    def eval_spec(self):
+        """The evaluation of the eval points (npp.pipeline.eval_spec.EvalSpec)."""
+        from npp.pipeline.eval_spec import EvalSpec
+
+        return EvalSpec(vq=self.vq, ref=self.eval_ref, inception=self.inception, classifier=self.classifier,
+                        per_class=int(self.eval_per_class),
+                        cfg_scale=float(self.eval_cfg if self.eval_cfg is not None else self.eval_cfg_scale),
+                        temperature=float(self.eval_temperature), top_k=int(self.eval_top_k),
+                        batch=int(self.eval_batch), seed=int(self.seed))
+
     def validate(self) -> None:
         """Refuse what cannot work, naming the flag and the fix; no torch, no DeepSpeed, nothing written."""
         from npp.models.configs import gpt_config
+        from npp.pipeline.ranks import rank_and_world
         from npp.pipeline.shards import read_meta, resolve_shard_dirs
         from npp.train.ds_config import PRECISIONS, check_skips_non_finite, load_ds_json, micro_batch
         from npp.train.schedule import paper_schedule, parse_schedule
@@ -134,20 +152,18 @@ class TrainConfig:
             check_skips_non_finite(ds, stage, self.precision, self.ds_config)
         need(not (self.ema and stage == 3), "--ema with ZeRO-3 is not supported (parameters are partitioned): use "
              "ZeRO-1/2 or drop --ema")
-        micro_batch(self, world_size_from_env())
+        micro_batch(self, rank_and_world()[1])
         dirs = resolve_shard_dirs(str(self.shards))
         meta = read_meta(dirs[0])
         if self.patch_levels:
             paper_schedule(int(self.patch_levels), float(self.epoch_rate), int(self.epochs))
         else:
             parse_schedule(str(self.schedule), tuple(meta["grid"]) if "grid" in meta else None)
-        if self.eval_every or self.eval_every_epochs:
-            need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
+        need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
+        if self.evaluates:
             need(stage != 3, "--eval-every with ZeRO-3 is not supported (the weights are partitioned): use ZeRO-1/2, "
                  "or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
-            need(bool(self.vq and self.eval_ref and (self.inception or self.classifier)),
-                 "--eval-every needs --vq (the run's tokenizer), --eval-ref REF.npz and a feature network "
-                 "(--inception PATH or --classifier toynet.pt)")
-            for flag in ("vq", "eval_ref", "inception", "classifier"):
-                path = getattr(self, flag)
-                need(not path or os.path.exists(path), f"--{flag.replace('_', '-')} {path} does not exist")
+            try:
+                self.eval_spec().validate(prefix="eval-")
+            except UsageError as e:
+                raise UsageError(f"--eval-every: {e}") from None

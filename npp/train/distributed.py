@@ -14,9 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from npp.errors import ConfigError
 from npp.pipeline.devices import pick_device
-from npp.train.launch import free_port
+from npp.pipeline.ranks import free_port, local_rank, rank_and_world
+from npp.train.errors import TrainingError
+
+
+class DistributedSetupError(TrainingError):
+    """The process group cannot be formed from this environment."""
 
 
 @dataclass(frozen=True)
@@ -31,20 +35,20 @@ class DistEnv:
 
 
 def read_env() -> DistEnv:
+    """This rank (npp.pipeline.ranks), with the variables torch.distributed needs set: srun's are mapped to
+    torchrun's names, a world of one gets a free local port."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    rank, world = rank_and_world()
+    local = local_rank()
+    if "RANK" not in env and world > 1:  # srun: one task per GPU, the master from slurm/train.sbatch
         if "MASTER_ADDR" not in env:
-            raise ConfigError("running under srun without MASTER_ADDR: use slurm/train.sbatch, which sets it")
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+            raise DistributedSetupError("running under srun without MASTER_ADDR: use slurm/train.sbatch, which sets it")
         env.setdefault("MASTER_PORT", "29500")
-        return DistEnv(rank, world, local)
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(free_port()))
-    return DistEnv(0, 1, 0)
+    elif world == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    return DistEnv(rank, world, local)
 
 
 def skip_jit_shm_op() -> None:

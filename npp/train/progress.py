@@ -55,9 +55,9 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
 class Progress:
     EXCLUDED = ("ckpt", "eval", "log")  # time spent outside training steps, per window
 
-    def __init__(self, run_dir: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
+    def __init__(self, path: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
                  corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(path)  # RUN/metrics.jsonl (npp.pipeline.runs.RunFolder.metrics)
         self.is_main, self.device = is_main, device
         self.log_every, self.total_steps = log_every, total_steps
         self.corrupt_base = corrupt_base  # global count at the checkpoint we resumed from

@@ -25,8 +25,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path, is_main: bool):
-        self.file = Path(run_dir) / "STOP"
+    def __init__(self, stop_file: Path, is_main: bool):
+        self.file = Path(stop_file)  # RUN/STOP (npp.pipeline.runs.RunFolder.stop_file)
         self.is_main = is_main
         self.signalled = 0  # the signal number received, 0 if none
 

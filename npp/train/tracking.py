@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri  # noqa: F401 (re-exported)
+from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
+from npp.pipeline.runs import RunFolder, write_atomic
 
-OUTBOX = "mlflow_outbox.jsonl"
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def git_commit() -> str:
@@ -63,10 +62,10 @@ def read_outbox(path: Path, last_step: Optional[int] = None) -> list[dict]:
 class Tracker:
     """The trainer's MLflow run; a no-op on ranks other than 0 or when disabled."""
 
-    def __init__(self, enabled: bool, run_dir: Optional[Path] = None, log: Callable[[str], None] = print):
+    def __init__(self, enabled: bool, run: Optional[RunFolder] = None, log: Callable[[str], None] = print):
         self.enabled = enabled
-        self.run_dir = Path(run_dir) if run_dir else None
-        self._outbox = self.run_dir / OUTBOX if self.run_dir else None
+        self.run = run
+        self._outbox = run.outbox if run is not None else None
         self.run_id: Optional[str] = None
         self._log = log
         self._queue: queue.Queue = queue.Queue()
@@ -105,9 +104,7 @@ class Tracker:
             self._queue.put(("open", None))  # the sender creates or reattaches it when the server answers
         if self._outbox is not None:
             kept = read_outbox(self._outbox, resume_step)
-            tmp = self._outbox.with_name(OUTBOX + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(self._outbox)
+            write_atomic(self._outbox, "".join(json.dumps(r) + "\n" for r in kept))
             for rec in kept:  # the backfill: points an earlier start could not send
                 self._queue.put(("metrics", rec))
         self._thread = threading.Thread(target=self._work, name="npp-mlflow", daemon=True)  # sends the queue
@@ -229,10 +226,8 @@ class Tracker:
             self._start_monitor()
 
     def _write_run_id(self) -> None:
-        if self.run_dir is not None:
-            tmp = self.run_dir / (RUN_ID_FILE + ".tmp")
-            tmp.write_text(self.run_id)
-            tmp.replace(self.run_dir / RUN_ID_FILE)
+        if self.run is not None:
+            self.run.write_mlflow_run_id(self.run_id)
 
     def _send(self, rec: dict) -> None:
         from mlflow.entities import Metric

@@ -19,6 +19,7 @@ import torch
 
 from npp.models.configs import GPTConfig, gpt_config
 from npp.models.gpt import GPT
+from npp.pipeline.runs import RunFolder
 from npp.pipeline.shards import open_shard_sets
 from npp.pipeline.stream import CodeStream, batch_to_device, make_loader, next_untouched_epoch, shard_paths
 from npp.train import checkpointing
@@ -31,6 +32,7 @@ from npp.train.mfu import peak_flops
 from npp.train.progress import Progress
 from npp.train.schedule import PatchSchedule, format_schedule, paper_schedule, parse_schedule
 from npp.train.step import TrainStep, build_model_and_optimizer, offloads_optimizer, start_engine
+from npp.train.state import TrainState
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker, git_commit
 
@@ -61,11 +63,10 @@ def default_workers(requested: int) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, evaluator=None):
         """`evaluator`: a callable (model, num_classes, device, rank, world) -> metrics (rank 0), called at the
-        eval points; cli.py builds it from the eval stage (npp.eval.during_training)."""
+        eval points; the app builds it from the eval stage (npp.eval.during_training)."""
         self.cfg = cfg
         self.evaluator = evaluator
-        self.run_dir = Path(cfg.out)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run = RunFolder(cfg.out)
         self.env: DistEnv = read_env()
         cuda = torch.cuda.is_available()
         # Everything that can be wrong with the inputs is checked before the process group starts: the flags
@@ -90,13 +91,10 @@ class Trainer:
         self.schedule = PatchSchedule(stages, self.total_steps)
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.warmup_steps = int(round(cfg.warmup_epochs * max(1, self.steps_per_epoch)))
-        self.eval_every = int(cfg.eval_every or round(cfg.eval_every_epochs * self.steps_per_epoch))
+        self.eval_every = cfg.eval_interval(self.steps_per_epoch)  # 0: no evaluation during training
         if self.eval_every and self.evaluator is None:
             raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
                                 "from --vq, --eval-ref and --inception/--classifier)")
-        if self.eval_every and self.ds_config["zero_optimization"].get("stage", 0) == 3:
-            raise TrainingError("--eval-every with ZeRO-3 is not supported (the weights are partitioned): use "
-                                "ZeRO-1/2, or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
         self.workers = default_workers(cfg.workers)
         if offloads_optimizer(self.ds_config):  # DeepSpeed JIT-builds its cpu_adam op
             stale = stale_extension_locks(["cpu_adam"])
@@ -106,8 +104,8 @@ class Trainer:
                     "on it forever. If no build is running on any node, delete it and rerun"
                 )
         # a ZeRO checkpoint of another world size is refused here, before any work
-        self.resume_tag = checkpointing.check_world_size(self.ckpt_dir, self.env.world_size)
-        if self.resume_tag and checkpointing.is_universal(self.ckpt_dir / self.resume_tag):
+        self.resume_tag = checkpointing.check_world_size(self.run, self.env.world_size)
+        if self.resume_tag and self.run.is_universal(self.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         need = self.env.world_size * max(1, self.workers)
         if len(self.manifest) < need:
@@ -119,11 +117,15 @@ class Trainer:
             )
         self.last_lr = 0.0
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied (the resumable state's)."""
+        return self.state.step
+
     # --- set-up ------------------------------------------------------------------
     def _model_config(self) -> GPTConfig:
-        saved = self.run_dir / "config.json"
-        if saved.exists():  # a resumed run keeps the model it was started with
-            return GPTConfig.from_dict(json.loads(saved.read_text())["model_config"])
+        if self.run.config.exists():  # a resumed run keeps the model it was started with
+            return GPTConfig.from_dict(self.run.read_config()["model_config"])
         h, w = self.meta["grid"]
         return gpt_config(
             self.cfg.model,
@@ -156,7 +158,7 @@ class Trainer:
         self.step_fn = TrainStep(self.engine, self.ema)
 
     def _write_run_files(self) -> list[str]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run.path.mkdir(parents=True, exist_ok=True)
         config = {
             "train": self.cfg.to_dict(),
             "model_config": self.model_cfg.to_dict(),
@@ -168,7 +170,7 @@ class Trainer:
             "shards_meta": {k: self.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer", "sets")},
             "git_commit": git_commit(),
         }
-        paths = [self.run_dir / "config.json", self.run_dir / "ds_config.json"]
+        paths = [self.run.config, self.run.ds_config]
         paths[0].write_text(json.dumps(config, indent=2, default=str))
         paths[1].write_text(json.dumps(self.ds_config, indent=2))
         self.run_config = config
@@ -180,26 +182,26 @@ class Trainer:
         batches = self._start()
         stage = None
         try:
-            while self.step < self.total_steps:
-                span = self.schedule.stage_at(self.step)
+            while self.state.step < self.total_steps:
+                span = self.schedule.stage_at(self.state.step)
                 if span.index != stage:
                     stage = span.index
                     self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
                 loss = self.train_step(batches, span.patch_side)
                 flops = self.cfg.global_batch * self.stage_flops[span.index]
-                self.train_flops += flops  # spent, applied or not
+                self.state.train_flops += flops  # spent, applied or not
                 if loss is None:  # DeepSpeed skipped the update: a gradient was not finite
-                    self.bad.skipped(self.step + 1, self._last_good, self._log)
+                    self.bad.skipped(self.state.step + 1, self._last_good, self._log)
                 else:
                     self.bad.applied()
-                    self.step += 1
+                    self.state.step += 1
                     self._record(loss, span.patch_side, flops)
                     if self._eval_due():
                         with self.progress.exclude("eval"):
                             self._evaluate()
                 if self._sync_due(skipped=loss is None) and self._sync():
                     return self._stop_and_save()
-                if loss is not None and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
+                if loss is not None and self.state.step % self.cfg.ckpt_every == 0 and self.state.step < self.total_steps:
                     with self.progress.exclude("ckpt"):
                         self._save()
             self._save()
@@ -223,7 +225,7 @@ class Trainer:
         """The next grad_accum batches on the device, counted (resume position) as they are taken."""
         for _ in range(self.cfg.grad_accum):
             batch = next(batches)
-            self.micro_batches += 1
+            self.state.micro_batches += 1
             for shard in batch.get("skipped", ()):  # one line per shard the data stream skipped, each counted once
                 print(f"[npp train] rank {self.env.rank}: warning: skipped corrupt shard {shard}", flush=True)
             self.progress.corrupt_local += batch["corrupt"]
@@ -235,7 +237,7 @@ class Trainer:
         stream = CodeStream(
             paths, counts, batch_size=self.ds_config["train_micro_batch_size_per_gpu"], rank=self.env.rank,
             world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
-            start_batches=self.micro_batches - self.data_base["micro_batches"], start_epoch=self.data_base["epoch"],
+            start_batches=self.state.micro_batches - self.state.data_base["micro_batches"], start_epoch=self.state.data_base["epoch"],
             num_workers=self.workers, mix_shards=self.cfg.mix_shards,
         )
         return make_loader(stream, self.workers)
@@ -249,39 +251,37 @@ class Trainer:
         """
         artifacts = self._write_run_files() if self.env.is_main else []
         barrier()
-        client, rng = checkpointing.load(self.engine, self.ckpt_dir, self.env, self.ema)
-        client = client or {}
-        self.step = int(client.get("step", 0))
-        self.micro_batches = int(client.get("micro_batches", 0))
-        self.data_base = self._data_position(client)
-        self.train_flops = float(client.get("train_flops", 0.0))
-        self.bad = BadSteps(int(client.get("bad_steps", 0)), self.cfg.max_bad_steps)
-        self.progress = Progress(self.run_dir, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
-                                 corrupt_base=int(client.get("corrupt_shards", 0)))
-        self.progress.resume_at(self.step)
-        self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run_dir, self._log)
-        run_id = client.get("mlflow_run_id") or self._saved_run_id()
+        client, rng = checkpointing.load(self.engine, self.run, self.env, self.ema)
+        self.state = TrainState.from_client_state(client, rng)
+        resumed = client is not None
+        self.state.data_base = self._data_position(resumed)
+        self.bad = BadSteps(self.state.bad_steps, self.cfg.max_bad_steps)
+        self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
+                                 corrupt_base=self.state.corrupt_shards)
+        self.progress.resume_at(self.state.step)
+        self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
+        run_id = self.state.mlflow_run_id or self.run.mlflow_run_id()
         self.tracker.start(
-            self.cfg.experiment, self.cfg.run_name or self.run_dir.name, run_id,
+            self.cfg.experiment, self.cfg.run_name or self.run.path.name, run_id,
             params=self.run_config if self.env.is_main else {},
             tags={"git_commit": self.run_config.get("git_commit", "") if self.env.is_main else "",
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                   "zero_stage": str(self.ds_config["zero_optimization"].get("stage", 0)),
                   "schedule": format_schedule(self.schedule.stages)},
             artifacts=artifacts, dataset=self._dataset_identity() if self.env.is_main else None,
-            resume_step=self.step,
+            resume_step=self.state.step,
         )
-        self.stop = StopRequest(self.run_dir, self.env.is_main)
+        self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
-        self._log(f"{'resuming at' if self.step else 'starting'} step {self.step}/{self.total_steps}; "
+        self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "
                   f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch "
                   f"{self.ds_config['train_micro_batch_size_per_gpu']}, {self.workers} loader workers; precision "
                   f"{self.precision}, blocks {'compiled' if self.compiled else 'eager'}")
         batches = iter(self._loader())
-        if rng is not None:
-            checkpointing.set_rng_state(rng)
-        elif self.step:  # resumed on new ranks (universal checkpoint): fresh, deterministic per-rank streams
-            seed = (self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.step) % 2**32
+        if self.state.rng is not None:
+            checkpointing.set_rng_state(self.state.rng)
+        elif self.state.step:  # resumed on new ranks (universal checkpoint): fresh, deterministic per-rank streams
+            seed = (self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.state.step) % 2**32
             torch.manual_seed(seed)
             np.random.seed(seed)
         return batches
@@ -290,26 +290,26 @@ class Trainer:
         return {"world_size": self.env.world_size, "workers": max(1, self.workers),
                 "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
 
-    def _data_position(self, client: dict) -> dict:
+    def _data_position(self, resumed: bool) -> dict:
         """Where this start's data streams begin: {"epoch", "micro_batches"} (micro-batches are counted from there).
 
         Same layout as the checkpoint: the streams replay exactly. Another layout (world
         size, loader workers, micro-batch): continue at the first data epoch no old
         stream had begun (npp.pipeline.stream.next_untouched_epoch).
         """
-        base = dict(client.get("data_base") or {"epoch": 0, "micro_batches": 0})
-        if not client:
+        base = dict(self.state.data_base)
+        if not resumed:
             return base
-        old = client.get("data_layout") or {**self._layout(), "world_size": client.get("world_size")}
+        old = {**self._layout(), **(self.state.data_layout or {})}
         if old == self._layout():
             return base
         paths, counts = shard_paths(self.cfg.shards, self.manifest)
         epoch = next_untouched_epoch(paths, counts, old["micro_batch"], old["world_size"], old["workers"],
-                                     self.cfg.seed, base["epoch"], self.micro_batches - base["micro_batches"])
-        seen = (self.micro_batches - base["micro_batches"]) * old["micro_batch"] * old["world_size"]
+                                     self.cfg.seed, base["epoch"], self.state.micro_batches - base["micro_batches"])
+        seen = (self.state.micro_batches - base["micro_batches"]) * old["micro_batch"] * old["world_size"]
         self._log(f"data layout changed ({old} -> {self._layout()}): streams continue at data epoch {epoch} "
                   f"({seen} samples consumed since epoch {base['epoch']}; none is repeated)")
-        return {"epoch": epoch, "micro_batches": self.micro_batches}
+        return {"epoch": epoch, "micro_batches": self.state.micro_batches}
 
     def _dataset_identity(self) -> dict:
         """The shard set(s) as MLflow sees a dataset: name, a digest of every shard's sha256, where it lives."""
@@ -323,9 +323,10 @@ class Trainer:
         reason = self.stop.reason()
         self._save()
         self.stop.consume()
-        self._log(f"stop requested ({reason}): saved step {self.step} in {self.ckpt_dir}, exiting 0 for requeue")
+        self._log(f"stop requested ({reason}): saved step {self.state.step} in {self.run.checkpoints}, exiting 0 for "
+                  "requeue")
         self.tracker.finish("KILLED", wait_s=min(30.0, float(os.environ.get("NPP_MLFLOW_DRAIN_S", 30))))
-        return {"step": self.step, "stopped": True}
+        return {"step": self.state.step, "stopped": True}
 
     def _finish(self) -> dict:
         barrier()
@@ -333,10 +334,10 @@ class Trainer:
         if self.env.is_main:
             from npp.train.export import export
 
-            exported = export(str(self.run_dir))
-            self.tracker.log({"exported_step": self.step}, self.step)
+            exported = export(str(self.run.path))
+            self.tracker.log({"exported_step": self.state.step}, self.state.step)
         self.tracker.finish()
-        return {"step": self.step, "stopped": False, "exported": exported}
+        return {"step": self.state.step, "stopped": False, "exported": exported}
 
     def _evaluate(self) -> None:
         """FID & co of the model now (the EMA when there is one), logged at this step beside train_flops.
@@ -349,9 +350,9 @@ class Trainer:
         metrics = self.evaluator(model, self.model_cfg.num_classes, self.device, self.env.rank, self.env.world_size)
         checkpointing.set_rng_state(rng)
         if self.env.is_main:
-            metrics["train_flops"] = self.train_flops
-            self.tracker.log(metrics, self.step)
-            self._log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            metrics["train_flops"] = self.state.train_flops
+            self.tracker.log(metrics, self.state.step)
+            self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def _sampling_model(self):
         if self.ema is None:
@@ -370,15 +371,15 @@ class Trainer:
         return model
 
     def _last_good(self) -> str:
-        return f"{checkpointing.latest_tag(self.ckpt_dir)} in {self.ckpt_dir}"
+        return f"{self.run.latest_tag()} in {self.run.checkpoints}"
 
     def _eval_due(self) -> bool:
-        return bool(self.eval_every) and (self.step % self.eval_every == 0 or self.step == self.total_steps)
+        return bool(self.eval_every) and (self.state.step % self.eval_every == 0 or self.state.step == self.total_steps)
 
     def _sync_due(self, skipped: bool) -> bool:
         """Sync points: every --sync-every steps, log/checkpoint/eval steps, the last step, a skipped step.
         A function of the step alone (and of DeepSpeed's skip, the same on every rank): all ranks agree."""
-        s = self.step
+        s = self.state.step
         return (skipped or s % self.cfg.sync_every == 0 or s % self.cfg.log_every == 0 or s % self.cfg.ckpt_every == 0
                 or self._eval_due() or s == self.total_steps)
 
@@ -389,33 +390,25 @@ class Trainer:
         return self.stop.agreed(self.device)
 
     def _record(self, loss: torch.Tensor, patch_side: int, flops: float) -> None:
-        if not self.progress.record(self.step, loss, patch_side, self.last_lr, flops):
+        if not self.progress.record(self.state.step, loss, patch_side, self.last_lr, flops):
             return
         h, w = self.model_cfg.grid
         metrics = self.progress.window_metrics(self.env.world_size, self.cfg.global_batch, h * w,
                                                peak_flops(self.device), self.engine.get_global_grad_norm())
-        metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.train_flops,
-                       epoch=self.step / max(1, self.steps_per_epoch), bad_steps=self.bad.total)
+        metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.state.train_flops,
+                       epoch=self.state.step / max(1, self.steps_per_epoch), bad_steps=self.bad.total)
         with self.progress.exclude("log"):
-            self.tracker.log(metrics, self.step)
-            Progress.line(self.step, metrics, self._log)
+            self.tracker.log(metrics, self.state.step)
+            Progress.line(self.state.step, metrics, self._log)
 
     def _save(self) -> None:
         self.progress.flush()  # every record up to the checkpoint's step is on disk before it
         self.progress.global_counters()  # a collective: every rank saves at the same step
-        client = {
-            "step": self.step, "micro_batches": self.micro_batches, "train_flops": self.train_flops,
-            "bad_steps": self.bad.total, "corrupt_shards": self.progress.corrupt_total,
-            "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size,
-            "data_layout": self._layout(), "data_base": self.data_base,
-            # lets deepspeed.checkpoint.ds_to_universal convert this checkpoint (npp train convert)
-            "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
-        }
-        checkpointing.save(self.engine, self.ckpt_dir, self.step, client, self.env, self.ema, self.cfg.keep)
-
-    def _saved_run_id(self) -> Optional[str]:
-        path = self.run_dir / "mlflow_run_id"
-        return path.read_text().strip() if path.exists() else None
+        self.state.bad_steps, self.state.corrupt_shards = self.bad.total, self.progress.corrupt_total
+        self.state.mlflow_run_id, self.state.world_size = self.tracker.run_id, self.env.world_size
+        self.state.data_layout = self._layout()
+        checkpointing.save(self.engine, self.run, self.state.step, self.state.client_state(), self.env, self.ema,
+                           self.cfg.keep)
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:

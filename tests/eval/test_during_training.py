@@ -82,7 +82,7 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
 
     run = tmp_path / "run"
     launch(shard_set, run, tmp_path, total_steps=12, log_every=4, ckpt_every=4, keep=3)
-    cmd = [sys.executable, "-m", "npp.cli", "eval", "watch", "--run", str(run), "--vq", eval_assets["vq"], "--ref",
+    cmd = [sys.executable, "-m", "npp", "eval", "watch", "--run", str(run), "--vq", eval_assets["vq"], "--ref",
            eval_assets["eval_ref"], "--classifier", eval_assets["classifier"], "--per-class", "2", "--batch", "8",
            "--once"]
     env = run_env(tmp_path)

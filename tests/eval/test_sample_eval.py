@@ -9,7 +9,7 @@ import torch
 from npp.eval.evaluate import evaluate
 from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
-from npp.eval.reference import ReferenceError, make_reference, real_images
+from npp.eval.reference import EvalInputError, make_reference, real_images
 from npp.errors import ConfigError
 from npp.eval.sample import SampleConfig, auto_batch, sample, samples_path
 from npp.pipeline.toy import write_toy_dataset
@@ -99,14 +99,14 @@ def test_eval_keeps_its_metrics_through_a_tracking_outage_and_logs_each_once(set
     """MLflow does not answer: the metrics are kept and the error names where; the rerun computes nothing again
     and logs them; a third run adds no point twice."""
     from npp.eval import evaluate as evaluate_module
-    from npp.train.launch import free_port
+    from npp.pipeline.ranks import free_port
 
     out = tmp_path / "s"
     sample(_cfg(setup, out))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     args = (str(out / "samples_cfg*.npz"), str(setup / "ref.npz"))
-    with pytest.raises(ReferenceError, match=r"did not take the metrics.*samples_cfg1\.metrics\.json.*rerun"):
+    with pytest.raises(EvalInputError, match=r"did not take the metrics.*samples_cfg1\.metrics\.json.*rerun"):
         first = evaluate(*args, classifier=str(setup / "toynet.pt"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -157,25 +157,25 @@ def test_bad_inputs_name_the_file_and_the_fix(setup, tmp_path):
     classifier = str(setup / "toynet.pt")
     no_arr = tmp_path / "x.npz"
     np.savez(no_arr, images=np.zeros((20, 32, 32, 3), np.uint8))
-    with pytest.raises(ReferenceError, match="x.npz has no arr_0"):
+    with pytest.raises(EvalInputError, match="x.npz has no arr_0"):
         evaluate(str(no_arr), str(setup / "ref.npz"), classifier=classifier, log=False)
     small = tmp_path / "small.npz"
     np.savez(small, arr_0=np.zeros((20, 16, 16, 3), np.uint8))
-    with pytest.raises(ReferenceError, match="16px but reference .*32px"):
+    with pytest.raises(EvalInputError, match="16px but reference .*32px"):
         evaluate(str(small), str(setup / "ref.npz"), classifier=classifier, log=False)
     few = tmp_path / "few.npz"
     np.savez(few, arr_0=np.zeros((3, 32, 32, 3), np.uint8))
-    with pytest.raises(ReferenceError, match="3 samples, too few for precision/recall"):
+    with pytest.raises(EvalInputError, match="3 samples, too few for precision/recall"):
         evaluate(str(few), str(setup / "ref.npz"), classifier=classifier, log=False)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 broken")
-    with pytest.raises(ReferenceError, match="corrupt.npz is not a readable"):
+    with pytest.raises(EvalInputError, match="corrupt.npz is not a readable"):
         evaluate(str(corrupt), str(setup / "ref.npz"), classifier=classifier, log=False)
     adm = tmp_path / "adm.npz"
     np.savez(adm, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
-    with pytest.raises(ReferenceError, match="ADM .*cannot be used with toynet"):
+    with pytest.raises(EvalInputError, match="ADM .*cannot be used with toynet"):
         evaluate(str(few), str(adm), classifier=classifier, log=False)
-    with pytest.raises(ReferenceError, match="does not exist"):
+    with pytest.raises(EvalInputError, match="does not exist"):
         evaluate(str(tmp_path / "missing.npz"), str(setup / "ref.npz"), classifier=classifier, log=False)
 
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from npp.train.launch import free_port
+from npp.pipeline.ranks import free_port
 
 PACKAGES = "slurmd slurmctld slurm-client munge"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")

@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from npp.cli import main
+from npp.app.cli import main
 from npp.errors import NppError
 from npp.models.checkpoint import CheckpointMismatchError, load_vq
 from npp.models.vq import VQModel, vq_config
@@ -126,7 +126,7 @@ def test_path_flags_stay_the_string_typed(toy_tree, vq_path, tmp_path, monkeypat
 
 
 def _npp(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "npp.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "npp", *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -144,7 +144,7 @@ def test_bad_flags_fail_fast_with_one_line_and_create_nothing(toy_tree, vq_path,
 
 
 def test_flags_are_checked_before_torch_is_imported(tmp_path):
-    code = ("import sys\nfrom npp.cli import main\n"
+    code = ("import sys\nfrom npp.app.cli import main\n"
             "try:\n    main(['tokenize', 'run', '--data', 'nowhere', '--vq', 'x.pt', '--out', 'o'])\n"
             "except SystemExit as e:\n    assert e.code == 2\n"
             "assert 'torch' not in sys.modules, 'torch was imported before the flags were checked'\n")
@@ -207,7 +207,7 @@ def test_loader_workers_exit_when_tokenize_is_killed(tmp_path, vq_path):
     for c in range(4):
         for i in range(150):
             _png(data / f"c{c}" / f"{i}.png", int(rng.integers(256)), size=96)
-    proc = subprocess.Popen([sys.executable, "-m", "npp.cli", "tokenize", "run", "--data", str(data), "--vq",
+    proc = subprocess.Popen([sys.executable, "-m", "npp", "tokenize", "run", "--data", str(data), "--vq",
                              str(vq_path), "--out", str(tmp_path / "out"), "--image-size", "64", "--workers", "2",
                              "--batch", "128"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -232,7 +232,7 @@ def test_progress_in_a_log_file_updates_at_the_promised_interval(toy_tree, vq_pa
     """stderr to a file: one update per TQDM_MININTERVAL (10 s), not one per batch."""
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     with open(tmp_path / "err.log", "w") as err:
-        proc = subprocess.run([sys.executable, "-m", "npp.cli", "tokenize", "run", "--data", str(toy_tree), "--vq",
+        proc = subprocess.run([sys.executable, "-m", "npp", "tokenize", "run", "--data", str(toy_tree), "--vq",
                                str(vq_path), "--out", str(tmp_path / "out"), "--image-size", "32", "--workers", "0",
                                "--batch", "2"], stderr=err, stdout=subprocess.DEVNULL, env=env, timeout=120)
     assert proc.returncode == 0

@@ -116,7 +116,7 @@ def test_resume_after_partial_loss(toy_tree, vq_path, tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_rerun_completes_without_duplicates(toy_tree, vq_path, tmp_path):
     ref = tmp_path / "ref"
-    cmd = [sys.executable, "-m", "npp.cli", "tokenize", "run", "--data", str(toy_tree), "--vq", str(vq_path),
+    cmd = [sys.executable, "-m", "npp", "tokenize", "run", "--data", str(toy_tree), "--vq", str(vq_path),
            "--image-size", "128", "--samples-per-shard", "2", "--batch", "4", "--workers", "0"]
     subprocess.run(cmd + ["--out", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed"

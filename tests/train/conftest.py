@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from npp.train.launch import torchrun_train_cmd
+from npp.app.launch import torchrun_train_cmd
 
 
 def train_args(shards, out, **overrides):

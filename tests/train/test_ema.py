@@ -82,7 +82,7 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
 
     from npp.train.distributed import skip_jit_shm_op
     from npp.train.ds_config import build_ds_config
-    from npp.train.launch import free_port
+    from npp.pipeline.ranks import free_port
     from npp.train.step import offloads_optimizer
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():

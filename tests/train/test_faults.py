@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from npp.train.launch import free_port
+from npp.pipeline.ranks import free_port
 from tests.train.conftest import read_metrics, run_env
 
 POISON = textwrap.dedent('''

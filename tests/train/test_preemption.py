@@ -139,7 +139,7 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(shard_set, 
     refused = subprocess.run(launch_cmd(shard_set, run, nproc=after, **RUN), env=run_env(tmp_path),
                              capture_output=True, text=True, timeout=180)
     assert refused.returncode != 0 and f"npp train convert --run {run}" in refused.stdout + refused.stderr
-    conv = subprocess.run([sys.executable, "-m", "npp.cli", "train", "convert", "--run", str(run)],
+    conv = subprocess.run([sys.executable, "-m", "npp", "train", "convert", "--run", str(run)],
                           env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert conv.returncode == 0, conv.stderr[-3000:]
     log = launch(shard_set, run, tmp_path, nproc=after, **RUN)

@@ -17,7 +17,7 @@ class Clock:
 
 def test_a_save_and_an_eval_are_not_folded_into_the_step_rate(tmp_path):
     clock = Clock()
-    progress = Progress(tmp_path, True, torch.device("cpu"), log_every=4, total_steps=8, clock=clock)
+    progress = Progress(tmp_path / "metrics.jsonl", True, torch.device("cpu"), log_every=4, total_steps=8, clock=clock)
     for step in range(1, 5):
         clock.now += 0.5  # a training step
         if step == 2:

@@ -176,7 +176,7 @@ def test_bad_runs_fail_before_anything_is_created(shard_set, tmp_path, flags, en
     """One line naming the problem and the fix, exit 2, no run directory, no MLflow run."""
     run = tmp_path / "run"
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", **env}
-    proc = subprocess.run([sys.executable, "-m", "npp.cli", "train", "--shards", str(shard_set), "--out", str(run),
+    proc = subprocess.run([sys.executable, "-m", "npp", "train", "--shards", str(shard_set), "--out", str(run),
                            "--model", "GPT-Nano", "--global-batch", "16", "--total-steps", "4", *flags],
                           env=full_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -194,11 +194,11 @@ def test_bad_runs_fail_before_anything_is_created(shard_set, tmp_path, flags, en
     (["--model", "GPT-Huge"], {}, "unknown model 'GPT-Huge'"),
     (["--ds-config", "nowhere.json"], {}, "DeepSpeed config nowhere.json does not exist"),
     (["--ema", "--ds-config", "ds_configs/zero3.json"], {}, "--ema with ZeRO-3 is not supported"),
-    (["--eval-every", "5"], {}, "--eval-every needs --vq"),
+    (["--eval-every", "5"], {}, "--eval-every: evaluating needs --vq"),
 ])
 def test_train_flags_are_refused_before_torch_is_imported(shard_set, tmp_path, flags, env, message):
     """As tokenize's: the refusal comes from the flags alone, before torch or DeepSpeed is imported."""
-    code = ("import sys\nfrom npp.cli import main\n"
+    code = ("import sys\nfrom npp.app.cli import main\n"
             f"try:\n    main(['train', '--shards', {str(shard_set)!r}, '--out', 'run', '--model', 'GPT-Nano', "
             f"*{flags!r}])\n"
             "except SystemExit as e:\n    assert e.code == 2, e.code\nelse:\n    raise AssertionError('accepted')\n"
@@ -219,7 +219,7 @@ def test_unfinalized_shard_set_is_a_one_line_error(shard_set, tmp_path):
     shutil.copytree(shard_set, partial)
     meta = json.loads((partial / "meta.json").read_text())
     (partial / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    proc = subprocess.run([sys.executable, "-m", "npp.cli", "train", "--shards", str(partial), "--out",
+    proc = subprocess.run([sys.executable, "-m", "npp", "train", "--shards", str(partial), "--out",
                            str(tmp_path / "run"), "--model", "GPT-Nano"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not finalized: run `npp tokenize finalize" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,7 +1,12 @@
 """The `npp` command: one fire CLI whose subcommands are the pipeline's stages.
 
-Stages register here as they land; each entry returns None so fire prints nothing
-but what the stage itself prints.
+fire reads each command as it is: functions, and classes whose constructor is a stage's
+config dataclass (`TrainCommand` is a `TrainConfig`: its fields are the flags, with one name
+and one default), with static methods for their subcommands (`npp train export`). Fire hands
+back the config it built; `run_command` validates it and executes it. The command table is built
+without importing torch: a wrong flag fails in a fraction of a second; each stage's
+implementation is imported when its command runs. This package (npp.app) is the only one
+that imports more than one stage.
 """
 
 from __future__ import annotations
@@ -14,16 +19,35 @@ import sys
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-import dataclasses  # noqa: E402
 import inspect  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import fire  # noqa: E402
 
+from npp.app.demo import DemoConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
+from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
+from npp.pipeline.ranks import is_rank_zero  # noqa: E402
+from npp.tokenize.config import TokenizeConfig  # noqa: E402
+from npp.train.config import TrainConfig  # noqa: E402
 
-# The command table is built without importing torch: a wrong flag fails in a fraction
-# of a second. Each stage's implementation is imported when its command runs.
+
+class Command:
+    """A config that is also a command: fire builds it from the flags, `run_command` validates and runs it."""
+
+    def execute(self) -> None:  # not `run`: a config may have a field of that name (`npp eval watch --run`)
+        raise NotImplementedError
+
+
+def run_command(result: Any) -> Any:
+    """fire's `serialize` hook: run the command fire built (a Command); anything else passes through."""
+    if isinstance(result, Command):
+        if hasattr(result, "validate"):
+            result.validate()
+        result.execute()
+        return None
+    return result
 
 
 def models(vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256) -> None:
@@ -66,46 +90,7 @@ def schedule(
     print(f"training cost vs next-token prediction ({model}): {sched.cost_ratio(cfg):.4f}")
 
 
-def config_command(config_cls: type, fn: Callable[[Any], Any] | str, doc: str = "") -> Callable[..., None]:
-    """A fire entry whose flags are the fields of a stage's config dataclass (one name, one default).
-
-    `fn` may be "module:function", imported only when the command runs, after the config
-    is built and (where it has `validate`) checked. fire parses values as Python
-    literals; `main` quotes the values of string flags first, so they arrive exactly as
-    typed (`--out 1e3` stays '1e3'), and string fields are coerced to str here for
-    callers that bypass `main`.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-
-    def command(*args: Any, **kwargs: Any) -> None:
-        kwargs.update(zip(fields, args))  # fire passes flags positionally, in signature order
-        unknown = sorted(set(kwargs) - set(fields))
-        if unknown:
-            raise UsageError(f"unknown flags {['--' + u.replace('_', '-') for u in unknown]}; see --help")
-        for name, value in kwargs.items():
-            if fields[name].type in ("str", str) and value is not None:
-                kwargs[name] = str(value)
-        try:
-            cfg = config_cls(**kwargs)
-        except TypeError as e:  # a required flag is missing
-            raise UsageError(f"{e}; see --help") from None
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-        target = fn
-        if isinstance(fn, str):
-            import importlib
-
-            module, name = fn.split(":")
-            target = getattr(importlib.import_module(module), name)
-        target(cfg)
-
-    command.__signature__ = inspect.signature(config_cls)  # type: ignore[attr-defined]
-    command.__doc__ = doc or getattr(fn, "__doc__", "")
-    command.__name__ = fn.split(":")[1] if isinstance(fn, str) else fn.__name__
-    return command
-
-
-def _toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
+def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
     """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree."""
     from npp.pipeline.toy import write_toy_dataset
 
@@ -113,7 +98,7 @@ def _toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
     print(f"toy dataset in {out}: {n} new images")
 
 
-def _fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, max_steps: int = 1200,
+def fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, max_steps: int = 1200,
             minutes: float = 0.0, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
     """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG.
 
@@ -124,49 +109,35 @@ def _fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, m
     fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)
 
 
-def _finalize(out: str) -> None:
+def finalize(out: str) -> None:
     """Merge every rank's shards into manifest.parquet and failures.parquet."""
     from npp.tokenize.run import finalize
 
     finalize(str(out))
 
 
-def _tokenize_commands() -> dict:
-    from npp.tokenize.config import TokenizeConfig
+@dataclass
+class TokenizeCommand(TokenizeConfig, Command):
+    """Encode images (ImageFolder or parquet) into VQ-code shards; reruns resume."""
 
-    return {
-        "run": config_command(TokenizeConfig, "npp.tokenize.run:tokenize",
-                              "Encode images (ImageFolder or parquet) into VQ-code shards; reruns resume."),
-        "finalize": _finalize,
-        "toy": _toy,
-        "fit-vq": _fit_vq,
-        "fit_vq": _fit_vq,
-    }
+    def execute(self) -> None:
+        from npp.tokenize.run import tokenize
+
+        tokenize(self)
 
 
-def train_with_evaluation(cfg) -> None:
-    """Train; with --eval-every, hand the trainer an evaluator built by the eval stage (train never imports eval)."""
-    from npp.train.trainer import train
+@dataclass
+class TrainCommand(TrainConfig, Command):
+    """Train a GPT on a shard set with DeepSpeed and the NPP patch schedule (resumes from --out).
 
-    evaluator = None
-    if cfg.eval_every or cfg.eval_every_epochs:
-        from npp.eval.during_training import TrainingEvaluator
+    `npp train export --run RUN` writes the consolidated model; `npp train convert --run RUN` makes the latest
+    checkpoint loadable on any number of ranks. Every flag: `npp train -- --help`.
+    """
 
-        evaluator = TrainingEvaluator(
-            vq=cfg.vq, ref=cfg.eval_ref, inception=cfg.inception or None, classifier=cfg.classifier or None,
-            per_class=cfg.eval_per_class, cfg_scale=cfg.eval_cfg, temperature=cfg.eval_temperature,
-            top_k=cfg.eval_top_k, batch=cfg.eval_batch, seed=cfg.seed,
-        )
-    train(cfg, evaluator)
+    def execute(self) -> None:
+        from npp.app.training import train_with_evaluation
 
-
-class _Train:
-    """npp train --shards DIR --out RUN ... | npp train export --run RUN"""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        from npp.train.config import TrainConfig
-
-        config_command(TrainConfig, "npp.cli:train_with_evaluation")(*args, **kwargs)
+        train_with_evaluation(self)
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:
@@ -183,8 +154,47 @@ class _Train:
         convert(str(run))
 
 
-class _Eval:
-    """npp eval --samples S.npz --ref R.npz ... | npp eval ref ... | npp eval fit-classifier ..."""
+@dataclass
+class SampleCommand(SampleConfig, Command):
+    """Class-balanced guided samples of a checkpoint (.npz + PNG grid); reruns resume."""
+
+    def execute(self) -> None:
+        from npp.eval.sample import sample
+
+        sample(self)
+
+
+@dataclass
+class WatchCommand(WatchConfig, Command):
+    """Evaluate each new checkpoint of --run once (FID & co at its step, in its MLflow run); resumable."""
+
+    def execute(self) -> None:
+        from npp.eval.watch import watch
+
+        watch(self)
+
+
+@dataclass
+class DemoCommand(DemoConfig, Command):
+    """The whole pipeline on the built-in toy dataset (CPU, 2 DeepSpeed processes); `npp demo compare` trains
+    the next-token baseline beside it."""
+
+    def execute(self) -> None:
+        from npp.app.demo import demo
+
+        demo(self)
+
+    def compare(self) -> None:
+        """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
+        from npp.app.demo import demo_compare
+
+        demo_compare(self)
+
+
+class EvalCommands:
+    """npp eval --samples S.npz --ref R.npz ... | npp eval ref ... | npp eval fit-classifier ... | npp eval watch ..."""
+
+    watch = WatchCommand
 
     def __call__(self, samples: str, ref: str, run_id: str = "", ckpt: str = "", inception: str = "",
                  classifier: str = "", experiment: str = "npp", log: bool = True) -> None:
@@ -210,29 +220,12 @@ class _Eval:
         make_reference(net, batches, str(out), max_features, source)
 
     @staticmethod
-    def watch(run: str, vq: str, ref: str, inception: str = "", classifier: str = "", per_class: int = 10,
-              cfg_scale: float = 2.0, temperature: float = 1.0, top_k: int = 0, batch: int = 64, seed: int = 0,
-              ema: bool = True, interval: float = 300.0, once: bool = False) -> None:
-        """Evaluate each new checkpoint of RUN once (FID & co at its step, in its MLflow run); resumable."""
-        from npp.eval_watch import watch
-
-        watch(str(run), str(vq), str(ref), str(inception) or None, str(classifier) or None, per_class, cfg_scale,
-              temperature, top_k, batch, seed, ema, interval, once)
-
-    @staticmethod
     def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,
                        seed: int = 0) -> None:
         """Train the toy classifier that stands in for Inception on datasets like the toy set."""
         from npp.eval.fit_classifier import fit_classifier
 
         fit_classifier(str(data), str(out), image_size, epochs, batch, lr, seed)
-
-
-def _sample_command():
-    from npp.eval.config import SampleConfig
-
-    return config_command(SampleConfig, "npp.eval.sample:sample",
-                          "Class-balanced guided samples of a checkpoint (.npz + PNG grid); reruns resume.")
 
 
 def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> None:
@@ -266,54 +259,16 @@ def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve
         os.execv(mlflow_bin, [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", str(host), "--port", str(port)])
 
 
-class _Demo:
-    """npp demo [--out demo_out ...] | npp demo compare"""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        from npp.demo import DemoConfig
-
-        config_command(DemoConfig, "npp.demo:demo")(*args, **kwargs)
-
-    def compare(self, *args: Any, **kwargs: Any) -> None:
-        """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
-        from npp.demo import DemoConfig
-
-        config_command(DemoConfig, "npp.demo:demo_compare")(*args, **kwargs)
-
-
-def _demo_command() -> _Demo:
-    from npp.demo import DemoConfig
-
-    sig = _with_self(inspect.signature(DemoConfig))
-    _Demo.__call__.__signature__ = sig  # type: ignore[attr-defined]
-    _Demo.compare.__signature__ = sig  # type: ignore[attr-defined]
-    _Demo.__call__.__doc__ = "Run the whole pipeline on the built-in toy dataset (CPU, 2 DeepSpeed processes)."
-    return _Demo()
-
-
-def _with_self(sig: inspect.Signature) -> inspect.Signature:
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sig.replace(parameters=[self_param, *sig.parameters.values()])
-
-
-def _train_command() -> _Train:
-    from npp.train.config import TrainConfig
-
-    _Train.__call__.__signature__ = _with_self(inspect.signature(TrainConfig))  # type: ignore[attr-defined]
-    _Train.__call__.__doc__ = "Train a GPT on a shard set with DeepSpeed and the NPP patch schedule (resumes from --out)."
-    return _Train()
-
-
 COMMANDS = {
     "models": models,
     "schedule": schedule,
-    "tokenize": _tokenize_commands(),
-    "train": _train_command(),
-    "sample": _sample_command(),
-    "eval": _Eval(),
+    "tokenize": {"run": TokenizeCommand, "finalize": finalize, "toy": toy, "fit-vq": fit_vq},
+    "train": TrainCommand,
+    "sample": SampleCommand,
+    "eval": EvalCommands(),
     "compare": compare,
     "ui": ui,
-    "demo": _demo_command(),
+    "demo": DemoCommand,
 }
 
 
@@ -382,13 +337,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     argv = quote_string_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        fire.Fire(COMMANDS, command=argv, name="npp")
+        fire.Fire(COMMANDS, command=argv, name="npp", serialize=run_command)
     except (NppError, FileNotFoundError) as e:
         if os.environ.get("NPP_DEBUG"):
             raise
         # an error every rank of a job raises alike (a flag, a failed save) is said once, by rank 0
         said_by_all = isinstance(e, UsageError) or getattr(e, "all_ranks", False)
-        if not said_by_all or os.environ.get("RANK", "0") == "0":
+        if not said_by_all or is_rank_zero():
             print(f"npp: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

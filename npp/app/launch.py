@@ -6,14 +6,9 @@ One place that knows torchrun's flags and turns a dict of TrainConfig fields int
 
 from __future__ import annotations
 
-import socket
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from npp.pipeline.ranks import free_port
 
 
 def train_flags(flags: dict) -> list[str]:
@@ -24,6 +19,6 @@ def train_flags(flags: dict) -> list[str]:
 
 
 def torchrun_train_cmd(nproc: int, flags: dict) -> list[str]:
-    """[python -m torch.distributed.run --nproc_per_node N --master_port P -m npp.cli train --flag value ...]"""
+    """[python -m torch.distributed.run --nproc_per_node N --master_port P -m npp train --flag value ...]"""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), "-m", "npp.cli", "train", *train_flags(flags)]
+            str(free_port()), "-m", "npp", "train", *train_flags(flags)]

@@ -4,8 +4,8 @@ toy images → fit a small VQ → tokenize to shards → fit the toy classifier 
 reference statistics → train NPP with DeepSpeed (2 processes, torchrun) → sample
 (class-balanced, guided) → eval → MLflow. Each step is skipped when its output is
 already there, so a rerun reuses the toy set, the tokenizer, the shards, the
-classifier and the reference. Like cli.py, this module wires stages together;
-no stage imports another.
+classifier and the reference. Part of the application (npp.app): it wires stages
+together; no stage imports another.
 
 `npp demo compare` trains the next-token baseline (`1:1`) beside NPP on the same
 number of training samples, evaluates both and prints `npp compare`.
@@ -20,8 +20,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from npp.errors import ConfigError
-from npp.train.launch import torchrun_train_cmd
+from npp.app.launch import torchrun_train_cmd
+from npp.errors import ConfigError, NppError
+
+
+class DemoError(NppError, RuntimeError):
+    """A demo step that failed; the message says how to go on."""
+
+
+def find_ds_config(path: str) -> Path:
+    """A DeepSpeed config given relative to the working directory, or to the source checkout (ds_configs/ is part
+    of the repository, not of an installed package)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given.resolve()
+    checkout = Path(__file__).resolve().parents[2] / path
+    if checkout.exists():
+        return checkout
+    raise ConfigError(f"DeepSpeed config {path} not found in {Path.cwd()} nor in {checkout.parent.parent}: run the demo "
+                      "from the repository's root, or pass --ds-config PATH")
 
 
 @dataclass
@@ -76,9 +93,7 @@ class Demo:
 
         mlflow.set_tracking_uri(self.mlflow_uri)
         mark_training_experiment("npp-demo", artifact_location=(self.out / "mlartifacts").as_uri())
-        self.ds_config = Path(cfg.ds_config)
-        if not self.ds_config.is_absolute():
-            self.ds_config = Path(__file__).resolve().parent.parent / cfg.ds_config
+        self.ds_config = find_ds_config(cfg.ds_config)
         self.timings: dict[str, float] = {}
 
     # --- data, tokenizer, references (reused when present) --------------------------
@@ -143,14 +158,14 @@ class Demo:
             "ds_config": self.ds_config, "workers": 1, "log_every": 50, "ckpt_every": 500, "seed": c.seed,
             "experiment": "npp-demo", "run_name": name,
             "eval_every_epochs": c.epochs / max(1, c.eval_points), "eval_per_class": c.eval_per_class,
-            "eval_cfg": c.cfg_scale, "eval_temperature": c.temperature, "eval_top_k": c.top_k, "eval_batch": 100,
+            "eval_cfg_scale": c.cfg_scale, "eval_temperature": c.temperature, "eval_top_k": c.top_k, "eval_batch": 100,
             "vq": self.vq, "eval_ref": self.ref, "classifier": self.classifier,
             "token_dropout": c.dropout, "resid_dropout": c.dropout, "ffn_dropout": c.dropout, "attn_dropout": c.dropout,
         })
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // c.nproc)), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
-            raise ConfigError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
+            raise DemoError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
         self.timings[f"train {name}"] = time.time() - t
         return run
 
@@ -232,10 +247,9 @@ class Demo:
         from npp.eval.compare import compare
 
         self.prepare()
-        results = {}
         for name, schedule in (("ntp", "1:1"), ("npp", self.cfg.schedule)):
             run = self.train(name, schedule)
-            results[name] = self.sample_and_eval(run / "model.pt", run / "samples", log=True)
+            self.sample_and_eval(run / "model.pt", run / "samples", log=True)  # logged into the run for compare
         _step("NPP vs NTP")
         return compare("npp-demo", str(self.out / "compare"))
 

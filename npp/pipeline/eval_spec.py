@@ -1,0 +1,45 @@
+"""What an evaluation of a model in training samples and measures: one set of names for `npp train --eval-*`
+and `npp eval watch` (torch-free: flags are checked before torch is imported).
+
+`npp eval watch` takes these names as they are (`--ref`, `--cfg-scale`, `--per-class` ...); `npp train` takes
+them with an `eval-` prefix (`--eval-ref`, `--eval-cfg-scale`, `--eval-per-class` ...), except the three files
+that are the run's own (`--vq`, `--inception`, `--classifier`). The train stage builds one with
+`TrainConfig.eval_spec()`, the eval stage evaluates it (npp.eval.during_training); neither imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from npp.errors import UsageError
+
+
+@dataclass
+class EvalSpec:
+    vq: str = ""  # the tokenizer the shards were made with (decodes the samples)
+    ref: str = ""  # reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)
+    inception: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+    classifier: str = ""  # or a toy classifier (npp eval fit-classifier) as the feature network
+    per_class: int = 10  # samples per class (fixed labels and seeds at every evaluation)
+    cfg_scale: float = 2.0  # classifier-free guidance scale
+    temperature: float = 1.0
+    top_k: int = 0
+    batch: int = 64  # samples per sampling batch
+    seed: int = 0  # sample j has seed seed·1000003 + j
+
+    def validate(self, prefix: str = "") -> None:
+        """The inputs exist; `prefix` is how the command spells the flags (`eval-` for npp train)."""
+        def flag(name: str) -> str:
+            own = name in ("vq", "inception", "classifier")
+            return "--" + ("" if own else prefix) + name.replace("_", "-")
+
+        if not (self.vq and self.ref and (self.inception or self.classifier)):
+            raise UsageError(f"evaluating needs {flag('vq')} (the run's tokenizer), {flag('ref')} REF.npz and a feature "
+                             f"network ({flag('inception')} PATH or {flag('classifier')} toynet.pt)")
+        for name in ("vq", "ref", "inception", "classifier"):
+            path = getattr(self, name)
+            if path and not os.path.exists(path):
+                raise UsageError(f"{flag(name)} {path} does not exist")
+        if int(self.per_class) < 1 or int(self.batch) < 1:
+            raise UsageError(f"{flag('per_class')} and {flag('batch')} must be at least 1")

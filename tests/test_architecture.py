@@ -1,0 +1,63 @@
+"""The dependency direction of docs/architecture.md, read off the code (every import, at any depth of a module).
+
+models and pipeline import no stage; a stage (tokenize, train, eval) imports no other stage and not the app;
+only the app (and `python -m npp`) imports several stages.
+"""
+
+import ast
+from pathlib import Path
+
+import npp
+
+PACKAGE = Path(npp.__file__).parent
+STAGES = {"tokenize", "train", "eval"}
+
+
+def _imports(path: Path) -> set[str]:
+    """The npp subpackages a module imports (`npp.X...` -> X; relative imports resolve within its package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: inside the module's own package
+                names = [f"npp.{path.parent.name}"]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "npp" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        owner = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        graph.setdefault(owner, set()).update(_imports(path) - {owner})
+    return graph
+
+
+def test_stages_import_only_models_pipeline_and_errors():
+    graph = _graph()
+    for stage in STAGES:
+        assert graph[stage] <= {"models", "pipeline", "errors"}, (stage, graph[stage])
+
+
+def test_models_and_pipeline_import_no_stage_and_only_the_app_imports_stages():
+    graph = _graph()
+    assert graph["models"] <= {"errors"}, graph["models"]
+    assert graph["pipeline"] <= {"errors", "models"}, graph["pipeline"]
+    importers_of_app = {owner for owner, deps in graph.items() if "app" in deps}
+    assert importers_of_app <= {"__main__"}, importers_of_app
+    several = {owner for owner, deps in graph.items() if len(deps & STAGES) > 1}
+    assert several == {"app"}, several
+
+
+def test_no_module_names_the_old_cli_path():
+    for path in PACKAGE.rglob("*.py"):
+        assert "npp.cli" not in path.read_text(), path
