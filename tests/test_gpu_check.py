@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.train.conftest import run_env
+from tests.helpers import run_env
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from npp.app.launch import torchrun_train_cmd
 from npp.errors import ConfigError, NppError
+from npp.pipeline.runs import RunFolder
 
 
 class DemoError(NppError, RuntimeError):
@@ -192,7 +193,7 @@ class Demo:
         ckpt = self.out / "untrained" / "model.pt"
         if not ckpt.exists():
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            config = GPTConfig.from_dict(json.loads((run / "config.json").read_text())["model_config"])
+            config = GPTConfig.from_dict(RunFolder(run).read_config()["model_config"])
             torch.manual_seed(self.cfg.seed)
             torch.save({"model": GPT(config).state_dict(), "config": config.to_dict(), "steps": 0}, ckpt)
         return self.sample_and_eval(ckpt, ckpt.parent / "samples", log=False)
@@ -202,7 +203,7 @@ class Demo:
         self.prepare()
         run = self.train("npp", self.cfg.schedule)
         t = _step("6/6 sample (class-balanced, guided) and evaluate")
-        trained = self.sample_and_eval(run / "model.pt", run / "samples", log=True)
+        trained = self.sample_and_eval(RunFolder(run).model, run / "samples", log=True)
         untrained = self.untrained_baseline(run)
         self.timings["sample+eval"] = time.time() - t
         result = {"trained": trained, "untrained": untrained, "run": str(run), "seconds": time.time() - start}
@@ -218,7 +219,7 @@ class Demo:
             print(f"  {k:<24} trained {m[k]:9.4f}   untrained {u[k]:9.4f}")
         print(f"  time: {result['seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
         print(f"\n  sample grid:  {result['trained']['grid']}")
-        print(f"  checkpoint:   {Path(result['run']) / 'model.pt'}")
+        print(f"  checkpoint:   {RunFolder(result['run']).model}")
         print(f"  MLflow store: {self.mlflow_uri}")
         print(f"  MLflow UI:    make ui MLFLOW_TRACKING_URI={self.mlflow_uri} EXPERIMENT=npp-demo")
         exp = self._experiment_id()
@@ -249,7 +250,7 @@ class Demo:
         self.prepare()
         for name, schedule in (("ntp", "1:1"), ("npp", self.cfg.schedule)):
             run = self.train(name, schedule)
-            self.sample_and_eval(run / "model.pt", run / "samples", log=True)  # logged into the run for compare
+            self.sample_and_eval(RunFolder(run).model, run / "samples", log=True)  # logged into the run for compare
         _step("NPP vs NTP")
         return compare("npp-demo", str(self.out / "compare"))
 

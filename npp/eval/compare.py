@@ -9,7 +9,6 @@ CSV, and draws FID against training FLOPs, one line per run, as a PNG.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -17,6 +16,7 @@ from typing import Optional
 from PIL import Image, ImageDraw
 
 from npp.errors import ConfigError
+from npp.pipeline.mlflow_utils import tracking_uri
 
 FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_cfg[0-9.]+)?$")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -34,7 +34,7 @@ def _at_step(history, step: int):
 def collect(experiment: str) -> list[dict]:
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

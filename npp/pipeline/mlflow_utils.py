@@ -10,7 +10,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or a SQLite file in the working directory (DESIGN: one default, here)."""
+    """MLFLOW_TRACKING_URI, or a SQLite file in the working directory (the one default, here)."""
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 

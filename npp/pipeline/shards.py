@@ -1,4 +1,4 @@
-"""The shard-set contract between tokenize, train and eval (see DESIGN.md).
+"""The shard-set contract between tokenize, train and eval (docs/contracts.md).
 
     <dir>/meta.json            format version, tokenizer identity, grid, views, classes, counts
     <dir>/manifest.parquet     one row per shard: file, samples, bytes, sha256

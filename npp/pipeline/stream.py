@@ -31,7 +31,6 @@ from __future__ import annotations
 import ast
 import mmap
 import os
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -128,13 +127,6 @@ def map_shard(path: str) -> memoryview:
         if os.fstat(fh.fileno()).st_size == 0:
             raise CorruptShardError("empty file")
         return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-
-
-@dataclass
-class StreamPosition:
-    """How far a rank has read: micro-batches consumed since the start of training."""
-
-    batches: int = 0
 
 
 def assign_shards(num_shards: int, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[int]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
 from npp.pipeline.devices import fast_matmul, pick_device
+from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import (
     ImageDecodeError,
@@ -59,11 +60,11 @@ WINDOW_BYTES = 2 << 30
 
 
 def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    """Explicit flags, else torchrun's RANK/WORLD_SIZE, else a SLURM array task, else a single process."""
+    """Explicit flags, else the job's ranks (torchrun, srun), else a SLURM array task, else a single process."""
     if rank is not None or world_size is not None:
         r, w = int(rank or 0), int(world_size or 1)
-    elif "WORLD_SIZE" in os.environ:
-        r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    elif rank_and_world()[1] > 1:  # torchrun or srun (npp.pipeline.ranks)
+        r, w = rank_and_world()
     elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
         # array ids may start at any offset (--array=1-8): rank is the position in the array
         first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))

@@ -1,6 +1,6 @@
 """The train stage's typed config: every knob has one name, one default, one help line.
 
-Defaults follow LlamaGen/NPP c2i training (FACTS.md §3); where the NPP paper's
+Defaults follow LlamaGen/NPP c2i training (docs/method.md); where the NPP paper's
 appendix and its code differ (warmup epochs, attention dropout) the paper wins.
 The resolved config is saved in the run directory and logged to MLflow.
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.train.conftest import launch, read_metrics
+from tests.helpers import launch, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
 def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_assets, mlflow_server, monkeypatch):
     """Through MLflow's REST API: a training experiment, the shard set as dataset input, FID against
     train_flops, system metrics."""
-    from tests.train.conftest import launch_cmd, run_env
+    from tests.helpers import launch_cmd, run_env
 
     env = {**run_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server.url,
            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
@@ -78,7 +78,7 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
 
     import mlflow
 
-    from tests.train.conftest import run_env
+    from tests.helpers import run_env
 
     run = tmp_path / "run"
     launch(shard_set, run, tmp_path, total_steps=12, log_every=4, ckpt_every=4, keep=3)

@@ -13,7 +13,7 @@ from npp.eval.reference import EvalInputError, make_reference, real_images
 from npp.errors import ConfigError
 from npp.eval.sample import SampleConfig, auto_batch, sample, samples_path
 from npp.pipeline.toy import write_toy_dataset
-from tests.conftest import make_gpt, save_small_vq
+from tests.helpers import make_gpt, save_small_vq
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from npp.models.checkpoint import CheckpointMismatchError, infer_gpt_config, load_gpt, read_checkpoint
-from tests.conftest import make_gpt
+from tests.helpers import make_gpt
 
 
 def _same_outputs(a, b):

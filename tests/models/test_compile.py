@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from npp.models import gpt as gpt_module
-from tests.conftest import make_gpt
+from tests.helpers import make_gpt
 
 
 def _loss_and_grads(model, idx, labels, k):

@@ -3,7 +3,7 @@ import torch
 
 from npp.models import GPT, GPT_SIZES, GPTConfig, count_parameters, gpt_config
 
-# Computed from the architecture (vocab 16384, 1000 classes + null), see FACTS.md §2.
+# Computed from the architecture (vocab 16384, 1000 classes + null), see docs/method.md.
 EXPECTED = {
     "GPT-B": 110_888_448,
     "GPT-L": 342_910_976,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from npp.models.generate import Sampler, draw, filter_logits, generate
-from tests.conftest import make_gpt
+from tests.helpers import make_gpt
 
 
 def full_recompute_logits(model, tokens, labels):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from npp.models.gpt import GPT, patch_loss, rope_2d
 from npp.models.patches import group_patches, patch_targets
-from tests.conftest import make_gpt
+from tests.helpers import make_gpt
 
 
 def test_grouping_order_on_hand_made_grid():

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.conftest import make_gpt
+from tests.helpers import make_gpt
 
 
 def _grads(model, idx, labels, seed):

@@ -59,7 +59,7 @@ def rank3_on_cpu(fake_gpus, monkeypatch):
 def test_tokenize_encodes_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
     from npp.pipeline.toy import write_toy_dataset
     from npp.tokenize import run
-    from tests.conftest import save_small_vq
+    from tests.helpers import save_small_vq
 
     asked, patch = rank3_on_cpu
     patch(run)
@@ -75,7 +75,7 @@ def test_sampling_and_features_run_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
 
     from npp.eval import features, sample
     from npp.models.toynet import ToyNet, ToyNetConfig
-    from tests.conftest import make_gpt, save_small_vq
+    from tests.helpers import make_gpt, save_small_vq
 
     asked, patch = rank3_on_cpu
     patch(sample)

@@ -1,7 +1,7 @@
 """A private one-node SLURM cluster for the test session (config, state, logs in a temporary directory).
 
 Debian's `slurmd slurmctld slurm-client munge` (Slurm 22.05) start in seconds on a
-2-core machine without a GPU; see shared/SLURM-LOCAL.md. Daemons run in the
+2-core machine without a GPU; see docs/slurm-local.md. Daemons run in the
 foreground as children of the test process and are ended by pid. Clients find the
 cluster through SLURM_CONF, which the fixture sets for the session.
 """

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from npp.tokenize.run import TokenizeConfig, tokenize
-from tests.conftest import save_small_vq
-from tests.train.conftest import read_metrics
+from tests.helpers import save_small_vq
+from tests.helpers import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

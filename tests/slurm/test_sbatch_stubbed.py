@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import process_tree, read_metrics, signal_job
+from tests.helpers import process_tree, read_metrics, signal_job
 
 REPO = Path(__file__).resolve().parents[2]
 SRUN = """#!/bin/bash

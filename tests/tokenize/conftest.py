@@ -7,11 +7,7 @@ import pytest
 from PIL import Image
 
 from npp.pipeline.toy import write_toy_dataset
-from tests.conftest import save_small_vq
-
-
-def save_vq(path, seed=0, **kw):
-    return save_small_vq(path, seed=seed, **kw)
+from tests.helpers import save_small_vq as save_vq
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from npp.pipeline.mixing import class_counts_of, iid_distinct, measure_mixing
 from npp.pipeline.shards import Sample, encode_tar, iter_tar_samples, load_manifest
 from npp.pipeline.stream import shard_paths
 from npp.tokenize.run import TokenizeConfig, tokenize
-from tests.conftest import save_small_vq
+from tests.helpers import save_small_vq
 
 CLASSES, PER_CLASS, PER_SHARD = 200, 60, 100
 SHAPE = dict(world=2, workers=2, micro_batch=32, steps=60, shuffle_buffer=5 * PER_SHARD)

@@ -92,7 +92,7 @@ def test_failure_reasons_are_the_same_in_identical_runs(toy_tree, vq_path, tmp_p
 
 
 def test_gpt_checkpoint_as_tokenizer_is_named(tmp_path, toy_tree):
-    from tests.conftest import make_gpt
+    from tests.helpers import make_gpt
 
     gpt = make_gpt()
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 0}, tmp_path / "model.pt")

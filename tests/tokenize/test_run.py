@@ -19,7 +19,7 @@ from npp.pipeline.images import decode_image, make_views, to_model_input
 from npp.pipeline.shards import ShardSetError, iter_tar_samples, load_manifest, read_meta
 from npp.pipeline.sources import SourceError, open_source, read_bytes, unique_key
 from npp.tokenize.run import TokenizeConfig, finalize, resolve_rank, tokenize
-from tests.tokenize.conftest import save_vq
+from tests.helpers import save_small_vq as save_vq
 
 N_INPUTS = 30 + 7  # toy images + odd files
 

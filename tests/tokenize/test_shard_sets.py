@@ -8,7 +8,7 @@ from npp.pipeline.shards import ShardSetError, iter_tar_samples, open_shard_sets
 from npp.pipeline.sources import open_source, read_bytes
 from npp.pipeline.stream import CodeStream, shard_paths
 from npp.tokenize.run import TokenizeConfig, tokenize
-from tests.tokenize.conftest import save_vq
+from tests.helpers import save_small_vq as save_vq
 
 
 def _run(data, vq, out, **kw):

@@ -10,17 +10,9 @@ import time
 
 import pytest
 
-from tests.train.conftest import launch, launch_cmd, process_tree, run_env
+from tests.helpers import launch, launch_cmd, run_env, signal_tree
 
 RUN = dict(total_steps=16, ckpt_every=4, log_every=4, keep=3)
-
-
-def _freeze(pid, sig):
-    for p in process_tree(pid):
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _check_stopped_at_step_8(out: str, ckpt_dir):
@@ -53,13 +45,13 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_rerun_resumes(shard_set
     while not ((ckpt_dir / "latest").exists() and (ckpt_dir / "latest").read_text() == "step_000000004"):
         assert time.time() < deadline and proc.poll() is None, "no first checkpoint"
         time.sleep(0.01)
-    _freeze(proc.pid, signal.SIGSTOP)  # the job holds still while the disk fills up
+    signal_tree(proc.pid, signal.SIGSTOP)  # the job holds still while the disk fills up
     size = sum(f.stat().st_size for f in (ckpt_dir / "step_000000004").iterdir())
     free = shutil.disk_usage(small_tmpfs).free
     filler = small_tmpfs / "filler"
     with open(filler, "wb") as fh:  # leave room for half a checkpoint
         fh.write(b"\0" * max(0, free - size // 2))
-    _freeze(proc.pid, signal.SIGCONT)
+    signal_tree(proc.pid, signal.SIGCONT)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, out[-3000:]
     _check_stopped_at_step_8(out, ckpt_dir)

@@ -10,7 +10,7 @@ from npp.models import gpt_config
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA
 from npp.train.step import build_model_and_optimizer
-from tests.train.conftest import launch, launch_cmd, read_metrics, run_env
+from tests.helpers import launch, launch_cmd, read_metrics, run_env
 
 META = torch.device("meta")  # a device that is not the CPU: whatever is built on the CPU by mistake shows
 

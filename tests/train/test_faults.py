@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from npp.pipeline.ranks import free_port
-from tests.train.conftest import read_metrics, run_env
+from tests.helpers import read_metrics, run_env
 
 POISON = textwrap.dedent('''
     import json, os, sys, torch, deepspeed

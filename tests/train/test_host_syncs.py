@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from tests.train.conftest import run_env
+from tests.helpers import run_env
 
 COUNT = textwrap.dedent('''
     import json, os, sys, torch

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from tests.train.conftest import launch, read_metrics
+from tests.helpers import launch, read_metrics
 
 RUN = dict(total_steps=40, ckpt_every=1000, log_every=10, schedule="2:0.5,1:0.5")
 

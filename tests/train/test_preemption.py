@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.train.conftest import launch, launch_cmd, read_metrics, run_env, signal_job
+from tests.helpers import launch, launch_cmd, read_metrics, run_env, signal_job
 
 # default dropout (0.1) on, 2 ranks x 1 loader worker, a stage switch at step 12
 RUN = dict(total_steps=24, ckpt_every=5, log_every=4, schedule="2:0.5,1:0.5")

@@ -70,7 +70,7 @@ def test_cost_ratios_match_facts():
     assert schedule_cost_ratio(paper_schedule(3, 0.5, 300), xxl) == pytest.approx(0.5765, abs=1e-4)
     assert schedule_cost_ratio(paper_schedule(2, 0.5, 300), xxl) == pytest.approx(0.6225, abs=1e-4)
     assert schedule_cost_ratio(parse_schedule("1:1"), xxl) == 1.0
-    # sequence-length-only accounting (no attention term) of FACTS.md: 0.578 and 0.625
+    # sequence-length-only accounting (no attention term) of docs/method.md: 0.578 and 0.625
     seq = {1: 256, 2: 64, 4: 16}
     l3 = paper_schedule(3, 0.5, 300)
     assert sum(float(s.share) * seq[s.patch_side] for s in l3) / 256 == pytest.approx(0.578, abs=1e-3)

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.train.conftest import run_env
+from tests.helpers import run_env
 
 SCRIPT = textwrap.dedent('''
     import json

@@ -2,22 +2,13 @@
 with every point once and the run's real status."""
 
 import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.train.conftest import launch_cmd, process_tree, read_metrics, run_env
-
-
-def _signal_tree(pid, sig):
-    for p in process_tree(pid):
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
+from tests.helpers import launch_cmd, read_metrics, run_env, signal_tree
 
 
 def _wait_for_step(proc, run, step, timeout=240):
@@ -42,17 +33,17 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(shard_set, tmp_path, ml
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(proc, run, 8)
-        _signal_tree(proc.pid, signal.SIGSTOP)  # the job holds still while the server goes away
+        signal_tree(proc.pid, signal.SIGSTOP)  # the job holds still while the server goes away
         mlflow_server.stop()
-        _signal_tree(proc.pid, signal.SIGCONT)
+        signal_tree(proc.pid, signal.SIGCONT)
         _wait_for_step(proc, run, 24)  # it trains on, 16 steps, with no server
-        _signal_tree(proc.pid, signal.SIGSTOP)
+        signal_tree(proc.pid, signal.SIGSTOP)
         mlflow_server.start()
-        _signal_tree(proc.pid, signal.SIGCONT)
+        signal_tree(proc.pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
-            _signal_tree(proc.pid, signal.SIGKILL)
+            signal_tree(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
     assert out.count("is unreachable") == 1, out[-3000:]  # one warning for the outage
     assert "answers again" in out

@@ -15,7 +15,7 @@ from npp.errors import UsageError
 from npp.train.config import TrainConfig
 from npp.train.ds_config import DeepSpeedConfigError
 from npp.train.trainer import Trainer, TrainingError
-from tests.train.conftest import launch
+from tests.helpers import launch
 
 
 def metrics(run):

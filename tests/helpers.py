@@ -1,0 +1,166 @@
+"""Helpers the tests share (imported as `from tests.helpers import ...`); fixtures live in the conftest files.
+
+Small models with deterministic weights, the 2-process torchrun launcher of `npp train` and what reads its
+run, signalling every process of a job as SLURM does, and a real `mlflow server` on 127.0.0.1.
+"""
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from npp.app.launch import torchrun_train_cmd
+from npp.models import GPT, gpt_config
+from npp.models.vq import VQModel, vq_config
+
+
+def save_small_vq(path, seed=0, codebook_size=64, **overrides):
+    """An untrained VQ-toy (32 px -> 8x8 codes) saved as a checkpoint with its config."""
+    torch.manual_seed(seed)
+    vq = VQModel(vq_config("VQ-toy", codebook_size=codebook_size, **overrides)).eval()
+    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, path)
+    return vq
+
+
+def make_gpt(grid=(8, 8), vocab=64, num_classes=5, seed=0, random_head=True, **overrides):
+    """A GPT-Nano with a random (not zero) head, so logits depend on the input."""
+    torch.manual_seed(seed)
+    rows, cols = grid
+    cfg = gpt_config(
+        "GPT-Nano", vocab_size=vocab, block_size=rows * cols, grid=grid, num_classes=num_classes, **overrides
+    )
+    model = GPT(cfg)
+    if random_head:
+        torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.eval()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store in a folder; stop() and start() again on the same
+    port and store (a tracking server restarted for maintenance)."""
+
+    def __init__(self, root):
+        from npp.pipeline.ranks import free_port
+
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        self.proc = subprocess.Popen(
+            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination",
+             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"mlflow server did not start in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the whole server: gunicorn/uvicorn workers too
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def get(self, path, **params):
+        import json
+        import urllib.parse
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=30) as r:
+            return json.loads(r.read())
+
+
+def train_args(shards, out, **overrides):
+    return {"shards": shards, "out": out, "model": "GPT-Nano", "global_batch": 16, "total_steps": 16, "workers": 1,
+            "log_every": 4, "ckpt_every": 4, "warmup_epochs": 0.5, "lr": 3e-3, "end_lr": 1e-4, "shuffle_buffer": 20,
+            "ds_config": os.path.join(os.path.dirname(__file__), "..", "ds_configs", "zero2.json"),
+            "schedule": "4:0.25,2:0.25,1:0.5", **overrides}
+
+
+def launch_cmd(shards, out, nproc=2, **overrides):
+    return torchrun_train_cmd(nproc, train_args(shards, out, **overrides))
+
+
+def run_env(tmp_path):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def launch(shards, out, tmp_path, nproc=2, timeout=300, env=None, **overrides):
+    proc = subprocess.run(launch_cmd(shards, out, nproc, **overrides), env={**run_env(tmp_path), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def process_tree(pid):
+    """pid and every descendant (ranks run in their own sessions under torchrun, so a process group misses them)."""
+    out = [pid]
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        out += process_tree(int(child))
+    return out
+
+
+def signal_tree(pid, sig):
+    """`sig` to pid and every descendant, as they are now (SIGSTOP/SIGCONT to hold a job still while a test changes
+    something around it)."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def signal_job(pid, sig):
+    """Send `sig` to every process of the job at once, as SLURM does: the tree is frozen first so nothing
+    forks or exits between listing and signalling (loader workers are processes too)."""
+    import signal as _signal
+
+    pids = process_tree(pid)
+    for p in pids:
+        try:
+            os.kill(p, _signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    pids = sorted(set(pids + [q for p in pids for q in process_tree(p)]))
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    if sig != _signal.SIGKILL:
+        for p in pids:
+            try:
+                os.kill(p, _signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def read_metrics(run):
+    """metrics.jsonl as a list of records (every line: a step written twice shows up twice)."""
+    import json
+
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
