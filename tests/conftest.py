@@ -1,4 +1,6 @@
-"""Fixtures every test folder uses: a small GPT, a tiny real shard set, a real MLflow server (helpers: tests/helpers.py)."""
+"""Fixtures every test folder uses: a small GPT, a tiny real shard set, a real MLflow server.
+
+Helpers the tests import are in tests/helpers.py."""
 
 import pytest
 

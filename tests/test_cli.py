@@ -45,7 +45,7 @@ def test_ui_prints_the_url_of_the_experiments_training_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs\n" in proc.stdout
     assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs?compareRunsMode=CHART" in proc.stdout
-    bundle = "".join(open(f, errors="replace").read()
-                     for f in glob.glob(os.path.join(os.path.dirname(mlflow.__file__), "server/js/build/static/js/*.js")))
+    js = os.path.join(os.path.dirname(mlflow.__file__), "server", "js", "build", "static", "js", "*.js")
+    bundle = "".join(open(f, errors="replace").read() for f in glob.glob(js))
     assert '"/experiments/:experimentId/runs"' in bundle and re.search(r'"compareRunsMode"', bundle)
     assert re.search(r'CHART', bundle)

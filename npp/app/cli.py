@@ -99,7 +99,7 @@ def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
 
 
 def fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, max_steps: int = 1200,
-            minutes: float = 0.0, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
+           minutes: float = 0.0, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> None:
     """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG.
 
     The budget is --max-steps; --minutes > 0 adds a wall-clock cap (then the result depends on the machine).
@@ -252,8 +252,9 @@ def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve
         print(f"no experiment {experiment!r} in {uri} yet (train a run first); the UI opens on {base}")
     else:
         urls = experiment_urls(base, exp.experiment_id)
-        print(f"MLflow UI, experiment {experiment!r}:\n  training runs: {urls['runs']}\n  charts:        {urls['charts']}"
-              "  (pick train_flops as the x-axis: FID against training compute)", flush=True)
+        print(f"MLflow UI, experiment {experiment!r}:\n  training runs: {urls['runs']}\n"
+              f"  charts:        {urls['charts']}  (pick train_flops as the x-axis: FID against training compute)",
+              flush=True)
     if serve and not remote:
         mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
         os.execv(mlflow_bin, [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", str(host), "--port", str(port)])

@@ -38,8 +38,8 @@ def find_ds_config(path: str) -> Path:
     checkout = Path(__file__).resolve().parents[2] / path
     if checkout.exists():
         return checkout
-    raise ConfigError(f"DeepSpeed config {path} not found in {Path.cwd()} nor in {checkout.parent.parent}: run the demo "
-                      "from the repository's root, or pass --ds-config PATH")
+    raise ConfigError(f"DeepSpeed config {path} not found in {Path.cwd()} nor in {checkout.parent.parent}: run the "
+                      "demo from the repository's root, or pass --ds-config PATH")
 
 
 @dataclass

@@ -16,7 +16,8 @@ class SampleConfig:
     out: str
     per_class: int = 50
     cfg_scale: Union[float, str] = 2.0  # one scale, or several: "1.5,2.0,2.5" / [1.5, 2.0] (a sweep)
-    batch: int = 0  # samples per piece; 0: the largest the free GPU memory holds (KV cache formula, at most 256), 64 on CPU
+    # samples per piece; 0: the largest the free GPU memory holds (KV cache formula, at most 256), 64 on CPU
+    batch: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

@@ -36,7 +36,8 @@ def sample_files(samples: str) -> list[str]:
 def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[str, float]:
     data = load_npz(samples_path, "samples")
     if "arr_0" not in data:
-        raise EvalInputError(f"samples file {samples_path} has no arr_0 (uint8 N×H×W×3 images): make it with `npp sample`")
+        raise EvalInputError(f"samples file {samples_path} has no arr_0 (uint8 N×H×W×3 images): make it with "
+                             "`npp sample`")
     images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise EvalInputError(f"{samples_path}: arr_0 must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
@@ -47,7 +48,8 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
         )
     for need, what in ((4, "precision/recall with k=3"),):
         if len(images) < need:
-            raise EvalInputError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least {need}")
+            raise EvalInputError(f"{samples_path} has {len(images)} samples, too few for {what}: sample at least "
+                                 f"{need}")
     feats = extract(net, images, desc=f"features {Path(samples_path).name}")
     return metrics_from_features(net, feats, ref, data.get("labels"))
 

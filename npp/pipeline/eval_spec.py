@@ -35,8 +35,8 @@ class EvalSpec:
             return "--" + ("" if own else prefix) + name.replace("_", "-")
 
         if not (self.vq and self.ref and (self.inception or self.classifier)):
-            raise UsageError(f"evaluating needs {flag('vq')} (the run's tokenizer), {flag('ref')} REF.npz and a feature "
-                             f"network ({flag('inception')} PATH or {flag('classifier')} toynet.pt)")
+            raise UsageError(f"evaluating needs {flag('vq')} (the run's tokenizer), {flag('ref')} REF.npz and a "
+                             f"feature network ({flag('inception')} PATH or {flag('classifier')} toynet.pt)")
         for name in ("vq", "ref", "inception", "classifier"):
             path = getattr(self, name)
             if path and not os.path.exists(path):

@@ -186,7 +186,8 @@ class CodeStream(IterableDataset):
             return parse_shard(map_shard(self.shards[i]))
         except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
             stats["corrupt"] += 1
-            stats["skipped"].append(f"{self.shards[i]} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            stats["skipped"].append(f"{self.shards[i]} ({reason})")
             return None
 
     def _epoch_samples(self, epoch: int, worker: int, workers: int, stats: dict) -> Iterator[tuple[np.ndarray, int]]:

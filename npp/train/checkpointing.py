@@ -165,7 +165,8 @@ def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, em
     if _any_rank(error is not None, device):  # every rank has stopped writing here
         if env.is_main:
             shutil.rmtree(run.tag_dir(tag), ignore_errors=True)  # nothing partial stays behind
-        cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "another rank's write failed"
+        cause = (f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error
+                 else "another rank's write failed")
         raise _save_error(run, tag, f"a write failed ({cause})")
     if env.is_main:
         run.set_latest(tag)

@@ -76,7 +76,8 @@ class TrainConfig:
     experiment: str = "npp"  # MLflow experiment
     run_name: str = ""  # MLflow run name (default: the run directory's name)
     tracking: bool = True  # log to MLflow (rank 0)
-    compile: str = "auto"  # torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; on = any device
+    # torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; on = any device
+    compile: str = "auto"
     # FID during training (see npp.eval.during_training): 0 = off. The eval_* flags are EvalSpec's
     # (npp.pipeline.eval_spec), the names `npp eval watch` takes, with an eval- prefix.
     eval_every: int = 0  # steps between evaluations (also at the last step)
@@ -133,14 +134,16 @@ class TrainConfig:
 
         for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep", "global_batch",
                      "epochs"):
-            need(int(getattr(self, flag)) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+            value = getattr(self, flag)
+            need(int(value) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         need(self.total_steps is None or int(self.total_steps) >= 1, f"--total-steps must be at least 1, got "
              f"{self.total_steps}")
         need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for the default), got {self.workers}")
         need(self.lr > 0 and self.end_lr >= 0, f"--lr must be > 0 and --end-lr >= 0, got {self.lr} and {self.end_lr}")
         need(0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), got {self.ema_decay}")
         for flag in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):
-            need(0 <= getattr(self, flag) < 1, f"--{flag.replace('_', '-')} must lie in [0, 1), got {getattr(self, flag)}")
+            value = getattr(self, flag)
+            need(0 <= value < 1, f"--{flag.replace('_', '-')} must lie in [0, 1), got {value}")
         need(self.precision == "auto" or self.precision in PRECISIONS,
              f"--precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
         compile_setting(self.compile)

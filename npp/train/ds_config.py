@@ -50,8 +50,9 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     the DeepSpeed config, the model, the EMA and the benches (npp.train.step says how each uses it).
 
     bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's forward runs
-    under bf16 autocast, opened inside the module (see npp.train.step). bf16: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
-    master weights in the optimizer), with fp32 gradient accumulation and fp32
+    under bf16 autocast, opened inside the module (see npp.train.step). bf16: DeepSpeed's
+    bf16 mode (bf16 weights and activations, fp32 master weights in the optimizer), with
+    fp32 gradient accumulation and fp32
     communication unless the DeepSpeed JSON sets `data_types.grad_accum_dtype` /
     `communication_data_type` itself. Both run on CPU too (the tests use that).
     """

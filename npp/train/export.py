@@ -22,7 +22,8 @@ def export(run: str, tag: Optional[str] = None, out: Optional[str] = None) -> st
     folder = RunFolder(run)
     tag = tag or folder.latest_tag()
     if tag is None or not folder.tag_dir(tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} in {folder.checkpoints}: train first, or pass --tag")
+        raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} in {folder.checkpoints}: train first, or pass "
+                                "--tag")
     config = folder.read_config()
     ckpt = {
         "model": consolidated_state(folder, tag),
@@ -43,5 +44,6 @@ def export(run: str, tag: Optional[str] = None, out: Optional[str] = None) -> st
         tmp_link.unlink(missing_ok=True)
         os.symlink(os.path.relpath(target, folder.path), tmp_link)
         os.replace(tmp_link, folder.model)
-    print(f"exported {tag} of {folder.path} ({sum(v.numel() for v in ckpt['model'].values()):,} parameters) to {target}")
+    n = sum(v.numel() for v in ckpt["model"].values())
+    print(f"exported {tag} of {folder.path} ({n:,} parameters) to {target}")
     return str(target)

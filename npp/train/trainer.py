@@ -201,7 +201,8 @@ class Trainer:
                             self._evaluate()
                 if self._sync_due(skipped=loss is None) and self._sync():
                     return self._stop_and_save()
-                if loss is not None and self.state.step % self.cfg.ckpt_every == 0 and self.state.step < self.total_steps:
+                step = self.state.step
+                if loss is not None and step % self.cfg.ckpt_every == 0 and step < self.total_steps:
                     with self.progress.exclude("ckpt"):
                         self._save()
             self._save()
@@ -237,7 +238,8 @@ class Trainer:
         stream = CodeStream(
             paths, counts, batch_size=self.ds_config["train_micro_batch_size_per_gpu"], rank=self.env.rank,
             world=self.env.world_size, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
-            start_batches=self.state.micro_batches - self.state.data_base["micro_batches"], start_epoch=self.state.data_base["epoch"],
+            start_batches=self.state.micro_batches - self.state.data_base["micro_batches"],
+            start_epoch=self.state.data_base["epoch"],
             num_workers=self.workers, mix_shards=self.cfg.mix_shards,
         )
         return make_loader(stream, self.workers)

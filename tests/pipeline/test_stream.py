@@ -128,7 +128,8 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     assert sum(b["corrupt"] for b in batches) == 1
     skipped = [s for b in batches for s in b["skipped"]]
     assert len(skipped) == 1 and skipped[0].startswith(f"{paths[1]} (")  # the path and the reason, once
-    assert {i // 10 for b in take(CodeStream(paths, counts, batch_size=4, shuffle_buffer=1), 5) for i in ids(b)} == {0, 2}
+    taken = take(CodeStream(paths, counts, batch_size=4, shuffle_buffer=1), 5)
+    assert {i // 10 for b in taken for i in ids(b)} == {0, 2}
 
 
 def test_next_untouched_epoch_after_a_layout_change(tmp_path):

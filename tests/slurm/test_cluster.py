@@ -44,7 +44,10 @@ def checkout(tmp_path_factory):
 
 
 def make(checkout, target, env, **variables):
-    args = ["make", "-C", str(checkout), target, *[f"{k}={v}" for k, v in variables.items()]]
+    # -o: the copy shares the repository's .venv; never let make re-run `setup` there (it would point the shared
+    # editable install at this temporary copy)
+    args = ["make", "-C", str(checkout), "-o", ".venv/.npp-setup-stamp", target,
+            *[f"{k}={v}" for k, v in variables.items()]]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
