@@ -12,7 +12,7 @@ work (see ds_config). Starts as a copy (decay 0 at the first update, as DiT does
 and is always in eval mode: it is only ever used for sampling.
 
 The update is one fused multi-tensor lerp over all parameters (`torch._foreach_lerp_`),
-not a mul_/add_ pair per tensor: GPT-XXL has ~440 parameter tensors, and per-tensor
+not a mul_/add_ pair per tensor: GPT-XXL has 340 parameter tensors, and per-tensor
 kernels cost more launch time on the host than the arithmetic takes on the GPU.
 """
 
