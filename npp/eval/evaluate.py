@@ -20,6 +20,7 @@ import numpy as np
 from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import EvalInputError, load_npz, reference_for
+from npp.pipeline.files import atomic_write_text
 from npp.pipeline.runs import RunFolder
 
 
@@ -137,10 +138,7 @@ def _read_cache(samples_path: str, key: dict) -> Optional[dict]:
 
 
 def _write_cache(samples_path: str, key: dict, metrics: dict) -> None:
-    path = _cache_path(samples_path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(_cache_path(samples_path), json.dumps({"key": key, "metrics": metrics}, indent=2))
 
 
 def _sidecar(samples_path: str) -> dict:

@@ -30,7 +30,7 @@ from npp.eval.pieces import balanced_labels, count_pieces, pieces_of_rank
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
 from npp.pipeline.devices import fast_matmul, pick_device, rank_and_world
-from npp.pipeline.files import file_sha256
+from npp.pipeline.files import atomic_write_text, file_sha256
 from npp.pipeline.images import to_uint8_images
 
 
@@ -171,9 +171,7 @@ def check_piece_layout(pdir: Path, batch: int) -> None:
         if old != batch and any(pdir.glob("piece_*.npz")):
             raise ConfigError(f"{pdir} holds pieces of {old} samples, this run makes pieces of {batch}: pass "
                               f"--batch {old} to finish them (the samples do not depend on it)")
-    tmp = layout.with_name(f".pieces.json.tmp{os.getpid()}")  # ranks write it at once: never a half-written file
-    tmp.write_text(json.dumps({"batch": batch}))
-    os.replace(tmp, layout)
+    atomic_write_text(layout, json.dumps({"batch": batch}))  # ranks write it at once: never a half-written file
 
 
 def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray, batch: int) -> Path:

@@ -15,7 +15,8 @@ import time
 
 from npp.eval.config import WatchConfig
 from npp.eval.reference import EvalInputError
-from npp.pipeline.runs import RunFolder, tag_step, write_atomic
+from npp.pipeline.files import atomic_write_text
+from npp.pipeline.runs import RunFolder, tag_step
 
 
 def evaluable_tags(run: RunFolder) -> list[str]:
@@ -50,7 +51,7 @@ def watch(cfg: WatchConfig) -> list[int]:
     model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
 
     def save_state():
-        write_atomic(run.eval_watch, json.dumps({"done": sorted(done), "pending": pending}))
+        atomic_write_text(run.eval_watch, json.dumps({"done": sorted(done), "pending": pending}))
 
     def send_pending():
         """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""

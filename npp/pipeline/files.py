@@ -1,8 +1,11 @@
-"""File helpers shared by the stages: content hashes for provenance records."""
+"""File helpers shared by the stages: content hashes for provenance records, atomic writes, step records."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from pathlib import Path
 
 
 def file_sha256(path: str) -> str:
@@ -12,3 +15,39 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old content or the new one, never a part (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records ({"step": ..., ...} per line) of steps <= last_step, drop lines cut by a kill;
+    returns how many were dropped. A resumed run redoes the steps after its checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if rec.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    return dropped

@@ -10,9 +10,10 @@ atomically). Torch-free except `consolidated_state`, which gathers a checkpoint'
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
+
+from npp.pipeline.files import atomic_write_text
 
 TAG_PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
@@ -25,13 +26,6 @@ def tag_for(step: int) -> str:
 def tag_step(tag: str) -> int:
     """step_000001000 (or step_000001000_universal) -> 1000."""
     return int(tag[len(TAG_PREFIX):].split("_")[0])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a part (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunFolder:
@@ -88,7 +82,7 @@ class RunFolder:
         return self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
 
     def write_mlflow_run_id(self, run_id: str) -> None:
-        write_atomic(self.run_id_file, run_id)
+        atomic_write_text(self.run_id_file, run_id)
 
     # --- checkpoints -------------------------------------------------------------------
     def tag_dir(self, tag: str) -> Path:
@@ -112,7 +106,7 @@ class RunFolder:
         return tag if self.tag_dir(tag).is_dir() else None
 
     def set_latest(self, tag: str) -> None:
-        write_atomic(self.checkpoints / "latest", tag)
+        atomic_write_text(self.checkpoints / "latest", tag)
 
     def tags(self) -> list[str]:
         """Every checkpoint directory, complete or not, in step order."""

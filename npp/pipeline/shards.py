@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from npp.errors import NppError
+from npp.pipeline.files import atomic_write_bytes
 
 # 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
 FORMAT_VERSION = 2
@@ -37,15 +38,6 @@ class ShardSetError(NppError, ValueError):
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

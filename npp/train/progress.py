@@ -28,28 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from npp.pipeline.files import truncate_jsonl
 from npp.train.distributed import all_sum
-
-
-def truncate_jsonl(path: Path, last_step: int) -> int:
-    """Keep the records of steps <= last_step; returns how many were dropped."""
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            dropped += 1
-            continue
-        if rec.get("step", 0) <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
-    return dropped
 
 
 class Progress:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
-from npp.pipeline.runs import RunFolder, write_atomic
+from npp.pipeline.files import truncate_jsonl
+from npp.pipeline.runs import RunFolder
 
 
 
@@ -44,19 +45,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def read_outbox(path: Path, last_step: Optional[int] = None) -> list[dict]:
-    """The outbox's records ({"step", "metrics"}), optionally only those at or below last_step."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if last_step is None or rec["step"] <= last_step:
-            out.append(rec)
-    return out
+def read_outbox(path: Path) -> list[dict]:
+    """The outbox's records ({"step", "metrics"}), in the order they were logged."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 class Tracker:
@@ -103,9 +94,8 @@ class Tracker:
             self._outage(e)
             self._queue.put(("open", None))  # the sender creates or reattaches it when the server answers
         if self._outbox is not None:
-            kept = read_outbox(self._outbox, resume_step)
-            write_atomic(self._outbox, "".join(json.dumps(r) + "\n" for r in kept))
-            for rec in kept:  # the backfill: points an earlier start could not send
+            truncate_jsonl(self._outbox, resume_step)  # the steps after the checkpoint are redone
+            for rec in read_outbox(self._outbox):  # the backfill: points an earlier start could not send
                 self._queue.put(("metrics", rec))
         self._thread = threading.Thread(target=self._work, name="npp-mlflow", daemon=True)  # sends the queue
         self._thread.start()
