@@ -15,48 +15,96 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare demo demo-compare
 
+# Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
+# changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
+#: images: ImageFolder root or parquet directory
 DATA ?= data/imagenet/train
+#: the VQ tokenizer (`make assets`)
 VQ ?= ckpts/vq_ds16_c2i.pt
+#: the shard-set directory tokenize writes
 OUT ?= shards/in256
-IMAGE_SIZE ?= 256
-VIEWS_FLAGS ?= --views 2
-SAMPLES_PER_SHARD ?= 1000
-WORKERS ?= 8
+#: pixels of the encoded crops (npp: 256)
+IMAGE_SIZE ?=
+#: images per shard (npp: 1000)
+SAMPLES_PER_SHARD ?=
+#: image-decoding / loader workers per process (npp: auto from SLURM's CPUs)
+WORKERS ?=
+#: more `npp tokenize run` flags, e.g. --ten-crop --crop-range 1.1,1.05
+TOKENIZE_FLAGS ?=
+#: tokenize-slurm: the SLURM array (tasks%parallel)
 ARRAY ?= 0-31%8
 
 # train: `make train SHARDS=shards/in256 RUN=runs/gpt-b-npp MODEL=GPT-B NGPU=8`
+#: the shard set(s) training reads
 SHARDS ?= $(OUT)
+#: the run directory (a rerun resumes it)
 RUN ?= runs/npp
-MODEL ?= GPT-B
-SCHEDULE ?= 4:0.25,2:0.25,1:0.5
-EPOCHS ?= 300
-GLOBAL_BATCH ?= 256
-DS_CONFIG ?= ds_configs/zero2.json
-NGPU ?= 1
-NODES ?= 1
+#: model size (npp: GPT-B; `npp models` lists them)
+MODEL ?=
+#: patch schedule (npp: 4:0.25,2:0.25,1:0.5; 1:1 = next-token baseline)
+SCHEDULE ?=
+#: epochs (npp: 300)
+EPOCHS ?=
+#: samples per optimizer step (npp: 256)
+GLOBAL_BATCH ?=
+#: DeepSpeed JSON (npp: ds_configs/zero2.json)
+DS_CONFIG ?=
+#: more `npp train` flags (`npp train --help`)
 TRAIN_FLAGS ?=
-# extra sbatch flags for the *-slurm targets, e.g. SBATCH_FLAGS="--partition=gpu --account=me"
+#: processes per node: train and sample (torchrun)
+NGPU ?= 1
+#: train-slurm / sample-slurm: nodes
+NODES ?= 1
+#: *-slurm: GPUs per node (the login-node check plans for NODES x GPUS_PER_NODE ranks)
+GPUS_PER_NODE ?= 8
+#: extra sbatch flags for the *-slurm targets, e.g. --partition=gpu --account=me
 SBATCH_FLAGS ?=
 
 # sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
+#: the exported model to sample
 CKPT ?= $(RUN)/model.pt
+#: where samples go
 SAMPLES ?= $(RUN)/samples
-CFG ?= 2.0
-PER_CLASS ?= 50
-# 0: the largest batch the free GPU memory holds (KV-cache formula, at most 256); 64 on CPU
-SAMPLE_BATCH ?= 0
+#: guidance scale(s), e.g. 2.0 or 1.5,2.0,2.5 (npp: 2.0)
+CFG ?=
+#: samples per class (npp: 50 = FID-50k)
+PER_CLASS ?=
+#: samples per piece (npp: 0 = the largest the free GPU memory holds)
+SAMPLE_BATCH ?=
+#: more `npp sample` flags
+SAMPLE_FLAGS ?=
+#: ADM's reference batch (`make assets`)
 REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
-# `make eval-ref` writes its own file (never over ADM's REF); 50,000 images as ADM's batches
+#: eval-ref: the reference statistics it writes (never over REF)
 REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
-REF_LIMIT ?= 50000
+#: eval-ref: real images used (npp: 50000, as ADM's batches)
+REF_LIMIT ?=
+#: FID Inception weights (`make assets`)
 INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
-EVAL_FLAGS ?= --inception $(INCEPTION)
-# make gpu-check GPU_CHECK_FLAGS="--out figures.jsonl --only train"
+#: more `npp eval` flags
+EVAL_FLAGS ?=
+#: compare / ui: the MLflow experiment (npp: npp)
+EXPERIMENT ?=
+#: gpu-check flags, e.g. --out figures.jsonl --only train
 GPU_CHECK_FLAGS ?=
 
-help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+# `$(call opt,--flag,$(VAR))`: the flag only when the variable is set
+opt = $(if $(strip $(2)),$(1) $(2))
+TOKENIZE_ARGS = --data $(DATA) --vq $(VQ) --out $(OUT) $(call opt,--image-size,$(IMAGE_SIZE)) \
+  $(call opt,--samples-per-shard,$(SAMPLES_PER_SHARD)) $(call opt,--workers,$(WORKERS)) $(TOKENIZE_FLAGS)
+TRAIN_ARGS = --shards $(SHARDS) --out $(RUN) $(call opt,--model,$(MODEL)) $(call opt,--schedule,$(SCHEDULE)) \
+  $(call opt,--epochs,$(EPOCHS)) $(call opt,--global-batch,$(GLOBAL_BATCH)) $(call opt,--ds-config,$(DS_CONFIG)) \
+  $(call opt,--workers,$(WORKERS)) $(TRAIN_FLAGS)
+SAMPLE_ARGS = --ckpt $(CKPT) --vq $(VQ) --out $(SAMPLES) $(call opt,--per-class,$(PER_CLASS)) \
+  $(call opt,--cfg-scale,$(CFG)) $(call opt,--batch,$(SAMPLE_BATCH)) $(SAMPLE_FLAGS)
+
+help:  ## list the targets and the variables they read
+	@echo "targets (make TARGET VAR=value ...):"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
+	@echo "variables (default; empty = npp's own default, named in the text):"
+	@awk '/^#: /{m=substr($$0,4); next} /^[A-Z_]+ \?=/{if (m != "") {v=$$0; sub(/^[A-Z_]+ \?= ?/,"",v); \
+	  printf "  %-17s %-30s %s\n", $$1, (v == "" ? "(empty)" : v), m}; m=""; next} {m=""}' $(MAKEFILE_LIST)
 
 setup: $(STAMP)  ## create .venv and install npp with pinned dependencies (idempotent)
 
@@ -97,47 +145,46 @@ bench: setup  ## print the benchmark figures (see README)
 gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): npp step vs plain PyTorch, MFU, memory, sampling; exits 0 without CUDA
 	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
 
-tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume
-	$(VENV)/bin/npp tokenize run --data $(DATA) --vq $(VQ) --out $(OUT) --image-size $(IMAGE_SIZE) \
-	  --samples-per-shard $(SAMPLES_PER_SHARD) --workers $(WORKERS) $(VIEWS_FLAGS)
+tokenize: setup  ## images (DATA) -> VQ codes -> shards (OUT) on this machine; reruns resume [DATA VQ OUT IMAGE_SIZE SAMPLES_PER_SHARD WORKERS TOKENIZE_FLAGS]
+	$(VENV)/bin/npp tokenize run $(TOKENIZE_ARGS)
 
-tokenize-slurm: setup  ## the same as a SLURM array job (ARRAY=0-31%8)
+tokenize-slurm: setup  ## the same as a SLURM array job, checked here first [ARRAY SBATCH_FLAGS + tokenize's]
+	@# the flags and inputs are checked on this (login) node: a typo never waits in the queue
+	$(VENV)/bin/npp tokenize run check $(TOKENIZE_ARGS)
 	@# SLURM opens --output=logs/... before the job runs: logs/ is in the repository (recreated if deleted)
 	mkdir -p logs
-	DATA=$(DATA) VQ=$(VQ) OUT=$(OUT) IMAGE_SIZE=$(IMAGE_SIZE) SAMPLES_PER_SHARD=$(SAMPLES_PER_SHARD) \
-	  VIEWS_FLAGS="$(VIEWS_FLAGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch
+	TOKENIZE_ARGS="$(TOKENIZE_ARGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch
 
-train: setup  ## train MODEL on SHARDS into RUN on this machine (NGPU processes); reruns resume
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp train --shards $(SHARDS) --out $(RUN) \
-	  --model $(MODEL) --schedule $(SCHEDULE) --epochs $(EPOCHS) --global-batch $(GLOBAL_BATCH) \
-	  --ds-config $(DS_CONFIG) $(TRAIN_FLAGS)
+train: setup  ## train on SHARDS into RUN on this machine (NGPU processes); reruns resume [SHARDS RUN MODEL SCHEDULE EPOCHS GLOBAL_BATCH DS_CONFIG WORKERS TRAIN_FLAGS NGPU]
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp train $(TRAIN_ARGS)
 
-train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue)
+train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue), checked here first [NODES GPUS_PER_NODE SBATCH_FLAGS + train's]
+	@# the flags and inputs are checked on this (login) node for the job's world size: a typo never waits in the queue
+	$(VENV)/bin/npp train check $(TRAIN_ARGS) --world-size $$(( $(NODES) * $(GPUS_PER_NODE) ))
 	mkdir -p logs
-	SHARDS=$(SHARDS) OUT=$(RUN) MODEL=$(MODEL) SCHEDULE=$(SCHEDULE) EPOCHS=$(EPOCHS) GLOBAL_BATCH=$(GLOBAL_BATCH) \
-	  DS_CONFIG=$(DS_CONFIG) EXTRA="$(TRAIN_FLAGS)" sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/train.sbatch
+	TRAIN_ARGS="$(TRAIN_ARGS)" GPUS_PER_NODE=$(GPUS_PER_NODE) sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/train.sbatch
 
-export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt
+export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt [RUN]
 	$(VENV)/bin/npp train export --run $(RUN)
 
-sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp sample --ckpt $(CKPT) --vq $(VQ) \
-	  --out $(SAMPLES) --per-class $(PER_CLASS) --cfg-scale $(CFG) --batch $(SAMPLE_BATCH)
+sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume [CKPT VQ SAMPLES CFG PER_CLASS SAMPLE_BATCH SAMPLE_FLAGS NGPU]
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp sample $(SAMPLE_ARGS)
 
-eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT
-	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) $(EVAL_FLAGS)
+eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT [SAMPLES REF CKPT INCEPTION EVAL_FLAGS]
+	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) --inception $(INCEPTION) \
+	  $(EVAL_FLAGS)
 
-eval-ref: setup  ## reference statistics (REF_OUT) from REF_LIMIT real images of SHARDS' source, streamed
-	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) --limit $(REF_LIMIT) $(EVAL_FLAGS)
+eval-ref: setup  ## reference statistics (REF_OUT) from real images of SHARDS' source, streamed [SHARDS REF_OUT REF_LIMIT INCEPTION EVAL_FLAGS]
+	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) $(call opt,--limit,$(REF_LIMIT)) --inception $(INCEPTION) \
+	  $(EVAL_FLAGS)
 
-compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment
-	$(VENV)/bin/npp compare --out compare
+compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment [EXPERIMENT]
+	$(VENV)/bin/npp compare --out compare $(call opt,--experiment,$(EXPERIMENT))
 
-EXPERIMENT ?= npp
-ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI); prints the URL of EXPERIMENT's training runs
-	$(VENV)/bin/npp ui --experiment $(EXPERIMENT) --host 127.0.0.1 --port 5000
+ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI); prints the URL of EXPERIMENT's training runs [EXPERIMENT]
+	$(VENV)/bin/npp ui $(call opt,--experiment,$(EXPERIMENT)) --host 127.0.0.1 --port 5000
 
-tokenize-finalize: setup  ## merge the manifests of an array run (OUT)
+tokenize-finalize: setup  ## merge the manifests of an array run [OUT]
 	$(VENV)/bin/npp tokenize finalize --out $(OUT)
 
 clean-venv:  ## remove .venv (the next target reinstalls)

@@ -19,6 +19,7 @@ import sys
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
+import difflib  # noqa: E402
 import inspect  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Optional  # noqa: E402
@@ -28,24 +29,31 @@ import fire  # noqa: E402
 from npp.app.demo import DemoConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
+from npp.pipeline.flags import as_fire_args, documented, parse_flags  # noqa: E402
 from npp.pipeline.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
 from npp.train.config import TrainConfig  # noqa: E402
 
 
 class Command:
-    """A config that is also a command: fire builds it from the flags, `run_command` validates and runs it."""
+    """A config that is also a command: fire builds it from the flags, `run_command` checks it into a plan (what
+    the stage runs, resolved: nothing is checked twice) and executes that. `subcommands` names the methods that
+    are commands (`npp train export`); no other method is one."""
 
-    def execute(self) -> None:  # not `run`: a config may have a field of that name (`npp eval watch --run`)
+    subcommands: tuple = ()
+
+    def plan(self) -> Any:
+        """Everything that can be checked without torch, checked; returns what `execute` runs."""
+        return self
+
+    def execute(self, plan: Any) -> None:  # not `run`: a config may have a field of that name (eval watch --run)
         raise NotImplementedError
 
 
 def run_command(result: Any) -> Any:
     """fire's `serialize` hook: run the command fire built (a Command); anything else passes through."""
     if isinstance(result, Command):
-        if hasattr(result, "validate"):
-            result.validate()
-        result.execute()
+        result.execute(result.plan())
         return None
     return result
 
@@ -116,28 +124,62 @@ def finalize(out: str) -> None:
     finalize(str(out))
 
 
+@documented
 @dataclass
 class TokenizeCommand(TokenizeConfig, Command):
     """Encode images (ImageFolder or parquet) into VQ-code shards; reruns resume."""
 
-    def execute(self) -> None:
+    subcommands = ("check",)
+
+    def plan(self) -> TokenizeConfig:
+        self.validate()
+        return self
+
+    def execute(self, plan: TokenizeConfig) -> None:
         from npp.tokenize.run import tokenize
 
-        tokenize(self)
+        tokenize(plan, checked=True)
+
+    def check(self) -> None:
+        """Check the flags and inputs as a run would (no torch, nothing written): the login-node check of
+        `make tokenize-slurm` and of slurm/tokenize.sbatch."""
+        self.plan()
+        print(f"npp tokenize run: ok ({self.data} -> {self.out})")
 
 
+@documented
 @dataclass
 class TrainCommand(TrainConfig, Command):
     """Train a GPT on a shard set with DeepSpeed and the NPP patch schedule (resumes from --out).
 
     `npp train export --run RUN` writes the consolidated model; `npp train convert --run RUN` makes the latest
-    checkpoint loadable on any number of ranks. Every flag: `npp train -- --help`.
+    checkpoint loadable on any number of ranks; `npp train check ...` checks a run's flags and inputs without starting it.
     """
 
-    def execute(self) -> None:
+    subcommands = ("export", "convert", "check")
+
+    def plan(self, world_size: int = 0):
+        from npp.train.plan import make_plan
+
+        return make_plan(self, world_size or None)
+
+    def execute(self, plan) -> None:
         from npp.app.training import train_with_evaluation
 
-        train_with_evaluation(self)
+        train_with_evaluation(plan)
+
+    def check(self, world_size: int = 0) -> None:
+        """Check the flags and inputs of a run as its start would (no torch, nothing written), for a job of
+        --world-size ranks (default: this one's): the login-node check of `make train-slurm` and of
+        slurm/train.sbatch. Prints the plan."""
+        plan = self.plan(world_size)
+        print(f"npp train: ok: {plan.describe()}")
+        for note in plan.notes:
+            print(f"npp train: note: {note}")
+        if plan.changes:
+            from npp.train.run_record import describe_changes
+
+            print(f"npp train: flags changed since the last start (allowed on resume): {describe_changes(plan)}")
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:
@@ -154,47 +196,65 @@ class TrainCommand(TrainConfig, Command):
         convert(str(run))
 
 
+@documented
 @dataclass
 class SampleCommand(SampleConfig, Command):
     """Class-balanced guided samples of a checkpoint (.npz + PNG grid); reruns resume."""
 
-    def execute(self) -> None:
+    def plan(self) -> SampleConfig:
+        self.validate()
+        return self
+
+    def execute(self, plan: SampleConfig) -> None:
         from npp.eval.sample import sample
 
-        sample(self)
+        sample(plan)
 
 
+@documented
 @dataclass
 class WatchCommand(WatchConfig, Command):
     """Evaluate each new checkpoint of --run once (FID & co at its step, in its MLflow run); resumable."""
 
-    def execute(self) -> None:
+    def plan(self) -> WatchConfig:
+        self.validate()
+        return self
+
+    def execute(self, plan: WatchConfig) -> None:
         from npp.eval.watch import watch
 
-        watch(self)
+        watch(plan)
 
 
+@documented
 @dataclass
 class DemoCommand(DemoConfig, Command):
     """The whole pipeline on the built-in toy dataset (CPU, 2 DeepSpeed processes); `npp demo compare` trains
     the next-token baseline beside it."""
 
-    def execute(self) -> None:
+    subcommands = ("compare",)
+
+    def plan(self) -> DemoConfig:
+        self.validate()
+        return self
+
+    def execute(self, plan: DemoConfig) -> None:
         from npp.app.demo import demo
 
-        demo(self)
+        demo(plan)
 
     def compare(self) -> None:
         """Train NTP (1:1) and NPP on the toy set with the same samples, evaluate both, compare."""
         from npp.app.demo import demo_compare
 
-        demo_compare(self)
+        demo_compare(self.plan())
 
 
 class EvalCommands:
     """npp eval --samples S.npz --ref R.npz ... | npp eval ref ... | npp eval fit-classifier ... | npp eval watch ..."""
 
     watch = WatchCommand
+    subcommands = ("watch", "ref", "fit_classifier")
 
     def __call__(self, samples: str, ref: str, run_id: str = "", ckpt: str = "", inception: str = "",
                  classifier: str = "", experiment: str = "npp", log: bool = True) -> None:
@@ -273,61 +333,78 @@ COMMANDS = {
 }
 
 
-def _target(argv: list[str]) -> tuple[Any, int]:
-    """The callable a command line reaches through COMMANDS, and the index of its first flag."""
+def _member(obj: Any, name: str) -> Any:
+    """The subcommand `name` of a command table entry, or None (internal methods are not commands)."""
+    key = name.replace("-", "_")
+    if isinstance(obj, dict):
+        return obj.get(name, obj.get(key))
+    if name.startswith("_") or key not in getattr(obj, "subcommands", ()):
+        return None
+    return getattr(obj, key, None)
+
+
+def resolve(argv: list[str]) -> tuple[list[str], Any, int]:
+    """The command words, the object they reach in COMMANDS, and the index of the first flag."""
     obj: Any = COMMANDS
+    words: list[str] = []
     i = 0
     while i < len(argv) and not argv[i].startswith("-"):
-        name = argv[i]
-        if isinstance(obj, dict):
-            nxt = obj.get(name, obj.get(name.replace("-", "_")))
-        else:
-            nxt = getattr(obj, name.replace("-", "_"), None)
-            nxt = nxt if callable(nxt) and not name.startswith("_") else None
+        nxt = _member(obj, argv[i])
         if nxt is None:
+            if hasattr(obj, "subcommands") and hasattr(obj, argv[i].replace("-", "_")):  # a method, not a command
+                raise UsageError(f"{' '.join(['npp', *words])} has no command {argv[i]!r} (commands: "
+                                 f"{', '.join(c.replace('_', '-') for c in obj.subcommands) or 'none'})")
+            if isinstance(obj, dict):
+                close = difflib.get_close_matches(argv[i], list(obj), n=1)
+                hint = f"; did you mean {' '.join(['npp', *words, close[0]])}?" if close else ""
+                raise UsageError(f"unknown command {' '.join(['npp', *words, argv[i]])}{hint} (commands: "
+                                 f"{', '.join(obj)})")
             break
+        words.append(argv[i])
         obj, i = nxt, i + 1
-    return obj, i
+    return words, obj, i
 
 
-def _is_str(annotation: Any) -> bool:
-    return annotation in (str, "str", "Optional[str]", "str | None") or annotation == Optional[str]
+def _flag_sources(parent: Any, obj: Any) -> list:
+    """What declares a command's flags: the command class or function itself; for one of a command class's
+    instance methods (`npp demo compare`, `npp train check`), the class's fields and the method's parameters."""
+    if isinstance(obj, dict):
+        return []
+    if isinstance(obj, EvalCommands):
+        return [obj.__call__]
+    if inspect.isfunction(obj) and inspect.isclass(parent) and "self" in inspect.signature(obj).parameters:
+        return [parent, obj]
+    return [obj]
 
 
-def quote_string_flags(argv: list[str]) -> list[str]:
-    """Quote the values of string-typed flags so fire's literal parsing leaves them as typed.
-
-    fire would turn `--out 1e3` into 1000.0 (and `--run 2024` into 2024) and warn about
-    `2in1`; a quoted value is parsed as exactly that string.
-    """
-    target, start = _target(argv)
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
+def normalize_argv(argv: list[str]) -> list[str]:
+    """The command line with every flag checked against its declared type (npp.pipeline.flags) and
+    rewritten as the exact Python literal fire reads back; `--help` and fire's own flags pass as they are."""
+    own = argv.index("--") if "--" in argv else len(argv)
+    if any(a in ("--help", "-h") for a in argv[:own]):
         return argv
-    str_flags = {name for name, p in params.items() if _is_str(p.annotation)}
-    out = list(argv[:start])
-    i = start
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            out += argv[i:]
-            break
-        if tok.startswith("--"):
-            name, eq, value = tok[2:].partition("=")
-            key = name.replace("-", "_")
-            if key in str_flags:
-                if eq:
-                    out.append(f"--{name}={value!r}")
-                    i += 1
-                    continue
-                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                    out += [tok, repr(argv[i + 1])]
-                    i += 2
-                    continue
-        out.append(tok)
-        i += 1
-    return out
+    words, obj, start = resolve(argv[:own])
+    parent: Any = COMMANDS
+    for w in words[:-1]:
+        parent = _member(parent, w)
+    sources = _flag_sources(parent if words else None, obj)
+    if not sources:
+        return argv
+    values = parse_flags(sources, argv[start:own], " ".join(["npp", *words]))
+    return words + as_fire_args(values) + argv[own:]
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    from npp.pipeline.files import git_commit
+
+    try:
+        number = package_version("npp")
+    except PackageNotFoundError:
+        number = "unknown"
+    return f"npp {number} (git {git_commit()})"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -336,8 +413,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     Only the project's own error types (and a missing file) count as user errors: any
     other exception is a bug and keeps its traceback.
     """
-    argv = quote_string_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"], ["version"]):
+        print(version())
+        return
     try:
+        argv = normalize_argv(argv)
         fire.Fire(COMMANDS, command=argv, name="npp", serialize=run_command)
     except (NppError, FileNotFoundError) as e:
         if os.environ.get("NPP_DEBUG"):

@@ -7,13 +7,14 @@ two stages meet.
 from __future__ import annotations
 
 
-def train_with_evaluation(cfg) -> None:
-    """Train; with --eval-every (or --eval-every-epochs), build the eval stage's evaluator from cfg.eval_spec()."""
+def train_with_evaluation(plan) -> None:
+    """Train the plan (npp.train.plan.TrainPlan); with --eval-every (or --eval-every-epochs), build the eval
+    stage's evaluator from the plan's eval spec (checked already)."""
     from npp.train.trainer import train
 
     evaluator = None
-    if cfg.evaluates:
+    if plan.eval_spec is not None:
         from npp.eval.during_training import TrainingEvaluator
 
-        evaluator = TrainingEvaluator(cfg.eval_spec())
-    train(cfg, evaluator)
+        evaluator = TrainingEvaluator(plan.eval_spec)
+    train(plan, evaluator)

@@ -24,10 +24,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from npp.errors import UsageError
 from npp.eval.evaluate import metrics_from_features
 from npp.eval.features import extract, load_feature_net
-from npp.eval.reference import EvalInputError, reference_for
+from npp.eval.reference import reference_for
 from npp.models.checkpoint import load_vq
 from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.models.generate import Sampler
@@ -37,12 +36,8 @@ from npp.pipeline.images import to_uint8_images
 
 class TrainingEvaluator:
     def __init__(self, spec: EvalSpec, compile: Optional[bool] = None):
-        """`spec`: what to sample and measure (checked again here for callers that skip the CLI);
+        """`spec`: what to sample and measure, checked by the caller's plan (npp.train.plan, WatchConfig.validate);
         `compile`: the sampler's graph-captured step (None: on CUDA)."""
-        try:
-            spec.validate()
-        except UsageError as e:
-            raise EvalInputError(str(e)) from None
         self.spec = spec
         self.vq, _ = load_vq(spec.vq)
         self.net = load_feature_net(spec.inception or None, spec.classifier or None)

@@ -13,20 +13,24 @@ import os
 from dataclasses import dataclass
 
 from npp.errors import UsageError
+from npp.pipeline.flags import documented, flag
 
 
+@documented
 @dataclass
 class EvalSpec:
-    vq: str = ""  # the tokenizer the shards were made with (decodes the samples)
-    ref: str = ""  # reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)
-    inception: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
-    classifier: str = ""  # or a toy classifier (npp eval fit-classifier) as the feature network
-    per_class: int = 10  # samples per class (fixed labels and seeds at every evaluation)
-    cfg_scale: float = 2.0  # classifier-free guidance scale
-    temperature: float = 1.0
-    top_k: int = 0
-    batch: int = 64  # samples per sampling batch
-    seed: int = 0  # sample j has seed seed·1000003 + j
+    """What an evaluation samples and measures."""
+
+    vq: str = flag("", "the tokenizer the shards were made with (decodes the samples)")
+    ref: str = flag("", "reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)")
+    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth: `make assets`)")
+    classifier: str = flag("", "or a toy classifier (`npp eval fit-classifier`) as the feature network")
+    per_class: int = flag(10, "samples per class (fixed labels and seeds at every evaluation)")
+    cfg_scale: float = flag(2.0, "classifier-free guidance scale")
+    temperature: float = flag(1.0, "sampling temperature")
+    top_k: int = flag(0, "top-k sampling (0 = all tokens)")
+    batch: int = flag(64, "samples per sampling batch")
+    seed: int = flag(0, "sample j has seed seed*1000003 + j")
 
     def validate(self, prefix: str = "") -> None:
         """The inputs exist; `prefix` is how the command spells the flags (`eval-` for npp train)."""

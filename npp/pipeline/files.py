@@ -51,3 +51,15 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
             dropped += 1
     atomic_write_text(path, "".join(k + "\n" for k in kept))
     return dropped
+
+
+def git_commit() -> str:
+    """The commit of the checkout npp runs from ("unknown" outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

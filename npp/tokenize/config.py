@@ -11,32 +11,38 @@ from dataclasses import dataclass
 from typing import Optional
 
 from npp.errors import UsageError
+from npp.pipeline.flags import documented, flag
 
 
+@documented
 @dataclass
 class TokenizeConfig:
-    data: str  # ImageFolder directory (one folder per class) or parquet file/directory
-    vq: str  # VQ tokenizer checkpoint (LlamaGen vq_ds16_c2i.pt, or `npp tokenize fit-vq`)
-    out: str  # shard-set directory
-    image_size: int = 256
-    views: int = 2  # 1: center crop; 2: center crop and its mirror
-    ten_crop: bool = False  # ten crops (corners, center, mirrored) per --crop-range
-    crop_range: str = "1.1"  # with --ten-crop: enlargement of the center crop; "1.1,1.05" = NPP's 20 views
-    samples_per_shard: int = 1000
-    batch: int = 64  # views encoded per forward
-    workers: int = 4  # image decoding processes
-    split: str = "train"
-    image_column: str = "image"
-    label_column: str = "label"
-    num_classes: Optional[int] = None
-    seed: int = 0  # seed of the permutation that deals inputs to shards (recorded in meta.json)
-    rank: Optional[int] = None
-    world_size: Optional[int] = None
-    device: str = "auto"
+    """The flags of `npp tokenize run`."""
+
+    data: str = flag(help="ImageFolder directory (one folder per class) or parquet file/directory")
+    vq: str = flag(help="VQ tokenizer checkpoint (LlamaGen's vq_ds16_c2i.pt: `make assets`; or `npp tokenize "
+                        "fit-vq`)")
+    out: str = flag(help="shard-set directory; a rerun resumes it")
+    image_size: int = flag(256, "pixels of the square crops encoded")
+    views: int = flag(2, "1: center crop; 2: center crop and its mirror", choices=(1, 2))
+    ten_crop: bool = flag(False, "ten crops (corners, center, mirrored) per --crop-range instead of --views")
+    crop_range: str = flag("1.1", "with --ten-crop: enlargement of the center crop; '1.1,1.05' = NPP's 20 views")
+    samples_per_shard: int = flag(1000, "images per shard (1000 suits ImageNet)")
+    batch: int = flag(64, "views encoded per forward")
+    workers: int = flag(-1, "image decoding processes; -1 = auto (SLURM's CPUs - 1, else 4)")
+    split: str = flag("train", "the shard files' prefix (train-000000.tar)")
+    image_column: str = flag("image", "parquet: the image column")
+    label_column: str = flag("label", "parquet: the label column")
+    num_classes: Optional[int] = flag(None, "classes (default: those found)")
+    seed: int = flag(0, "seed of the permutation that deals inputs to shards (recorded in meta.json)")
+    rank: Optional[int] = flag(None, "this task's index (default: SLURM array task, torchrun rank, or 0)")
+    world_size: Optional[int] = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
 
     def validate(self) -> None:
         """Refuse flag values that cannot work, naming the flag and the fix (no torch needed)."""
         from npp.pipeline.images import crop_ranges
+        from npp.pipeline.inputs import check_vq_checkpoint
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -45,7 +51,8 @@ class TokenizeConfig:
         need(isinstance(self.samples_per_shard, int) and self.samples_per_shard >= 1,
              f"--samples-per-shard must be a whole number >= 1 (got {self.samples_per_shard!r}); 1000 suits ImageNet")
         need(isinstance(self.batch, int) and self.batch >= 1, f"--batch must be >= 1 (got {self.batch!r})")
-        need(isinstance(self.workers, int) and self.workers >= 0, f"--workers must be >= 0 (got {self.workers!r})")
+        need(isinstance(self.workers, int) and self.workers >= -1, f"--workers must be >= 0, or -1 for auto (got "
+             f"{self.workers!r})")
         need(isinstance(self.image_size, int) and self.image_size >= 1,
              f"--image-size must be a positive number of pixels (got {self.image_size!r})")
         need(self.ten_crop or self.views in (1, 2), f"--views must be 1 or 2 (or use --ten-crop), got {self.views!r}")
@@ -57,9 +64,15 @@ class TokenizeConfig:
             raise UsageError(str(e)) from None
         need(bool(self.data) and os.path.exists(self.data),
              f"data path {self.data!r} does not exist: pass --data DIR (ImageFolder) or parquet files")
-        need(bool(self.vq) and os.path.isfile(self.vq),
-             f"tokenizer checkpoint {self.vq!r} does not exist: pass --vq PATH (LlamaGen's vq_ds16_c2i.pt or a "
-             "checkpoint from `npp tokenize fit-vq`)")
+        check_vq_checkpoint(self.vq, "--vq")
         need(bool(self.out), "--out is empty: pass the shard-set directory")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+
+
+def auto_workers(requested: int) -> int:
+    """--workers -1: one per CPU SLURM gives the task, less one for the encoder loop; 4 elsewhere."""
+    if requested >= 0:
+        return requested
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
+    return max(1, cpus - 1) if cpus else 4

@@ -50,7 +50,7 @@ from npp.pipeline.shards import (
 )
 from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
 from npp.pipeline.workers import WorkerInit
-from npp.tokenize.config import TokenizeConfig
+from npp.tokenize.config import TokenizeConfig, auto_workers
 
 __all__ = ["TokenizeConfig", "tokenize", "finalize", "resolve_rank", "shard_assignment"]
 
@@ -135,9 +135,12 @@ def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha
     }
 
 
-def tokenize(cfg: TokenizeConfig) -> dict:
-    """Encode this rank's shards; finalize the set if every shard is then complete. Returns counts."""
-    cfg.validate()
+def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
+    """Encode this rank's shards; finalize the set if every shard is then complete. Returns counts.
+    `checked`: the caller ran cfg.validate() already (the CLI does, before importing torch)."""
+    if not checked:
+        cfg.validate()
+    workers = auto_workers(cfg.workers)
     source = open_source(cfg.data, cfg.image_column, cfg.label_column, cfg.num_classes)
     vq, _ = load_vq(cfg.vq)
     if cfg.image_size % vq.downsample:
@@ -168,11 +171,11 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     loader = DataLoader(
         _InputDataset(entries, cfg, source.num_classes),
         batch_size=per_batch,
-        num_workers=cfg.workers,
+        num_workers=workers,
         collate_fn=_collate,
         persistent_workers=False,
-        prefetch_factor=4 if cfg.workers > 0 else None,
-        worker_init_fn=WorkerInit() if cfg.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=WorkerInit() if workers > 0 else None,
     )
     expected = {i: len(shards[i]) for i in todo}
     pending: dict[int, dict] = {i: {"samples": [], "failures": [], "seen": 0} for i in todo}

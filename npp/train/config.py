@@ -1,13 +1,11 @@
-"""The train stage's typed config: every knob has one name, one default, one help line.
+"""The train stage's typed config: every flag has one name, one default and one meaning (its `flag(...)`).
 
 Defaults follow LlamaGen/NPP c2i training (docs/method.md); where the NPP paper's
 appendix and its code differ (warmup epochs, attention dropout) the paper wins.
-The resolved config is saved in the run directory and logged to MLflow.
-
-`validate()` checks everything that needs no torch (numbers, choices, the DeepSpeed
-JSON, the schedule against the shard set's grid, the world size, the eval inputs)
-before the CLI imports torch and DeepSpeed: a wrong flag fails in a fraction of a
-second with a line naming it. This module imports nothing heavy.
+`check_values()` refuses values that cannot work; everything that needs a file (the DeepSpeed
+JSON, the shard set, the run folder) is checked by npp.train.plan, which turns a config into
+the resolved plan the trainer runs. Which flags define a run and which may change on resume
+is said once, in npp.train.identity. This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -17,82 +15,93 @@ from dataclasses import dataclass
 from typing import Optional
 
 from npp.errors import UsageError
+from npp.models.configs import GPT_SIZES
+from npp.pipeline.flags import documented, flag
 
-COMPILE_ON = ("true", "on", "1", "yes")
-COMPILE_OFF = ("false", "off", "0", "no", "none", "")
+DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 
 
 def compile_setting(value) -> str:
-    """--compile as one of auto | on | off (fire gives True/False for --compile/--nocompile)."""
+    """--compile as one of auto | on | off (also True/False from in-process callers)."""
     text = str(value).strip().lower()
     if text == "auto":
         return "auto"
-    if text in COMPILE_ON:
+    if text in ("true", "on", "1", "yes"):
         return "on"
-    if text in COMPILE_OFF:
+    if text in ("false", "off", "0", "no", "none", ""):
         return "off"
     raise UsageError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
 
 
+@documented
 @dataclass
 class TrainConfig:
-    shards: str  # shard-set directory written by `npp tokenize run`; several: "A,B" or a glob (same tokenizer)
-    out: str  # run directory: checkpoints, exported model, config, metrics.jsonl
-    model: str = "GPT-B"  # a size of npp.models.configs.GPT_SIZES
-    schedule: str = "4:0.25,2:0.25,1:0.5"  # patch_side:share,...; "1:1" is the next-token baseline
-    patch_levels: int = 0  # >0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule
-    epoch_rate: float = 0.5  # the paper's stage boundary rate for --patch-levels
-    epochs: int = 300
-    total_steps: Optional[int] = None  # optimizer steps in all; default epochs x steps per epoch
-    global_batch: int = 256
-    grad_accum: int = 1
-    lr: float = 1e-4
-    end_lr: float = 1e-5
-    warmup_epochs: float = 5.0  # paper appendix (reference code: 1); restarts in every stage
-    decay_ratio: float = 0.2  # last share of each stage decays linearly to end_lr
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | bf16-mixed | bf16 | fp32
-    ds_config: str = "ds_configs/zero2.json"
-    ema: bool = False
-    ema_decay: float = 0.9999
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    attn_dropout: float = 0.1  # paper appendix (reference code: 0)
-    drop_path: float = 0.0
-    class_dropout: float = 0.1
-    seed: int = 0
-    workers: int = 4  # DataLoader workers per rank (default from SLURM_CPUS_PER_TASK when set)
-    shuffle_buffer: int = 5000
-    mix_shards: int = 16  # shards each loader worker reads at once, in a random order of their samples
-    log_every: int = 50
-    ckpt_every: int = 1000  # steps between checkpoints (also saved on SIGTERM/SIGUSR1 and at the end)
-    keep: int = 3  # checkpoints kept
-    max_bad_steps: int = 5  # consecutive steps skipped for non-finite gradients before stopping with an error
-    sync_every: int = 10  # steps between host reads of losses and stop agreement (also at log/ckpt/eval steps)
-    experiment: str = "npp"  # MLflow experiment
-    run_name: str = ""  # MLflow run name (default: the run directory's name)
-    tracking: bool = True  # log to MLflow (rank 0)
-    # torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; on = any device
-    compile: str = "auto"
-    # FID during training (see npp.eval.during_training): 0 = off. The eval_* flags are EvalSpec's
-    # (npp.pipeline.eval_spec), the names `npp eval watch` takes, with an eval- prefix.
-    eval_every: int = 0  # steps between evaluations (also at the last step)
-    eval_every_epochs: float = 0.0  # the same in epochs (when eval_every is 0)
-    eval_per_class: int = 10  # samples per class at each eval point (fixed labels and seeds)
-    eval_cfg_scale: float = 2.0  # classifier-free guidance scale of the eval samples
-    eval_cfg: Optional[float] = None  # the old spelling of --eval-cfg-scale (wins when given)
-    eval_temperature: float = 1.0
-    eval_top_k: int = 0
-    eval_batch: int = 64
-    eval_ref: str = ""  # reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)
-    inception: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
-    classifier: str = ""  # or a toy classifier (npp eval fit-classifier) as the feature network
-    vq: str = ""  # the tokenizer the shards were made with (decodes the eval samples)
-    activation_checkpointing: bool = False  # recompute each block in backward: larger micro-batches (GPT-XXL/XXXL)
+    """The flags of `npp train`: what a run is (fixed at its first start) and how this start runs it."""
+
+    shards: str = flag(help="shard-set directory written by `npp tokenize run`; several: 'A,B' or a glob (same "
+                            "tokenizer)")
+    out: str = flag(help="run directory: checkpoints, exported model, config.json, metrics.jsonl; a rerun resumes it")
+    model: str = flag("GPT-B", "model size (`npp models` lists them)", choices=tuple(GPT_SIZES))
+    schedule: str = flag(DEFAULT_SCHEDULE, "patch_side:share,... of the training budget; '1:1' is the next-token "
+                                           "baseline")
+    patch_levels: int = flag(0, ">0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule")
+    epoch_rate: float = flag(0.5, "the paper's stage boundary rate for --patch-levels")
+    epochs: int = flag(300, "passes over the shard set (the budget, with --global-batch)")
+    total_steps: Optional[int] = flag(None, "optimizer steps in all (default: epochs x steps per epoch)")
+    global_batch: int = flag(256, "samples per optimizer step, all ranks together")
+    grad_accum: int = flag(1, "micro-batches accumulated per optimizer step (may change on resume)")
+    lr: float = flag(1e-4, "peak learning rate")
+    end_lr: float = flag(1e-5, "learning rate at the end of each stage's linear decay")
+    warmup_epochs: float = flag(5.0, "linear warmup at the start of every stage, in epochs (paper appendix; "
+                                     "reference code: 1)")
+    decay_ratio: float = flag(0.2, "last share of each stage that decays linearly to --end-lr")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, embeddings)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    grad_clip: float = flag(1.0, "global gradient-norm clip")
+    precision: str = flag("auto", "auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed: fp32 weights, bf16 "
+                                  "autocast; bf16: DeepSpeed bf16", choices=("auto", "bf16-mixed", "bf16", "fp32"))
+    ds_config: str = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (how to shard: ZeRO stage, buckets, offload), relative "
+                                             "to the working directory or to npp's checkout")
+    ema: bool = flag(False, "keep an exponential moving average of the weights (exported beside them)")
+    ema_decay: float = flag(0.9999, "EMA decay per step")
+    token_dropout: float = flag(0.1, "dropout on the input embeddings")
+    resid_dropout: float = flag(0.1, "dropout on attention outputs")
+    ffn_dropout: float = flag(0.1, "dropout in the feed-forward blocks")
+    attn_dropout: float = flag(0.1, "attention-probability dropout (paper appendix; reference code: 0)")
+    drop_path: float = flag(0.0, "stochastic depth rate of the last block (linear in depth)")
+    class_dropout: float = flag(0.1, "share of class labels replaced by the null class (for guidance)")
+    seed: int = flag(0, "seed of weights, data order and dropout")
+    workers: int = flag(-1, "DataLoader workers per rank; -1 = auto (SLURM's CPUs per rank - 1, else 4, at most "
+                            "the shards per rank)")
+    shuffle_buffer: int = flag(5000, "samples in each loader worker's shuffle buffer")
+    mix_shards: int = flag(16, "shards each loader worker reads at once, in a random order of their samples")
+    log_every: int = flag(50, "steps between log lines and MLflow points")
+    ckpt_every: int = flag(1000, "steps between checkpoints (also saved on SIGTERM/SIGUSR1, a STOP file and at the "
+                                 "end)")
+    keep: int = flag(3, "checkpoints kept")
+    max_bad_steps: int = flag(5, "consecutive steps skipped for non-finite gradients before stopping with an error")
+    sync_every: int = flag(10, "steps between host reads of the losses and stop agreement")
+    experiment: str = flag("npp", "MLflow experiment")
+    run_name: str = flag("", "MLflow run name (default: the run directory's name)")
+    tracking: bool = flag(True, "log to MLflow (rank 0); --notracking turns it off")
+    compile: str = flag("auto", "torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; "
+                                "on = any device", choices=("auto", "on", "off"))
+    eval_every: int = flag(0, "steps between FID evaluations during training (also at the last step); 0 = none")
+    eval_every_epochs: float = flag(0.0, "the same in epochs (when --eval-every is 0)")
+    eval_per_class: int = flag(10, "samples per class at each eval point (fixed labels and seeds)")
+    eval_cfg_scale: float = flag(2.0, "classifier-free guidance scale of the eval samples")
+    eval_cfg: Optional[float] = flag(None, "the old spelling of --eval-cfg-scale (wins when given)")
+    eval_temperature: float = flag(1.0, "sampling temperature of the eval samples")
+    eval_top_k: int = flag(0, "top-k of the eval samples (0 = all)")
+    eval_batch: int = flag(64, "samples per sampling batch at the eval points")
+    eval_ref: str = flag("", "reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)")
+    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    classifier: str = flag("", "or a toy classifier (`npp eval fit-classifier`) as the feature network")
+    vq: str = flag("", "the tokenizer the shards were made with (decodes the eval samples)")
+    activation_checkpointing: bool = flag(False, "recompute each block in backward: larger micro-batches "
+                                                 "(GPT-XXL/XXXL)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,53 +129,30 @@ class TrainConfig:
                         temperature=float(self.eval_temperature), top_k=int(self.eval_top_k),
                         batch=int(self.eval_batch), seed=int(self.seed))
 
-    def validate(self) -> None:
-        """Refuse what cannot work, naming the flag and the fix; no torch, no DeepSpeed, nothing written."""
-        from npp.models.configs import gpt_config
-        from npp.pipeline.ranks import rank_and_world
-        from npp.pipeline.shards import read_meta, resolve_shard_dirs
-        from npp.train.ds_config import PRECISIONS, check_skips_non_finite, load_ds_json, micro_batch
-        from npp.train.schedule import paper_schedule, parse_schedule
-
+    def check_values(self) -> None:
+        """Refuse values that cannot work, naming the flag and the fix (no file is read)."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise UsageError(msg)
 
-        for flag in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep", "global_batch",
+        need(bool(self.shards), "--shards is empty: pass the shard-set directory (`npp tokenize run --out`)")
+        need(bool(self.out), "--out is empty: pass the run directory")
+        for name in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep", "global_batch",
                      "epochs"):
-            value = getattr(self, flag)
-            need(int(value) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        need(self.total_steps is None or int(self.total_steps) >= 1, f"--total-steps must be at least 1, got "
-             f"{self.total_steps}")
-        need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for the default), got {self.workers}")
+            value = getattr(self, name)
+            need(int(value) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        need(self.total_steps is None or int(self.total_steps) >= 1,
+             f"--total-steps must be at least 1, got {self.total_steps}")
+        need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for auto), got {self.workers}")
         need(self.lr > 0 and self.end_lr >= 0, f"--lr must be > 0 and --end-lr >= 0, got {self.lr} and {self.end_lr}")
         need(0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), got {self.ema_decay}")
-        for flag in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):
-            value = getattr(self, flag)
-            need(0 <= value < 1, f"--{flag.replace('_', '-')} must lie in [0, 1), got {value}")
-        need(self.precision == "auto" or self.precision in PRECISIONS,
-             f"--precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        for name in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):
+            value = getattr(self, name)
+            need(0 <= value < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
+        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}
+        need(self.precision in choices["precision"],
+             f"--precision must be one of {', '.join(choices['precision'])}; got {self.precision!r}")
+        need(self.model in GPT_SIZES, f"--model {self.model!r} is not a model size: one of {', '.join(GPT_SIZES)}")
         compile_setting(self.compile)
-        gpt_config(self.model)  # a known size
-        ds = load_ds_json(self.ds_config)
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        need(stage in (0, 1, 2, 3), f"{self.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
-        if self.precision != "auto":
-            check_skips_non_finite(ds, stage, self.precision, self.ds_config)
-        need(not (self.ema and stage == 3), "--ema with ZeRO-3 is not supported (parameters are partitioned): use "
-             "ZeRO-1/2 or drop --ema")
-        micro_batch(self, rank_and_world()[1])
-        dirs = resolve_shard_dirs(str(self.shards))
-        meta = read_meta(dirs[0])
-        if self.patch_levels:
-            paper_schedule(int(self.patch_levels), float(self.epoch_rate), int(self.epochs))
-        else:
-            parse_schedule(str(self.schedule), tuple(meta["grid"]) if "grid" in meta else None)
         need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
-        if self.evaluates:
-            need(stage != 3, "--eval-every with ZeRO-3 is not supported (the weights are partitioned): use ZeRO-1/2, "
-                 "or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
-            try:
-                self.eval_spec().validate(prefix="eval-")
-            except UsageError as e:
-                raise UsageError(f"--eval-every: {e}") from None
+        need(int(self.patch_levels) >= 0, f"--patch-levels must be >= 0, got {self.patch_levels}")

@@ -1,8 +1,10 @@
 """Build the DeepSpeed config: the JSON file merged with the run's own settings.
 
-Batch sizes, clipping and precision come from TrainConfig (never "auto": those are
-filled by the HF integration, not by DeepSpeed), so the file only says how to shard.
-Everything is checked before any process group does work.
+Batch sizes, clipping and precision come from the train flags (never "auto": those are
+filled by the HF integration, not by DeepSpeed), so the file only says how to shard;
+a key the file sets that npp decides is replaced, and the plan says which
+(`OWNED_KEYS`). Everything is checked before any process group does work
+(npp.train.plan). This module takes plain values: it imports no config class.
 """
 
 from __future__ import annotations
@@ -10,18 +12,36 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 from npp.errors import NppError
-from npp.train.config import TrainConfig
+
+# Keys npp sets from its flags; a value for them in the JSON file is replaced (and said so).
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "bf16.enabled", "fp16")
 
 
 class DeepSpeedConfigError(NppError, ValueError):
     pass
 
 
+def resolve_ds_path(path: str) -> str:
+    """--ds-config as given (relative to the working directory), or else relative to npp's checkout, where
+    ds_configs/ lives: the default resolves wherever a command is run from."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return str(given)
+    checkout = Path(__file__).resolve().parents[2] / path
+    return str(checkout) if checkout.exists() else str(given)
+
+
 def load_ds_json(path: str) -> dict:
+    shipped = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
+    hint = f"pass --ds-config with one of ds_configs/{{{','.join(shipped)}}}" if shipped else "pass --ds-config FILE"
+    if os.path.isdir(path):
+        raise DeepSpeedConfigError(f"--ds-config {path} is a directory, not a DeepSpeed JSON file: {hint}")
     if not os.path.isfile(path):
-        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist: pass --ds-config ds_configs/zero2.json or another file")
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist: {hint}")
     try:
         with open(path) as fh:
             cfg = json.load(fh)
@@ -32,14 +52,31 @@ def load_ds_json(path: str) -> dict:
     return cfg
 
 
-def micro_batch(cfg: TrainConfig, world_size: int) -> int:
-    per_step = world_size * cfg.grad_accum
-    if cfg.global_batch % per_step:
+def micro_batch(global_batch: int, grad_accum: int, world_size: int) -> int:
+    per_step = world_size * grad_accum
+    if global_batch % per_step:
         raise DeepSpeedConfigError(
-            f"--global-batch {cfg.global_batch} does not divide by world size {world_size} x --grad-accum "
-            f"{cfg.grad_accum}: choose a global batch that is a multiple of {per_step}"
+            f"--global-batch {global_batch} does not divide by world size {world_size} x --grad-accum "
+            f"{grad_accum}: choose a global batch that is a multiple of {per_step}"
         )
-    return cfg.global_batch // per_step
+    return global_batch // per_step
+
+
+def zero_stage(ds: dict, path: str) -> int:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    return stage
+
+
+def replaced_keys(ds: dict) -> list[str]:
+    """The keys of a DeepSpeed JSON that npp overrides from its flags (OWNED_KEYS)."""
+    found = []
+    for key in OWNED_KEYS:
+        head, _, tail = key.partition(".")
+        if head in ds and (not tail or (isinstance(ds[head], dict) and tail in ds[head])):
+            found.append(key)
+    return found
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
@@ -64,18 +101,22 @@ def resolve_precision(precision: str, cuda: bool) -> str:
 
 
 def check_skips_non_finite(ds: dict, stage: int, precision: str, path: str) -> None:
-    """Refuse DeepSpeed configurations that would apply an update with non-finite gradients.
+    """Refuse DeepSpeed configurations that would apply an update with non-finite gradients, or that DeepSpeed
+    refuses only after start-up. `precision` may be "auto" (bf16-mixed on CUDA, fp32 on CPU: neither is bf16).
 
     The trainer relies on DeepSpeed skipping such a step (npp.train.bad_steps): its ZeRO
-    optimizers do when the global gradient norm is invalid, and so does its bf16
-    optimizer at stage 0; a plain fp32 engine at stage 0 steps the torch optimizer as is.
+    optimizers do when the global gradient norm is invalid; a plain fp32 engine at stage 0
+    steps the torch optimizer as is, and stage 0 with bf16 weights and the fp32 gradient
+    accumulation npp sets is "an unsupported mix" to DeepSpeed 0.19 (NotImplementedError in
+    engine._do_optimizer_sanity_check, after the process group and the model are up).
     """
     zero = ds.get("zero_optimization", {})
-    if stage == 0 and precision != "bf16":
-        raise DeepSpeedConfigError(
-            f"{path}: ZeRO stage 0 with {precision} weights would apply non-finite gradients (DeepSpeed skips such "
-            "steps only in its ZeRO and bf16 optimizers): use ds_configs/zero1.json (on one GPU it holds the same)"
-        )
+    if stage == 0:
+        why = ("bf16 weights with fp32 gradient accumulation are not supported by DeepSpeed at stage 0" if precision
+               == "bf16" else f"{precision} weights would apply non-finite gradients (DeepSpeed skips such steps only "
+               "in its ZeRO optimizers)")
+        raise DeepSpeedConfigError(f"{path}: ZeRO stage 0 with {why}: use ds_configs/zero1.json (on one GPU it holds "
+                                   "the same)")
     if stage in (1, 2) and zero.get("compute_grad_norm") is False:
         raise DeepSpeedConfigError(f"{path}: zero_optimization.compute_grad_norm=false turns off DeepSpeed's skip of "
                                    "non-finite steps: remove it")
@@ -84,24 +125,35 @@ def check_skips_non_finite(ds: dict, stage: int, precision: str, path: str) -> N
                                    "steps under bf16: remove it")
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool, precision: str) -> dict:
-    """The DeepSpeed config of this run; `precision` is the resolved one (resolve_precision), never "auto"."""
+def check_ds_json(ds: dict, path: str, precision: str, ema: bool, evaluates: bool = False) -> int:
+    """Everything about the JSON that can be refused before start-up; returns its ZeRO stage."""
+    stage = zero_stage(ds, path)
+    check_skips_non_finite(ds, stage, precision, path)
+    if ema and stage == 3:
+        raise DeepSpeedConfigError("--ema with ZeRO-3 is not supported (parameters are partitioned): use ZeRO-1/2 or "
+                                   "drop --ema")
+    if evaluates and stage == 3:
+        raise DeepSpeedConfigError("--eval-every with ZeRO-3 is not supported (the weights are partitioned): use "
+                                   "ZeRO-1/2, or evaluate the checkpoints afterwards with `npp sample` + `npp eval`")
+    return stage
+
+
+def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch: int, grad_clip: float,
+                     precision: str, cuda: bool) -> dict:
+    """The checked JSON with npp's settings for this device: batch sizes, clipping, precision (resolved, never
+    "auto"); on CPU no reduce-scatter (gloo has none) and no offload."""
     if precision not in PRECISIONS:
-        raise DeepSpeedConfigError(f"build_ds_config takes a resolved precision ({', '.join(PRECISIONS)}), "
+        raise DeepSpeedConfigError(f"device_ds_config takes a resolved precision ({', '.join(PRECISIONS)}), "
                                    f"got {precision!r}")
-    ds = copy.deepcopy(load_ds_json(cfg.ds_config))
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise DeepSpeedConfigError(f"{cfg.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
+    ds = copy.deepcopy(ds_json)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         ds.pop(key, None)  # ours: one source of truth for batch sizes
-    ds["train_micro_batch_size_per_gpu"] = micro_batch(cfg, world_size)
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.global_batch
-    ds["gradient_clipping"] = cfg.grad_clip
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = global_batch
+    ds["gradient_clipping"] = grad_clip
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds.pop("fp16", None)
-    check_skips_non_finite(ds, stage, precision, cfg.ds_config)
     if precision == "bf16":  # fp32 accumulation and reduction unless the JSON opts out
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         ds.setdefault("communication_data_type", "fp32")
@@ -113,6 +165,15 @@ def build_ds_config(cfg: TrainConfig, world_size: int, cuda: bool, precision: st
         zero["reduce_scatter"] = False
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
-    if cfg.ema and stage == 3:
-        raise DeepSpeedConfigError("--ema with ZeRO-3 is not supported (parameters are partitioned): use ZeRO-1/2 or drop --ema")
     return ds
+
+
+def build_ds_config(cfg, world_size: int, cuda: bool, precision: str) -> dict:
+    """The DeepSpeed config of a train config (anything with its fields) outside `npp train`'s plan: benches,
+    standalone steps, tests. `precision` is the resolved one (resolve_precision), never "auto"."""
+    path = resolve_ds_path(cfg.ds_config)
+    ds = load_ds_json(path)
+    check_ds_json(ds, path, precision, cfg.ema)
+    return device_ds_config(ds, micro=micro_batch(cfg.global_batch, cfg.grad_accum, world_size),
+                            grad_accum=cfg.grad_accum, global_batch=cfg.global_batch, grad_clip=cfg.grad_clip,
+                            precision=precision, cuda=cuda)

@@ -24,25 +24,15 @@ from __future__ import annotations
 import json
 import os
 import queue
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
-from npp.pipeline.files import truncate_jsonl
+from npp.pipeline.files import git_commit, truncate_jsonl  # noqa: F401 (git_commit: its old home)
 from npp.pipeline.runs import RunFolder
 
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def read_outbox(path: Path) -> list[dict]:
@@ -202,9 +192,16 @@ class Tracker:
                 client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
             self._created = True
         else:
+            from mlflow.entities import RunTag
+
             run = client.get_run(self.run_id)
             if run.info.status != "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
+            # tags say how this start runs (the mutable flags, world size, job): rewritten at every start, as
+            # config.json is; the params (the run's identity) cannot change
+            client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in a["tags"].items()])
+            for path in a["artifacts"]:  # config.json as this start wrote it
+                client.log_artifact(self.run_id, path)
             # MLflow's own system/ metrics are sampled in time, not steps, and hold thousands of points after
             # days: reading their histories would slow every restart, and we never log them
             for key in run.data.metrics:

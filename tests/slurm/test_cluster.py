@@ -205,11 +205,10 @@ def tokenize_inputs(tmp_path_factory):
 
 def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=True):
     settings = dict(DATA=root / "images", VQ=root / "vq.pt", OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25)
-    flags = dict(VIEWS_FLAGS="--views 2 --batch 2")
     if via_make:
-        return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings, **flags, ARRAY="0-1",
-                    SBATCH_FLAGS="--gres=none --cpus-per-task=1")
-    env = job_env(tmp_path, slurm_cluster, **{k: str(v) for k, v in {**settings, **flags}.items()})
+        return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings,
+                    TOKENIZE_FLAGS="--views 2 --batch 2", ARRAY="0-1", SBATCH_FLAGS="--gres=none --cpus-per-task=1")
+    env = job_env(tmp_path, slurm_cluster, EXTRA="--views 2 --batch 2", **{k: str(v) for k, v in settings.items()})
     return sbatch(checkout, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch")
 
 

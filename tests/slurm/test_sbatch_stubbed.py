@@ -41,6 +41,7 @@ def sbatch_env(tmp_path, shard_set):
         "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
         "SHARDS": str(shard_set), "OUT": str(tmp_path / "run"), "MODEL": "GPT-Nano", "GLOBAL_BATCH": "16",
         "GPUS_PER_NODE": "2", "WORKERS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun"),
+        "NPP": str(Path(sys.executable).parent / "npp"),
         "DS_CONFIG": str(REPO / "ds_configs" / "zero2.json"), "SCHEDULE": "2:0.5,1:0.5", "OMP_NUM_THREADS": "1",
         "EXTRA": "--total-steps 40 --ckpt-every 1000 --log-every 4 --warmup-epochs 0.5 --lr 3e-3 --end-lr 1e-4 "
                  "--shuffle-buffer 20",

@@ -59,7 +59,7 @@ def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, d
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.tracking.MlflowClient()
     r = client.get_run((run / "mlflow_run_id").read_text())
-    assert r.data.params["train.model"] == "GPT-Nano" and r.data.params["world_size"] == "2"
+    assert r.data.params["train.model"] == "GPT-Nano" and r.data.tags["world_size"] == "2"
     assert [h.value for h in client.get_metric_history(r.info.run_id, "patch_side")] == [4, 2, 2, 1, 1, 1]
     history = client.get_metric_history(r.info.run_id, "loss")
     assert [h.step for h in history] == [4, 8, 12, 16, 20, 24]
@@ -115,7 +115,7 @@ def test_clear_errors_before_any_process_group(shard_set, tmp_path, monkeypatch,
     with pytest.raises(DeepSpeedConfigError, match="does not divide by world size 3"):
         Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json"))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(UsageError, match="--precision must be auto, fp32, bf16-mixed, bf16"):
+    with pytest.raises(UsageError, match="--precision must be one of auto, bf16-mixed, bf16, fp32"):
         Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", precision="fp16"))
     with pytest.raises(ValueError, match="does not divide the 8x8"):
         Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", schedule="3:0.5,1:0.5"))
@@ -124,6 +124,8 @@ def test_clear_errors_before_any_process_group(shard_set, tmp_path, monkeypatch,
 @pytest.mark.parametrize("zero,bf16,precision,message", [
     ({"stage": 0}, {}, "fp32", "ZeRO stage 0 with fp32 weights would apply non-finite gradients"),
     ({"stage": 0}, {}, "bf16-mixed", "ZeRO stage 0 with bf16-mixed weights"),
+    # DeepSpeed 0.19 raises NotImplementedError after start-up for bf16 weights + fp32 grad accumulation
+    ({"stage": 0}, {}, "bf16", "ZeRO stage 0 with bf16 weights with fp32 gradient accumulation are not supported"),
     ({"stage": 2, "compute_grad_norm": False}, {}, "fp32", "compute_grad_norm=false turns off"),
     ({"stage": 1}, {"check_grad_overflow": False}, "bf16", "check_grad_overflow=false turns off"),
 ])
@@ -137,9 +139,6 @@ def test_configs_that_would_apply_non_finite_gradients_are_refused(tmp_path, zer
     cfg = _cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision=precision)
     with pytest.raises(DeepSpeedConfigError, match=message):
         build_ds_config(cfg, 1, cuda=False, precision=precision)
-    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))  # DeepSpeed's bf16 optimizer skips them
-    assert build_ds_config(_cfg(tmp_path, tmp_path / "r", ds_config=str(path), precision="bf16"), 1, cuda=False,
-                           precision="bf16")
 
 
 @pytest.mark.parametrize("flag", ["sync_every", "log_every", "ckpt_every", "grad_accum", "max_bad_steps", "keep"])
@@ -163,12 +162,12 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
     t = Trainer(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
                             epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1))
     assert sum(m["samples"] for m in load_manifest(shard_set)) == 80
-    assert t.steps_per_epoch == 5 and t.total_steps == 15 and t.warmup_steps == 5
+    assert t.plan.steps_per_epoch == 5 and t.total_steps == 15 and t.plan.warmup_steps == 5
 
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--workers", "9"], {"WORLD_SIZE": "2", "RANK": "0"}, "8 shards cannot feed 2 ranks x 9 loader workers"),
-    (["--model", "GPT-Huge"], {}, "unknown model 'GPT-Huge'"),
+    (["--model", "GPT-Huge"], {}, "--model: 'GPT-Huge' is not one of GPT-B"),
     (["--schedule", "4:0.5,2:0.5"], {}, "must be 1 so the final model predicts token by token"),
     (["--global-batch", "17"], {"WORLD_SIZE": "2", "RANK": "0"}, "does not divide by world size 2"),
 ])
@@ -187,11 +186,11 @@ def test_bad_runs_fail_before_anything_is_created(shard_set, tmp_path, flags, en
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--log-every", "0"], {}, "--log-every must be at least 1, got 0"),
-    (["--compile", "maybe"], {}, "--compile must be auto, on or off"),
-    (["--precision", "fp16"], {}, "--precision must be auto, fp32, bf16-mixed, bf16"),
+    (["--compile", "maybe"], {}, "--compile: 'maybe' is not one of auto, on, off"),
+    (["--precision", "fp16"], {}, "--precision: 'fp16' is not one of auto, bf16-mixed, bf16, fp32"),
     (["--schedule", "3:0.5,1:0.5"], {}, "patch side 3 does not divide the 8x8 token grid"),
     (["--global-batch", "16"], {"WORLD_SIZE": "3"}, "does not divide by world size 3"),
-    (["--model", "GPT-Huge"], {}, "unknown model 'GPT-Huge'"),
+    (["--model", "GPT-Huge"], {}, "--model: 'GPT-Huge' is not one of GPT-B"),
     (["--ds-config", "nowhere.json"], {}, "DeepSpeed config nowhere.json does not exist"),
     (["--ema", "--ds-config", "ds_configs/zero3.json"], {}, "--ema with ZeRO-3 is not supported"),
     (["--eval-every", "5"], {}, "--eval-every: evaluating needs --vq"),

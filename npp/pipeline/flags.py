@@ -1,0 +1,242 @@
+"""Flags that mean what they say: declared once with their meaning, converted by their type before any work.
+
+fire hands a command the Python literal it guesses from each word: `--ema=false` arrives as the
+string 'false' (truthy), `--epochs=abc` as a string that fails deep inside training, and a typo
+(`--epoch 3`) prints fire's usage screen. So the `npp` command line is read here first, against
+the command's declared flags (a config dataclass's fields, or a function's parameters):
+
+- booleans: `--ema`, `--noema`, `--ema=VALUE` / `--ema VALUE` with true/false/yes/no/on/off/1/0 in any case;
+- integers and floats by their type; `Optional[...]` also takes `none`; choices by their list;
+- an unknown flag is refused with the closest known one (`did you mean --epochs?`);
+- a missing required flag is refused with its meaning.
+
+Anything refused is one `UsageError` line (exit 2). What passes is handed on to fire as exact
+Python literals (`--name=<repr>`), so fire builds the command with the typed values and the
+user's strings as typed.
+
+Meanings live in one place, the field's `flag(default, "meaning")`; `documented` writes them into
+the class docstring's `Args:` section, which is where fire's `--help` reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from typing import Any, Callable, Optional, Union
+
+from npp.errors import UsageError
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[tuple] = None) -> Any:
+    """A config field with its meaning (shown by `--help`) and, optionally, the values it accepts."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def documented(cls: type) -> type:
+    """Append an `Args:` section, built from the fields' meanings, to a dataclass's docstring (fire shows it)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            text += ("; one of " if text else "One of ") + ", ".join(str(c) for c in choices)
+        lines.append(f"  {f.name}: {text}" if text else f"  {f.name}:")
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if "\nArgs:" in doc:
+        doc = doc[: doc.index("\nArgs:")]
+    cls.__doc__ = doc.rstrip() + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+@dataclasses.dataclass
+class FlagSpec:
+    name: str
+    kind: Any  # the resolved annotation
+    default: Any  # inspect.Parameter.empty when required
+    choices: Optional[tuple] = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    @property
+    def dashed(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _hints(obj: Any) -> dict:
+    try:
+        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # an annotation that cannot be resolved: treat it as untyped
+        return {}
+
+
+def flag_specs(target: Callable) -> dict[str, FlagSpec]:
+    """The flags a command takes: a dataclass's fields (with their meanings) or a function's parameters."""
+    specs: dict[str, FlagSpec] = {}
+    hints = _hints(target)
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    for name, p in inspect.signature(target).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        f = fields.get(name)
+        specs[name] = FlagSpec(name, hints.get(name, str if p.annotation is p.empty else p.annotation), p.default,
+                               f.metadata.get("choices") if f else None, f.metadata.get("help", "") if f else "")
+    return specs
+
+
+def _optional_inner(kind: Any) -> tuple[Any, bool]:
+    """(T, True) for Optional[T]; (kind, False) otherwise."""
+    if typing.get_origin(kind) is Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) < len(typing.get_args(kind)):
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+    return kind, False
+
+
+def _accepts(kind: Any) -> str:
+    inner, optional = _optional_inner(kind)
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    if typing.get_origin(inner) is Union:
+        text = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(inner))
+    else:
+        text = names.get(inner, getattr(inner, "__name__", str(inner)))
+    return text + (" or none" if optional else "")
+
+
+def convert(spec: FlagSpec, value: Any, command: str) -> Any:
+    """The flag's value as its declared type, or a UsageError naming the flag, the value and what it accepts."""
+    inner, optional = _optional_inner(spec.kind)
+    text = value if isinstance(value, str) else None
+
+    def refuse(what: Optional[str] = None) -> UsageError:
+        return UsageError(f"{command} {spec.dashed}: {value!r} is not {what or _accepts(spec.kind)}"
+                          + (f" ({spec.help})" if spec.help else ""))
+
+    if optional and text is not None and text.strip().lower() in ("none", "null"):
+        return None
+    if _is_switch(spec):  # auto | on | off, also spelled --name / --noname / true / false
+        word = "on" if value is True else "off" if value is False else str(value).strip().lower()
+        word = "on" if word in TRUE_WORDS else "off" if word in FALSE_WORDS else word
+        if word not in spec.choices:
+            raise refuse("one of " + ", ".join(map(str, spec.choices)))
+        return word
+    kinds = typing.get_args(inner) if typing.get_origin(inner) is Union else (inner,)
+    out: Any = dataclasses.MISSING
+    for kind in kinds:
+        try:
+            if kind is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif text is not None and text.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+                    out = text.strip().lower() in TRUE_WORDS
+                else:
+                    continue
+            elif kind is int:
+                out = int(text.strip().replace("_", "")) if text is not None else int(value)
+                if isinstance(value, float) and value != int(value):
+                    raise ValueError
+            elif kind is float:
+                out = float(text) if text is not None else float(value)
+            elif kind is str:
+                out = str(value)
+            else:
+                out = value
+            break
+        except (TypeError, ValueError):
+            continue
+    if out is dataclasses.MISSING:
+        raise refuse()
+    if spec.choices and out not in spec.choices:
+        raise refuse("one of " + ", ".join(map(str, spec.choices)))
+    return out
+
+
+def _is_bool(spec: FlagSpec) -> bool:
+    """A flag that may stand alone (`--ema`, `--noema`): a boolean, or a switch with on/off among its choices."""
+    return _optional_inner(spec.kind)[0] is bool or _is_switch(spec)
+
+
+def _is_switch(spec: FlagSpec) -> bool:
+    return bool(spec.choices) and {"on", "off"} <= set(spec.choices)
+
+
+def _closest(word: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f"; did you mean --{match[0].replace('_', '-')}?" if match else ""
+
+
+def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[str, Any]:
+    """The typed values of the flags in `args` for the command whose flags `sources` declare (a config
+    class or function, plus a method's own parameters); only those given; refuses unknown or bad ones.
+
+    `args` are the words after the command's name (up to a lone `--`, fire's own flags). Positional
+    words fill the required flags in order, as fire does.
+    """
+    specs: dict[str, FlagSpec] = {}
+    for source in sources:
+        specs.update(flag_specs(source))
+    known = list(specs)
+    values: dict[str, Any] = {}
+    positional = [s for s in specs.values() if s.required]
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok.startswith("-") and not _is_number(tok):
+            name, eq, raw = tok.lstrip("-").partition("=")
+            key = name.replace("-", "_")
+            spec = specs.get(key)
+            if spec is None and key.startswith("no") and key[2:] in specs and _is_bool(specs[key[2:]]) and not eq:
+                values[key[2:]] = convert(specs[key[2:]], False, command)
+                i += 1
+                continue
+            if spec is None:
+                raise UsageError(f"unknown flag --{name} for {command}{_closest(key, known)} "
+                                 f"(`{command} --help` lists the flags)")
+            if eq:
+                value: Any = raw
+                i += 1
+            elif _is_bool(spec):
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                takes = nxt is not None and (nxt.strip().lower() in TRUE_WORDS + FALSE_WORDS
+                                             or (_is_switch(spec) and not nxt.startswith("-")))
+                if takes:
+                    value, i = nxt, i + 2
+                else:
+                    value, i = True, i + 1
+            else:
+                if i + 1 >= len(args):
+                    raise UsageError(f"{command} {spec.dashed} needs a value ({_accepts(spec.kind)})")
+                value, i = args[i + 1], i + 2
+            values[key] = convert(spec, value, command)
+        else:
+            free = [s for s in positional if s.name not in values]
+            if not free:
+                raise UsageError(f"{command}: unexpected argument {tok!r} (flags are written --name VALUE)")
+            values[free[0].name] = convert(free[0], tok, command)
+            i += 1
+    missing = [s for s in specs.values() if s.required and s.name not in values]
+    if missing:
+        raise UsageError(f"{command} needs " + ", ".join(
+            f"{s.dashed}" + (f" ({s.help})" if s.help else "") for s in missing))
+    return values
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def as_fire_args(values: dict[str, Any]) -> list[str]:
+    """Typed values as words fire reads back exactly (Python literals)."""
+    return [f"--{name}={value!r}" for name, value in values.items()]

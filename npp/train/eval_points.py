@@ -1,0 +1,43 @@
+"""Evaluation during training: the model to sample (the EMA when there is one, on every rank) and the RNG
+streams around it, so an evaluation never changes what training does (exact resume holds with evals on).
+
+The evaluator itself is the eval stage's (npp.eval.during_training), handed in by the app.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from npp.models.gpt import GPT
+from npp.train import checkpointing
+
+
+class EvalPoints:
+    def __init__(self, evaluator, model_cfg, device, rank: int, world_size: int):
+        self.evaluator, self.model_cfg, self.device = evaluator, model_cfg, device
+        self.rank, self.world_size = rank, world_size
+        self._ema_copy = None
+
+    def __call__(self, engine, ema) -> dict:
+        """Every rank samples its pieces; the metrics (rank 0's) of the model now."""
+        rng = checkpointing.rng_state()
+        metrics = self.evaluator(self._sampling_model(engine, ema), self.model_cfg.num_classes, self.device,
+                                 self.rank, self.world_size)
+        checkpointing.set_rng_state(rng)
+        return metrics
+
+    def _sampling_model(self, engine, ema):
+        if ema is None:
+            return engine.module
+        if self.world_size == 1:
+            return ema.model
+        # the EMA lives on rank 0: every rank samples with a copy of it
+        if ema.model is not None:
+            model = ema.model
+        else:
+            if self._ema_copy is None:
+                self._ema_copy = GPT(self.model_cfg).to(self.device).eval()
+            model = self._ema_copy
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+        return model

@@ -1,0 +1,72 @@
+"""A run's identity: the flags that define it are fixed at its first start; the others may change on resume.
+
+A resubmitted job with another `--model`, `--schedule` or `--lr` (a wrong `RUN=`, an edited
+`TRAIN_FLAGS`) must never resume a run and silently rewrite what it claims to be. Every flag of
+`npp train` is in exactly one of the two lists below (a test checks it), and this is the only
+place that says which:
+
+- IDENTITY: the flags that define what is trained and how (model, schedule, budget, optimizer, LR
+  schedule, precision, data order, seed, the MLflow run it is logged in) plus the data identity
+  (the shard set's content digest) and the ZeRO stage (a checkpoint holds its partitioning).
+  A rerun that changes one is refused before anything starts, naming each change and the ways out.
+- MUTABLE: how this start runs the same training (loader workers, cadence of logs, checkpoints,
+  syncs and evaluations, tracking on or off, compile, activation checkpointing, where the DeepSpeed
+  JSON and the eval files are). Changes are accepted, printed, and recorded in config.json's
+  `starts` and MLflow's `flag.*` tags.
+
+MLflow holds the identity as the run's params (immutable, as MLflow's params are) and the mutable
+flags as tags that every start rewrites, so config.json and MLflow never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npp.errors import UsageError
+
+IDENTITY = (
+    "model", "schedule", "patch_levels", "epoch_rate", "epochs", "total_steps", "global_batch",
+    "lr", "end_lr", "warmup_epochs", "decay_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
+    "precision", "ema", "ema_decay",
+    "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout",
+    "seed", "shuffle_buffer", "mix_shards", "experiment", "run_name",
+)
+MUTABLE = (
+    "shards",  # the path may move; the data itself is fixed by its digest
+    "out", "grad_accum", "ds_config", "workers", "log_every", "ckpt_every", "keep", "max_bad_steps", "sync_every",
+    "tracking", "compile", "activation_checkpointing",
+    "eval_every", "eval_every_epochs", "eval_per_class", "eval_cfg_scale", "eval_cfg", "eval_temperature",
+    "eval_top_k", "eval_batch", "eval_ref", "inception", "classifier", "vq",
+)
+# Not flags, but as fixed as them: what the data is and how the checkpoint is partitioned.
+DERIVED = ("data_digest", "zero_stage")
+
+
+def identity_of(train: dict, derived: dict) -> dict:
+    """The run-defining values of a start: the IDENTITY flags and the DERIVED values."""
+    return {**{k: train.get(k) for k in IDENTITY}, **{k: derived.get(k) for k in DERIVED}}
+
+
+def _spell(key: str) -> str:
+    return {"data_digest": "the shard set's content", "zero_stage": "the ZeRO stage of --ds-config"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
+def check_same_run(saved: dict, now: dict, out: str) -> None:
+    """Refuse a start whose identity differs from the run's first start; one line lists every change.
+
+    `saved` is the identity recorded in config.json (keys an older version did not record are not compared).
+    """
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        diffs = "; ".join(f"{_spell(k)}: {saved[k]!r} at the start, {now[k]!r} now" for k in changed)
+        raise UsageError(
+            f"{out} is a run started with other settings ({diffs}). A run's defining flags are fixed at its first "
+            f"start: rerun with the same flags to resume it, or pass a new --out to start another run"
+        )
+
+
+def mutable_changes(saved_train: dict, now_train: dict) -> dict[str, tuple[Any, Any]]:
+    """The MUTABLE flags this start changes: {flag: (before, now)}."""
+    return {k: (saved_train[k], now_train.get(k)) for k in MUTABLE if k in saved_train
+            and saved_train[k] != now_train.get(k)}

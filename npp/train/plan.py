@@ -1,0 +1,223 @@
+"""A training run checked once, into the plan the trainer runs (torch-free).
+
+`make_plan(cfg)` reads every input that can be read without torch, refuses what cannot work
+with one line naming the flag or file and the fix, and resolves everything the trainer needs:
+the DeepSpeed JSON and its ZeRO stage, the micro-batch, the shard set's metadata and manifest,
+the model config, the schedule and its step budget, the eval interval and spec, the loader
+workers, the checkpoint to resume from and whether the run folder's identity allows this start
+(npp.train.identity). The CLI makes it before importing torch (`npp train`, and `npp train check`
+on a login node or at the top of an sbatch script); `Trainer` consumes it and checks nothing
+again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from npp.errors import UsageError
+from npp.models.configs import GPTConfig, gpt_config
+from npp.pipeline.eval_spec import EvalSpec
+from npp.pipeline.ranks import rank_and_world
+from npp.pipeline.runs import RunFolder
+from npp.pipeline.shards import open_shard_sets
+from npp.train.config import TrainConfig
+from npp.train.ds_config import check_ds_json, load_ds_json, micro_batch, replaced_keys, resolve_ds_path
+from npp.train.errors import TrainingError
+from npp.train.identity import check_same_run, identity_of, mutable_changes
+from npp.train.schedule import PatchSchedule, Stage, format_schedule, paper_schedule, parse_schedule
+
+
+@dataclass
+class TrainPlan:
+    cfg: TrainConfig
+    world_size: int
+    ds_path: str  # the DeepSpeed JSON, resolved
+    ds_json: dict  # as loaded and checked (device settings are added at start: npp.train.ds_config)
+    zero_stage: int
+    micro_batch: int
+    meta: dict  # the shard set(s)' combined meta.json
+    manifest: list[dict]
+    data_digest: str  # the shards' content: a digest of every shard's sha256
+    model_cfg: GPTConfig
+    stages: list[Stage]
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int  # 0: no evaluation during training
+    eval_spec: Optional[EvalSpec]
+    workers: int  # loader workers per rank, resolved
+    resume_tag: Optional[str]  # the checkpoint this start resumes from
+    changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
+    notes: list[str] = field(default_factory=list)  # what the plan decided that a user should read
+
+    @property
+    def schedule(self) -> PatchSchedule:
+        return PatchSchedule(self.stages, self.total_steps)
+
+    @property
+    def identity(self) -> dict:
+        return identity_of(self.cfg.to_dict(), {"data_digest": self.data_digest, "zero_stage": self.zero_stage})
+
+    def describe(self) -> str:
+        return (f"{self.cfg.model} on {self.meta['samples']} samples ({len(self.manifest)} shards), schedule "
+                f"{format_schedule(self.stages)}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), world "
+                f"{self.world_size} x micro-batch {self.micro_batch} x grad-accum {self.cfg.grad_accum}, ZeRO-"
+                f"{self.zero_stage} ({self.ds_path}), {self.workers} loader workers per rank"
+                + (f", resumes {self.resume_tag}" if self.resume_tag else ", a new run"))
+
+
+def check_meta_matches(model_cfg: GPTConfig, meta: dict, shards: str) -> None:
+    """The shard set must be tokenized for this model: same vocabulary, same grid, enough classes."""
+    problems = []
+    if meta["codebook_size"] != model_cfg.vocab_size:
+        problems.append(f"codebook size {meta['codebook_size']} vs model vocab_size {model_cfg.vocab_size}")
+    if tuple(meta["grid"]) != tuple(model_cfg.grid):
+        problems.append(f"token grid {tuple(meta['grid'])} vs model grid {tuple(model_cfg.grid)}")
+    if meta["num_classes"] > model_cfg.num_classes:
+        problems.append(f"{meta['num_classes']} classes vs model num_classes {model_cfg.num_classes}")
+    if problems:
+        raise TrainingError(
+            f"shard set {shards} does not fit the model: " + "; ".join(problems)
+            + ". Train on shards made with this model's tokenizer and image size, or start a new --out run."
+        )
+
+
+def data_digest(manifest: list[dict]) -> str:
+    return hashlib.sha256("".join(m["sha256"] for m in manifest).encode()).hexdigest()[:16]
+
+
+def auto_workers(requested: int, shards: int, world_size: int) -> int:
+    """--workers -1: one per CPU SLURM gives each rank, less one for the rank itself (else 4), never more than the
+    shards each rank owns (a worker without shards hangs the job)."""
+    if requested >= 0:
+        return requested
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0) or 1
+    wanted = max(1, min(8, cpus // per_node - 1)) if cpus else 4
+    return max(1, min(wanted, shards // max(1, world_size)))
+
+
+def check_run_folder(run: RunFolder) -> None:
+    """--out is a run folder or a new/empty directory; not a file, a shard set, or another project's folder."""
+    path = run.path
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file: pass a directory for the run (a new one starts a run)")
+    if (path / "meta.json").exists() or (path / "manifest.parquet").exists():
+        raise UsageError(f"--out {path} is a shard set: pass a run directory (e.g. runs/NAME), not --shards' folder")
+
+
+def _model_config(cfg: TrainConfig, meta: dict, run: RunFolder) -> GPTConfig:
+    if run.config.exists():  # a resumed run keeps the model it was started with (its identity is checked)
+        saved = run.read_config().get("model_config")
+        if saved:
+            return GPTConfig.from_dict(saved)
+    h, w = meta["grid"]
+    return gpt_config(cfg.model, vocab_size=meta["codebook_size"], block_size=h * w, grid=(h, w),
+                      num_classes=meta["num_classes"], token_dropout_p=cfg.token_dropout,
+                      resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
+                      attn_dropout_p=cfg.attn_dropout, drop_path_rate=cfg.drop_path,
+                      class_dropout_prob=cfg.class_dropout)
+
+
+def resume_tag(run: RunFolder, world_size: int) -> Optional[str]:
+    """The tag a start will resume from; refuses a ZeRO checkpoint of another world size."""
+    tag = run.latest_tag()
+    if tag is None or run.is_universal(tag):
+        return tag
+    saved = run.saved_world_size(tag)
+    if saved != world_size:
+        raise TrainingError(
+            f"{run.tag_dir(tag)} was saved by {saved} ranks, this job has {world_size}: run "
+            f"`npp train convert --run {run.path}` (DeepSpeed's universal checkpoint), then start again "
+            "with any number of ranks; or resume with the same world size"
+        )
+    return tag
+
+
+def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
+    """Check a training run and resolve it (see the module's docstring); world_size defaults to this job's."""
+    cfg.check_values()
+    world = int(world_size or rank_and_world()[1])
+    run = RunFolder(cfg.out)
+    check_run_folder(run)
+    ds_path = resolve_ds_path(str(cfg.ds_config))
+    ds_json = load_ds_json(ds_path)
+    stage = check_ds_json(ds_json, ds_path, cfg.precision, cfg.ema, cfg.evaluates)
+    micro = micro_batch(cfg.global_batch, cfg.grad_accum, world)
+    meta, manifest = open_shard_sets(str(cfg.shards))
+    digest = data_digest(manifest)
+    saved = run.read_config() if run.config.exists() else None
+    if saved is not None:  # the run's identity first: a changed --model must not be reported as a misfit
+        now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
+        check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path))
+    model_cfg = _model_config(cfg, meta, run)
+    check_meta_matches(model_cfg, meta, cfg.shards)
+    stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
+              else parse_schedule(str(cfg.schedule), tuple(model_cfg.grid)))
+    steps_per_epoch = meta["samples"] // cfg.global_batch
+    if steps_per_epoch < 1 and cfg.total_steps is None:
+        raise TrainingError(f"{meta['samples']} samples are fewer than one global batch of {cfg.global_batch}: "
+                            "lower --global-batch")
+    total = int(cfg.total_steps or cfg.epochs * steps_per_epoch)
+    spec = None
+    if cfg.evaluates:
+        spec = cfg.eval_spec()
+        try:
+            spec.validate(prefix="eval-")
+        except UsageError as e:
+            raise UsageError(f"--eval-every: {e}") from None
+    workers = auto_workers(int(cfg.workers), len(manifest), world)
+    if len(manifest) < world * workers:
+        raise TrainingError(
+            f"{len(manifest)} shards cannot feed {world} ranks x {workers} loader workers (a rank or worker without "
+            f"shards hangs the job): lower --workers to {max(1, len(manifest) // world)} or re-tokenize with a smaller "
+            f"--samples-per-shard so there are at least {world * workers} shards")
+    plan = TrainPlan(cfg=cfg, world_size=world, ds_path=ds_path, ds_json=ds_json, zero_stage=stage, micro_batch=micro,
+                     meta=meta, manifest=manifest, data_digest=digest, model_cfg=model_cfg,
+                     stages=stages, steps_per_epoch=steps_per_epoch, total_steps=total,
+                     warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
+                     eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
+                     resume_tag=resume_tag(run, world))
+    replaced = replaced_keys(ds_json)
+    if replaced:
+        plan.notes.append(f"{ds_path}: {', '.join(replaced)} replaced by npp's flags (--global-batch, --grad-accum, "
+                          "--grad-clip, --precision)")
+    if saved is not None:
+        plan.changes = mutable_changes(saved.get("train", {}), cfg.to_dict())
+    return plan
+
+
+def _legacy_identity(saved: dict) -> dict:
+    """The identity of a run folder written before identities were recorded: its saved flags."""
+    train = saved.get("train", {})
+    return identity_of(train, {}) if train else {}
+
+
+def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str) -> dict:
+    """config.json's content for this start: the run's identity, the flags, the resolved plan, and the list of
+    starts with the mutable flags each changed (the first start's entry has none)."""
+    run = RunFolder(plan.cfg.out)
+    starts = run.read_config().get("starts", []) if run.config.exists() else []
+    starts = starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "git_commit": git_commit,
+                        "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()}}]
+    return {
+        "identity": plan.identity,
+        "train": plan.cfg.to_dict(),
+        "model_config": plan.model_cfg.to_dict(),
+        "schedule": format_schedule(plan.stages),
+        "schedule_steps": [[s.patch_side, s.start, s.end] for s in plan.schedule.spans],
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "world_size": plan.world_size,
+        "precision": precision,
+        "ds_config_path": str(Path(plan.ds_path)),
+        "shards_meta": {k: plan.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer",
+                                                  "sets") if k in plan.meta},
+        "data_digest": plan.data_digest,
+        "git_commit": git_commit,
+        "starts": starts,
+    }
