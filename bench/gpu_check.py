@@ -34,7 +34,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-SCHEDULE = "4:0.25,2:0.25,1:0.5"
+from npp.train.config import DEFAULT_SCHEDULE
+
+SCHEDULE = DEFAULT_SCHEDULE
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from npp.models import GPT, gpt_config, train_flops_per_sample
 from npp.models.gpt import configure_optimizer_groups
+from npp.train.config import DEFAULT_SCHEDULE
 from npp.train.schedule import parse_schedule, schedule_cost_ratio
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--schedule", default="4:0.25,2:0.25,1:0.5")
+    ap.add_argument("--schedule", default=DEFAULT_SCHEDULE)
     args = ap.parse_args()
 
     torch.manual_seed(0)

@@ -59,7 +59,13 @@ def run_command(result: Any) -> Any:
 
 
 def models(vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256) -> None:
-    """List the model sizes with their parameter counts."""
+    """List the model sizes with their parameter counts.
+
+    Args:
+      vocab_size: codebook size of the tokenizer (LlamaGen's: 16384)
+      num_classes: class labels (ImageNet: 1000)
+      block_size: tokens per image (256 px / 16 = 16 x 16 = 256)
+    """
     from npp.models.configs import GPT_SIZES, count_parameters, gpt_config
 
     print(f"{'name':<10} {'layers':>6} {'heads':>5} {'dim':>5} {'params':>15}")
@@ -80,6 +86,15 @@ def schedule(
     """Show where each stage of a schedule starts and ends, and its cost relative to next-token training.
 
     Give `--schedule 4:0.25,2:0.25,1:0.5`, or the paper's `--patch-levels 3 --epoch-rate 0.5`.
+
+    Args:
+      schedule: patch_side:share,... (as `npp train --schedule`; default 1:1)
+      patch_levels: >0: the paper's schedule with this many levels instead
+      epoch_rate: the paper's stage boundary rate for --patch-levels
+      epochs: the training budget in epochs
+      steps_per_epoch: optimizer steps per epoch (ImageNet at batch 256: 5004)
+      model: model size the cost is computed for
+      block_size: tokens per image
     """
     from npp.models.configs import gpt_config
     from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule
@@ -99,7 +114,14 @@ def schedule(
 
 
 def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:
-    """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree."""
+    """Render the built-in toy dataset (10 classes of shapes and patterns) as an ImageFolder tree.
+
+    Args:
+      out: the ImageFolder root to write
+      per_class: images per class
+      size: pixels per side
+      seed: seed of the drawing
+    """
     from npp.pipeline.toy import write_toy_dataset
 
     n = write_toy_dataset(str(out), per_class, size, seed)
@@ -111,6 +133,17 @@ def fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, ma
     """Fit a small VQ tokenizer on a folder of images; writes a LlamaGen-format checkpoint and a PNG.
 
     The budget is --max-steps; --minutes > 0 adds a wall-clock cap (then the result depends on the machine).
+
+    Args:
+      data: ImageFolder directory of training images
+      out: the checkpoint to write (.pt)
+      preset: tokenizer size (VQ-toy)
+      image_size: pixels of the training crops
+      max_steps: optimizer steps (the budget)
+      minutes: >0: also stop after this many minutes (machine-dependent)
+      batch: images per step
+      lr: learning rate
+      seed: seed of weights and data order
     """
     from npp.tokenize.fit_vq import fit_vq
 
@@ -118,7 +151,11 @@ def fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, ma
 
 
 def finalize(out: str) -> None:
-    """Merge every rank's shards into manifest.parquet and failures.parquet."""
+    """Merge every rank's shards into manifest.parquet and failures.parquet.
+
+    Args:
+      out: the shard-set directory of the array run
+    """
     from npp.tokenize.run import finalize
 
     finalize(str(out))
@@ -183,14 +220,24 @@ class TrainCommand(TrainConfig, Command):
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:
-        """Write the consolidated fp32 checkpoint (LlamaGen format) of a run's latest (or --tag) checkpoint."""
+        """Write the consolidated fp32 checkpoint (LlamaGen format) of a run's latest (or --tag) checkpoint.
+
+        Args:
+          run: the run directory (npp train --out)
+          tag: a checkpoint of the run (step_000001000; default: the latest)
+          out: where to write it (default: RUN/model.pt)
+        """
         from npp.train.export import export
 
         export(str(run), str(tag) or None, str(out) or None)
 
     @staticmethod
     def convert(run: str) -> None:
-        """Make RUN's latest checkpoint loadable on any number of ranks (DeepSpeed universal checkpoint)."""
+        """Make RUN's latest checkpoint loadable on any number of ranks (DeepSpeed universal checkpoint).
+
+        Args:
+          run: the run directory (npp train --out)
+        """
         from npp.train.universal import convert
 
         convert(str(run))
@@ -258,7 +305,18 @@ class EvalCommands:
 
     def __call__(self, samples: str, ref: str, run_id: str = "", ckpt: str = "", inception: str = "",
                  classifier: str = "", experiment: str = "npp", log: bool = True) -> None:
-        """Metrics of samples (a file, a comma list or a glob: a cfg sweep) against a reference; logs to MLflow."""
+        """Metrics of samples (a file, a comma list or a glob: a cfg sweep) against a reference; logs to MLflow.
+
+        Args:
+          samples: samples .npz (from npp sample): a file, a comma list or a glob
+          ref: reference batch (ADM's VIRTUAL_imagenet256_labeled.npz) or statistics from `npp eval ref`
+          run_id: the MLflow run to log into (default: the run of --ckpt)
+          ckpt: the model the samples came from (finds its training run)
+          inception: FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+          classifier: or a toy classifier (npp eval fit-classifier) as the feature network
+          experiment: MLflow experiment
+          log: log the metrics to MLflow (--nolog: print only)
+        """
         from npp.eval.evaluate import evaluate
 
         evaluate(str(samples), str(ref), str(run_id) or None, str(ckpt) or None, str(inception) or None,
@@ -271,6 +329,16 @@ class EvalCommands:
 
         At most --limit images (a seeded subset; ADM's reference batches hold 50,000; 0 = all), streamed
         through the feature network batch by batch.
+
+        Args:
+          out: the statistics file to write (.npz)
+          data: real images (ImageFolder or parquet)
+          shards: or the shard set whose source images to use
+          image_size: pixels (default: the shard set's)
+          inception: FID Inception weights
+          classifier: or a toy classifier as the feature network
+          limit: images used (0 = all)
+          max_features: features kept for precision/recall
         """
         from npp.eval.features import load_feature_net
         from npp.eval.reference import iter_real_images, make_reference
@@ -282,14 +350,30 @@ class EvalCommands:
     @staticmethod
     def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,
                        seed: int = 0) -> None:
-        """Train the toy classifier that stands in for Inception on datasets like the toy set."""
+        """Train the toy classifier that stands in for Inception on datasets like the toy set.
+
+        Args:
+          data: ImageFolder directory of labelled images
+          out: the classifier checkpoint to write
+          image_size: pixels
+          epochs: passes over the data
+          batch: images per step
+          lr: learning rate
+          seed: seed of weights and data order
+        """
         from npp.eval.fit_classifier import fit_classifier
 
         fit_classifier(str(data), str(out), image_size, epochs, batch, lr, seed)
 
 
 def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> None:
-    """Table and PNG plot of FID against training FLOPs and wall hours, one line per run (NPP vs NTP)."""
+    """Table and PNG plot of FID against training FLOPs and wall hours, one line per run (NPP vs NTP).
+
+    Args:
+      experiment: MLflow experiment of the runs
+      out: directory of the table and the plot
+      metric: the metric to plot (default: FID)
+    """
     from npp.eval.compare import compare as run_compare
 
     run_compare(str(experiment), str(out), str(metric) or None)
@@ -297,7 +381,14 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> 
 
 def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve: bool = True) -> None:
     """Print the URLs of an experiment's training runs in the MLflow UI, then serve the UI for
-    MLFLOW_TRACKING_URI (an http:// tracking server already serves it: then only the URLs are printed)."""
+    MLFLOW_TRACKING_URI (an http:// tracking server already serves it: then only the URLs are printed).
+
+    Args:
+      experiment: MLflow experiment
+      host: address the UI listens on
+      port: port the UI listens on
+      serve: serve the UI (--noserve: print the URLs only)
+    """
     import shutil
 
     import mlflow

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npp.app.launch import torchrun_train_cmd
-from npp.errors import ConfigError, NppError
+from npp.errors import NppError, UsageError
+from npp.pipeline.flags import documented, flag
+from npp.train.config import DEFAULT_DS_CONFIG, DEFAULT_SCHEDULE
 from npp.pipeline.runs import RunFolder
 
 
@@ -31,43 +33,58 @@ class DemoError(NppError, RuntimeError):
 
 def find_ds_config(path: str) -> Path:
     """A DeepSpeed config given relative to the working directory, or to the source checkout (ds_configs/ is part
-    of the repository, not of an installed package)."""
-    given = Path(path)
-    if given.is_absolute() or given.exists():
-        return given.resolve()
-    checkout = Path(__file__).resolve().parents[2] / path
-    if checkout.exists():
-        return checkout
-    raise ConfigError(f"DeepSpeed config {path} not found in {Path.cwd()} nor in {checkout.parent.parent}: run the "
-                      "demo from the repository's root, or pass --ds-config PATH")
+    of the repository, not of an installed package): npp.train.ds_config's rule."""
+    from npp.train.ds_config import load_ds_json, resolve_ds_path
+
+    resolved = resolve_ds_path(path)
+    load_ds_json(resolved)  # exists, is a file, is JSON
+    return Path(resolved).resolve()
 
 
+@documented
 @dataclass
 class DemoConfig:
-    out: str = "demo_out"
-    per_class: int = 1000  # toy images per class (10 classes): fewer and the tiny GPT memorises instead of generalising
-    image_size: int = 32
-    vq_steps: int = 700  # a step budget, never wall-clock: the same numbers on any machine
-    classifier_epochs: int = 2
-    model: str = "GPT-Tiny"
-    schedule: str = "4:0.25,2:0.25,1:0.5"
-    epochs: int = 14
-    global_batch: int = 64
-    lr: float = 3e-3
-    end_lr: float = 1e-4
-    dropout: float = 0.0  # token/residual/FFN/attention dropout: a tiny model on a tiny set underfits
-    nproc: int = 2  # DeepSpeed processes (torchrun, gloo on CPU)
-    ds_config: str = "ds_configs/zero2.json"
-    samples_per_class: int = 50
-    eval_points: int = 5  # FID during training: this many evaluations over the run (a curve against FLOPs)
-    eval_per_class: int = 20
-    # a tiny model's unconditional half is weak: mild guidance and a cooler temperature sample best
-    cfg_scale: float = 2.0
-    top_k: int = 0
-    temperature: float = 0.6
-    seed: int = 0
-    check_quality: bool = True  # fail unless samples show learning (>= 80% classified as their class)
-    min_class_accuracy: float = 0.8
+    """The flags of `npp demo` (and `npp demo compare`)."""
+
+    out: str = flag("demo_out", "directory of everything the demo makes (a rerun reuses what is there)")
+    per_class: int = flag(1000, "toy images per class (10 classes): fewer and the tiny GPT memorises")
+    image_size: int = flag(32, "pixels of the toy images")
+    vq_steps: int = flag(700, "steps of the VQ fit (a step budget, never wall-clock: the same numbers anywhere)")
+    classifier_epochs: int = flag(2, "epochs of the toy classifier that stands in for Inception")
+    model: str = flag("GPT-Tiny", "model size")
+    schedule: str = flag(DEFAULT_SCHEDULE, "the NPP schedule (`npp demo compare` adds 1:1 beside it)")
+    epochs: int = flag(14, "training epochs")
+    global_batch: int = flag(64, "samples per optimizer step")
+    lr: float = flag(3e-3, "peak learning rate")
+    end_lr: float = flag(1e-4, "learning rate at the end of each stage")
+    dropout: float = flag(0.0, "token/residual/FFN/attention dropout (a tiny model on a tiny set underfits)")
+    nproc: int = flag(2, "DeepSpeed processes (torchrun, gloo on CPU)")
+    ds_config: str = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON")
+    samples_per_class: int = flag(50, "samples per class for the final evaluation")
+    eval_points: int = flag(5, "FID evaluations during training (a curve against FLOPs)")
+    eval_per_class: int = flag(20, "samples per class at each eval point")
+    cfg_scale: float = flag(2.0, "guidance scale (a tiny model's unconditional half is weak: mild guidance)")
+    top_k: int = flag(0, "top-k sampling (0 = all)")
+    temperature: float = flag(0.6, "sampling temperature (cooler samples best on the toy set)")
+    seed: int = flag(0, "seed of everything")
+    check_quality: bool = flag(True, "fail unless samples show learning (>= --min-class-accuracy classified)")
+    min_class_accuracy: float = flag(0.8, "share of samples the classifier must put in their class")
+
+    def validate(self) -> None:
+        """Refuse values that cannot work before anything is built (no torch)."""
+        from npp.models.configs import GPT_SIZES
+        from npp.train.schedule import parse_schedule
+
+        for name in ("per_class", "image_size", "vq_steps", "classifier_epochs", "epochs", "global_batch", "nproc",
+                     "samples_per_class", "eval_per_class"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.model not in GPT_SIZES:
+            raise UsageError(f"--model {self.model!r} is not a model size: one of {', '.join(GPT_SIZES)}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.min_class_accuracy <= 1 or self.temperature <= 0:
+            raise UsageError("--dropout must lie in [0, 1), --min-class-accuracy in [0, 1], --temperature > 0")
+        parse_schedule(self.schedule)
+        find_ds_config(self.ds_config)
 
 
 def _step(title: str) -> float:

@@ -73,7 +73,7 @@ class FlagSpec:
 
 def _hints(obj: Any) -> dict:
     try:
-        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+        return typing.get_type_hints(obj)  # a class: its fields' annotations, resolved in their own modules
     except Exception:  # an annotation that cannot be resolved: treat it as untyped
         return {}
 

@@ -64,6 +64,13 @@ class TokenizeConfig:
             raise UsageError(str(e)) from None
         need(bool(self.data) and os.path.exists(self.data),
              f"data path {self.data!r} does not exist: pass --data DIR (ImageFolder) or parquet files")
+        if os.path.isdir(self.data):
+            entries = list(os.scandir(self.data))
+            need(bool(entries), f"--data {self.data} is an empty directory: pass the ImageFolder root "
+                                "(DATA/<class>/<image>) or a directory of parquet files")
+            need(any(e.is_dir() for e in entries) or any(e.name.endswith(".parquet") for e in entries),
+                 f"--data {self.data} has no class folders and no .parquet files: pass the ImageFolder root "
+                 "(DATA/<class>/<image>, e.g. imagenet/train, not one class's folder) or a parquet directory")
         check_vq_checkpoint(self.vq, "--vq")
         need(bool(self.out), "--out is empty: pass the shard-set directory")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),

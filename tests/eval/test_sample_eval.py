@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 
@@ -207,5 +208,8 @@ def test_make_eval_ref_never_writes_over_adms_reference():
     out = subprocess.run(["make", "-n", "eval-ref", "SHARDS=shards/in256"], capture_output=True, text=True,
                          cwd=os.path.join(os.path.dirname(__file__), "..", "..")).stdout
     line = next(line for line in out.splitlines() if "npp eval ref" in line)
-    assert "--out ckpts/ref_in256.npz" in line and "--limit 50000" in line
+    assert "--out ckpts/ref_in256.npz" in line and "--limit" not in line  # npp's own default: 50,000 as ADM's
     assert "VIRTUAL_imagenet256_labeled" not in line
+    from npp.app.cli import EvalCommands
+
+    assert inspect.signature(EvalCommands.ref).parameters["limit"].default == 50_000

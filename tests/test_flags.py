@@ -1,0 +1,278 @@
+"""Flags mean what the user typed: typed, documented, checked before torch, defaults in Python only.
+
+Each case is a command line users type (`--ema=false`, `--epochs=abc`, a typo, the wrong file in
+the right place); on 7b3cb8a every one of them was accepted as something else, or died with a
+traceback or fire's usage screen.
+"""
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npp.app.cli import COMMANDS, DemoCommand, SampleCommand, TokenizeCommand, TrainCommand, WatchCommand, main, \
+    normalize_argv
+from npp.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def npp(*args, cwd=REPO, env=None):
+    """`npp ARGS` in a fresh interpreter that fails if torch was imported before the refusal."""
+    code = ("import sys\nfrom npp.app.cli import main\ncode = 0\n"
+            f"try:\n    main({list(args)!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stdout)\nsys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", **(env or {})})
+
+
+def typed(*argv):
+    """The values fire receives for a command line, as Python objects."""
+    out = {}
+    for word in normalize_argv(list(argv)):
+        if word.startswith("--"):
+            name, _, literal = word[2:].partition("=")
+            out[name] = eval(literal)  # noqa: S307 - our own repr()s
+    return out
+
+
+@pytest.mark.parametrize("words,value", [
+    (["--ema=false"], False), (["--ema=FALSE"], False), (["--ema=no"], False), (["--ema", "No"], False),
+    (["--ema=0"], False), (["--noema"], False), (["--ema"], True), (["--ema=true"], True), (["--ema", "yes"], True),
+    (["--ema=1"], True),
+])
+def test_booleans_read_as_typed(words, value):
+    assert typed("train", "--shards", "s", "--out", "o", *words)["ema"] is value
+
+
+def test_every_boolean_and_switch_of_every_command():
+    assert typed("tokenize", "run", "--data", "d", "--vq", "v", "--out", "o", "--ten-crop=false")["ten_crop"] is False
+    assert typed("train", "--shards", "s", "--out", "o", "--tracking=no")["tracking"] is False
+    assert typed("eval", "--samples", "s", "--ref", "r", "--log=false")["log"] is False
+    assert typed("eval", "watch", "--run", "r", "--once=off")["once"] is False
+    assert typed("demo", "--check-quality=False")["check_quality"] is False
+    assert typed("ui", "--serve=false")["serve"] is False
+    assert typed("train", "--shards", "s", "--out", "o", "--nocompile")["compile"] == "off"
+    assert typed("train", "--shards", "s", "--out", "o", "--compile")["compile"] == "on"
+    assert typed("train", "--shards", "s", "--out", "o", "--compile=false")["compile"] == "off"
+    # strings stay as typed: a run called 1e3, a path that looks like a number
+    assert typed("train", "--shards", "2024", "--out", "1e3")["out"] == "1e3"
+    assert typed("train", "--shards", "s", "--out", "o", "--total-steps", "none")["total_steps"] is None
+    assert typed("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale", "1.5,2.0")["cfg_scale"] == "1.5,2.0"
+    assert typed("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale", "2")["cfg_scale"] == 2.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--shards", "s", "--out", "o", "--epochs=abc"], "npp train --epochs: 'abc' is not a whole number"),
+    (["train", "--shards", "s", "--out", "o", "--lr=1e-4x"], "npp train --lr: '1e-4x' is not a number"),
+    (["tokenize", "run", "--data", "d", "--vq", "v", "--out", "o", "--workers", "two"],
+     "--workers: 'two' is not a whole number"),
+    (["train", "--shards", "s", "--out", "o", "--ema=maybe"], "--ema: 'maybe' is not true or false"),
+    (["train", "--shards", "s", "--out", "o", "--precision", "fp16"],
+     "--precision: 'fp16' is not one of auto, bf16-mixed, bf16, fp32"),
+    (["train", "--shards", "s", "--out", "o", "--epoch", "3"], "unknown flag --epoch for npp train; did you mean --epochs?"),
+    (["train", "--out", "o"], "npp train needs --shards (shard-set directory"),
+    (["trian", "--out", "o"], "unknown command npp trian; did you mean npp train?"),
+    (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check)"),
+    (["train", "to_dict"], "npp train has no command 'to_dict'"),
+    (["demo", "--per-clas", "3"], "did you mean --per-class?"),
+])
+def test_bad_values_are_one_line_naming_flag_value_and_what_it_accepts(argv, message):
+    proc = npp(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("npp: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "NO-TORCH" in proc.stdout
+
+
+def test_user_paths_are_echoed_as_typed(tmp_path):
+    proc = npp("train", "--shards", "work/shards", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "work/shards is not a shard set" in proc.stderr, proc.stderr
+    assert "'\"'" not in proc.stderr
+
+
+def _documented_params(fn) -> dict:
+    import fire.docstrings
+
+    info = fire.docstrings.parse(inspect.getdoc(fn) or "")
+    return {a.name: (a.description or "") for a in (info.args or [])}
+
+
+CONFIG_COMMANDS = [TrainCommand, TokenizeCommand, SampleCommand, WatchCommand, DemoCommand]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=lambda c: c.__name__)
+def test_every_flag_of_a_config_command_has_a_meaning_where_fire_reads_it(command):
+    documented = _documented_params(command)
+    for f in dataclasses.fields(command):
+        assert documented.get(f.name, "").strip(), f"{command.__name__}.{f.name} has no meaning in the docstring"
+
+
+def _functions():
+    found = []
+    for name, obj in COMMANDS.items():
+        if isinstance(obj, dict):
+            found += [(f"{name} {k}", v) for k, v in obj.items() if inspect.isfunction(v)]
+        elif inspect.isfunction(obj):
+            found.append((name, obj))
+    evals = COMMANDS["eval"]
+    found += [("eval", type(evals).__call__), ("eval ref", evals.ref), ("eval fit-classifier", evals.fit_classifier),
+              ("train export", TrainCommand.export), ("train convert", TrainCommand.convert),
+              ("train check", TrainCommand.check)]
+    return found
+
+
+@pytest.mark.parametrize("name,fn", _functions(), ids=[n for n, _ in _functions()])
+def test_every_parameter_of_a_function_command_has_a_meaning(name, fn):
+    documented = _documented_params(fn)
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    if name == "train check":
+        documented = {**documented, **_documented_params(TrainCommand)}
+    for p in params:
+        assert documented.get(p, "").strip() or "--" + p.replace("_", "-") in (inspect.getdoc(fn) or ""), \
+            f"npp {name} --{p} has no meaning in its docstring"
+
+
+def test_help_shows_each_flag_with_its_meaning_and_default():
+    proc = subprocess.run([sys.executable, "-m", "npp", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PAGER": "cat"}, timeout=60)
+    text = proc.stdout + proc.stderr
+    for f in dataclasses.fields(TrainCommand):
+        assert f"--{f.name}" in text or f.name.upper() in text, f.name
+        first_words = " ".join(f.metadata["help"].split()[:4])
+        assert first_words in " ".join(text.split()), (f.name, first_words)
+    assert "Default: 'GPT-B'" in text and "Default: 300" in text
+    for internal in ("to_dict", "validate", "execute", "eval_spec", "check_values"):
+        assert internal not in text
+
+
+def test_version_names_the_commit(capsys):
+    main(["--version"])
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"npp \d+\.\d+\.\d+ \(git ([0-9a-f]{40}|unknown)\)\n", out), out
+
+
+def test_make_help_lists_the_variables_of_each_target_with_defaults():
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"^  train-slurm .*\[NODES GPUS_PER_NODE SBATCH_FLAGS", out, re.M)
+    assert re.search(r"^  MODEL +\(empty\) +model size \(npp: GPT-B", out, re.M)
+    assert re.search(r"^  NODES +1 +", out, re.M)
+    for target in re.findall(r"^([a-z-]+):.*## ", (REPO / "Makefile").read_text(), re.M):
+        assert f"  {target} " in out
+
+
+def _python_defaults(config) -> set:
+    return {str(f.default) for f in dataclasses.fields(config)
+            if f.default is not dataclasses.MISSING and f.default not in (None, "", True, False)}
+
+
+@pytest.mark.parametrize("target,config", [("train", TrainCommand), ("train-slurm", TrainCommand),
+                                           ("sample", SampleCommand), ("tokenize", TokenizeCommand),
+                                           ("tokenize-slurm", TokenizeCommand)])
+def test_make_passes_no_python_default(target, config):
+    """With no variable set, the command make runs names only the required flags (paths): every other value is
+    npp's own default, so a default changed in Python reaches make and sbatch runs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "WORKERS", "EPOCHS", "SCHEDULE", "GPUS_PER_NODE")}
+    proc = subprocess.run(["make", "-n", "-C", str(REPO), "-o", ".venv/.npp-setup-stamp", target], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if " -m npp " in ln or "/npp " in ln or "npp train" in ln
+                or "npp tokenize" in ln)
+    words = shlex.split(line.replace("$((", "").replace("))", ""))
+    flags = [w for w in words if w.startswith("--") and w[2:].replace("-", "_") in {f.name for f in dataclasses.fields(config)}]
+    required = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config) if f.default is dataclasses.MISSING}
+    assert set(flags) <= required, line
+    values = {w for i, w in enumerate(words) if i and words[i - 1] in flags}
+    assert not values & _python_defaults(config), line
+
+
+def test_shipped_deepspeed_configs_hold_no_key_npp_overrides():
+    from npp.train.ds_config import replaced_keys
+
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        assert replaced_keys(json.loads(path.read_text())) == [], path.name
+
+
+def test_a_key_npp_replaces_is_said(tmp_path, shard_set):
+    from npp.train.config import TrainConfig
+    from npp.train.plan import make_plan
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 5.0, "train_batch_size": 3}))
+    plan = make_plan(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
+                                 ds_config=str(ds)), world_size=1)
+    assert any("train_batch_size, gradient_clipping replaced by npp's flags" in n for n in plan.notes), plan.notes
+
+
+def test_train_check_from_another_directory_finds_the_default_deepspeed_config(tmp_path, shard_set):
+    proc = npp("train", "check", "--shards", str(shard_set), "--out", str(tmp_path / "r"), "--model", "GPT-Nano",
+               "--global-batch", "16", "--world-size", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "npp train: ok: GPT-Nano on 80 samples (8 shards)" in proc.stdout and "ZeRO-2" in proc.stdout
+    assert str(REPO / "ds_configs" / "zero2.json") in proc.stdout and "NO-TORCH" in proc.stdout
+    assert not (tmp_path / "r").exists()  # a check writes nothing
+    proc = npp("train", "check", "--shards", str(shard_set), "--out", str(tmp_path / "r"), "--model", "GPT-Nano",
+               "--global-batch", "16", "--world-size", "3", cwd=tmp_path)
+    assert proc.returncode == 2 and "does not divide by world size 3" in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A run folder, an exported GPT, a VQ tokenizer, a shard set without its manifest."""
+    import torch
+
+    from tests.helpers import make_gpt, save_small_vq
+
+    root = tmp_path_factory.mktemp("files")
+    save_small_vq(root / "vq.pt")
+    model = make_gpt()
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "steps": 1}, root / "model.pt")
+    (root / "run" / "checkpoints").mkdir(parents=True)
+    (root / "run" / "config.json").write_text("{}")
+    (root / "noman").mkdir()
+    (root / "noman" / "meta.json").write_text(json.dumps({"complete": True}))
+    (root / "images" / "empty").mkdir(parents=True)
+    (root / "flat").mkdir()
+    (root / "flat" / "a.jpg").write_bytes(b"x")
+    return root
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "--ckpt", "{r}/run", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
+     "--ckpt {r}/run is a training run folder, not a model file: export it first with `npp train export --run {r}/run`"),
+    (["sample", "--ckpt", "{r}/vq.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
+     "--ckpt {r}/vq.pt is a VQ tokenizer, not a GPT"),
+    (["sample", "--ckpt", "{r}/model.pt", "--vq", "{r}/model.pt", "--out", "{r}/s"],
+     "--vq {r}/model.pt is a GPT checkpoint, not a VQ tokenizer"),
+    (["sample", "--ckpt", "{r}/images", "--vq", "{r}/vq.pt", "--out", "{r}/s"], "--ckpt {r}/images is a directory"),
+    (["sample", "--ckpt", "{r}/nope.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"], "--ckpt {r}/nope.pt does not exist"),
+    (["tokenize", "run", "--data", "{r}/images", "--vq", "{r}/model.pt", "--out", "{r}/sh"],
+     "--vq {r}/model.pt is a GPT checkpoint"),
+    (["tokenize", "run", "--data", "{r}/flat", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
+     "--data {r}/flat has no class folders and no .parquet files"),
+    (["tokenize", "run", "--data", "{r}/images/empty", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
+     "--data {r}/images/empty is an empty directory"),
+    (["train", "--shards", "{r}/noman", "--out", "{r}/r2"], "{r}/noman has no manifest.parquet"),
+    (["train", "--shards", "{r}/noman", "--out", "{r}/noman"], "--out {r}/noman is a shard set"),
+    (["train", "--shards", "{r}/noman", "--out", "{r}/r2", "--ds-config", str(REPO / "ds_configs")],
+     f"--ds-config {REPO / 'ds_configs'} is a directory, not a DeepSpeed JSON file"),
+])
+def test_the_wrong_file_in_the_right_place_is_named_before_torch(files, argv, message):
+    proc = npp(*[a.format(r=files) for a in argv])
+    assert proc.returncode == 2, proc.stderr
+    assert message.format(r=files) in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert "NO-TORCH" in proc.stdout
+
+
+def test_sample_refuses_a_precision_it_does_not_have(files):
+    with pytest.raises(UsageError, match="--precision: 'bf16-mixed' is not one of fp32, bf16"):
+        normalize_argv(["sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--precision", "bf16-mixed"])
