@@ -20,7 +20,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 # tokenize: `make tokenize DATA=/data/imagenet/train VQ=ckpts/vq_ds16_c2i.pt OUT=shards/in256`
 #: images: ImageFolder root or parquet directory
 DATA ?= data/imagenet/train
-#: the VQ tokenizer (`make assets`)
+#: the VQ tokenizer
 VQ ?= ckpts/vq_ds16_c2i.pt
 #: the shard-set directory tokenize writes
 OUT ?= shards/in256
@@ -74,13 +74,13 @@ PER_CLASS ?=
 SAMPLE_BATCH ?=
 #: more `npp sample` flags
 SAMPLE_FLAGS ?=
-#: ADM's reference batch (`make assets`)
+#: ADM's reference batch
 REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
 #: eval-ref: the reference statistics it writes (never over REF)
 REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
 #: eval-ref: real images used (npp: 50000, as ADM's batches)
 REF_LIMIT ?=
-#: FID Inception weights (`make assets`)
+#: FID Inception weights
 INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
 #: more `npp eval` flags
 EVAL_FLAGS ?=

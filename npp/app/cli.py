@@ -216,7 +216,7 @@ class TrainCommand(TrainConfig, Command):
         if plan.changes:
             from npp.train.run_record import describe_changes
 
-            print(f"npp train: flags changed since the last start (allowed on resume): {describe_changes(plan)}")
+            print(f"npp train: {describe_changes(plan)}")
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:
@@ -227,6 +227,9 @@ class TrainCommand(TrainConfig, Command):
           tag: a checkpoint of the run (step_000001000; default: the latest)
           out: where to write it (default: RUN/model.pt)
         """
+        from npp.pipeline.inputs import check_run_checkpoint
+
+        check_run_checkpoint(run, tag)
         from npp.train.export import export
 
         export(str(run), str(tag) or None, str(out) or None)
@@ -238,6 +241,9 @@ class TrainCommand(TrainConfig, Command):
         Args:
           run: the run directory (npp train --out)
         """
+        from npp.pipeline.inputs import check_run_checkpoint
+
+        check_run_checkpoint(run)
         from npp.train.universal import convert
 
         convert(str(run))
@@ -317,6 +323,15 @@ class EvalCommands:
           experiment: MLflow experiment
           log: log the metrics to MLflow (--nolog: print only)
         """
+        from npp.pipeline.inputs import check_file, check_gpt_checkpoint, check_samples
+
+        check_samples(samples)
+        check_file(ref, "--ref", "a reference batch or statistics (.npz)", "ADM's VIRTUAL_imagenet256_labeled.npz, "
+                   "or `npp eval ref` writes statistics")
+        if ckpt:
+            check_gpt_checkpoint(ckpt)
+        if inception:
+            check_file(inception, "--inception", "the FID Inception weights", "pt_inception-2015-12-05-6726825d.pth")
         from npp.eval.evaluate import evaluate
 
         evaluate(str(samples), str(ref), str(run_id) or None, str(ckpt) or None, str(inception) or None,

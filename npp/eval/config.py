@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Union
 
@@ -17,7 +18,7 @@ class SampleConfig:
 
     ckpt: str = flag(help="the exported model (RUN/model.pt from `npp train export`, or a LlamaGen/NPP GPT "
                           "checkpoint)")
-    vq: str = flag(help="the VQ tokenizer the model was trained on (LlamaGen's vq_ds16_c2i.pt: `make assets`)")
+    vq: str = flag(help="the VQ tokenizer the model was trained on (LlamaGen's vq_ds16_c2i.pt)")
     out: str = flag(help="directory of the samples (.npz per guidance scale, PNG grid); a rerun resumes it")
     per_class: int = flag(50, "samples per class with --labels balanced (FID-50k: 50 x 1000 classes)")
     cfg_scale: Union[float, str] = flag(2.0, "classifier-free guidance scale, or several for a sweep: '1.5,2.0,2.5'")
@@ -77,4 +78,6 @@ class WatchConfig(EvalSpec):
     def validate(self) -> None:
         if not self.run:
             raise UsageError("npp eval watch needs --run RUN (the training run's folder)")
+        if not os.path.isdir(self.run) or not os.path.exists(os.path.join(self.run, "config.json")):
+            raise UsageError(f"--run {self.run} is not a training run folder (no config.json): pass npp train's --out")
         super().validate()

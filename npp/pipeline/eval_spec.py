@@ -23,7 +23,7 @@ class EvalSpec:
 
     vq: str = flag("", "the tokenizer the shards were made with (decodes the samples)")
     ref: str = flag("", "reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)")
-    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth: `make assets`)")
+    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     classifier: str = flag("", "or a toy classifier (`npp eval fit-classifier`) as the feature network")
     per_class: int = flag(10, "samples per class (fixed labels and seeds at every evaluation)")
     cfg_scale: float = flag(2.0, "classifier-free guidance scale")

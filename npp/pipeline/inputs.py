@@ -16,7 +16,7 @@ from typing import Optional
 
 from npp.errors import UsageError
 
-ASSETS_HINT = "`make assets` downloads LlamaGen's tokenizer, ADM's reference batch and the FID Inception weights"
+ASSETS_HINT = "e.g. LlamaGen's vq_ds16_c2i.pt (README: The ImageNet recipe)"
 
 
 def pickle_strings(path: str, limit: int = 200_000) -> Optional[set[str]]:
@@ -94,3 +94,37 @@ def check_vq_checkpoint(path: str, flag: str = "--vq") -> None:
     if kind in ("inception", "not-torch"):
         what = "the FID Inception weights" if kind == "inception" else "not a PyTorch checkpoint"
         raise UsageError(f"{flag} {path} is {what}: pass a VQ tokenizer ({ASSETS_HINT})")
+
+
+def check_run_checkpoint(run: str, tag: str = "") -> None:
+    """A training run folder with a complete checkpoint (the given tag, or `latest`)."""
+    from npp.pipeline.runs import RunFolder
+
+    folder = RunFolder(run)
+    if not folder.path.is_dir():
+        raise UsageError(f"--run {run} does not exist: pass a training run folder (npp train --out)")
+    if not folder.config.exists():
+        raise UsageError(f"--run {run} is not a training run folder (no config.json): pass npp train's --out")
+    found = tag if tag and folder.tag_dir(tag).is_dir() else (folder.latest_tag() if not tag else None)
+    if found is None:
+        have = ", ".join(folder.complete_tags()) or "none yet"
+        raise UsageError(f"{folder.checkpoints} has no complete checkpoint {tag or '(no `latest`)'} (complete: "
+                         f"{have}): train first, or pass one of them as --tag")
+
+
+def check_samples(spec: str, flag: str = "--samples") -> list[str]:
+    """A samples file, a comma list or a glob (a guidance sweep): every part names existing files."""
+    import glob
+
+    files: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        if not found or not all(os.path.isfile(f) for f in found):
+            raise UsageError(f"{flag} {part} matches no samples file: run `npp sample` first (it writes "
+                             "OUT/samples_cfg<scale>.npz)")
+        files += found
+    if not files:
+        raise UsageError(f"{flag} is empty: pass the .npz written by `npp sample`")
+    return files

@@ -61,6 +61,26 @@ def _kill_daemon_children() -> None:
         child.join(timeout=5)
 
 
+def exit_now(code: int = 0) -> None:
+    """End this process at once, once its work is saved: loader workers killed, output flushed, then os._exit.
+
+    A rank that has saved and finished its MLflow run still spends 3-5 s in interpreter teardown (module
+    and C++ destructors of torch, DeepSpeed, gloo, MLflow; measured on 2 busy cores), during which torchrun,
+    srun and SLURM's KillWait wait for it. Nothing left to do needs that teardown: every file is closed
+    and every thread joined by then.
+    """
+    import logging
+
+    _kill_daemon_children()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class WorkerInit:
     """DataLoader `worker_init_fn`: die with the parent; optionally leave stop signals to the parent.
 

@@ -20,7 +20,7 @@ class TokenizeConfig:
     """The flags of `npp tokenize run`."""
 
     data: str = flag(help="ImageFolder directory (one folder per class) or parquet file/directory")
-    vq: str = flag(help="VQ tokenizer checkpoint (LlamaGen's vq_ds16_c2i.pt: `make assets`; or `npp tokenize "
+    vq: str = flag(help="VQ tokenizer checkpoint (LlamaGen's vq_ds16_c2i.pt, or `npp tokenize "
                         "fit-vq`)")
     out: str = flag(help="shard-set directory; a rerun resumes it")
     image_size: int = flag(256, "pixels of the square crops encoded")

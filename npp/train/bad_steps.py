@@ -36,5 +36,5 @@ class BadSteps:
         if self.streak >= self.max_streak:
             raise TrainingError(
                 f"{self.streak} consecutive non-finite steps at step {step}: stopping. The last good checkpoint is "
-                f"{last_good()}; lower --lr or check the data"
+                f"{last_good()}; lower --lr (with --allow-change lr) or check the data"
             )

@@ -102,6 +102,8 @@ class TrainConfig:
     vq: str = flag("", "the tokenizer the shards were made with (decodes the eval samples)")
     activation_checkpointing: bool = flag(False, "recompute each block in backward: larger micro-batches "
                                                  "(GPT-XXL/XXXL)")
+    allow_change: str = flag("", "defining flags this start may change on purpose, comma-separated (e.g. 'lr' "
+                                 "after non-finite steps): recorded in config.json and as MLflow amended.* tags")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -90,6 +90,12 @@ def init(env: DistEnv) -> torch.device:
     device = pick_device("auto")  # cuda:(local_rank % visible GPUs), set as current
     # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    if env.local_rank == 0 and env.world_size > 1:  # one line per node: where the ranks run
+        import socket
+
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        print(f"[npp train] node {socket.gethostname()}: ranks {env.rank}-{env.rank + per_node - 1} of "
+              f"{env.world_size} on {device}", flush=True)
     return device
 
 

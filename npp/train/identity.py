@@ -8,7 +8,10 @@ place that says which:
 - IDENTITY: the flags that define what is trained and how (model, schedule, budget, optimizer, LR
   schedule, precision, data order, seed, the MLflow run it is logged in) plus the data identity
   (the shard set's content digest) and the ZeRO stage (a checkpoint holds its partitioning).
-  A rerun that changes one is refused before anything starts, naming each change and the ways out.
+  A rerun that changes one is refused before anything starts, naming each change and the ways out;
+  `--allow-change FLAG,...` makes such a change on purpose (a lower --lr after non-finite steps): the
+  identity moves on, config.json's `starts` records it, MLflow gets an `amended.FLAG` tag (its params,
+  immutable, keep the first start's values).
 - MUTABLE: how this start runs the same training (loader workers, cadence of logs, checkpoints,
   syncs and evaluations, tracking on or off, compile, activation checkpointing, where the DeepSpeed
   JSON and the eval files are). Changes are accepted, printed, and recorded in config.json's
@@ -34,7 +37,7 @@ IDENTITY = (
 MUTABLE = (
     "shards",  # the path may move; the data itself is fixed by its digest
     "out", "grad_accum", "ds_config", "workers", "log_every", "ckpt_every", "keep", "max_bad_steps", "sync_every",
-    "tracking", "compile", "activation_checkpointing",
+    "tracking", "compile", "activation_checkpointing", "allow_change",
     "eval_every", "eval_every_epochs", "eval_per_class", "eval_cfg_scale", "eval_cfg", "eval_temperature",
     "eval_top_k", "eval_batch", "eval_ref", "inception", "classifier", "vq",
 )
@@ -52,18 +55,25 @@ def _spell(key: str) -> str:
         key, "--" + key.replace("_", "-"))
 
 
-def check_same_run(saved: dict, now: dict, out: str) -> None:
-    """Refuse a start whose identity differs from the run's first start; one line lists every change.
+def check_same_run(saved: dict, now: dict, out: str, allowed: tuple = ()) -> dict[str, tuple[Any, Any]]:
+    """Refuse a start whose identity differs from the run's; one line lists every change. Returns the changes
+    `allowed` names (--allow-change: amendments made on purpose, such as a lower --lr after non-finite steps).
 
     `saved` is the identity recorded in config.json (keys an older version did not record are not compared).
     """
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    unknown = [k for k in allowed if k not in IDENTITY]
+    if unknown:
+        raise UsageError(f"--allow-change {','.join(unknown)}: not a defining flag (those are: {', '.join(IDENTITY)}); "
+                         "the other flags may change on resume without it")
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in allowed]
     if changed:
         diffs = "; ".join(f"{_spell(k)}: {saved[k]!r} at the start, {now[k]!r} now" for k in changed)
         raise UsageError(
             f"{out} is a run started with other settings ({diffs}). A run's defining flags are fixed at its first "
-            f"start: rerun with the same flags to resume it, or pass a new --out to start another run"
+            f"start: rerun with the same flags to resume it, or pass a new --out to start another run (or, on "
+            f"purpose, --allow-change {','.join(k for k in changed if k in IDENTITY) or 'FLAG'})"
         )
+    return {k: (saved[k], now[k]) for k in allowed if k in saved and saved[k] != now[k]}
 
 
 def mutable_changes(saved_train: dict, now_train: dict) -> dict[str, tuple[Any, Any]]:

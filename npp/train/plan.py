@@ -52,6 +52,8 @@ class TrainPlan:
     workers: int  # loader workers per rank, resolved
     resume_tag: Optional[str]  # the checkpoint this start resumes from
     changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
+    amended: dict = field(default_factory=dict)  # defining flags changed on purpose (--allow-change)
+    first_identity: dict = field(default_factory=dict)  # the identity of the run's first start
     notes: list[str] = field(default_factory=list)  # what the plan decided that a user should read
 
     @property
@@ -151,9 +153,11 @@ def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
     meta, manifest = open_shard_sets(str(cfg.shards))
     digest = data_digest(manifest)
     saved = run.read_config() if run.config.exists() else None
+    amended: dict = {}
     if saved is not None:  # the run's identity first: a changed --model must not be reported as a misfit
         now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
-        check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path))
+        allowed = tuple(k.strip().replace("-", "_") for k in str(cfg.allow_change).split(",") if k.strip())
+        amended = check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path), allowed)
     model_cfg = _model_config(cfg, meta, run)
     check_meta_matches(model_cfg, meta, cfg.shards)
     stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
@@ -188,6 +192,8 @@ def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
                           "--grad-clip, --precision)")
     if saved is not None:
         plan.changes = mutable_changes(saved.get("train", {}), cfg.to_dict())
+        plan.amended = amended
+        plan.first_identity = saved.get("first_identity") or saved.get("identity") or {}
     return plan
 
 
@@ -203,9 +209,11 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
     run = RunFolder(plan.cfg.out)
     starts = run.read_config().get("starts", []) if run.config.exists() else []
     starts = starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "git_commit": git_commit,
-                        "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()}}]
+                        "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
+                        "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
     return {
         "identity": plan.identity,
+        "first_identity": plan.first_identity or plan.identity,  # what MLflow's params hold
         "train": plan.cfg.to_dict(),
         "model_config": plan.model_cfg.to_dict(),
         "schedule": format_schedule(plan.stages),

@@ -28,10 +28,10 @@ def write_run_files(run: RunFolder, plan: TrainPlan, ds_config: dict, precision:
 
 
 def mlflow_params(config: dict) -> dict:
-    """The run's identity as MLflow params (logged once, when the run is created)."""
+    """The run's first identity as MLflow params (logged once, when the run is created; amendments are tags)."""
     keep = ("model_config", "schedule", "schedule_steps", "total_steps", "steps_per_epoch", "shards_meta",
             "data_digest")
-    return {"train": {k: v for k, v in config["identity"].items()}, **{k: config[k] for k in keep if k in config}}
+    return {"train": dict(config["first_identity"]), **{k: config[k] for k in keep if k in config}}
 
 
 def mlflow_tags(config: dict, plan: TrainPlan) -> dict:
@@ -42,6 +42,9 @@ def mlflow_tags(config: dict, plan: TrainPlan) -> dict:
             "schedule": config["schedule"], "world_size": str(plan.world_size), "precision": config["precision"]}
     train = config["train"]
     tags.update({f"flag.{k}": str(train.get(k)) for k in MUTABLE})
+    for start in config.get("starts", []):  # every amendment of the identity (--allow-change), the latest last
+        for k, change in start.get("amended", {}).items():
+            tags[f"amended.{k}"] = f"{change['was']!r} -> {change['now']!r} from {start.get('resume_tag')}"
     return tags
 
 
@@ -53,4 +56,4 @@ def dataset_identity(plan: TrainPlan) -> dict:
 
 
 def describe_changes(plan: TrainPlan) -> str:
-    return ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in plan.changes.items())
+    return "flags changed since the last start (allowed on resume): " + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in plan.changes.items())

@@ -12,7 +12,6 @@ Every rank runs the same code under torchrun, the deepspeed launcher, srun, or a
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional, Union
 
 import numpy as np
@@ -29,6 +28,7 @@ from npp.train.distributed import DistEnv, barrier, init, read_env, stale_extens
 from npp.train.ds_config import device_ds_config, resolve_precision
 from npp.train.errors import TrainingError
 from npp.train.eval_points import EvalPoints
+from npp.train.export import export
 from npp.train.mfu import peak_flops
 from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
@@ -62,10 +62,10 @@ class Trainer:
             raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
                                 "from --vq, --eval-ref and --inception/--classifier)")
         self.evaluator = evaluator
-        if offloads_optimizer(self.ds_config) and stale_extension_locks(["cpu_adam"]):  # DeepSpeed JIT-builds it
-            raise TrainingError(
-                f"{stale_extension_locks(['cpu_adam'])[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: "
-                "every start would wait on it forever. If no build is running on any node, delete it and rerun")
+        stale = stale_extension_locks(["cpu_adam"]) if offloads_optimizer(self.ds_config) else []  # JIT-built by DS
+        if stale:
+            raise TrainingError(f"{stale[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: every start "
+                                "would wait on it forever. If no build is running on any node, delete it and rerun")
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.feed = DataFeed(self.cfg.shards, self.plan.manifest, self.cfg.seed, self.cfg.shuffle_buffer,
@@ -73,10 +73,7 @@ class Trainer:
                              self.plan.workers)
         self.last_lr = 0.0
 
-    @property
-    def step(self) -> int:
-        """Optimizer steps applied (the resumable state's)."""
-        return self.state.step
+    step = property(lambda self: self.state.step, doc="Optimizer steps applied (the resumable state's).")
 
     def _lr_factor(self, step: int) -> float:
         c = self.cfg
@@ -110,7 +107,8 @@ class Trainer:
                 flops = self.cfg.global_batch * self.stage_flops[span.index]
                 self.state.train_flops += flops  # spent, applied or not
                 if loss is None:  # DeepSpeed skipped the update: a gradient was not finite
-                    self.bad.skipped(self.state.step + 1, self._last_good, self._log)
+                    self.bad.skipped(self.state.step + 1, lambda: f"{self.run.latest_tag()} in {self.run.checkpoints}",
+                                     self._log)
                 else:
                     self.bad.applied()
                     self.state.step += 1
@@ -130,9 +128,8 @@ class Trainer:
         return self._finish()
 
     def train_step(self, batches, patch_side: int) -> Optional[torch.Tensor]:
-        """One optimizer step of grad_accum micro-batches (npp.train.step.TrainStep): this rank's mean loss,
-        still on the device, or None when DeepSpeed skipped the update because a gradient was not finite.
-        Nothing here waits for the device: losses are read and stops agreed on at the sync points only."""
+        """One optimizer step (npp.train.step.TrainStep): this rank's mean loss, still on the device (read at sync
+        points only), or None when DeepSpeed skipped the update because a gradient was not finite."""
         self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
         return self.step_fn(self._micro_batches(batches), patch_side)
 
@@ -172,10 +169,8 @@ class Trainer:
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
         self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
-        for note in self.plan.notes:
-            self._log(f"note: {note}")
-        if self.plan.changes:
-            self._log(f"flags changed since the last start (allowed on resume): {describe_changes(self.plan)}")
+        for line in [f"note: {n}" for n in self.plan.notes] + ([describe_changes(self.plan)] if self.plan.changes else []):
+            self._log(line)
         self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "
                   f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch {self.plan.micro_batch}, "
                   f"{self.plan.workers} loader workers; precision {self.precision}, blocks "
@@ -196,17 +191,16 @@ class Trainer:
         self._log(f"stop requested ({reason}): saved step {self.state.step} in {self.run.checkpoints}, exiting 0 for "
                   "requeue")
         self.tracker.finish("KILLED", wait_s=min(30.0, float(os.environ.get("NPP_MLFLOW_DRAIN_S", 30))))
+        barrier()  # leave together, as at the end
         return {"step": self.state.step, "stopped": True}
 
     def _finish(self) -> dict:
         barrier()
-        exported = None
+        exported = export(str(self.run.path)) if self.env.is_main else None
         if self.env.is_main:
-            from npp.train.export import export
-
-            exported = export(str(self.run.path))
             self.tracker.log({"exported_step": self.state.step}, self.state.step)
         self.tracker.finish()
+        barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
         return {"step": self.state.step, "stopped": False, "exported": exported}
 
     # --- what the loop calls -------------------------------------------------------
@@ -218,12 +212,8 @@ class Trainer:
             self.tracker.log(metrics, self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
-    def _last_good(self) -> str:
-        return f"{self.run.latest_tag()} in {self.run.checkpoints}"
-
     def _sync(self) -> bool:
-        """At a sync point: read the pending losses into metrics.jsonl, then agree on a stop request (one
-        all-reduce); True when the ranks stop here."""
+        """Read the pending losses into metrics.jsonl, agree on a stop (one all-reduce); True: stop here."""
         self.progress.flush()
         return self.stop.agreed(self.device)
 
@@ -253,8 +243,7 @@ class Trainer:
             print(f"[npp train] {msg}", flush=True)
 
 
-def train(plan: Union[TrainPlan, TrainConfig], evaluator=None) -> None:
-    """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory."""
-    result = Trainer(plan, evaluator).train()
-    if result.get("stopped"):
-        sys.exit(0)
+def train(plan: Union[TrainPlan, TrainConfig], evaluator=None) -> bool:
+    """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory.
+    True when it stopped on request (saved; a requeue resumes it), False when it reached the end."""
+    return bool(Trainer(plan, evaluator).train().get("stopped"))

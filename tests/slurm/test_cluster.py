@@ -10,120 +10,17 @@ it starts, not what it does.
 
 import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from npp.tokenize.run import TokenizeConfig, tokenize
-from tests.helpers import save_small_vq
-from tests.helpers import read_metrics
+from tests.helpers import read_metrics, save_small_vq
+from tests.slurm.jobs import (assert_each_step_once, interrupt_and_resume, job_env, job_log, make,
+                              mlflow_runs_and_loss_steps, sbatch, submit_train, wait_for)
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-TRAIN = ("--total-steps 40 --ckpt-every 8 --log-every 4 --warmup-epochs 0.5 --lr 3e-3 --end-lr 1e-4 "
-         "--shuffle-buffer 20")
-SBATCH = "--gres=none --cpus-per-task=2 --nodes=1"
-
-
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory):
-    """A fresh copy of the repository's files (what a clone has, logs/ with its .gitkeep only), sharing .venv."""
-    dest = tmp_path_factory.mktemp("checkout") / "npp"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)  # mtimes kept: make sees the set-up stamp as current
-    (dest / ".venv").symlink_to(REPO / ".venv")
-    assert [p.name for p in (dest / "logs").iterdir()] == [".gitkeep"]
-    return dest
-
-
-def make(checkout, target, env, **variables):
-    # -o: the copy shares the repository's .venv; never let make re-run `setup` there (it would point the shared
-    # editable install at this temporary copy)
-    args = ["make", "-C", str(checkout), "-o", ".venv/.npp-setup-stamp", target,
-            *[f"{k}={v}" for k, v in variables.items()]]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
-
-
-def job_env(tmp_path, slurm_cluster, **extra):
-    return {**os.environ, **slurm_cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-            "GPUS_PER_NODE": "2", "WORKERS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "TQDM_MININTERVAL": "5", **extra}
-
-
-def sbatch(checkout, env, *args):
-    """A bare `sbatch` from the repository's root, as SLURM users submit a script."""
-    proc = subprocess.run(["sbatch", *args], cwd=checkout, capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
-
-
-def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=False, **extra):
-    if via_make:
-        return make(checkout, "train-slurm", job_env(tmp_path, slurm_cluster, **extra), SHARDS=shard_set, RUN=run,
-                    MODEL="GPT-Nano", SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH=16, TRAIN_FLAGS=TRAIN, SBATCH_FLAGS=SBATCH)
-    env = job_env(tmp_path, slurm_cluster, SHARDS=str(shard_set), OUT=str(run), MODEL="GPT-Nano",
-                  SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH="16", EXTRA=TRAIN, **extra)
-    return sbatch(checkout, env, *SBATCH.split(), "slurm/train.sbatch")
-
-
-def job_log(checkout, job):
-    path = checkout / "logs" / f"npp-train_{job}.out"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_for(cond, timeout=300, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def release_requeued(slurm_cluster, job, restarts):
-    """Wait until the job is pending again after `restarts` restarts, then let it start now."""
-    wait_for(lambda: int(slurm_cluster.job_state(job).get("Restarts", 0)) >= restarts
-             and slurm_cluster.job_state(job).get("JobState") == "PENDING", 180, f"job {job} to be requeued")
-    # Not at once: slurmd revokes the old incarnation's credential with a 1-second clock, and a restart
-    # launched within that second is refused ("Job credential revoked"), which SLURM's own begin-time
-    # delay after a requeue never risks.
-    time.sleep(3)
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-
-
-def interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run, command: list[str]):
-    """Submit a training job, interrupt it at step 10 with `command JOB`, let the requeued job run to the end."""
-    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
-    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
-    slurm_cluster.run(*command, job, check=True)
-    release_requeued(slurm_cluster, job, 1)
-    info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED"), 400)
-    log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED", f"{log[-3000:]}\n{info}\n{slurm_cluster.logs()[-4000:]}"
-    return info, log
-
-
-def mlflow_runs_and_loss_steps(tmp_path, run):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    client = mlflow.tracking.MlflowClient()
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    steps = [m.step for m in client.get_metric_history((run / "mlflow_run_id").read_text(), "loss")]
-    return len(runs), steps
-
-
-def assert_each_step_once(run, total=40):
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, total + 1))
 
 
 def test_train_slurm_runs_from_a_fresh_checkout_despite_a_stale_op_lock(checkout, slurm_cluster, tmp_path, shard_set):
@@ -206,10 +103,10 @@ def tokenize_inputs(tmp_path_factory):
 def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=True):
     settings = dict(DATA=root / "images", VQ=root / "vq.pt", OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25)
     if via_make:
-        return make(checkout, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings,
+        return make(checkout, slurm_cluster, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings,
                     TOKENIZE_FLAGS="--views 2 --batch 2", ARRAY="0-1", SBATCH_FLAGS="--gres=none --cpus-per-task=1")
     env = job_env(tmp_path, slurm_cluster, EXTRA="--views 2 --batch 2", **{k: str(v) for k, v in settings.items()})
-    return sbatch(checkout, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch")
+    return sbatch(checkout, slurm_cluster, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch")
 
 
 def _wait_array(slurm_cluster, job, timeout=300):

@@ -38,7 +38,7 @@ def sbatch_env(tmp_path, shard_set):
         (stubs / name).chmod(0o755)
     env = {
         **os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
-        "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost",
         "SHARDS": str(shard_set), "OUT": str(tmp_path / "run"), "MODEL": "GPT-Nano", "GLOBAL_BATCH": "16",
         "GPUS_PER_NODE": "2", "WORKERS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun"),
         "NPP": str(Path(sys.executable).parent / "npp"),

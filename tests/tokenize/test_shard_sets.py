@@ -57,7 +57,7 @@ def test_several_shard_sets_train_as_one_epoch(two_sets, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     t = Trainer(TrainConfig(shards=f"{two_sets}/flip,{two_sets}/tencrop", out=str(two_sets / "run"),
                             model="GPT-Nano", global_batch=16, epochs=2, ds_config="ds_configs/zero2.json"))
-    assert t.steps_per_epoch == 68 // 16 and t.total_steps == 2 * (68 // 16)
+    assert t.plan.steps_per_epoch == 68 // 16 and t.total_steps == 2 * (68 // 16)
 
 
 def test_shard_sets_of_different_tokenizers_are_refused(two_sets, toy_tree, tmp_path):

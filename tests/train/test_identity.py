@@ -123,3 +123,23 @@ def test_flags_that_may_change_are_accepted_and_recorded_in_config_and_mlflow(st
     for k, v in config["identity"].items():
         if k in IDENTITY:
             assert now.data.params[f"train.{k}"] == str(v)
+
+
+def test_a_defining_flag_changed_on_purpose_is_recorded_as_an_amendment(started, shard_set):
+    tmp, run = started
+    first = _mlflow_run(tmp, run)
+    proc = npp_train("--shards", str(shard_set), "--out", str(run), *FLAGS, "--lr", "5e-5", "--allow-change", "lr",
+                     tmp_path=tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["identity"]["lr"] == 5e-5 and config["first_identity"]["lr"] == 1e-4
+    assert config["starts"][-1]["amended"] == {"lr": {"was": 1e-4, "now": 5e-5}}
+    now = _mlflow_run(tmp, run)
+    assert now.data.params == first.data.params and now.data.params["train.lr"] == "0.0001"
+    assert now.data.tags["amended.lr"].startswith("0.0001 -> 5e-05 from step_")
+    # the next start compares with the amended identity; --allow-change names defining flags only
+    proc = npp_train("check", "--shards", str(shard_set), "--out", str(run), *FLAGS, "--lr", "5e-5", tmp_path=tmp)
+    assert proc.returncode == 0, proc.stderr
+    proc = npp_train("check", "--shards", str(shard_set), "--out", str(run), *FLAGS, "--allow-change", "workers",
+                     tmp_path=tmp)
+    assert proc.returncode == 2 and "--allow-change workers: not a defining flag" in proc.stderr, proc.stderr

@@ -1,0 +1,101 @@
+"""Test instrumentation for the SLURM jobs of tests/slurm (on PYTHONPATH only when NPP_TEST_RECORD is set).
+
+Loaded into every Python process of a job, it records, one JSON line per event into NPP_TEST_RECORD/<host>-<pid>:
+the shards each loader worker of each rank is dealt per data epoch (npp.pipeline.stream.assign_shards, as
+called by the stream), every file torch.save writes, and when each rank's checkpoint save returns. It changes
+nothing the job does; it only lets a test see, across nodes, what the job did.
+"""
+
+import importlib.abc
+import importlib.util
+import json
+import os
+import socket
+import sys
+import time
+
+LOG = os.environ.get("NPP_TEST_RECORD")
+
+
+def record(kind: str, **fields) -> None:
+    line = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK"),
+            "t": time.time(), **fields}
+    with open(os.path.join(LOG, f"{socket.gethostname()}-{os.getpid()}.jsonl"), "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def _patch_stream(module) -> None:
+    original = module.assign_shards
+
+    def assign_shards(num_shards, epoch, seed, rank, world, worker, workers):
+        order = original(num_shards, epoch, seed, rank, world, worker, workers)
+        if sys._getframe(1).f_code.co_name == "_epoch_samples":  # the stream reading, not a count
+            record("shards", epoch=int(epoch), data_rank=int(rank), world=int(world), worker=int(worker),
+                   workers=int(workers), shards=[int(i) for i in order])
+        return order
+
+    module.assign_shards = assign_shards
+
+
+def _patch_torch(module) -> None:
+    original = module.save
+
+    def save(obj, f, *args, **kwargs):
+        out = original(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            record("torch.save", path=os.path.abspath(os.fspath(f)))
+        return out
+
+    module.save = save
+
+
+def _patch_checkpointing(module) -> None:
+    original = module.save
+
+    def save(engine, run, step, *args, **kwargs):
+        out = original(engine, run, step, *args, **kwargs)
+        record("saved", step=int(step))
+        return out
+
+    module.save = save
+
+
+PATCHES = {"npp.pipeline.stream": _patch_stream, "torch": _patch_torch, "npp.train.checkpointing": _patch_checkpointing}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a patch right after its module is executed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in PATCHES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            PATCHES[name](module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _exiting() -> None:  # registered first, so it runs after every other exit hook of the process
+    import threading
+
+    children = [c.pid for c in __import__("multiprocessing").active_children()] if "multiprocessing" in sys.modules \
+        else []
+    record("exit", argv=" ".join(sys.argv[:3]), threads=[t.name for t in threading.enumerate()], children=children)
+
+
+if LOG:
+    import atexit
+
+    sys.meta_path.insert(0, _AfterImport())
+    atexit.register(_exiting)

@@ -1,0 +1,128 @@
+"""slurm/train.sbatch --nodes=2 on a real two-node SLURM cluster (network namespaces on this machine; CPU, gloo,
+GPT-Nano, 2 processes per node): the multi-node path users take on day one.
+
+Each job runs from a fresh checkout with a bare `sbatch` typed on the cluster's login node (the
+controller's namespace). tests/slurm/instrument records, in every process of the job, the shards each
+rank is dealt per data epoch, every file torch.save writes and when each save returns; the job log and
+the run folder say the rest. SLURM's default KillWait (30 s) is kept.
+"""
+
+import collections
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import read_metrics
+from tests.slurm.jobs import (assert_each_step_once, job_log, mlflow_runs_and_loss_steps, release_requeued,
+                              submit_train, wait_for)
+
+pytestmark = pytest.mark.slow
+INSTRUMENT = Path(__file__).resolve().parent / "instrument"
+TWO_NODES = "--gres=none --cpus-per-task=2 --nodes=2"
+
+
+def events(record_dir: Path) -> list[dict]:
+    out = []
+    for f in sorted(record_dir.glob("*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def submit(checkout, cluster, tmp_path, shard_set, run, record):
+    record.mkdir(exist_ok=True)
+    return submit_train(checkout, cluster, tmp_path, shard_set, run, sbatch_flags=TWO_NODES,
+                        PYTHONPATH=str(INSTRUMENT), NPP_TEST_RECORD=str(record))
+
+
+def check_data_and_files(run: Path, record: Path, log: str) -> None:
+    """World 4 over both nodes; every shard dealt to exactly one rank per data epoch; every file of every
+    checkpoint written once."""
+    assert "world 4, micro-batch 4" in log, log[-3000:]
+    for start in log.split("npp train: ok:")[1:]:  # each start: 2 ranks on each node (c10d picks which)
+        nodes = re.findall(r"node (node\d): ranks (\d)-(\d) of 4", start)
+        assert sorted(h for h, _, _ in nodes) == ["node1", "node2"], nodes
+        assert sorted((a, b) for _, a, b in nodes) == [("0", "1"), ("2", "3")], nodes
+    ev = events(record)
+    dealt = collections.defaultdict(list)
+    for e in ev:
+        if e["kind"] == "shards":
+            dealt[e["epoch"]].append((e["data_rank"], e["worker"], e["host"], tuple(e["shards"])))
+    assert dealt, "no shard reading recorded"
+    for epoch, parts in dealt.items():
+        per_reader = {(r, w): s for r, w, _, s in parts}  # a requeued start deals the same epoch again alike
+        shards = [i for s in per_reader.values() for i in s]
+        assert sorted(shards) == list(range(8)), (epoch, per_reader)  # all 8 shards, each to one reader
+        assert {r for r, _ in per_reader} == {0, 1, 2, 3}
+        assert {h for _, _, h, _ in parts} == {"node1", "node2"}
+    saves = [e for e in ev if e["kind"] == "torch.save" and "/checkpoints/" in e["path"]]
+    assert saves, "no checkpoint file recorded"
+    counts = collections.Counter(e["path"] for e in saves)
+    assert max(counts.values()) == 1, [p for p, n in counts.items() if n > 1]
+    by_rank = collections.defaultdict(set)
+    for e in saves:
+        by_rank[e["rank"]].add(Path(e["path"]).name)
+    assert set(by_rank) == {"0", "1", "2", "3"}, by_rank  # every rank writes its own part
+    for rank, names in by_rank.items():
+        assert any(f"rng_rank{rank}.pt" == n for n in names), (rank, names)
+
+
+def stop_seconds(record: Path, log: str, step: int) -> float:
+    """From the last rank's return from the save at `step` to the batch script's closing line."""
+    saved = [e["t"] for e in events(record) if e["kind"] == "saved" and e["step"] == step]
+    assert len(saved) == 4, saved
+    closing = re.search(r"trainer exited \(\d+\) at ([\d.]+)", log)
+    assert closing, log[-3000:]
+    return float(closing.group(1)) - max(saved)
+
+
+def test_two_nodes_train_usr1_requeue_resume_and_finish_quietly(checkout, two_node_cluster, tmp_path, shard_set):
+    """A 40-step job over two nodes: at step 10 the time-limit warning (USR1 to the batch script) -> every rank
+    saves at the agreed step -> every process exits within 5 s -> requeue -> the restart resumes there
+    and finishes; the normal end prints no C++ trace or rendezvous error on either node."""
+    run, record = tmp_path / "run", tmp_path / "record"
+    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
+    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
+    two_node_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)
+    release_requeued(two_node_cluster, job, 1)
+    info = two_node_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 400)
+    log = job_log(checkout, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{log[-4000:]}\n{info}"
+    saved = re.search(r"checkpoint saved: step_0*(\d+); requeueing", log)
+    assert saved and f"resuming at step {saved.group(1)}/40" in log, log[-3000:]
+    first_part = log.split("requeueing job")[0]
+    assert stop_seconds(record, first_part, int(saved.group(1))) <= 5.0, first_part[-3000:]
+    assert "training finished; checkpoint saved: step_000000040" in log
+    assert_each_step_once(run)
+    n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
+    assert n_runs == 1 and steps == list(range(4, 41, 4))
+    check_data_and_files(run, record, log)
+    end = log.split("resuming at step")[-1]
+    for noise in ("Traceback", "TCPStore", "RendezvousConnectionError", "recvVector", "Exception raised from"):
+        assert noise not in end, end[-4000:]
+
+
+def test_two_nodes_preempted_resumes_and_a_cancel_stays_cancelled(checkout, two_node_cluster, tmp_path, shard_set):
+    """`scontrol requeue` (TERM to every process on both nodes) -> save -> resume at the saved step; then
+    `scancel` of the resumed job -> it stays cancelled; both closing lines are written before KillWait."""
+    run, record = tmp_path / "run", tmp_path / "record"
+    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
+    wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
+    two_node_cluster.run("scontrol", "requeue", job, check=True)
+    release_requeued(two_node_cluster, job, 1)
+    wait_for(lambda: "resuming at step" in job_log(checkout, job), 300, "the restart to resume")
+    log = job_log(checkout, job)
+    resumed = int(re.search(r"resuming at step (\d+)/40", log).group(1))
+    assert resumed >= 10 and f"checkpoint saved: step_{resumed:09d}" in log, log[-3000:]
+    assert "after TERM" in log and "not requeueing" in log, log[-3000:]
+    assert stop_seconds(record, log.split("after TERM")[0] + "after TERM", resumed) <= 5.0, log[-3000:]
+    wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
+    two_node_cluster.run("scancel", job, check=True)
+    two_node_cluster.wait_state(job, ("CANCELLED",), 120)
+    wait_for(lambda: job_log(checkout, job).count("not requeueing") == 2, 60, "the cancelled job's closing line")
+    time.sleep(5)
+    info = two_node_cluster.job_state(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
+    check_data_and_files(run, record, job_log(checkout, job))
