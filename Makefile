@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample eval eval-ref compare demo demo-compare
+.PHONY: help setup test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -170,9 +170,22 @@ export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/m
 sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume [CKPT VQ SAMPLES CFG PER_CLASS SAMPLE_BATCH SAMPLE_FLAGS NGPU]
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp sample $(SAMPLE_ARGS)
 
+sample-slurm: setup  ## the same as a SLURM job on NODES nodes (requeues and resumes), then eval when REF is set [NODES GPUS_PER_NODE SBATCH_FLAGS EVAL_FLAGS + sample's]
+	$(VENV)/bin/npp sample check $(SAMPLE_ARGS)
+	mkdir -p logs
+	SAMPLE_ARGS="$(SAMPLE_ARGS)" GPUS_PER_NODE=$(GPUS_PER_NODE) \
+	  EVAL_ARGS="$(if $(strip $(REF)),--ref $(REF) --ckpt $(CKPT) $(call opt,--inception,$(INCEPTION)) $(EVAL_FLAGS))" \
+	  sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/sample.sbatch
+
+eval-slurm: setup  ## eval of SAMPLES as a one-GPU SLURM job (metrics cached: a rerun recomputes nothing) [SAMPLES REF CKPT INCEPTION EVAL_FLAGS SBATCH_FLAGS]
+	mkdir -p logs
+	sbatch $(SBATCH_FLAGS) --job-name=npp-eval --output=logs/%x_%j.out --nodes=1 --ntasks=1 --gres=gpu:1 --requeue \
+	  --wrap '$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) \
+	  $(call opt,--inception,$(INCEPTION)) $(EVAL_FLAGS)'
+
 eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into the run of CKPT [SAMPLES REF CKPT INCEPTION EVAL_FLAGS]
-	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) --inception $(INCEPTION) \
-	  $(EVAL_FLAGS)
+	$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) \
+	  $(call opt,--inception,$(INCEPTION)) $(EVAL_FLAGS)
 
 eval-ref: setup  ## reference statistics (REF_OUT) from real images of SHARDS' source, streamed [SHARDS REF_OUT REF_LIMIT INCEPTION EVAL_FLAGS]
 	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) $(call opt,--limit,$(REF_LIMIT)) --inception $(INCEPTION) \

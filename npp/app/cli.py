@@ -254,6 +254,8 @@ class TrainCommand(TrainConfig, Command):
 class SampleCommand(SampleConfig, Command):
     """Class-balanced guided samples of a checkpoint (.npz + PNG grid); reruns resume."""
 
+    subcommands = ("check",)
+
     def plan(self) -> SampleConfig:
         self.validate()
         return self
@@ -262,6 +264,12 @@ class SampleCommand(SampleConfig, Command):
         from npp.eval.sample import sample
 
         sample(plan)
+
+    def check(self) -> None:
+        """Check the flags and inputs as a run would (no torch, nothing written): the login-node check of
+        `make sample-slurm` and of slurm/sample.sbatch."""
+        self.plan()
+        print(f"npp sample: ok ({self.ckpt} -> {self.out})")
 
 
 @documented

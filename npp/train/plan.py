@@ -162,11 +162,6 @@ def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
     check_meta_matches(model_cfg, meta, cfg.shards)
     stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
               else parse_schedule(str(cfg.schedule), tuple(model_cfg.grid)))
-    steps_per_epoch = meta["samples"] // cfg.global_batch
-    if steps_per_epoch < 1 and cfg.total_steps is None:
-        raise TrainingError(f"{meta['samples']} samples are fewer than one global batch of {cfg.global_batch}: "
-                            "lower --global-batch")
-    total = int(cfg.total_steps or cfg.epochs * steps_per_epoch)
     spec = None
     if cfg.evaluates:
         spec = cfg.eval_spec()
@@ -174,6 +169,11 @@ def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
             spec.validate(prefix="eval-")
         except UsageError as e:
             raise UsageError(f"--eval-every: {e}") from None
+    steps_per_epoch = meta["samples"] // cfg.global_batch
+    if steps_per_epoch < 1 and cfg.total_steps is None:
+        raise TrainingError(f"{meta['samples']} samples are fewer than one global batch of {cfg.global_batch}: "
+                            "lower --global-batch")
+    total = int(cfg.total_steps or cfg.epochs * steps_per_epoch)
     workers = auto_workers(int(cfg.workers), len(manifest), world)
     if len(manifest) < world * workers:
         raise TrainingError(

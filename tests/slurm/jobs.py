@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = ("--total-steps 40 --ckpt-every 8 --log-every 4 --warmup-epochs 0.5 --lr 3e-3 --end-lr 1e-4 "
          "--shuffle-buffer 20")
 SBATCH = "--gres=none --cpus-per-task=2 --nodes=1"
+INSTRUMENT = Path(__file__).resolve().parent / "instrument"  # sitecustomize: what a job did, seen by a test
 
 
 def fresh_checkout(dest: Path) -> Path:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import read_metrics
-from tests.slurm.jobs import (assert_each_step_once, job_log, mlflow_runs_and_loss_steps, release_requeued,
+from tests.slurm.jobs import (INSTRUMENT, assert_each_step_once, job_log, mlflow_runs_and_loss_steps, release_requeued,
                               submit_train, wait_for)
 
 pytestmark = pytest.mark.slow
-INSTRUMENT = Path(__file__).resolve().parent / "instrument"
+
 TWO_NODES = "--gres=none --cpus-per-task=2 --nodes=2"
 
 

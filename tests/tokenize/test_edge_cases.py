@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from npp.errors import UsageError
 import torch
 import webdataset as wds
 from PIL import Image
@@ -96,8 +98,12 @@ def test_gpt_checkpoint_as_tokenizer_is_named(tmp_path, toy_tree):
 
     gpt = make_gpt()
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 0}, tmp_path / "model.pt")
-    with pytest.raises(CheckpointMismatchError, match="model.pt is a GPT checkpoint, not a VQ tokenizer"):
+    # named before torch loads anything (npp.pipeline.inputs reads the pickle's names)...
+    with pytest.raises(UsageError, match="model.pt is a GPT checkpoint, not a VQ tokenizer"):
         tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out"))
+    # ...and by the loader too, for callers that skip the check
+    with pytest.raises(CheckpointMismatchError, match="model.pt is a GPT checkpoint, not a VQ tokenizer"):
+        tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out"), checked=True)
 
 
 def test_tokenizer_and_source_are_identified_by_content_not_path(toy_tree, vq_path, tmp_path):
@@ -131,7 +137,7 @@ def _npp(*args, cwd=None):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--samples-per-shard", "0", "--samples-per-shard must be a whole number >= 1"),
-    ("--workers", "-1", "--workers must be >= 0"),
+    ("--workers", "-2", "--workers must be >= 0, or -1 for auto"),
     ("--crop-range", "0.9", "--crop-range '0.9': each range must be >= 1"),
 ])
 def test_bad_flags_fail_fast_with_one_line_and_create_nothing(toy_tree, vq_path, tmp_path, flag, value, message):

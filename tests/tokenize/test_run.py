@@ -171,7 +171,10 @@ def test_clear_errors_before_any_work(toy_tree, vq_path, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         run(tmp_path / "nowhere", vq_path, tmp_path / "o1")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SourceError, match="no class folders"):
+    with pytest.raises(UsageError, match="empty is an empty directory"):
+        run(tmp_path / "empty", vq_path, tmp_path / "o2")
+    (tmp_path / "empty" / "a.jpg").write_bytes(b"x")  # files, but no class folders
+    with pytest.raises(UsageError, match="has no class folders and no .parquet files"):
         run(tmp_path / "empty", vq_path, tmp_path / "o2")
     bad = tmp_path / "bad"
     bad.mkdir()

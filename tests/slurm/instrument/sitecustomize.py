@@ -60,7 +60,24 @@ def _patch_checkpointing(module) -> None:
     module.save = save
 
 
-PATCHES = {"npp.pipeline.stream": _patch_stream, "torch": _patch_torch, "npp.train.checkpointing": _patch_checkpointing}
+def _patch_numpy(module) -> None:
+    """NPP_TEST_PIECE_DELAY: each sample piece takes that much longer, so a test can interrupt a job midway."""
+    delay = float(os.environ.get("NPP_TEST_PIECE_DELAY", 0) or 0)
+    if not delay:
+        return
+    original = module.savez
+
+    def savez(file, *args, **kwargs):
+        out = original(file, *args, **kwargs)
+        if ".piece_" in os.fspath(file):
+            time.sleep(delay)
+        return out
+
+    module.savez = savez
+
+
+PATCHES = {"numpy": _patch_numpy, "npp.pipeline.stream": _patch_stream, "torch": _patch_torch,
+           "npp.train.checkpointing": _patch_checkpointing}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
