@@ -6,6 +6,7 @@ run, signalling every process of a job as SLURM does, and a real `mlflow server`
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,3 +165,21 @@ def read_metrics(run):
 
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class cpu_hogs:
+    """A busy loop on every core while the block runs (what a shared or oversubscribed node looks like)."""
+
+    def __init__(self, n: int = 0):
+        self.n = n or os.cpu_count() or 2
+        self.procs: list = []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()

@@ -230,9 +230,13 @@ class TrainCommand(TrainConfig, Command):
         from npp.pipeline.inputs import check_run_checkpoint
 
         check_run_checkpoint(run, tag)
+        from npp.pipeline.runs import RunFolder, tag_step
         from npp.train.export import export
+        from npp.train.tracking import tag_exported_model
 
-        export(str(run), str(tag) or None, str(out) or None)
+        path = export(str(run), str(tag) or None, str(out) or None)
+        folder = RunFolder(run)
+        tag_exported_model(folder, path, tag_step(str(tag) or folder.latest_tag()))
 
     @staticmethod
     def convert(run: str) -> None:

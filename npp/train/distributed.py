@@ -88,6 +88,10 @@ def init(env: DistEnv) -> torch.device:
     if not cuda:
         skip_jit_shm_op()
     device = pick_device("auto")  # cuda:(local_rank % visible GPUs), set as current
+    if device.type == "cuda":
+        # DeepSpeed binds the process group to cuda:LOCAL_RANK (init_process_group(device_id=...)); under srun with
+        # one GPU bound per task SLURM_LOCALID (say 3) is not a visible device: bind the one npp uses
+        os.environ["LOCAL_RANK"] = str(device.index)
     # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     if env.local_rank == 0 and env.world_size > 1:  # one line per node: where the ranks run

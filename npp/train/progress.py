@@ -14,6 +14,13 @@ summed over ranks at each log step, in the same collective as the loss.
 Throughput is step time only: checkpoint saves, evaluations and the logging itself are
 timed apart (`exclude`) and reported beside it (`ckpt_s`, `eval_s`, `log_s` of the
 window), so a save does not show up as a slow interval of training.
+
+Each log line says where the run is: `step=N/TOTAL`, the time since this start, and an ETA.
+The ETA prices the FLOPs left (NPP's stages differ up to ~10x in cost per step, so a step rate
+from a k=4 stage would badly misjudge the k=1 stage) at the seconds per FLOP measured over this
+start's training steps, plus the checkpoint and eval seconds per FLOP measured alike: those are
+excluded from the rate and included in the ETA. On a terminal the lines go above a tqdm bar; in a
+log file (SLURM) they are plain lines.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,7 +44,8 @@ class Progress:
     EXCLUDED = ("ckpt", "eval", "log")  # time spent outside training steps, per window
 
     def __init__(self, path: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
-                 corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter):
+                 corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter,
+                 flops_left: Optional[Callable[[int], float]] = None):
         self.path = Path(path)  # RUN/metrics.jsonl (npp.pipeline.runs.RunFolder.metrics)
         self.is_main, self.device = is_main, device
         self.log_every, self.total_steps = log_every, total_steps
@@ -45,6 +54,10 @@ class Progress:
         self.corrupt_total = corrupt_base
         self.pending: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on the device, k, lr)
         self.clock = clock
+        self.flops_left = flops_left  # step -> training FLOPs from that step to the end (all samples)
+        self.started = clock()
+        self.run_step_s = self.run_other_s = self.run_flops = 0.0  # this start's totals, for the ETA
+        self.bar = None
         self._reset()
 
     def _reset(self) -> None:
@@ -111,9 +124,37 @@ class Progress:
             metrics["grad_norm"] = float(grad_norm)
         if peak:
             metrics["mfu"] = self.flops / dt / (peak * world_size)
+        self.run_step_s += dt
+        self.run_other_s += self.excluded["ckpt"] + self.excluded["eval"]
+        self.run_flops += self.flops
         self._reset()
         return metrics
 
-    @staticmethod
-    def line(step: int, metrics: dict, log: Callable[[str], None]) -> None:
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in {"step": step, **metrics}.items()))
+    def eta_s(self, step: int) -> Optional[float]:
+        """Seconds to the end: the FLOPs left at this start's measured seconds per FLOP (steps, then checkpoints
+        and evaluations); None before anything was measured."""
+        if self.flops_left is None or self.run_flops <= 0:
+            return None
+        return self.flops_left(step) * (self.run_step_s + self.run_other_s) / self.run_flops
+
+    def line(self, step: int, metrics: dict, log: Callable[[str], None]) -> None:
+        """The log step's line: step/total, elapsed since this start, ETA, then the metrics."""
+        eta = self.eta_s(step)
+        head = {"step": f"{step}/{self.total_steps}", "elapsed": _hms(self.clock() - self.started),
+                **({"eta": _hms(eta)} if eta is not None else {})}
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in {**head, **metrics}.items())
+        if self.is_main and sys.stdout.isatty():  # a terminal: the line above a bar
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=self.total_steps, initial=step, unit="step", desc="npp train", dynamic_ncols=True)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4g}", eta=head.get("eta", "?"))
+            self.bar.write(f"[npp train] {text}")
+        else:
+            log(text)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -147,6 +147,10 @@ class PatchSchedule:
     def flops_per_sample(self, cfg: GPTConfig) -> list[float]:
         return [train_flops_per_sample(cfg, s.patch_side) for s in self.stages]
 
+    def flops_left(self, step: int, per_sample: Sequence[float]) -> float:
+        """Training FLOPs per sample of the steps from `step` to the end (per_sample: flops_per_sample's list)."""
+        return float(sum(max(0, span.end - max(step, span.start)) * per_sample[span.index] for span in self.spans))
+
     def cost_ratio(self, cfg: GPTConfig) -> float:
         """Training FLOPs of this schedule relative to next-token training on the same samples."""
         return schedule_cost_ratio(self.stages, cfg)

@@ -99,6 +99,11 @@ class Tracker:
                 fh.write(json.dumps(rec) + "\n")
         self._queue.put(("metrics", rec))
 
+    def tag(self, tags: dict[str, str]) -> None:
+        """Set tags on the run (the exported model's path, ...), in order with the metrics, never waiting."""
+        if self.enabled and self._thread is not None:
+            self._queue.put(("tags", {k: str(v) for k, v in tags.items()}))
+
     def finish(self, status: str = "FINISHED", wait_s: Optional[float] = None) -> None:
         """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S)."""
         if not self.enabled or self._thread is None:
@@ -156,6 +161,10 @@ class Tracker:
             self._open()
         elif kind == "metrics":
             self._send(item)
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            self._mlflow_client().log_batch(self.run_id, tags=[RunTag(k, v) for k, v in item.items()])
         elif kind == "end":
             if self.run_id is not None:
                 self._stop_monitor()
@@ -250,3 +259,20 @@ class Tracker:
                 monitor.finish()
             except Exception:
                 pass
+
+
+def tag_exported_model(run: RunFolder, path: str, step: int) -> None:
+    """Record an export in the run's MLflow run (tags `exported_model`, `exported_step`), for `npp train export`
+    outside a training job; a tracking outage is a warning, never a failed export."""
+    run_id = run.mlflow_run_id()
+    if not run_id:
+        return
+    try:
+        from mlflow.entities import RunTag
+        import mlflow
+
+        mlflow.tracking.MlflowClient(tracking_uri()).log_batch(run_id, tags=[
+            RunTag("exported_model", os.path.abspath(path)), RunTag("exported_step", str(step))])
+    except Exception as e:  # noqa: BLE001 - the export is written; MLflow is a record of it
+        print(f"warning: MLflow at {tracking_uri()} did not take the export's tags ({type(e).__name__}); "
+              f"the model is at {path}")

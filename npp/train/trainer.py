@@ -49,7 +49,7 @@ class Trainer:
         self.env: DistEnv = read_env()
         if self.env.world_size != self.plan.world_size:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
-        self.run = RunFolder(self.cfg.out)
+        self.run, self._evaluator = RunFolder(self.cfg.out), evaluator
         self.precision = resolve_precision(self.cfg.precision, torch.cuda.is_available())
         self.ds_config = device_ds_config(self.plan.ds_json, micro=self.plan.micro_batch, grad_accum=self.cfg.grad_accum,
                                           global_batch=self.cfg.global_batch, grad_clip=self.cfg.grad_clip,
@@ -61,7 +61,6 @@ class Trainer:
         if self.plan.eval_every and evaluator is None:
             raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
                                 "from --vq, --eval-ref and --inception/--classifier)")
-        self.evaluator = evaluator
         stale = stale_extension_locks(["cpu_adam"]) if offloads_optimizer(self.ds_config) else []  # JIT-built by DS
         if stale:
             raise TrainingError(f"{stale[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: every start "
@@ -71,13 +70,13 @@ class Trainer:
         self.feed = DataFeed(self.cfg.shards, self.plan.manifest, self.cfg.seed, self.cfg.shuffle_buffer,
                              self.cfg.mix_shards, self.plan.micro_batch, self.env.rank, self.env.world_size,
                              self.plan.workers)
-        self.last_lr = 0.0
+        self.last_lr = 0.0  # the rate of the step in flight
 
     step = property(lambda self: self.state.step, doc="Optimizer steps applied (the resumable state's).")
 
     def _lr_factor(self, step: int) -> float:
-        c = self.cfg
-        return self.schedule.lr_at(step, c.lr, c.end_lr, self.plan.warmup_steps, c.decay_ratio) / c.lr
+        return self.schedule.lr_at(step, self.cfg.lr, self.cfg.end_lr, self.plan.warmup_steps,
+                                   self.cfg.decay_ratio) / self.cfg.lr
 
     def _build(self) -> None:
         self.device = init(self.env)
@@ -90,7 +89,7 @@ class Trainer:
         self.engine, self.ema, self.compiled = start_engine(model, optimizer, self.ds_config, self.cfg, self.precision,
                                                             self.device, keep_ema=self.env.is_main, scheduler=scheduler)
         self.step_fn = TrainStep(self.engine, self.ema)
-        self.evals = EvalPoints(self.evaluator, self.model_cfg, self.device, self.env.rank, self.env.world_size)
+        self.evals = EvalPoints(self._evaluator, self.model_cfg, self.device, self.env.rank, self.env.world_size)
 
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
@@ -159,7 +158,8 @@ class Trainer:
         self.state.data_base = self.feed.position(self.state, client is not None, self._log)
         self.bad = BadSteps(self.state.bad_steps, self.cfg.max_bad_steps)
         self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
-                                 corrupt_base=self.state.corrupt_shards)
+                                 corrupt_base=self.state.corrupt_shards, flops_left=lambda step: self.cfg.global_batch
+                                 * self.schedule.flops_left(step, self.stage_flops))
         self.progress.resume_at(self.state.step)
         self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
         self.tracker.start(
@@ -197,8 +197,9 @@ class Trainer:
     def _finish(self) -> dict:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
-        if self.env.is_main:
+        if self.env.is_main:  # the model, where MLflow shows it: the run's tags
             self.tracker.log({"exported_step": self.state.step}, self.state.step)
+            self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
         self.tracker.finish()
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
         return {"step": self.state.step, "stopped": False, "exported": exported}
@@ -227,7 +228,7 @@ class Trainer:
                        epoch=self.state.step / max(1, self.plan.steps_per_epoch), bad_steps=self.bad.total)
         with self.progress.exclude("log"):
             self.tracker.log(metrics, self.state.step)
-            Progress.line(self.state.step, metrics, self._log)
+            self.progress.line(self.state.step, metrics, self._log)
 
     def _save(self) -> None:
         self.progress.flush()  # every record up to the checkpoint's step is on disk before it

@@ -1,5 +1,7 @@
 """Each rank computes on its own GPU: the device choice, checked with a patched CUDA on a CPU machine."""
 
+import os
+
 import deepspeed  # imported before any test patches CUDA: DeepSpeed picks its accelerator (CPU here) once, at import
 import pytest
 import torch
@@ -102,3 +104,24 @@ def test_training_ranks_take_their_gpu(rank3_on_cpu, monkeypatch):
     assert distributed.init(distributed.DistEnv(3, 8, 3)) == torch.device("cpu")
     assert started == [([torch.device("cuda", 3)], "nccl")]
     assert real_accelerator.ds_accelerator.device_name() == "cpu"  # later tests still get DeepSpeed's CPU accelerator
+
+
+def test_srun_with_one_gpu_per_task_binds_the_process_group_to_the_gpu_npp_uses(fake_gpus, monkeypatch):
+    """srun --gpus-per-task=1: SLURM_LOCALID=3 but one visible GPU. DeepSpeed binds init_process_group to
+    cuda:LOCAL_RANK, so LOCAL_RANK must name the device npp picked (cuda:0), not 3 (out of range on a GPU)."""
+    from npp.train import distributed
+
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    env = distributed.read_env()
+    assert (env.rank, env.world_size, env.local_rank) == (3, 8, 3)
+    bound = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: bound.append(int(os.environ["LOCAL_RANK"])))
+    monkeypatch.setattr(distributed, "pick_device", lambda d="auto": devices.pick_device(d))
+    assert distributed.init(env) == torch.device("cuda", 0)
+    assert bound == [0] and fake_gpus[-1] == torch.device("cuda", 0)

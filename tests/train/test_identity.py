@@ -120,6 +120,10 @@ def test_flags_that_may_change_are_accepted_and_recorded_in_config_and_mlflow(st
     now = _mlflow_run(tmp, run)
     assert now.data.tags["flag.log_every"] == "2" and now.data.tags["flag.keep"] == "2"
     assert now.data.params == first.data.params  # MLflow and config.json agree: identity unchanged, tags current
+    # MLflow's own source tags (the UI's Source and Version columns) and the exported model, where MLflow shows it
+    assert now.data.tags["mlflow.source.git.commit"] == config["git_commit"] != ""
+    assert now.data.tags["mlflow.source.name"] == "npp train"
+    assert now.data.tags["exported_model"] == str((run / "export" / "model_step_000000004.pt").resolve())
     for k, v in config["identity"].items():
         if k in IDENTITY:
             assert now.data.params[f"train.{k}"] == str(v)
