@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
+.PHONY: help setup lint test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -129,7 +129,10 @@ demo: setup  ## the whole pipeline on the built-in toy set, CPU only (about 10 m
 demo-compare: setup  ## NTP baseline vs NPP on the toy set: same samples, both evaluated, compared
 	$(VENV)/bin/npp demo compare --out demo_out
 
-test: setup  ## run the whole test suite (CPU only, slow integration tests included)
+lint: setup  ## ruff with the rules chosen in pyproject.toml (pyflakes, pycodestyle, isort, pyupgrade, bugbear)
+	$(PY) -m ruff check npp tests bench
+
+test: setup lint  ## the linter, then the whole test suite (CPU only, slow integration tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the suite without the slow integration tests

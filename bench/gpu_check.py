@@ -166,7 +166,7 @@ def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
     times: dict = {"npp": {}, "plain": {}, "fwd_bwd": {}}
     with npp_engine(setup, name, micro) as step:
         for k in sides:
-            times["npp"][k] = timed(setup, lambda: step([(idx, labels)], k), setup.steps)
+            times["npp"][k] = timed(setup, lambda k=k: step([(idx, labels)], k), setup.steps)
         npp_peak = setup.peak_gb()
     with plain_model(setup, name) as (net, opt):
         autocast = torch.autocast(setup.device.type, dtype=torch.bfloat16)
@@ -186,8 +186,8 @@ def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
             net.zero_grad(set_to_none=True)
 
         for k in sides:
-            times["plain"][k] = timed(setup, lambda: plain_step(k), setup.steps)
-            times["fwd_bwd"][k] = timed(setup, lambda: fwd_bwd(k), setup.steps)
+            times["plain"][k] = timed(setup, lambda k=k: plain_step(k), setup.steps)
+            times["fwd_bwd"][k] = timed(setup, lambda k=k: fwd_bwd(k), setup.steps)
     for k in sides:
         flops = train_flops_per_sample(cfg, k) * micro
         row = {"check": "train", "model": name, "micro_batch": micro, "k": k}
@@ -241,7 +241,9 @@ def engine_rows(setup: Setup) -> None:
             with npp_engine(setup, name, micro, precision=precision, ds_config=ds_config, ema=ema) as step:
                 build_s = time.perf_counter() - t0
                 for k in (4, 1):
-                    t = timed(setup, lambda: step([(idx, labels)], k), max(3, setup.steps // 3), warmup=2)
+                    t = timed(
+                        setup, lambda k=k, step=step: step([(idx, labels)], k), max(3, setup.steps // 3), warmup=2
+                    )
                     setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision, k=k,
                                micro_batch=micro, step_ms=t * 1e3, peak_gb=setup.peak_gb(), build_s=build_s)
         except Exception as e:  # one engine failing must not hide the others' figures
@@ -272,9 +274,9 @@ def sample_rows(setup: Setup) -> None:
             sampler = Sampler(net, batch, guidance=True, compile=setup.compile)
             labels = torch.arange(batch, device=setup.device) % 1000
             sampler.generate(labels, cfg_scale=2.0, seed=0)  # compile, capture
-            wall = timed(setup, lambda: sampler.generate(labels, cfg_scale=2.0, seed=1), 1, warmup=0)
+            wall = timed(setup, lambda s=sampler, y=labels: s.generate(y, cfg_scale=2.0, seed=1), 1, warmup=0)
             t0 = time.perf_counter()  # again under the profiler, for the GPU's busy share (its overhead inflates wall)
-            busy = profiled_busy_seconds(setup, lambda: sampler.generate(labels, cfg_scale=2.0, seed=2))
+            busy = profiled_busy_seconds(setup, lambda s=sampler, y=labels: s.generate(y, cfg_scale=2.0, seed=2))
             profiled_wall = time.perf_counter() - t0
             tokens = cfg.grid[0] * cfg.grid[1]
             weights = count_parameters(cfg) * 2

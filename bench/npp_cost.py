@@ -26,7 +26,10 @@ def time_per_sample(model: GPT, optimizer, batch: int, patch: int, steps: int) -
     n = cfg.grid[0] * cfg.grid[1]
     gen = torch.Generator().manual_seed(patch)
     data = [
-        (torch.randint(0, cfg.vocab_size, (batch, n), generator=gen), torch.randint(0, cfg.num_classes, (batch,), generator=gen))
+        (
+            torch.randint(0, cfg.vocab_size, (batch, n), generator=gen),
+            torch.randint(0, cfg.num_classes, (batch,), generator=gen),
+        )
         for _ in range(steps + 1)
     ]
 

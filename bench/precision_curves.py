@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from npp.app.launch import torchrun_train_cmd
 from npp.pipeline.toy import write_toy_dataset
 from npp.tokenize.run import TokenizeConfig, tokenize
-from npp.app.launch import torchrun_train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def main() -> None:
     for s in range(0, args.steps, 25):
         print(f"{s + 1:>4} " + " ".join(f"{curves[p][s]:>11.4f}" for p in curves))
     for p in ("bf16-mixed", "bf16"):
-        gaps = [abs(a - b) for a, b in zip(curves[p], curves["fp32"])]
+        gaps = [abs(a - b) for a, b in zip(curves[p], curves["fp32"], strict=False)]
         tail = sum(curves[p][-50:]) / 50 - sum(curves["fp32"][-50:]) / 50
         print(f"{p}: largest |loss - fp32| over {args.steps} steps {max(gaps):.4f}; mean of the last 50 steps "
               f"differs by {tail:+.4f}")

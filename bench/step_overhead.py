@@ -27,7 +27,6 @@ from npp.train.config import TrainConfig
 from npp.train.distributed import init, read_env
 from npp.train.step import standalone_step
 
-
 METADATA_ONLY = {"aten._unsafe_view", "aten.lift_fresh", "aten.alias"}
 
 
@@ -95,14 +94,16 @@ def main() -> None:
         train_cfg = TrainConfig(shards="-", out="-", model=args.model, global_batch=args.batch, ema=ema, compile="off",
                                 ds_config="ds_configs/zero2.json")
         step = standalone_step(cfg, train_cfg, device)
-        rows[f"npp step{' + EMA' if ema else ''}"] = measure(lambda: step([(idx, labels)], args.k), args.steps)
+        rows[f"npp step{' + EMA' if ema else ''}"] = measure(
+            lambda step=step: step([(idx, labels)], args.k), args.steps
+        )
         if ema:
             module, averaged = step.engine.module, step.ema
-            rows["EMA update, fused (npp)"] = measure(lambda: averaged.update(module), args.steps)
-            pairs = list(zip(averaged.model.parameters(), module.parameters()))
+            rows["EMA update, fused (npp)"] = measure(lambda a=averaged, m=module: a.update(m), args.steps)
+            pairs = list(zip(averaged.model.parameters(), module.parameters(), strict=False))
 
             @torch.no_grad()
-            def per_tensor():
+            def per_tensor(pairs=pairs):
                 for e, p in pairs:
                     e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
 

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from npp.app.cli import COMMANDS, DemoCommand, SampleCommand, TokenizeCommand, TrainCommand, WatchCommand, main, \
-    normalize_argv
+from npp.app.cli import (
+    COMMANDS,
+    DemoCommand,
+    SampleCommand,
+    TokenizeCommand,
+    TrainCommand,
+    WatchCommand,
+    main,
+    normalize_argv,
+)
 from npp.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,21 +77,31 @@ def test_every_boolean_and_switch_of_every_command():
     assert typed("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale", "2")["cfg_scale"] == 2.0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--shards", "s", "--out", "o", "--epochs=abc"], "npp train --epochs: 'abc' is not a whole number"),
-    (["train", "--shards", "s", "--out", "o", "--lr=1e-4x"], "npp train --lr: '1e-4x' is not a number"),
-    (["tokenize", "run", "--data", "d", "--vq", "v", "--out", "o", "--workers", "two"],
-     "--workers: 'two' is not a whole number"),
-    (["train", "--shards", "s", "--out", "o", "--ema=maybe"], "--ema: 'maybe' is not true or false"),
-    (["train", "--shards", "s", "--out", "o", "--precision", "fp16"],
-     "--precision: 'fp16' is not one of auto, bf16-mixed, bf16, fp32"),
-    (["train", "--shards", "s", "--out", "o", "--epoch", "3"], "unknown flag --epoch for npp train; did you mean --epochs?"),
-    (["train", "--out", "o"], "npp train needs --shards (shard-set directory"),
-    (["trian", "--out", "o"], "unknown command npp trian; did you mean npp train?"),
-    (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check)"),
-    (["train", "to_dict"], "npp train has no command 'to_dict'"),
-    (["demo", "--per-clas", "3"], "did you mean --per-class?"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--shards", "s", "--out", "o", "--epochs=abc"], "npp train --epochs: 'abc' is not a whole number"),
+        (["train", "--shards", "s", "--out", "o", "--lr=1e-4x"], "npp train --lr: '1e-4x' is not a number"),
+        (
+            ["tokenize", "run", "--data", "d", "--vq", "v", "--out", "o", "--workers", "two"],
+            "--workers: 'two' is not a whole number",
+        ),
+        (["train", "--shards", "s", "--out", "o", "--ema=maybe"], "--ema: 'maybe' is not true or false"),
+        (
+            ["train", "--shards", "s", "--out", "o", "--precision", "fp16"],
+            "--precision: 'fp16' is not one of auto, bf16-mixed, bf16, fp32",
+        ),
+        (
+            ["train", "--shards", "s", "--out", "o", "--epoch", "3"],
+            "unknown flag --epoch for npp train; did you mean --epochs?",
+        ),
+        (["train", "--out", "o"], "npp train needs --shards (shard-set directory"),
+        (["trian", "--out", "o"], "unknown command npp trian; did you mean npp train?"),
+        (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check)"),
+        (["train", "to_dict"], "npp train has no command 'to_dict'"),
+        (["demo", "--per-clas", "3"], "did you mean --per-class?"),
+    ],
+)
 def test_bad_values_are_one_line_naming_flag_value_and_what_it_accepts(argv, message):
     proc = npp(*argv)
     assert proc.returncode == 2, proc.stderr
@@ -188,7 +206,11 @@ def test_make_passes_no_python_default(target, config):
     line = next(ln for ln in proc.stdout.splitlines() if " -m npp " in ln or "/npp " in ln or "npp train" in ln
                 or "npp tokenize" in ln)
     words = shlex.split(line.replace("$((", "").replace("))", ""))
-    flags = [w for w in words if w.startswith("--") and w[2:].replace("-", "_") in {f.name for f in dataclasses.fields(config)}]
+    flags = [
+        w
+        for w in words
+        if w.startswith("--") and w[2:].replace("-", "_") in {f.name for f in dataclasses.fields(config)}
+    ]
     required = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config) if f.default is dataclasses.MISSING}
     assert set(flags) <= required, line
     values = {w for i, w in enumerate(words) if i and words[i - 1] in flags}
@@ -246,26 +268,47 @@ def files(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["sample", "--ckpt", "{r}/run", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
-     "--ckpt {r}/run is a training run folder, not a model file: export it first with `npp train export --run {r}/run`"),
-    (["sample", "--ckpt", "{r}/vq.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
-     "--ckpt {r}/vq.pt is a VQ tokenizer, not a GPT"),
-    (["sample", "--ckpt", "{r}/model.pt", "--vq", "{r}/model.pt", "--out", "{r}/s"],
-     "--vq {r}/model.pt is a GPT checkpoint, not a VQ tokenizer"),
-    (["sample", "--ckpt", "{r}/images", "--vq", "{r}/vq.pt", "--out", "{r}/s"], "--ckpt {r}/images is a directory"),
-    (["sample", "--ckpt", "{r}/nope.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"], "--ckpt {r}/nope.pt does not exist"),
-    (["tokenize", "run", "--data", "{r}/images", "--vq", "{r}/model.pt", "--out", "{r}/sh"],
-     "--vq {r}/model.pt is a GPT checkpoint"),
-    (["tokenize", "run", "--data", "{r}/flat", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
-     "--data {r}/flat has no class folders and no .parquet files"),
-    (["tokenize", "run", "--data", "{r}/images/empty", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
-     "--data {r}/images/empty is an empty directory"),
-    (["train", "--shards", "{r}/noman", "--out", "{r}/r2"], "{r}/noman has no manifest.parquet"),
-    (["train", "--shards", "{r}/noman", "--out", "{r}/noman"], "--out {r}/noman is a shard set"),
-    (["train", "--shards", "{r}/noman", "--out", "{r}/r2", "--ds-config", str(REPO / "ds_configs")],
-     f"--ds-config {REPO / 'ds_configs'} is a directory, not a DeepSpeed JSON file"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["sample", "--ckpt", "{r}/run", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
+            "--ckpt {r}/run is a training run folder, not a model file: export it first with "
+            "`npp train export --run {r}/run`",
+        ),
+        (
+            ["sample", "--ckpt", "{r}/vq.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
+            "--ckpt {r}/vq.pt is a VQ tokenizer, not a GPT",
+        ),
+        (
+            ["sample", "--ckpt", "{r}/model.pt", "--vq", "{r}/model.pt", "--out", "{r}/s"],
+            "--vq {r}/model.pt is a GPT checkpoint, not a VQ tokenizer",
+        ),
+        (["sample", "--ckpt", "{r}/images", "--vq", "{r}/vq.pt", "--out", "{r}/s"], "--ckpt {r}/images is a directory"),
+        (
+            ["sample", "--ckpt", "{r}/nope.pt", "--vq", "{r}/vq.pt", "--out", "{r}/s"],
+            "--ckpt {r}/nope.pt does not exist",
+        ),
+        (
+            ["tokenize", "run", "--data", "{r}/images", "--vq", "{r}/model.pt", "--out", "{r}/sh"],
+            "--vq {r}/model.pt is a GPT checkpoint",
+        ),
+        (
+            ["tokenize", "run", "--data", "{r}/flat", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
+            "--data {r}/flat has no class folders and no .parquet files",
+        ),
+        (
+            ["tokenize", "run", "--data", "{r}/images/empty", "--vq", "{r}/vq.pt", "--out", "{r}/sh"],
+            "--data {r}/images/empty is an empty directory",
+        ),
+        (["train", "--shards", "{r}/noman", "--out", "{r}/r2"], "{r}/noman has no manifest.parquet"),
+        (["train", "--shards", "{r}/noman", "--out", "{r}/noman"], "--out {r}/noman is a shard set"),
+        (
+            ["train", "--shards", "{r}/noman", "--out", "{r}/r2", "--ds-config", str(REPO / "ds_configs")],
+            f"--ds-config {REPO / 'ds_configs'} is a directory, not a DeepSpeed JSON file",
+        ),
+    ],
+)
 def test_the_wrong_file_in_the_right_place_is_named_before_torch(files, argv, message):
     proc = npp(*[a.format(r=files) for a in argv])
     assert proc.returncode == 2, proc.stderr

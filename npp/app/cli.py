@@ -22,7 +22,7 @@ if not sys.stderr.isatty():
 import difflib  # noqa: E402
 import inspect  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any  # noqa: E402
 
 import fire  # noqa: E402
 
@@ -101,10 +101,12 @@ def schedule(
 
     cfg = gpt_config(model, block_size=block_size)
     stages = (
-        paper_schedule(patch_levels, epoch_rate, epochs) if patch_levels else parse_schedule(str(schedule or "1:1"), cfg.grid)
+        paper_schedule(patch_levels, epoch_rate, epochs)
+        if patch_levels
+        else parse_schedule(str(schedule or "1:1"), cfg.grid)
     )
     sched = PatchSchedule(stages, epochs * steps_per_epoch)
-    for span, flops in zip(sched.spans, sched.flops_per_sample(cfg)):
+    for span, flops in zip(sched.spans, sched.flops_per_sample(cfg), strict=False):
         print(
             f"stage {span.index}: k={span.patch_side} steps [{span.start}, {span.end}) "
             f"epochs [{span.start / steps_per_epoch:g}, {span.end / steps_per_epoch:g}) "
@@ -190,7 +192,8 @@ class TrainCommand(TrainConfig, Command):
     """Train a GPT on a shard set with DeepSpeed and the NPP patch schedule (resumes from --out).
 
     `npp train export --run RUN` writes the consolidated model; `npp train convert --run RUN` makes the latest
-    checkpoint loadable on any number of ranks; `npp train check ...` checks a run's flags and inputs without starting it.
+    checkpoint loadable on any number of ranks; `npp train check ...` checks a run's flags and inputs without
+    starting it.
     """
 
     subcommands = ("export", "convert", "check")
@@ -525,7 +528,7 @@ def version() -> str:
     return f"npp {number} (git {git_commit()})"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run a subcommand; user errors print one clear line and exit 2 (NPP_DEBUG=1 shows the traceback).
 
     Only the project's own error types (and a missing file) count as user errors: any

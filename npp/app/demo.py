@@ -23,8 +23,8 @@ from pathlib import Path
 from npp.app.launch import torchrun_train_cmd
 from npp.errors import NppError, UsageError
 from npp.pipeline.flags import documented, flag
-from npp.train.config import DEFAULT_DS_CONFIG, DEFAULT_SCHEDULE
 from npp.pipeline.runs import RunFolder
+from npp.train.config import DEFAULT_DS_CONFIG, DEFAULT_SCHEDULE
 
 
 class DemoError(NppError, RuntimeError):
@@ -234,7 +234,9 @@ class Demo:
         print("\n=== demo result")
         for k in m:
             print(f"  {k:<24} trained {m[k]:9.4f}   untrained {u[k]:9.4f}")
-        print(f"  time: {result['seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
+        print(
+            f"  time: {result['seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})"
+        )
         print(f"\n  sample grid:  {result['trained']['grid']}")
         print(f"  checkpoint:   {RunFolder(result['run']).model}")
         print(f"  MLflow store: {self.mlflow_uri}")
@@ -249,8 +251,11 @@ class Demo:
         if self.cfg.check_quality:
             ok = acc >= self.cfg.min_class_accuracy and fid < 0.5 * fid0
             verdict = "learned" if ok else "did NOT learn enough"
-            print(f"\n  {verdict}: {acc:.0%} of samples classified as their class (need {self.cfg.min_class_accuracy:.0%}), "
-                  f"fid_toynet {fid:.1f} vs {fid0:.1f} untrained (need < half)")
+            print(
+                f"\n  {verdict}: {acc:.0%} of samples classified as their class "
+                f"(need {self.cfg.min_class_accuracy:.0%}), "
+                f"fid_toynet {fid:.1f} vs {fid0:.1f} untrained (need < half)"
+            )
             if not ok:
                 raise SystemExit(1)
 

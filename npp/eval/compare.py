@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -66,7 +65,7 @@ def collect(experiment: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["metric"], r["run"], r["step"]))
 
 
-def crossing_flops(points: list[tuple[float, float]], target: float) -> Optional[float]:
+def crossing_flops(points: list[tuple[float, float]], target: float) -> float | None:
     """The training FLOPs at which a FID curve first reaches `target` (linear between eval points), or None."""
     points = sorted(points)
     for i, (x, y) in enumerate(points):
@@ -78,7 +77,7 @@ def crossing_flops(points: list[tuple[float, float]], target: float) -> Optional
     return None
 
 
-def cost_at_equal_fid(rows: list[dict], metric: str) -> Optional[dict]:
+def cost_at_equal_fid(rows: list[dict], metric: str) -> dict | None:
     """NPP's training FLOPs over NTP's to reach the same FID: the ratio the paper claims (~0.6).
 
     The FID level compared is the worse of the two runs' final FIDs, the best both
@@ -144,7 +143,7 @@ def plot(rows: list[dict], path: Path, metric: str) -> None:
     img.save(path)
 
 
-def compare(experiment: str = "npp", out: str = "compare", metric: Optional[str] = None) -> list[dict]:
+def compare(experiment: str = "npp", out: str = "compare", metric: str | None = None) -> list[dict]:
     rows = collect(experiment)
     if not rows:
         print(f"no evaluated runs in experiment {experiment!r}: run `npp eval` on their checkpoints first")
@@ -152,7 +151,9 @@ def compare(experiment: str = "npp", out: str = "compare", metric: Optional[str]
     if not metric:  # FID during training (a curve of like points) when there is one, else the plain key
         counts = {m: sum(r["metric"] == m for r in rows) for m in {r["metric"] for r in rows}}
         metric = sorted(counts, key=lambda m: (not m.startswith("curve/"), -counts[m], len(m)))[0]
-    header = f"{'run':<28} {'schedule':<22} {'metric':<16} {'step':>7} {'PFLOPs':>10} {'wall h':>8} {'FID':>8} {'IS':>8}"
+    header = (
+        f"{'run':<28} {'schedule':<22} {'metric':<16} {'step':>7} {'PFLOPs':>10} {'wall h':>8} {'FID':>8} {'IS':>8}"
+    )
     print(header)
     for r in rows:
         print(f"{r['run'][:28]:<28} {r['schedule'][:22]:<22} {r['metric']:<16} {r['step']:>7} "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
 
 from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
@@ -21,7 +20,7 @@ class SampleConfig:
     vq: str = flag(help="the VQ tokenizer the model was trained on (LlamaGen's vq_ds16_c2i.pt)")
     out: str = flag(help="directory of the samples (.npz per guidance scale, PNG grid); a rerun resumes it")
     per_class: int = flag(50, "samples per class with --labels balanced (FID-50k: 50 x 1000 classes)")
-    cfg_scale: Union[float, str] = flag(2.0, "classifier-free guidance scale, or several for a sweep: '1.5,2.0,2.5'")
+    cfg_scale: float | str = flag(2.0, "classifier-free guidance scale, or several for a sweep: '1.5,2.0,2.5'")
     batch: int = flag(0, "samples per piece; 0 = the largest the free GPU memory holds (at most 256), 64 on CPU")
     temperature: float = flag(1.0, "sampling temperature")
     top_k: int = flag(0, "sample from the k most likely tokens (0 = all)")

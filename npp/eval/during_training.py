@@ -19,23 +19,22 @@ sample count, so the two must not share a series. MLflow's UI groups `curve/`.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 
 from npp.eval.evaluate import metrics_from_features
 from npp.eval.features import extract, load_feature_net
+from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.eval.reference import reference_for
 from npp.models.checkpoint import load_vq
-from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.models.generate import Sampler
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.images import to_uint8_images
 
 
 class TrainingEvaluator:
-    def __init__(self, spec: EvalSpec, compile: Optional[bool] = None):
+    def __init__(self, spec: EvalSpec, compile: bool | None = None):
         """`spec`: what to sample and measure, checked by the caller's plan (npp.train.plan, WatchConfig.validate);
         `compile`: the sampler's graph-captured step (None: on CUDA)."""
         self.spec = spec

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -44,7 +43,8 @@ def compute_metrics(net, samples_path: str, ref: dict, ref_path: str) -> dict[st
         raise EvalInputError(f"{samples_path}: arr_0 must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
     if images.shape[1] != ref["image_size"]:
         raise EvalInputError(
-            f"samples {samples_path} are {images.shape[1]}px but reference {ref_path} was made at {ref['image_size']}px: "
+            f"samples {samples_path} are {images.shape[1]}px but reference {ref_path} was made at "
+            f"{ref['image_size']}px: "
             "make the reference at the samples' size (`npp eval ref --image-size ...`)"
         )
     for need, what in ((4, "precision/recall with k=3"),):
@@ -77,10 +77,10 @@ def metrics_from_features(net, feats: dict, ref: dict, labels=None) -> dict[str,
 def evaluate(
     samples: str,
     ref: str,
-    run_id: Optional[str] = None,
-    ckpt: Optional[str] = None,
-    inception: Optional[str] = None,
-    classifier: Optional[str] = None,
+    run_id: str | None = None,
+    ckpt: str | None = None,
+    inception: str | None = None,
+    classifier: str | None = None,
     experiment: str = "npp",
     log: bool = True,
 ) -> dict[str, dict[str, float]]:
@@ -125,7 +125,7 @@ def _cache_key(samples_path: str, ref_path: str, net) -> dict:
             "feature_net_sha256": getattr(net, "weights_sha256", "")}
 
 
-def _read_cache(samples_path: str, key: dict) -> Optional[dict]:
+def _read_cache(samples_path: str, key: dict) -> dict | None:
     path = _cache_path(samples_path)
     try:
         saved = json.loads(path.read_text())
@@ -146,7 +146,7 @@ def _sidecar(samples_path: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict]) -> tuple[Optional[str], Optional[int]]:
+def _training_run(run_id: str | None, ckpt: str | None, records: list[dict]) -> tuple[str | None, int | None]:
     """The MLflow run and step to log at: explicit, else the run recorded with the samples or the checkpoint."""
     steps = next((r.get("ckpt_steps") for r in records if r.get("ckpt_steps") is not None), None)
     train = next((r.get("ckpt_train") for r in records if r.get("ckpt_train")), None)
@@ -162,7 +162,7 @@ def _training_run(run_id: Optional[str], ckpt: Optional[str], records: list[dict
     return run_id, int(steps) if steps is not None else None
 
 
-def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt: Optional[str], experiment: str) -> None:
+def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: str | None, experiment: str) -> None:
     """Into the training run at the checkpoint's step, plus a nested run per samples file. Idempotent: a rerun
     after an interrupted logging reuses the nested runs made and sends no metric point twice."""
     import mlflow
@@ -180,7 +180,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt
         exp = mark_training_experiment(experiment)
         run_id = _named_run(client, exp, f"eval {Path(next(iter(results))).stem}", parent=None)
     exp = client.get_run(run_id).info.experiment_id
-    for (path, metrics), record in zip(results.items(), records):
+    for (path, metrics), record in zip(results.items(), records, strict=False):
         scale = record.get("cfg_scale")
         key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
         log_metrics_once(client, run_id, {k + key_suffix: v for k, v in metrics.items()}, step)
@@ -205,7 +205,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: Optional[str], ckpt
     print(f"logged to MLflow run {run_id} at step {step}")
 
 
-def _named_run(client, experiment_id: str, name: str, parent: Optional[str]) -> str:
+def _named_run(client, experiment_id: str, name: str, parent: str | None) -> str:
     """The run of that name (nested under `parent`) made by an earlier try, or a new one."""
     parent_filter = f" and tags.mlflow.parentRunId = '{parent}'" if parent else ""
     found = client.search_runs([experiment_id], filter_string=f"tags.mlflow.runName = '{name}'{parent_filter}",

@@ -6,8 +6,6 @@ for the toy classifier, and so on.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -16,7 +14,7 @@ from npp.pipeline.devices import exact_fp32, pick_device
 from npp.pipeline.files import file_sha256
 
 
-def load_feature_net(inception: Optional[str] = None, classifier: Optional[str] = None):
+def load_feature_net(inception: str | None = None, classifier: str | None = None):
     """The toy classifier when `classifier` is given, else the FID Inception (weights from the path or env)."""
     if classifier:
         from npp.models.toynet import load_toynet
@@ -38,7 +36,7 @@ def metric_suffix(net) -> str:
 
 
 @torch.no_grad()
-def extract(net, images: np.ndarray, batch: int = 100, device: Optional[torch.device] = None, desc: str = "features",
+def extract(net, images: np.ndarray, batch: int = 100, device: torch.device | None = None, desc: str = "features",
             progress: bool = True) -> dict:
     """uint8 (N, H, W, 3) → {"pool", "logits", "spatial"} float64 arrays."""
     device = device or pick_device("auto")

@@ -30,7 +30,9 @@ def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, b
     images, _ = real_images(data, None, image_size)
     labels = np.array([it.label for it in source.items])
     if len(labels) != len(images):
-        raise ConfigError(f"{data} has unreadable images: run `npp tokenize run` first to list them in failures.parquet")
+        raise ConfigError(
+            f"{data} has unreadable images: run `npp tokenize run` first to list them in failures.parquet"
+        )
     order = rng.permutation(len(images))
     n_val = max(len(images) // 10, 1)
     val, tr = order[:n_val], order[n_val:]
@@ -57,12 +59,17 @@ def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, b
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     net.eval()
     with torch.no_grad():
-        pred = torch.cat([net(torch.from_numpy(images[val[i : i + 256]]))["logits"].argmax(1) for i in range(0, len(val), 256)])
+        pred = torch.cat(
+            [net(torch.from_numpy(images[val[i : i + 256]]))["logits"].argmax(1) for i in range(0, len(val), 256)]
+        )
     accuracy = float((pred.numpy() == labels[val]).mean())
     ckpt = net.checkpoint()
     ckpt["fit"] = {"val_accuracy": accuracy, "train_images": int(len(tr)), "seconds": round(time.time() - start, 1),
                    "class_names": source.class_names}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, out)
-    print(f"fit-classifier: held-out accuracy {accuracy:.3f} on {len(val)} images in {ckpt['fit']['seconds']} s; wrote {out}")
+    print(
+        f"fit-classifier: held-out accuracy {accuracy:.3f} on {len(val)} images in {ckpt['fit']['seconds']} s; "
+        f"wrote {out}"
+    )
     return ckpt["fit"]

@@ -13,7 +13,6 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -40,7 +39,7 @@ def load_npz(path: str, role: str) -> dict:
         raise EvalInputError(f"{role} file {path} is not a readable .npz ({e}): regenerate it") from None
 
 
-def _reference_items(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int):
+def _reference_items(data: str | None, shards: str | None, image_size: int | None, limit: int):
     if shards:
         meta = json.loads((Path(shards) / "meta.json").read_text())
         # format 1 kept the path inside "source"; format 2 beside it (identity holds no paths)
@@ -58,7 +57,7 @@ def _reference_items(data: Optional[str], shards: Optional[str], image_size: Opt
     return source, items, int(image_size), data
 
 
-def iter_real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 50_000,
+def iter_real_images(data: str | None, shards: str | None, image_size: int | None, limit: int = 50_000,
                      batch: int = 256):
     """(batches of uint8 (n, S, S, 3) cropped as tokenize crops them, source path): never all images at once."""
     source, items, size, data = _reference_items(data, shards, image_size, limit)
@@ -79,7 +78,7 @@ def iter_real_images(data: Optional[str], shards: Optional[str], image_size: Opt
     return batches(), data
 
 
-def real_images(data: Optional[str], shards: Optional[str], image_size: Optional[int], limit: int = 0) -> tuple[np.ndarray, str]:
+def real_images(data: str | None, shards: str | None, image_size: int | None, limit: int = 0) -> tuple[np.ndarray, str]:
     """Real images cropped as tokenize crops them, as one array (small sets: the demo, the toy classifier)."""
     batches, data = iter_real_images(data, shards, image_size, limit)
     images = list(batches)

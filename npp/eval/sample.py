@@ -198,7 +198,9 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
         "ckpt_sha256": file_sha256(cfg.ckpt), "vq_sha256": file_sha256(cfg.vq),
     }
     target.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
-    print(f"samples {target}: {len(images)} images {images.shape[1]}px, cfg={scale:g}, grid {target.with_suffix('.png')}")
+    print(
+        f"samples {target}: {len(images)} images {images.shape[1]}px, cfg={scale:g}, grid {target.with_suffix('.png')}"
+    )
     return target
 
 

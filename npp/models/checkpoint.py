@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -84,7 +85,9 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             if names:
                 shown = names[:20] + ([f"... and {len(names) - 20} more"] if len(names) > 20 else [])
                 lines.append(f"  {title} ({len(names)}): " + ", ".join(shown))
-        lines.append("Check the model size, vocab_size, num_classes and block_size, or use the checkpoint's own config.")
+        lines.append(
+            "Check the model size, vocab_size, num_classes and block_size, or use the checkpoint's own config."
+        )
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 
@@ -136,7 +139,7 @@ def infer_gpt_config(state: Mapping[str, torch.Tensor], block_size: int = 256, *
 def load_gpt(
     path: str | os.PathLike,
     use_ema: bool = False,
-    config: Optional[GPTConfig] = None,
+    config: GPTConfig | None = None,
     **config_overrides: Any,
 ):
     """Build a GPT from a checkpoint file: its stored config, an explicit one, or one inferred from shapes."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from npp.errors import ConfigError
 
@@ -26,9 +26,9 @@ class GPTConfig:
     dim: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: Optional[int] = None
+    n_kv_head: int | None = None
     multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
@@ -49,7 +49,7 @@ class GPTConfig:
     cls_token_num: int = 1
     block_size: int = 256
     # Token grid (rows, cols). None means square: sqrt(block_size) per side.
-    grid: Optional[tuple[int, int]] = None
+    grid: tuple[int, int] | None = None
 
     # LlamaGen fields with no meaning for a class-conditional model (a class
     # attribute: it has no annotation, so it is not a dataclass field).
@@ -65,7 +65,9 @@ class GPTConfig:
             self.grid = (side, side)
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         if self.grid[0] * self.grid[1] != self.block_size:
-            raise ConfigError(f"grid {self.grid} holds {self.grid[0] * self.grid[1]} tokens, block_size is {self.block_size}")
+            raise ConfigError(
+                f"grid {self.grid} holds {self.grid[0] * self.grid[1]} tokens, block_size is {self.block_size}"
+            )
         if self.dim % self.n_head:
             raise ConfigError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
         if self.kv_heads <= 0 or self.n_head % self.kv_heads:
@@ -98,7 +100,7 @@ class GPTConfig:
         return self.class_dropout_prob > 0
 
     @classmethod
-    def from_dict(cls, args: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, args: dict[str, Any]) -> GPTConfig:
         """Build from a dict of LlamaGen/NPP model arguments; unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in args if k not in names and k not in cls._IGNORED)

@@ -22,8 +22,6 @@ the batch it is made in, the number of processes, or the device's RNG.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from npp.errors import ConfigError
@@ -71,7 +69,7 @@ def guide(logits: torch.Tensor, cfg_scale, guided=True) -> torch.Tensor:
     return mixed if guided else cond
 
 
-def sample_noise(batch: int, n_tokens: int, seed: Optional[int], sample_ids=None) -> torch.Tensor:
+def sample_noise(batch: int, n_tokens: int, seed: int | None, sample_ids=None) -> torch.Tensor:
     """(batch, n_tokens) uniforms: row j from a CPU generator seeded with seed·1000003 + sample_ids[j]."""
     if seed is None:
         return torch.rand(batch, n_tokens)
@@ -93,7 +91,7 @@ class Sampler:
     run: the caches and the captured graph stay; a smaller last piece is padded to the batch."""
 
     def __init__(self, model: GPT, batch: int, guidance: bool, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, cfg_interval: int = -1, compile: Optional[bool] = None):
+                 top_p: float = 1.0, cfg_interval: int = -1, compile: bool | None = None):
         cfg = model.config
         if guidance and not cfg.has_null_class:
             raise ConfigError("this model was trained without label dropout (no null class): use cfg_scale=1")
@@ -116,7 +114,7 @@ class Sampler:
             self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def _attach(self) -> None:
-        for layer, cache in zip(self.model.layers, self.caches):
+        for layer, cache in zip(self.model.layers, self.caches, strict=False):
             layer.attention.kv_cache = cache
 
     def _detach(self) -> None:
@@ -136,7 +134,7 @@ class Sampler:
         return draw(mixed, u, self.temperature, self.top_k, self.top_p), mixed
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, seed: Optional[int] = None, sample_ids=None,
+    def generate(self, labels: torch.Tensor, cfg_scale: float = 1.0, seed: int | None = None, sample_ids=None,
                  return_logits: bool = False):
         """Token grids (B, rows, cols) for class labels (B,), B <= the batch; see the module docstring for seeds."""
         n_real = labels.shape[0]
@@ -188,10 +186,10 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     cfg_interval: int = -1,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     return_logits: bool = False,
     sample_ids=None,
-    compile: Optional[bool] = False,
+    compile: bool | None = False,
 ):
     """Sample full token grids (B, rows, cols) for class labels (B,) with a Sampler made for this call.
 

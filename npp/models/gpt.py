@@ -8,7 +8,6 @@ DeepSpeed or tracking: see `checkpoint.py` for loading and `generate.py` for sam
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -135,7 +134,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
         """`start`: None (a full sequence, causal), or the first cached position (int, or a 0-d tensor)."""
@@ -218,7 +217,7 @@ class GPT(nn.Module):
         # the dtype the teacher-forced forward autocasts to (bf16-mixed training), None for the weights' own dtype.
         # The autocast is entered here, inside the module, because DeepSpeed's engine.forward switches an
         # autocast opened around it off (on CUDA) unless its config has a torch_autocast section.
-        self.autocast_dtype: Optional[torch.dtype] = None
+        self.autocast_dtype: torch.dtype | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -284,9 +283,9 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
+        targets: torch.Tensor | None = None,
         patch: int = 1,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits (and the patch loss when targets are given).
 
         With targets: idx and targets are full grids (B, rows·cols); logits are
@@ -322,14 +321,16 @@ class GPT(nn.Module):
     # --- KV-cached decoding -------------------------------------------------------
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, max_len, self.config.kv_heads, self.config.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(
+                batch, max_len, self.config.kv_heads, self.config.head_dim, dtype, device
+            )
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
 
     @torch.no_grad()
-    def decode(self, start, tokens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+    def decode(self, start, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         """Logits (B, S, vocab) for S new positions from `start`, using and filling the caches.
 
         Position 0 is the class token (pass `labels`); later positions take `tokens` (B, S).

@@ -16,7 +16,6 @@ Weights are never downloaded: pass the file (`--inception PATH` or NPP_INCEPTION
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -182,7 +181,10 @@ class FIDInception(nn.Module):
         if (h, w) != (299, 299):
             key = (h, w, str(x.device))
             if key not in self._resize:
-                self._resize[key] = (tf_legacy_resize_matrix(h, 299).to(x.device), tf_legacy_resize_matrix(w, 299).to(x.device))
+                self._resize[key] = (
+                    tf_legacy_resize_matrix(h, 299).to(x.device),
+                    tf_legacy_resize_matrix(w, 299).to(x.device),
+                )
             mh, mw = self._resize[key]
             x = torch.einsum("oh,nchw,pw->ncop", mh, x, mw)
         return (x - 128.0) / 128.0
@@ -194,7 +196,15 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+        ):
             x = block(x)
         spatial = self.Mixed_6d.last_branch1x1[:, :7]
         for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
@@ -208,7 +218,7 @@ class FIDInception(nn.Module):
         }
 
 
-def load_inception(path: Optional[str] = None) -> FIDInception:
+def load_inception(path: str | None = None) -> FIDInception:
     """The FID Inception with the standard weights, read weights-only; a clear error if the file is missing."""
     from .checkpoint import CheckpointMismatchError, extract_state_dict, load_state_strict, read_checkpoint
 

@@ -47,7 +47,9 @@ class ToyNet(nn.Module):
         """uint8 (N, H, W, 3) → float (N, 3, S, S) in [-1, 1] at the classifier's image size."""
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
-            x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
+            )
         return x
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ class VQConfig:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
     @classmethod
-    def from_dict(cls, args: dict[str, Any]) -> "VQConfig":
+    def from_dict(cls, args: dict[str, Any]) -> VQConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - names)
         if unknown:
@@ -139,7 +139,11 @@ def _level(res: list[nn.Module], attn: list[nn.Module], resample: nn.Module | No
 
 def _middle(channels: int, groups: int, dropout: float) -> nn.ModuleList:
     return nn.ModuleList(
-        [ResnetBlock(channels, channels, groups, dropout), AttnBlock(channels, groups), ResnetBlock(channels, channels, groups, dropout)]
+        [
+            ResnetBlock(channels, channels, groups, dropout),
+            AttnBlock(channels, groups),
+            ResnetBlock(channels, channels, groups, dropout),
+        ]
     )
 
 

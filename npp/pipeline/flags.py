@@ -23,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import types
 import typing
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 from npp.errors import UsageError
 
@@ -32,7 +34,7 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
 
-def flag(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[tuple] = None) -> Any:
+def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None) -> Any:
     """A config field with its meaning (shown by `--help`) and, optionally, the values it accepts."""
     meta = {"help": help, "choices": tuple(choices) if choices else None}
     return dataclasses.field(default=default, metadata=meta)
@@ -59,7 +61,7 @@ class FlagSpec:
     name: str
     kind: Any  # the resolved annotation
     default: Any  # inspect.Parameter.empty when required
-    choices: Optional[tuple] = None
+    choices: tuple | None = None
     help: str = ""
 
     @property
@@ -92,19 +94,23 @@ def flag_specs(target: Callable) -> dict[str, FlagSpec]:
     return specs
 
 
+def _is_union(kind: Any) -> bool:
+    return typing.get_origin(kind) in (Union, types.UnionType)  # Optional[T] / Union[...], or T | None
+
+
 def _optional_inner(kind: Any) -> tuple[Any, bool]:
-    """(T, True) for Optional[T]; (kind, False) otherwise."""
-    if typing.get_origin(kind) is Union:
+    """(T, True) for Optional[T] (T | None); (kind, False) otherwise."""
+    if _is_union(kind):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if len(args) < len(typing.get_args(kind)):
-            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True  # noqa: UP007 (built at run time)
     return kind, False
 
 
 def _accepts(kind: Any) -> str:
     inner, optional = _optional_inner(kind)
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
-    if typing.get_origin(inner) is Union:
+    if _is_union(inner):
         text = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(inner))
     else:
         text = names.get(inner, getattr(inner, "__name__", str(inner)))
@@ -116,7 +122,7 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
     inner, optional = _optional_inner(spec.kind)
     text = value if isinstance(value, str) else None
 
-    def refuse(what: Optional[str] = None) -> UsageError:
+    def refuse(what: str | None = None) -> UsageError:
         return UsageError(f"{command} {spec.dashed}: {value!r} is not {what or _accepts(spec.kind)}"
                           + (f" ({spec.help})" if spec.help else ""))
 
@@ -128,7 +134,7 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
         if word not in spec.choices:
             raise refuse("one of " + ", ".join(map(str, spec.choices)))
         return word
-    kinds = typing.get_args(inner) if typing.get_origin(inner) is Union else (inner,)
+    kinds = typing.get_args(inner) if _is_union(inner) else (inner,)
     out: Any = dataclasses.MISSING
     for kind in kinds:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -67,7 +67,7 @@ def deterministic_reason(text: str) -> str:
     return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", text)
 
 
-CropRange = Union[float, Sequence[float]]
+CropRange = float | Sequence[float]
 
 
 def crop_ranges(crop_range: CropRange) -> list[float]:
@@ -115,7 +115,9 @@ def five_crops(arr: np.ndarray, size: int) -> list[np.ndarray]:
 TEN_CROP_ORDER = ["tl", "tr", "bl", "br", "center", "flip-tl", "flip-tr", "flip-bl", "flip-br", "flip-center"]
 
 
-def make_views(img: Image.Image, size: int, views: int = 2, ten_crop: bool = False, crop_range: CropRange = 1.1) -> np.ndarray:
+def make_views(
+    img: Image.Image, size: int, views: int = 2, ten_crop: bool = False, crop_range: CropRange = 1.1
+) -> np.ndarray:
     """The crops of one image as uint8 (views, size, size, 3).
 
     views=1: ADM center crop; views=2: that crop and its mirror; ten_crop: for each
@@ -140,7 +142,9 @@ def describe_views(views: int, ten_crop: bool, crop_range: CropRange) -> dict:
             "views": 10 * len(ranges),
             "method": f"ten-crop of an ADM center crop enlarged by crop_range={','.join(f'{r:g}' for r in ranges)}",
             "crop_ranges": ranges,
-            "order": [f"{r:g}:{name}" for r in ranges for name in TEN_CROP_ORDER] if len(ranges) > 1 else TEN_CROP_ORDER,
+            "order": [f"{r:g}:{name}" for r in ranges for name in TEN_CROP_ORDER]
+            if len(ranges) > 1
+            else TEN_CROP_ORDER,
         }
     return {"views": views, "method": "ADM center crop", "order": ["center", "flip-center"][:views]}
 

@@ -12,14 +12,13 @@ import os
 import pickletools
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 from npp.errors import UsageError
 
 ASSETS_HINT = "e.g. LlamaGen's vq_ds16_c2i.pt (README: The ImageNet recipe)"
 
 
-def pickle_strings(path: str, limit: int = 200_000) -> Optional[set[str]]:
+def pickle_strings(path: str, limit: int = 200_000) -> set[str] | None:
     """The strings a torch checkpoint's pickle holds (None: not a zip-format torch file)."""
     try:
         with zipfile.ZipFile(path) as zf:

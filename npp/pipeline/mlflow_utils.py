@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -28,7 +28,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def mark_training_experiment(name: str, artifact_location: Optional[str] = None) -> str:
+def mark_training_experiment(name: str, artifact_location: str | None = None) -> str:
     """Get or create the experiment (artifacts at `artifact_location` if new) and tag it as model training;
     returns its id."""
     import mlflow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from npp.pipeline.files import atomic_write_text
 
@@ -78,7 +77,7 @@ class RunFolder:
     def read_config(self) -> dict:
         return json.loads(self.config.read_text())
 
-    def mlflow_run_id(self) -> Optional[str]:
+    def mlflow_run_id(self) -> str | None:
         return self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
 
     def write_mlflow_run_id(self, run_id: str) -> None:
@@ -97,7 +96,7 @@ class RunFolder:
     def client_file(self, tag: str) -> Path:
         return self.tag_dir(tag) / "client.json"
 
-    def latest_tag(self) -> Optional[str]:
+    def latest_tag(self) -> str | None:
         """The newest complete checkpoint: the one `latest` names, when its directory exists."""
         path = self.checkpoints / "latest"
         if not path.exists():

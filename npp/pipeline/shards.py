@@ -18,9 +18,10 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def encode_tar(samples: list[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict], extra: Optional[dict] = None) -> dict:
+def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict], extra: dict | None = None) -> dict:
     """Write one complete shard (tar, then its part record) and return the record.
 
     A shard without samples (every input failed) gets only its part record: an empty
@@ -101,7 +102,7 @@ def write_shard(out: Path, name: str, samples: list[Sample], failures: list[dict
     return record
 
 
-def read_part(out: Path, name: str) -> Optional[dict]:
+def read_part(out: Path, name: str) -> dict | None:
     """The part record of a complete shard, or None if the shard must be (re)made."""
     part = out / PARTS_DIR / f"{name}.json"
     if not part.exists():
@@ -171,7 +172,9 @@ def load_manifest(out: str | os.PathLike) -> list[dict]:
 
     path = Path(out) / "manifest.parquet"
     if not path.exists():
-        raise ShardSetError(f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`")
+        raise ShardSetError(
+            f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`"
+        )
     return pq.read_table(path).to_pylist()
 
 
@@ -219,7 +222,7 @@ def open_shard_sets(spec: str) -> tuple[dict, list[dict]]:
             manifest.append({**row, "path": os.path.join(d, row["file"])})
         metas.append(meta)
     first = metas[0]
-    for d, meta in zip(dirs[1:], metas[1:]):
+    for d, meta in zip(dirs[1:], metas[1:], strict=False):
         diffs = [f for f in COMPATIBLE_FIELDS if meta.get(f) != first.get(f)]
         if diffs:
             raise ShardSetError(

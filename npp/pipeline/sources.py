@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 from npp.errors import NppError
 
@@ -51,7 +50,7 @@ def unique_key(rel: str) -> str:
     return f"{sanitize_key(rel)}-{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 
 
-def check_unique_keys(items: list["SourceItem"], root: str) -> None:
+def check_unique_keys(items: list[SourceItem], root: str) -> None:
     seen: dict[str, str] = {}
     for it in items:
         if it.key in seen:
@@ -59,7 +58,7 @@ def check_unique_keys(items: list["SourceItem"], root: str) -> None:
         seen[it.key] = it.source
 
 
-def listing_sha256(items: list["SourceItem"]) -> str:
+def listing_sha256(items: list[SourceItem]) -> str:
     """The identity of a source's content listing (keys and labels), independent of where it lives."""
     h = hashlib.sha256()
     for it in items:
@@ -116,7 +115,7 @@ def _image_bytes_column(schema, image_column: str):
 
 
 def scan_parquet(
-    root: str, image_column: str = "image", label_column: str = "label", num_classes: Optional[int] = None
+    root: str, image_column: str = "image", label_column: str = "label", num_classes: int | None = None
 ) -> ImageSource:
     """Parquet files (a file or a directory of *.parquet) with image bytes and an integer label."""
     import pyarrow as pa
@@ -141,7 +140,8 @@ def scan_parquet(
             )
         if label_column not in pf.schema_arrow.names:
             raise SourceError(
-                f"{f} has no label column '{label_column}'; its columns are {pf.schema_arrow.names}: pass --label-column"
+                f"{f} has no label column '{label_column}'; its columns are {pf.schema_arrow.names}: "
+                "pass --label-column"
             )
         label_type = pf.schema_arrow.field(label_column).type
         if not pa.types.is_integer(label_type):
@@ -160,7 +160,9 @@ def scan_parquet(
                     items.append(SourceItem(f"{stem}/{row:09d}", label, str(f), row))
                     row += 1
         except OSError as e:
-            raise SourceError(f"{f} cannot be read ({e}): re-download it or move it out of the data directory") from None
+            raise SourceError(
+                f"{f} cannot be read ({e}): re-download it or move it out of the data directory"
+            ) from None
     if not items:
         raise SourceError(f"{root}: the parquet files hold no rows")
     valid = sorted(v for v in labels_seen if v >= 0)
@@ -184,7 +186,7 @@ def open_source(
     data: str,
     image_column: str = "image",
     label_column: str = "label",
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
 ) -> ImageSource:
     if not data or not os.path.exists(data):
         raise SourceError(f"data path {data!r} does not exist: pass --data DIR (ImageFolder) or parquet files")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ast
 import mmap
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
     """(key, codes, label) of every complete sample in a tar of `<key>.codes.npy` + `<key>.cls` members."""
     view = memoryview(data)
     pos, n = 0, len(data)
-    long_name: Optional[str] = None
+    long_name: str | None = None
     samples: dict[str, list] = {}
     order: list[str] = []
     ended = False
@@ -129,7 +129,9 @@ def map_shard(path: str) -> memoryview:
         return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def assign_shards(num_shards: int, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
+def assign_shards(
+    num_shards: int, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int
+) -> list[int]:
     perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
     return perm[rank::world][worker::workers].tolist()
 
@@ -181,7 +183,7 @@ class CodeStream(IterableDataset):
         idx = assign_shards(len(self.shards), epoch, self.seed, self.rank, self.world, worker, workers)
         return sum(self.shard_samples[i] for i in idx)
 
-    def _open(self, i: int, stats: dict) -> Optional[list]:
+    def _open(self, i: int, stats: dict) -> list | None:
         try:
             return parse_shard(map_shard(self.shards[i]))
         except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
@@ -320,4 +322,6 @@ def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, to
 
 def shard_paths(shard_dir: str, manifest: list[dict]) -> tuple[list[str], list[int]]:
     """Paths and sample counts of a manifest's shards (rows with `path` come from several sets)."""
-    return [m.get("path") or os.path.join(shard_dir, m["file"]) for m in manifest], [int(m["samples"]) for m in manifest]
+    return [m.get("path") or os.path.join(shard_dir, m["file"]) for m in manifest], [
+        int(m["samples"]) for m in manifest
+    ]

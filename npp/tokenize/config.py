@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from npp.errors import UsageError
 from npp.pipeline.flags import documented, flag
@@ -33,10 +32,10 @@ class TokenizeConfig:
     split: str = flag("train", "the shard files' prefix (train-000000.tar)")
     image_column: str = flag("image", "parquet: the image column")
     label_column: str = flag("label", "parquet: the label column")
-    num_classes: Optional[int] = flag(None, "classes (default: those found)")
+    num_classes: int | None = flag(None, "classes (default: those found)")
     seed: int = flag(0, "seed of the permutation that deals inputs to shards (recorded in meta.json)")
-    rank: Optional[int] = flag(None, "this task's index (default: SLURM array task, torchrun rank, or 0)")
-    world_size: Optional[int] = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
+    rank: int | None = flag(None, "this task's index (default: SLURM array task, torchrun rank, or 0)")
+    world_size: int | None = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
 
     def validate(self) -> None:

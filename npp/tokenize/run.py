@@ -17,7 +17,6 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -27,7 +26,6 @@ from tqdm import tqdm
 from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
 from npp.pipeline.devices import fast_matmul, pick_device
-from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import (
     ImageDecodeError,
@@ -37,6 +35,7 @@ from npp.pipeline.images import (
     make_views,
     to_model_input,
 )
+from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.shards import (
     FORMAT_VERSION,
     Sample,
@@ -59,7 +58,7 @@ __all__ = ["TokenizeConfig", "tokenize", "finalize", "resolve_rank", "shard_assi
 WINDOW_BYTES = 2 << 30
 
 
-def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit flags, else the job's ranks (torchrun, srun), else a SLURM array task, else a single process."""
     if rank is not None or world_size is not None:
         r, w = int(rank or 0), int(world_size or 1)
@@ -144,7 +143,9 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
     source = open_source(cfg.data, cfg.image_column, cfg.label_column, cfg.num_classes)
     vq, _ = load_vq(cfg.vq)
     if cfg.image_size % vq.downsample:
-        raise ShardSetError(f"--image-size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.downsample}")
+        raise ShardSetError(
+            f"--image-size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.downsample}"
+        )
     grid = (cfg.image_size // vq.downsample,) * 2
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
         for batch in loader:
             ok = [b for b in batch if b["views"] is not None]
             codes = encode_batch(vq, [b["views"] for b in ok], device) if ok else []
-            for b, c in zip(ok, codes):
+            for b, c in zip(ok, codes, strict=False):
                 pending[b["shard"]]["samples"].append((b["pos"], b["item"], c))
             for b in batch:
                 state = pending[b["shard"]]
@@ -203,15 +204,23 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
         for w in writes:
             w.result()  # re-raise a failed write here
     counts = {"inputs_this_run": len(entries), "encoded": encoded, "failed": failed}
-    print(f"tokenize rank {rank}: encoded {encoded} + failed {failed} = {encoded + failed} of {len(entries)} inputs this run")
+    print(
+        f"tokenize rank {rank}: encoded {encoded} + failed {failed} = {encoded + failed} of {len(entries)} inputs "
+        "this run"
+    )
     if all(read_part(out, shard_name(cfg.split, i)) is not None for i in range(n_shards)):
         counts["set"] = finalize(cfg.out)
     elif world > 1:
-        print("other ranks' shards are not all complete yet: the last rank to finish (or `npp tokenize finalize`) merges them")
+        print(
+            "other ranks' shards are not all complete yet: the last rank to finish (or `npp tokenize finalize`) "
+            "merges them"
+        )
     return counts
 
 
-def read_order(source: ImageSource, shards: list[np.ndarray], todo: list[int], code_bytes: int) -> list[tuple[int, int, SourceItem]]:
+def read_order(
+    source: ImageSource, shards: list[np.ndarray], todo: list[int], code_bytes: int
+) -> list[tuple[int, int, SourceItem]]:
     """(shard, position in shard, item) in the order to read them.
 
     Image files are read shard by shard, so shards complete (and a killed run keeps
@@ -265,7 +274,9 @@ def finalize(out_dir: str) -> dict:
     encoded = sum(m["samples"] for m in manifest)
     inputs = meta["source"]["inputs"]
     if encoded + len(failures) != inputs:
-        raise ShardSetError(f"{out}: encoded {encoded} + failed {len(failures)} != {inputs} inputs; delete {out} and rerun")
+        raise ShardSetError(
+            f"{out}: encoded {encoded} + failed {len(failures)} != {inputs} inputs; delete {out} and rerun"
+        )
     _write_parquet(out / "manifest.parquet", pa.Table.from_pylist(manifest, schema=pa.schema(
         [("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])), pq)
     _write_parquet(out / "failures.parquet", pa.Table.from_pylist(failures, schema=pa.schema(

@@ -13,7 +13,7 @@ DeepSpeed would apply the update instead.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from npp.train.errors import TrainingError
 

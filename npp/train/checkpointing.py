@@ -26,7 +26,6 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ class CheckpointLoadError(TrainingError):
     """DeepSpeed found no loadable checkpoint where `latest` points."""
 
 
-def check_world_size(run: RunFolder, world_size: int) -> Optional[str]:
+def check_world_size(run: RunFolder, world_size: int) -> str | None:
     """The tag a start will resume from; refuses a ZeRO checkpoint of another world size (before any work)."""
     tag = run.latest_tag()
     if tag is None or run.is_universal(tag):
@@ -187,7 +186,7 @@ def prune(run: RunFolder, keep: int) -> None:
             shutil.rmtree(run.tag_dir(old), ignore_errors=True)
 
 
-def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[Optional[dict], Optional[dict]]:
+def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[dict | None, dict | None]:
     """Resume from `latest`: engine state and EMA. Returns (client state, this rank's RNG state), or
     (None, None) for a fresh run.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
@@ -48,7 +47,7 @@ class TrainConfig:
     patch_levels: int = flag(0, ">0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule")
     epoch_rate: float = flag(0.5, "the paper's stage boundary rate for --patch-levels")
     epochs: int = flag(300, "passes over the shard set (the budget, with --global-batch)")
-    total_steps: Optional[int] = flag(None, "optimizer steps in all (default: epochs x steps per epoch)")
+    total_steps: int | None = flag(None, "optimizer steps in all (default: epochs x steps per epoch)")
     global_batch: int = flag(256, "samples per optimizer step, all ranks together")
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step (may change on resume)")
     lr: float = flag(1e-4, "peak learning rate")
@@ -92,7 +91,7 @@ class TrainConfig:
     eval_every_epochs: float = flag(0.0, "the same in epochs (when --eval-every is 0)")
     eval_per_class: int = flag(10, "samples per class at each eval point (fixed labels and seeds)")
     eval_cfg_scale: float = flag(2.0, "classifier-free guidance scale of the eval samples")
-    eval_cfg: Optional[float] = flag(None, "the old spelling of --eval-cfg-scale (wins when given)")
+    eval_cfg: float | None = flag(None, "the old spelling of --eval-cfg-scale (wins when given)")
     eval_temperature: float = flag(1.0, "sampling temperature of the eval samples")
     eval_top_k: int = flag(0, "top-k of the eval samples (0 = all)")
     eval_batch: int = flag(64, "samples per sampling batch at the eval points")

@@ -7,7 +7,7 @@ stream had begun (npp.pipeline.stream.next_untouched_epoch), so no sample is rep
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from npp.pipeline.stream import CodeStream, make_loader, next_untouched_epoch, shard_paths
 from npp.train.state import TrainState

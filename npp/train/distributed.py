@@ -75,8 +75,12 @@ def stale_extension_locks(names: list[str], max_age_s: float = 600.0) -> list[st
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     now = time.time()
     # TORCH_EXTENSIONS_DIR/<name>/lock, or <default root>/py311_cpu/<name>/lock
-    found = [p for name in names for pattern in (os.path.join(root, name, "lock"), os.path.join(root, "*", name, "lock"))
-             for p in glob.glob(pattern)]
+    found = [
+        p
+        for name in names
+        for pattern in (os.path.join(root, name, "lock"), os.path.join(root, "*", name, "lock"))
+        for p in glob.glob(pattern)
+    ]
     return [lock for lock in found if now - os.path.getmtime(lock) > max_age_s]
 
 

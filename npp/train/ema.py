@@ -19,7 +19,6 @@ kernels cost more launch time on the host than the arithmetic takes on the GPU.
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,7 @@ class EMA:
         `master_weights`: the module's parameters are the fp32 master weights (else gather them)."""
         self.decay = decay
         self.master_weights = master_weights
-        self.model: Optional[nn.Module] = None
+        self.model: nn.Module | None = None
         self._params: list[torch.Tensor] = []
         if keep:
             self.model = copy.deepcopy(module).float().eval()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from npp.pipeline.runs import RunFolder, consolidated_state, tag_step
 
 
-def export(run: str, tag: Optional[str] = None, out: Optional[str] = None) -> str:
+def export(run: str, tag: str | None = None, out: str | None = None) -> str:
     """Write `RUN/export/model_<tag>.pt` (and `RUN/model.pt`, the newest) from a checkpoint tag (default: latest)."""
     folder = RunFolder(run)
     tag = tag or folder.latest_tag()

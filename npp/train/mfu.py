@@ -9,7 +9,6 @@ Figures: NVIDIA's datasheets, dense (no 2:4 sparsity) bf16 with fp32 accumulate.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -25,12 +24,12 @@ PEAK_BF16: list[tuple[str, float]] = [
 ]
 
 
-def peak_for_name(name: str) -> Optional[float]:
+def peak_for_name(name: str) -> float | None:
     upper = name.upper()
     return next((peak for key, peak in PEAK_BF16 if key.upper() in upper), None)
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
+def peak_flops(device: torch.device) -> float | None:
     if "NPP_PEAK_FLOPS" in os.environ:
         return float(os.environ["NPP_PEAK_FLOPS"])
     if device.type != "cuda":

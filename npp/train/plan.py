@@ -16,7 +16,6 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from npp.errors import UsageError
 from npp.models.configs import GPTConfig, gpt_config
@@ -48,9 +47,9 @@ class TrainPlan:
     total_steps: int
     warmup_steps: int
     eval_every: int  # 0: no evaluation during training
-    eval_spec: Optional[EvalSpec]
+    eval_spec: EvalSpec | None
     workers: int  # loader workers per rank, resolved
-    resume_tag: Optional[str]  # the checkpoint this start resumes from
+    resume_tag: str | None  # the checkpoint this start resumes from
     changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
     amended: dict = field(default_factory=dict)  # defining flags changed on purpose (--allow-change)
     first_identity: dict = field(default_factory=dict)  # the identity of the run's first start
@@ -125,7 +124,7 @@ def _model_config(cfg: TrainConfig, meta: dict, run: RunFolder) -> GPTConfig:
                       class_dropout_prob=cfg.class_dropout)
 
 
-def resume_tag(run: RunFolder, world_size: int) -> Optional[str]:
+def resume_tag(run: RunFolder, world_size: int) -> str | None:
     """The tag a start will resume from; refuses a ZeRO checkpoint of another world size."""
     tag = run.latest_tag()
     if tag is None or run.is_universal(tag):
@@ -140,7 +139,7 @@ def resume_tag(run: RunFolder, world_size: int) -> Optional[str]:
     return tag
 
 
-def make_plan(cfg: TrainConfig, world_size: Optional[int] = None) -> TrainPlan:
+def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     """Check a training run and resolve it (see the module's docstring); world_size defaults to this job's."""
     cfg.check_values()
     world = int(world_size or rank_and_world()[1])

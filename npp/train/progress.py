@@ -30,8 +30,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class Progress:
 
     def __init__(self, path: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
                  corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter,
-                 flops_left: Optional[Callable[[int], float]] = None):
+                 flops_left: Callable[[int], float] | None = None):
         self.path = Path(path)  # RUN/metrics.jsonl (npp.pipeline.runs.RunFolder.metrics)
         self.is_main, self.device = is_main, device
         self.log_every, self.total_steps = log_every, total_steps
@@ -78,7 +78,9 @@ class Progress:
         if self.is_main and step:
             dropped = truncate_jsonl(self.path, step)
             if dropped:
-                print(f"[npp train] metrics.jsonl: dropped {dropped} record(s) after step {step} (redone now)", flush=True)
+                print(
+                    f"[npp train] metrics.jsonl: dropped {dropped} record(s) after step {step} (redone now)", flush=True
+                )
 
     def record(self, step: int, loss: torch.Tensor, patch_side: int, lr: float, flops: float) -> bool:
         """Keep the step's record (its loss a device tensor: no host sync); True when this step is a log
@@ -96,7 +98,7 @@ class Progress:
         self.losses += values
         if self.is_main:
             with open(self.path, "a") as fh:
-                for (step, _, patch_side, lr), loss in zip(self.pending, values):
+                for (step, _, patch_side, lr), loss in zip(self.pending, values, strict=False):
                     fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
         self.pending = []
 
@@ -108,7 +110,7 @@ class Progress:
         return loss_sum
 
     def window_metrics(self, world_size: int, global_batch: int, tokens_per_sample: int,
-                       peak: Optional[float], grad_norm) -> dict:
+                       peak: float | None, grad_norm) -> dict:
         """Metrics over the steps since the last log step; a collective (loss mean, counters)."""
         self.flush()
         if self.device.type == "cuda":
@@ -130,7 +132,7 @@ class Progress:
         self._reset()
         return metrics
 
-    def eta_s(self, step: int) -> Optional[float]:
+    def eta_s(self, step: int) -> float | None:
         """Seconds to the end: the FLOPs left at this start's measured seconds per FLOP (steps, then checkpoints
         and evaluations); None before anything was measured."""
         if self.flops_left is None or self.run_flops <= 0:

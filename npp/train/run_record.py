@@ -56,4 +56,6 @@ def dataset_identity(plan: TrainPlan) -> dict:
 
 
 def describe_changes(plan: TrainPlan) -> str:
-    return "flags changed since the last start (allowed on resume): " + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in plan.changes.items())
+    return "flags changed since the last start (allowed on resume): " + ", ".join(
+        f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in plan.changes.items()
+    )

@@ -7,9 +7,9 @@ paper's epoch boundaries (e.g. 37/75/150/300 of 300 epochs) land on exact steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Sequence
 
 from npp.errors import ConfigError
 from npp.models.configs import GPTConfig, check_patch_side, train_flops_per_sample
@@ -28,7 +28,7 @@ def format_schedule(stages: Sequence[Stage]) -> str:
     return ",".join(str(s) for s in stages)
 
 
-def validate_schedule(stages: Sequence[Stage], grid: Optional[tuple[int, int]] = None) -> list[Stage]:
+def validate_schedule(stages: Sequence[Stage], grid: tuple[int, int] | None = None) -> list[Stage]:
     """Shares positive and summing to 1, the last stage k = 1, every k dividing the grid."""
     stages = list(stages)
     if not stages:
@@ -55,7 +55,7 @@ def validate_schedule(stages: Sequence[Stage], grid: Optional[tuple[int, int]] =
     return stages
 
 
-def parse_schedule(text: str, grid: Optional[tuple[int, int]] = None) -> list[Stage]:
+def parse_schedule(text: str, grid: tuple[int, int] | None = None) -> list[Stage]:
     """Parse 'k:share,k:share,...' such as '4:0.25,2:0.25,1:0.5' (shares may be fractions like 1/3)."""
     stages = []
     for part in str(text).split(","):
@@ -81,9 +81,9 @@ def paper_schedule(patch_levels: int, epoch_rate: float, epochs: int) -> list[St
     sides = [2 ** (patch_levels - 1 - i) for i in range(patch_levels)]
     ends = [int(epochs * epoch_rate ** (patch_levels - 1 - i)) for i in range(patch_levels)]
     starts = [0] + ends[:-1]
-    if any(e <= s for s, e in zip(starts, ends)):
+    if any(e <= s for s, e in zip(starts, ends, strict=False)):
         raise ConfigError(f"{epochs} epochs at rate {epoch_rate} leave an empty stage (stage ends at epochs {ends})")
-    return validate_schedule([Stage(k, Fraction(e - s, epochs)) for k, s, e in zip(sides, starts, ends)])
+    return validate_schedule([Stage(k, Fraction(e - s, epochs)) for k, s, e in zip(sides, starts, ends, strict=False)])
 
 
 @dataclass(frozen=True)

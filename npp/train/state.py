@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 # lets deepspeed.checkpoint.ds_to_universal convert our checkpoints (npp train convert)
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
@@ -25,11 +24,11 @@ class TrainState:
     train_flops: float = 0.0  # spent, applied or not
     bad_steps: int = 0  # steps skipped for non-finite gradients, in all
     corrupt_shards: int = 0  # over all ranks and restarts
-    mlflow_run_id: Optional[str] = None
+    mlflow_run_id: str | None = None
     world_size: int = 1
-    data_layout: Optional[dict] = None  # {"world_size", "workers", "micro_batch"} the streams were cut for
+    data_layout: dict | None = None  # {"world_size", "workers", "micro_batch"} the streams were cut for
     data_base: dict = field(default_factory=lambda: {"epoch": 0, "micro_batches": 0})  # where the streams began
-    rng: Optional[dict] = field(default=None, repr=False)  # this rank's generators (its own file, not client state)
+    rng: dict | None = field(default=None, repr=False)  # this rank's generators (its own file, not client state)
 
     def client_state(self) -> dict:
         """What DeepSpeed stores beside the weights (plain values; the RNG goes to the rank's file)."""
@@ -38,7 +37,7 @@ class TrainState:
         return {**state, **UNIVERSAL_INFO}
 
     @classmethod
-    def from_client_state(cls, client: Optional[dict], rng: Optional[dict] = None) -> "TrainState":
+    def from_client_state(cls, client: dict | None, rng: dict | None = None) -> TrainState:
         """From a checkpoint's client state (older checkpoints lack some fields: their defaults hold)."""
         if not client:
             return cls(rng=rng)

@@ -19,7 +19,7 @@ On CUDA, TF32 is on for whatever matmuls stay fp32 (FID features turn it off for
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -28,6 +28,7 @@ from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.devices import fast_matmul
 from npp.train.config import TrainConfig, compile_setting
 from npp.train.ema import EMA
+
 
 def offloads_optimizer(ds_config: dict) -> bool:
     device = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
@@ -90,7 +91,7 @@ class TrainStep:
     finite (then the EMA is not updated either; see npp.train.bad_steps).
     """
 
-    def __init__(self, engine, ema: Optional[EMA]):
+    def __init__(self, engine, ema: EMA | None):
         self.engine, self.ema = engine, ema
 
     def __call__(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], patch_side: int):

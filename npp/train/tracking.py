@@ -26,13 +26,12 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
-from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.files import git_commit, truncate_jsonl  # noqa: F401 (git_commit: its old home)
+from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.runs import RunFolder
-
 
 
 def read_outbox(path: Path) -> list[dict]:
@@ -43,17 +42,17 @@ def read_outbox(path: Path) -> list[dict]:
 class Tracker:
     """The trainer's MLflow run; a no-op on ranks other than 0 or when disabled."""
 
-    def __init__(self, enabled: bool, run: Optional[RunFolder] = None, log: Callable[[str], None] = print):
+    def __init__(self, enabled: bool, run: RunFolder | None = None, log: Callable[[str], None] = print):
         self.enabled = enabled
         self.run = run
         self._outbox = run.outbox if run is not None else None
-        self.run_id: Optional[str] = None
+        self.run_id: str | None = None
         self._log = log
         self._queue: queue.Queue = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
-        self._down_since: Optional[float] = None
+        self._down_since: float | None = None
         self._outages = 0
         self._sent = 0
         self._monitor = None
@@ -62,8 +61,8 @@ class Tracker:
         self.logged_through: dict[str, int] = {}
 
     # --- the training thread's side -------------------------------------------------
-    def start(self, experiment: str, run_name: str, run_id: Optional[str], params: dict, tags: dict,
-              artifacts: list[str], dataset: Optional[dict] = None, system_metrics: bool = True,
+    def start(self, experiment: str, run_name: str, run_id: str | None, params: dict, tags: dict,
+              artifacts: list[str], dataset: dict | None = None, system_metrics: bool = True,
               resume_step: int = 0) -> None:
         """Queue the run's creation (params, artifacts, dataset input: the UI's Dataset column) or its
         reattachment, then the outbox's points up to `resume_step` (those MLflow lacks are sent), and start
@@ -104,7 +103,7 @@ class Tracker:
         if self.enabled and self._thread is not None:
             self._queue.put(("tags", {k: str(v) for k, v in tags.items()}))
 
-    def finish(self, status: str = "FINISHED", wait_s: Optional[float] = None) -> None:
+    def finish(self, status: str = "FINISHED", wait_s: float | None = None) -> None:
         """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S)."""
         if not self.enabled or self._thread is None:
             return
@@ -268,8 +267,8 @@ def tag_exported_model(run: RunFolder, path: str, step: int) -> None:
     if not run_id:
         return
     try:
-        from mlflow.entities import RunTag
         import mlflow
+        from mlflow.entities import RunTag
 
         mlflow.tracking.MlflowClient(tracking_uri()).log_batch(run_id, tags=[
             RunTag("exported_model", os.path.abspath(path)), RunTag("exported_step", str(step))])

@@ -12,7 +12,6 @@ Every rank runs the same code under torchrun, the deepspeed launcher, srun, or a
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,14 +32,14 @@ from npp.train.mfu import peak_flops
 from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
 from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
-from npp.train.step import TrainStep, build_model_and_optimizer, offloads_optimizer, start_engine
 from npp.train.state import TrainState
+from npp.train.step import TrainStep, build_model_and_optimizer, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker
 
 
 class Trainer:
-    def __init__(self, plan: Union[TrainPlan, TrainConfig], evaluator=None):
+    def __init__(self, plan: TrainPlan | TrainConfig, evaluator=None):
         """`plan`: from npp.train.plan.make_plan (a TrainConfig is planned here, for in-process callers).
         `evaluator`: a callable (model, num_classes, device, rank, world) -> metrics (rank 0), called at the
         eval points; the app builds it from the eval stage (npp.eval.during_training)."""
@@ -51,8 +50,8 @@ class Trainer:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
         self.run, self._evaluator = RunFolder(self.cfg.out), evaluator
         self.precision = resolve_precision(self.cfg.precision, torch.cuda.is_available())
-        self.ds_config = device_ds_config(self.plan.ds_json, micro=self.plan.micro_batch, grad_accum=self.cfg.grad_accum,
-                                          global_batch=self.cfg.global_batch, grad_clip=self.cfg.grad_clip,
+        self.ds_config = device_ds_config(self.plan.ds_json, micro=self.plan.micro_batch, grad_clip=self.cfg.grad_clip,
+                                          grad_accum=self.cfg.grad_accum, global_batch=self.cfg.global_batch,
                                           precision=self.precision, cuda=torch.cuda.is_available())
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
@@ -101,7 +100,7 @@ class Trainer:
                 span = self.schedule.stage_at(self.state.step)
                 if span.index != stage:
                     stage = span.index
-                    self._log(f"stage {span.index}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
+                    self._log(f"stage {stage}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
                 loss = self.train_step(batches, span.patch_side)
                 flops = self.cfg.global_batch * self.stage_flops[span.index]
                 self.state.train_flops += flops  # spent, applied or not
@@ -126,7 +125,7 @@ class Trainer:
             raise
         return self._finish()
 
-    def train_step(self, batches, patch_side: int) -> Optional[torch.Tensor]:
+    def train_step(self, batches, patch_side: int) -> torch.Tensor | None:
         """One optimizer step (npp.train.step.TrainStep): this rank's mean loss, still on the device (read at sync
         points only), or None when DeepSpeed skipped the update because a gradient was not finite."""
         self.last_lr = self.engine.get_lr()[0]  # the rate this step is taken with
@@ -169,7 +168,7 @@ class Trainer:
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
         self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
-        for line in [f"note: {n}" for n in self.plan.notes] + ([describe_changes(self.plan)] if self.plan.changes else []):
+        for line in [f"note: {n}" for n in self.plan.notes] + [describe_changes(self.plan)] * bool(self.plan.changes):
             self._log(line)
         self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "
                   f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch {self.plan.micro_batch}, "
@@ -244,7 +243,7 @@ class Trainer:
             print(f"[npp train] {msg}", flush=True)
 
 
-def train(plan: Union[TrainPlan, TrainConfig], evaluator=None) -> bool:
+def train(plan: TrainPlan | TrainConfig, evaluator=None) -> bool:
     """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory.
     True when it stopped on request (saved; a requeue resumes it), False when it reached the end."""
     return bool(Trainer(plan, evaluator).train().get("stopped"))

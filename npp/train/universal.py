@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+
 from npp.pipeline.runs import UNIVERSAL_SUFFIX, RunFolder
 from npp.train.errors import TrainingError
 

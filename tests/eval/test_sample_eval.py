@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from npp.errors import ConfigError
 from npp.eval.evaluate import evaluate
 from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
 from npp.eval.reference import EvalInputError, make_reference, real_images
-from npp.errors import ConfigError
 from npp.eval.sample import SampleConfig, auto_batch, sample, samples_path
 from npp.pipeline.toy import write_toy_dataset
 from tests.helpers import make_gpt, save_small_vq
@@ -139,7 +139,14 @@ def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     results = evaluate(str(out / "samples_cfg*.npz"), str(setup / "ref.npz"), run_id=run.info.run_id,
                        classifier=str(setup / "toynet.pt"))
     m = results[str(samples_path(out, 1.0))]
-    assert set(m) == {"fid_toynet", "sfid_toynet", "is_toynet", "precision_toynet", "recall_toynet", "class_accuracy_toynet"}
+    assert set(m) == {
+        "fid_toynet",
+        "sfid_toynet",
+        "is_toynet",
+        "precision_toynet",
+        "recall_toynet",
+        "class_accuracy_toynet",
+    }
     assert m["fid_toynet"] > 0 and 1.0 <= m["is_toynet"] <= 10.0 and 0 <= m["class_accuracy_toynet"] <= 1
     client = mlflow.tracking.MlflowClient()
     parent = client.get_run(run.info.run_id)

@@ -30,7 +30,9 @@ def test_our_checkpoint_with_config_and_ema(tmp_path):
     model = make_gpt()
     ema = make_gpt(seed=1)
     path = tmp_path / "ours.pt"
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "config": model.config.to_dict(), "steps": 5}, path)
+    torch.save(
+        {"model": model.state_dict(), "ema": ema.state_dict(), "config": model.config.to_dict(), "steps": 5}, path
+    )
     loaded, _ = load_gpt(path, use_ema=True)
     _same_outputs(ema, loaded.eval())
 

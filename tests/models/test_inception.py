@@ -9,10 +9,16 @@ def test_standard_names_and_shapes_load_and_run(tmp_path):
     torch.manual_seed(0)
     net = FIDInception()
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for name, shape in {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
-                        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
-                        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3), "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
-                        "fc.weight": (1008, 2048), "fc.bias": (1008,)}.items():
+    for name, shape in {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_4a_3x3.bn.running_var": (192,),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "fc.weight": (1008, 2048),
+        "fc.bias": (1008,),
+    }.items():
         assert tuple(state[name].shape) == shape, name
     assert len(state) == 472  # 94 conv+bn blocks x (weight + 4 BatchNorm tensors) + fc weight and bias
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
@@ -22,7 +28,9 @@ def test_standard_names_and_shapes_load_and_run(tmp_path):
     with torch.no_grad():
         out = loaded(images)
         ref = net.eval()(images)
-    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, 7 * 17 * 17)
+    assert (
+        out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, 7 * 17 * 17)
+    )
     torch.testing.assert_close(out["pool"], ref["pool"])
     torch.testing.assert_close(out["logits"], out["pool"] @ loaded.fc.weight.t())  # no bias, as ADM's softmax
 

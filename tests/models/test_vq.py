@@ -16,10 +16,20 @@ def test_vq16_architecture_size_and_names():
         vq = VQModel(vq_config("VQ-16"))
     assert sum(p.numel() for p in vq.parameters()) == 71_883_403
     names = set(vq.state_dict())
-    for n in ("quantize.codebook_used", "quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.bias",
-              "encoder.conv_blocks.0.downsample.conv.weight", "encoder.conv_blocks.4.attn.1.proj_out.weight",
-              "encoder.mid.1.q.weight", "decoder.conv_blocks.0.attn.2.k.weight", "decoder.conv_blocks.3.upsample.conv.weight",
-              "encoder.conv_blocks.2.res.0.nin_shortcut.weight", "decoder.norm_out.weight", "encoder.conv_out.weight"):
+    for n in (
+        "quantize.codebook_used",
+        "quantize.embedding.weight",
+        "quant_conv.weight",
+        "post_quant_conv.bias",
+        "encoder.conv_blocks.0.downsample.conv.weight",
+        "encoder.conv_blocks.4.attn.1.proj_out.weight",
+        "encoder.mid.1.q.weight",
+        "decoder.conv_blocks.0.attn.2.k.weight",
+        "decoder.conv_blocks.3.upsample.conv.weight",
+        "encoder.conv_blocks.2.res.0.nin_shortcut.weight",
+        "decoder.norm_out.weight",
+        "encoder.conv_out.weight",
+    ):
         assert n in names, n
     assert vq.state_dict()["quantize.codebook_used"].shape == (65536,)
 

@@ -85,8 +85,16 @@ def test_sampling_and_features_run_on_this_ranks_gpu(rank3_on_cpu, tmp_path):
     save_small_vq(tmp_path / "vq.pt")
     gpt = make_gpt(vocab=64, num_classes=2)
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 1}, tmp_path / "gpt.pt")
-    sample.sample(sample.SampleConfig(ckpt=str(tmp_path / "gpt.pt"), vq=str(tmp_path / "vq.pt"), out=str(tmp_path / "o"),
-                                      per_class=1, batch=2, cfg_scale="1.0"))
+    sample.sample(
+        sample.SampleConfig(
+            ckpt=str(tmp_path / "gpt.pt"),
+            vq=str(tmp_path / "vq.pt"),
+            out=str(tmp_path / "o"),
+            per_class=1,
+            batch=2,
+            cfg_scale="1.0",
+        )
+    )
     features.extract(ToyNet(ToyNetConfig(num_classes=2)), np.zeros((2, 32, 32, 3), np.uint8), progress=False)
     assert asked == [torch.device("cuda", 3)] * 2
 

@@ -47,7 +47,7 @@ def test_parse_shard_matches_tarfile_reader(tmp_path):
     parsed = parse_shard(open(paths[0], "rb").read())
     ref = list(iter_tar_samples(paths[0]))
     assert [k for k, _, _ in parsed] == [s.key for s in ref]
-    assert all(np.array_equal(c, s.codes) and lab == s.label for (_, c, lab), s in zip(parsed, ref))
+    assert all(np.array_equal(c, s.codes) and lab == s.label for (_, c, lab), s in zip(parsed, ref, strict=False))
 
 
 def test_long_keys_use_gnu_long_names(tmp_path):
@@ -94,7 +94,7 @@ def test_resume_continues_exactly(tmp_path, workers):
     for start in (1, 7, 20, 41):
         resumed = take(CodeStream(paths, counts, batch_size=3, num_workers=workers, shuffle_buffer=5,
                                   start_batches=start), 50 - start, workers)
-        for a, b in zip(full[start:], resumed):
+        for a, b in zip(full[start:], resumed, strict=False):
             assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["labels"], b["labels"])
 
 

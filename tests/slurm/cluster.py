@@ -88,7 +88,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.env = {"SLURM_CONF": str(self.conf)}
         os.environ.update(self.env)
         log = open(self.root / "log" / "daemons.out", "ab")
-        self.procs.append(subprocess.Popen([_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], stdout=log, stderr=log))
+        self.procs.append(
+            subprocess.Popen([_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], stdout=log, stderr=log)
+        )
         time.sleep(1)
         self.procs.append(subprocess.Popen([_which("slurmd"), "-D", "-f", str(self.conf)], stdout=log, stderr=log))
         self._until(lambda: self.run("sinfo", "-h", "-o", "%t").stdout.strip() in ("idle", "idle*"), timeout,
@@ -197,7 +199,7 @@ class TwoNodeCluster(Cluster):
     def _network(self) -> None:
         ctl = self.ns["ctl"]
         hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.addr.items())
-        for name, ns in self.ns.items():
+        for ns in self.ns.values():
             self._ip("netns", "add", ns)
             self._ip("-n", ns, "link", "set", "lo", "up")
             Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)

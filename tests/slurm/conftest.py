@@ -1,8 +1,7 @@
 import pytest
 
-from tests.slurm.jobs import fresh_checkout
-
 from tests.slurm.cluster import PACKAGES, Cluster, TwoNodeCluster, missing_binaries
+from tests.slurm.jobs import fresh_checkout
 
 
 @pytest.fixture(scope="session")

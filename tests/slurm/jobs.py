@@ -56,8 +56,19 @@ def sbatch(checkout, cluster, env, *args):
 
 def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=False, sbatch_flags=None, **extra):
     if via_make:
-        return make(checkout, slurm_cluster, "train-slurm", job_env(tmp_path, slurm_cluster, **extra),
-                    SHARDS=shard_set, RUN=run, MODEL="GPT-Nano", SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH=16, TRAIN_FLAGS=TRAIN, SBATCH_FLAGS=SBATCH)
+        return make(
+            checkout,
+            slurm_cluster,
+            "train-slurm",
+            job_env(tmp_path, slurm_cluster, **extra),
+            SHARDS=shard_set,
+            RUN=run,
+            MODEL="GPT-Nano",
+            SCHEDULE="2:0.5,1:0.5",
+            GLOBAL_BATCH=16,
+            TRAIN_FLAGS=TRAIN,
+            SBATCH_FLAGS=SBATCH,
+        )
     env = job_env(tmp_path, slurm_cluster, SHARDS=str(shard_set), OUT=str(run), MODEL="GPT-Nano",
                   SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH="16", EXTRA=TRAIN, **extra)
     return sbatch(checkout, slurm_cluster, env, *(sbatch_flags or SBATCH).split(), "slurm/train.sbatch")

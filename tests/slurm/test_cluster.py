@@ -17,8 +17,17 @@ import pytest
 
 from npp.tokenize.run import TokenizeConfig, tokenize
 from tests.helpers import read_metrics, save_small_vq
-from tests.slurm.jobs import (assert_each_step_once, interrupt_and_resume, job_env, job_log, make,
-                              mlflow_runs_and_loss_steps, sbatch, submit_train, wait_for)
+from tests.slurm.jobs import (
+    assert_each_step_once,
+    interrupt_and_resume,
+    job_env,
+    job_log,
+    make,
+    mlflow_runs_and_loss_steps,
+    sbatch,
+    submit_train,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +115,9 @@ def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=True)
         return make(checkout, slurm_cluster, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings,
                     TOKENIZE_FLAGS="--views 2 --batch 2", ARRAY="0-1", SBATCH_FLAGS="--gres=none --cpus-per-task=1")
     env = job_env(tmp_path, slurm_cluster, EXTRA="--views 2 --batch 2", **{k: str(v) for k, v in settings.items()})
-    return sbatch(checkout, slurm_cluster, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch")
+    return sbatch(
+        checkout, slurm_cluster, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch"
+    )
 
 
 def _wait_array(slurm_cluster, job, timeout=300):

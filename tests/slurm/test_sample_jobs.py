@@ -13,7 +13,6 @@ import pytest
 
 from tests.slurm.jobs import INSTRUMENT, job_env, release_requeued, sbatch, wait_for
 
-
 pytestmark = pytest.mark.slow
 PER_CLASS, BATCH = 6, 2  # 10 classes: 60 samples in 30 pieces
 

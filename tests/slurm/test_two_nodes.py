@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cpu_hogs, read_metrics
-from tests.slurm.jobs import (INSTRUMENT, assert_each_step_once, job_log, mlflow_runs_and_loss_steps, release_requeued,
-                              submit_train, wait_for)
+from tests.slurm.jobs import (
+    INSTRUMENT,
+    assert_each_step_once,
+    job_log,
+    mlflow_runs_and_loss_steps,
+    release_requeued,
+    submit_train,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from npp.errors import UsageError
 import torch
 import webdataset as wds
 from PIL import Image
 
 from npp.app.cli import main
-from npp.errors import NppError
+from npp.errors import NppError, UsageError
 from npp.models.checkpoint import CheckpointMismatchError, load_vq
 from npp.models.vq import VQModel, vq_config
 from npp.pipeline.shards import iter_tar_samples, load_manifest, read_meta

@@ -80,12 +80,14 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+    from npp.pipeline.ranks import free_port
     from npp.train.distributed import skip_jit_shm_op
     from npp.train.ds_config import build_ds_config
-    from npp.pipeline.ranks import free_port
     from npp.train.step import offloads_optimizer
 
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+    for k, v in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
         monkeypatch.setenv(k, v)
     cfg = TrainConfig(shards="s", out="o", model="GPT-Nano", global_batch=4, precision="bf16",
                       ds_config="ds_configs/zero3_offload.json")

@@ -65,7 +65,9 @@ def test_kill_9_of_every_process_then_resume_is_exact(shard_set, tmp_path, refer
     proc.wait()
     assert len(pids) >= 5  # launcher, 2 ranks, their loader workers
     time.sleep(0.5)
-    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[-1][:3]]
+    assert not [
+        p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[-1][:3]
+    ]
     killed_at = max(r["step"] for r in read_metrics(run))
     assert 10 <= killed_at < RUN["total_steps"], "the kill must interrupt the ranks between checkpoints"
     run_id = (run / "mlflow_run_id").read_text()

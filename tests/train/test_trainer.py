@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
+from npp.errors import UsageError
 from npp.models.checkpoint import load_gpt
 from npp.models.generate import generate
 from npp.pipeline.shards import load_manifest
 from npp.pipeline.stream import parse_shard
-from npp.errors import UsageError
 from npp.train.config import TrainConfig
 from npp.train.ds_config import DeepSpeedConfigError
 from npp.train.trainer import Trainer, TrainingError
@@ -28,7 +28,9 @@ def metrics(run):
 
 
 def eval_loss(model, shards, n=64):
-    data = parse_shard((shards / "train-000000.tar").read_bytes()) + parse_shard((shards / "train-000001.tar").read_bytes())
+    data = parse_shard((shards / "train-000000.tar").read_bytes()) + parse_shard(
+        (shards / "train-000001.tar").read_bytes()
+    )
     codes = torch.stack([torch.from_numpy(c[0].astype("int64")).flatten() for _, c, _ in data[:n]])
     labels = torch.tensor([lab for _, _, lab in data[:n]])
     with torch.no_grad():
