@@ -46,6 +46,8 @@ class Cluster:
     def _nodes(self) -> str:
         return f"NodeName={self.host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN"
 
+    first_job_id = 1
+
     def _write_config(self, ctl_host: str = "", ports: tuple = (), per_node: bool = False) -> None:
         r = self.root
         for d in ("etc", "state", "spool", "log", "munge"):
@@ -70,6 +72,7 @@ JobRequeue=1
 MpiDefault=none
 KillWait=30
 SchedulerParameters=sched_interval=2
+FirstJobId={self.first_job_id}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool{node.replace('.', '/')}
 SlurmctldPidFile={r}/slurmctld.pid
@@ -169,6 +172,7 @@ class TwoNodeCluster(Cluster):
 
     NET = "10.77.0"
     NODES = ("node1", "node2")
+    first_job_id = 100_000  # job ids (and so log names, logs/%x_%j.out) never meet the one-node cluster's
 
     def __init__(self, root: Path):
         super().__init__(root)
