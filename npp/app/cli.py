@@ -396,17 +396,19 @@ class EvalCommands:
         fit_classifier(str(data), str(out), image_size, epochs, batch, lr, seed)
 
 
-def compare(experiment: str = "npp", out: str = "compare", metric: str = "") -> None:
-    """Table and PNG plot of FID against training FLOPs and wall hours, one line per run (NPP vs NTP).
+def compare(experiment: str = "npp", out: str = "compare", metric: str = "", runs: str = "") -> None:
+    """FID against training compute, NPP vs NTP of the same model: a table, a CSV and a figure (PNG and PDF).
 
     Args:
       experiment: MLflow experiment of the runs
-      out: directory of the table and the plot
-      metric: the metric to plot (default: FID)
+      out: directory of the table, the figure and cost_ratio.json
+      metric: the metric to plot (default: FID during training when logged, else FID)
+      runs: the runs to compare, comma-separated names or ids (default: every training run of the experiment)
     """
     from npp.eval.compare import compare as run_compare
 
-    run_compare(str(experiment), str(out), str(metric) or None)
+    run_compare(str(experiment), str(out), str(metric) or None, [r.strip() for r in str(runs).split(",") if r.strip()]
+                or None)
 
 
 def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve: bool = True) -> None:

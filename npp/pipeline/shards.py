@@ -51,16 +51,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 @dataclass
 class Sample:
     key: str
@@ -69,14 +59,21 @@ class Sample:
 
 
 def encode_tar(samples: list[Sample]) -> bytes:
-    """The bytes of a WebDataset tar holding these samples, in order."""
+    """The bytes of a WebDataset tar holding these samples, in order, written by webdataset's own TarWriter.
+
+    Deterministic (the same samples give the same bytes): mtime 0, no user or group names, mode 0644, and
+    the values encoded here (`np.save` without pickle; the label as decimal text), not by the writer.
+    """
+    import webdataset
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for s in samples:
-            if "." in s.key:
-                raise ValueError(f"sample key {s.key!r} contains a dot: WebDataset would split it")
-            _add_member(tar, f"{s.key}.codes.npy", _npy_bytes(np.ascontiguousarray(s.codes, dtype=np.uint16)))
-            _add_member(tar, f"{s.key}.cls", str(int(s.label)).encode())
+    writer = webdataset.TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False)
+    for s in samples:
+        if "." in s.key:
+            raise ValueError(f"sample key {s.key!r} contains a dot: WebDataset would split it")
+        writer.write({"__key__": s.key, "codes.npy": _npy_bytes(np.ascontiguousarray(s.codes, dtype=np.uint16)),
+                      "cls": str(int(s.label)).encode()})
+    writer.close()  # the end-of-archive blocks; the buffer stays ours
     return buf.getvalue()
 
 

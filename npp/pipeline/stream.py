@@ -74,6 +74,21 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
+def _pax_path(records: bytes) -> str:
+    """The `path` of a pax extended header ("<len> path=<name>\\n" records), or ''."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(records[pos:space])
+        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return ""
+
+
 def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
     """(key, codes, label) of every complete sample in a tar of `<key>.codes.npy` + `<key>.cls` members."""
     view = memoryview(data)
@@ -105,6 +120,8 @@ def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
             raise CorruptShardError(f"member {name!r} runs past the end of the file (truncated shard)")
         if kind == b"L":  # GNU long name for the next member
             long_name = bytes(view[body_start:body_end]).split(b"\x00", 1)[0].decode("utf-8")
+        elif kind == b"x":  # POSIX (pax) extended header: its `path` record names the next member
+            long_name = _pax_path(bytes(view[body_start:body_end])) or None
         elif kind in (b"0", b"\x00"):
             key, _, ext = name.partition(".")
             entry = samples.get(key)

@@ -1,6 +1,10 @@
 """slurm/*.sbatch submitted to a real single-node SLURM cluster (CPU, GPT-Nano), from a fresh copy of the
 repository: with a bare `sbatch` as SLURM users submit scripts, and through `make *-slurm`.
 
+The interruptions of training (the time-limit USR1, `scontrol requeue`, `scancel`) run on two nodes, in
+tests/slurm/test_two_nodes.py, which guards everything the one-node versions did and the multi-node path
+besides; sampling jobs run on both clusters (tests/slurm/test_sample_jobs.py).
+
 Each test drives SLURM the way a user or the cluster does (sbatch, scancel, scontrol
 requeue, the time-limit USR1) and checks what the job did from its log, the run
 directory and MLflow. A requeued job waits for a begin time (~2 min on Slurm 22.05);
@@ -9,17 +13,15 @@ it starts, not what it does.
 """
 
 import os
-import re
 import time
 from pathlib import Path
 
 import pytest
 
 from npp.tokenize.run import TokenizeConfig, tokenize
-from tests.helpers import read_metrics, save_small_vq
+from tests.helpers import save_small_vq
 from tests.slurm.jobs import (
     assert_each_step_once,
-    interrupt_and_resume,
     job_env,
     job_log,
     make,
@@ -48,52 +50,6 @@ def test_train_slurm_runs_from_a_fresh_checkout_despite_a_stale_op_lock(checkout
     assert_each_step_once(run)
     n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
     assert n_runs == 1 and steps == list(range(4, 41, 4))
-
-
-def test_time_limit_warning_checkpoints_requeues_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
-    run = tmp_path / "run"
-    # what --signal=B:USR1@N sends
-    info, log = interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run,
-                                     ["scancel", "--signal=USR1", "--batch"])
-    assert info["Restarts"] == "1", log[-3000:]
-    saved = re.search(r"checkpoint saved: step_0*(\d+); requeueing", log)
-    assert saved, log[-3000:]
-    assert f"resuming at step {saved.group(1)}/40" in log
-    assert_each_step_once(run)
-    n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
-    assert n_runs == 1 and steps == list(range(4, 41, 4))
-
-
-def test_preemption_requeue_saves_if_it_can_and_resumes(checkout, slurm_cluster, tmp_path, shard_set):
-    run = tmp_path / "run"
-    # TERM to every process, then a restart
-    info, log = interrupt_and_resume(checkout, slurm_cluster, tmp_path, shard_set, run, ["scontrol", "requeue"])
-    resumed = re.search(r"resuming at step (\d+)/40", log)
-    assert resumed and int(resumed.group(1)) >= 8, log[-3000:]  # the TERM save, or the step-8 checkpoint
-    if "checkpoint saved" in log.split("resuming at")[0]:
-        assert f"checkpoint saved: step_{int(resumed.group(1)):09d}" in log
-    assert "not requeueing" in log and log.count("requeueing job") == 0
-    assert_each_step_once(run)
-    assert mlflow_runs_and_loss_steps(tmp_path, run)[0] == 1
-
-
-def test_scancel_ends_the_job_for_good_and_claims_only_what_was_saved(checkout, slurm_cluster, tmp_path, shard_set):
-    run = tmp_path / "run"
-    job = submit_train(checkout, slurm_cluster, tmp_path, shard_set, run)
-    wait_for(lambda: len(read_metrics(run)) >= 5, 300, "training to reach step 5")
-    slurm_cluster.run("scancel", job, check=True)
-    slurm_cluster.wait_state(job, ("CANCELLED",), 120)
-    time.sleep(5)
-    info = slurm_cluster.job_state(job)
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info  # no self-requeue
-    wait_for(lambda: "not requeueing" in job_log(checkout, job) or "training failed" in job_log(checkout, job),
-             60, "the script's closing line")
-    log = job_log(checkout, job)
-    latest = (run / "checkpoints" / "latest").read_text() if (run / "checkpoints" / "latest").exists() else "none"
-    if "checkpoint saved:" in log:
-        assert f"checkpoint saved: {latest}" in log
-    else:
-        assert f"no new checkpoint (latest is still {latest})" in log
 
 
 @pytest.fixture(scope="module")

@@ -136,4 +136,9 @@ def test_two_nodes_preempted_resumes_and_a_cancel_stays_cancelled(checkout, two_
     time.sleep(5)
     info = two_node_cluster.job_state(job)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
-    check_data_and_files(run, record, job_log(checkout, job))
+    log = job_log(checkout, job)
+    last = log.split("resuming at step")[-1]  # the cancelled restart claims only what `latest` shows
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    claims = (f"checkpoint saved: {latest}", f"no new checkpoint (latest is still {latest})")
+    assert any(c in last for c in claims), last[-2000:]
+    check_data_and_files(run, record, log)
