@@ -21,6 +21,7 @@ import pytest
 from npp.tokenize.run import TokenizeConfig, tokenize
 from tests.helpers import save_small_vq
 from tests.slurm.jobs import (
+    INSTRUMENT,
     assert_each_step_once,
     job_env,
     job_log,
@@ -67,10 +68,12 @@ def tokenize_inputs(tmp_path_factory):
 
 def _tokenize_array(checkout, slurm_cluster, tmp_path, root, out, via_make=True):
     settings = dict(DATA=root / "images", VQ=root / "vq.pt", OUT=out, IMAGE_SIZE=32, SAMPLES_PER_SHARD=25)
+    slow = {"PYTHONPATH": str(INSTRUMENT), "NPP_TEST_SHARD_DELAY": "0.5"}  # a cancel lands midway on any machine
     if via_make:
-        return make(checkout, slurm_cluster, "tokenize-slurm", job_env(tmp_path, slurm_cluster), **settings,
+        return make(checkout, slurm_cluster, "tokenize-slurm", job_env(tmp_path, slurm_cluster, **slow), **settings,
                     TOKENIZE_FLAGS="--views 2 --batch 2", ARRAY="0-1", SBATCH_FLAGS="--gres=none --cpus-per-task=1")
-    env = job_env(tmp_path, slurm_cluster, EXTRA="--views 2 --batch 2", **{k: str(v) for k, v in settings.items()})
+    env = job_env(tmp_path, slurm_cluster, EXTRA="--views 2 --batch 2", **slow,
+                  **{k: str(v) for k, v in settings.items()})
     return sbatch(
         checkout, slurm_cluster, env, "--array=0-1", "--gres=none", "--cpus-per-task=1", "slurm/tokenize.sbatch"
     )

@@ -3,7 +3,9 @@
 Loaded into every Python process of a job, it records, one JSON line per event into NPP_TEST_RECORD/<host>-<pid>:
 the shards each loader worker of each rank is dealt per data epoch (npp.pipeline.stream.assign_shards, as
 called by the stream), every file torch.save writes, and when each rank's checkpoint save returns. It changes
-nothing the job does; it only lets a test see, across nodes, what the job did.
+nothing the job computes; it only lets a test see, across nodes, what the job did, and (NPP_TEST_PIECE_DELAY,
+NPP_TEST_SHARD_DELAY) makes a job's pieces or shards take longer, so that a test interrupts it midway on any
+machine instead of racing it.
 """
 
 import importlib.abc
@@ -76,8 +78,23 @@ def _patch_numpy(module) -> None:
     module.savez = savez
 
 
-PATCHES = {"numpy": _patch_numpy, "npp.pipeline.stream": _patch_stream, "torch": _patch_torch,
-           "npp.train.checkpointing": _patch_checkpointing}
+def _patch_shards(module) -> None:
+    """NPP_TEST_SHARD_DELAY: each shard written takes that much longer (a tokenize task cancelled midway)."""
+    delay = float(os.environ.get("NPP_TEST_SHARD_DELAY", 0) or 0)
+    if not delay:
+        return
+    original = module.write_shard
+
+    def write_shard(*args, **kwargs):
+        out = original(*args, **kwargs)
+        time.sleep(delay)
+        return out
+
+    module.write_shard = write_shard
+
+
+PATCHES = {"npp.pipeline.shards": _patch_shards, "numpy": _patch_numpy, "npp.pipeline.stream": _patch_stream,
+           "torch": _patch_torch, "npp.train.checkpointing": _patch_checkpointing}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
