@@ -119,8 +119,9 @@ def test_srun_with_one_gpu_per_task_binds_the_process_group_to_the_gpu_npp_uses(
     cuda:LOCAL_RANK, so LOCAL_RANK must name the device npp picked (cuda:0), not 3 (out of range on a GPU)."""
     from npp.train import distributed
 
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):  # read_env writes them: undone after the test
+        monkeypatch.setenv(var, "0")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_LOCALID", "3")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")

@@ -40,8 +40,13 @@ def make(checkout, cluster, target, env, **variables):
     return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
 
+# what a process of an in-process test leaves behind, never in a user's login shell
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def job_env(tmp_path, slurm_cluster, **extra):
-    return {**os.environ, **slurm_cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    shell = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    return {**shell, **slurm_cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
             "GPUS_PER_NODE": "2", "WORKERS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "TQDM_MININTERVAL": "5", **extra}
 
