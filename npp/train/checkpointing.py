@@ -33,25 +33,11 @@ import torch
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.train.distributed import DistEnv, all_sum, barrier
 from npp.train.errors import TrainingError
+from npp.train.plan import resume_tag
 
 
 class CheckpointLoadError(TrainingError):
     """DeepSpeed found no loadable checkpoint where `latest` points."""
-
-
-def check_world_size(run: RunFolder, world_size: int) -> str | None:
-    """The tag a start will resume from; refuses a ZeRO checkpoint of another world size (before any work)."""
-    tag = run.latest_tag()
-    if tag is None or run.is_universal(tag):
-        return tag
-    saved = run.saved_world_size(tag)
-    if saved != world_size:
-        raise TrainingError(
-            f"{run.tag_dir(tag)} was saved by {saved} ranks, this job has {world_size}: run "
-            f"`npp train convert --run {run.path}` (DeepSpeed's universal checkpoint), then start again "
-            "with any number of ranks; or resume with the same world size"
-        )
-    return tag
 
 
 def rng_state() -> dict:
@@ -194,7 +180,7 @@ def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[dict | None, d
     draws from the global generators at start-up (creating the DataLoader iterator
     does), or dropout would run one draw behind the uninterrupted run.
     """
-    tag = check_world_size(run, env.world_size)
+    tag = resume_tag(run, env.world_size)  # refuses another world size's ZeRO checkpoint (the plan did already)
     if tag is None:
         return None, None
     path, client_state = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=True,

@@ -62,35 +62,29 @@ def _patch_checkpointing(module) -> None:
     module.save = save
 
 
-def _patch_numpy(module) -> None:
-    """NPP_TEST_PIECE_DELAY: each sample piece takes that much longer, so a test can interrupt a job midway."""
-    delay = float(os.environ.get("NPP_TEST_PIECE_DELAY", 0) or 0)
-    if not delay:
-        return
-    original = module.savez
-
-    def savez(file, *args, **kwargs):
-        out = original(file, *args, **kwargs)
-        if ".piece_" in os.fspath(file):
+def _slowed(function, delay: float, applies=lambda *args: True):
+    """`function`, each call (for which `applies`) followed by `delay` seconds: a job a test can interrupt midway."""
+    def slowed(*args, **kwargs):
+        out = function(*args, **kwargs)
+        if applies(*args):
             time.sleep(delay)
         return out
 
-    module.savez = savez
+    return slowed
+
+
+def _patch_numpy(module) -> None:
+    """NPP_TEST_PIECE_DELAY: each sample piece takes that much longer."""
+    delay = float(os.environ.get("NPP_TEST_PIECE_DELAY", 0) or 0)
+    if delay:
+        module.savez = _slowed(module.savez, delay, lambda file, *a: ".piece_" in os.fspath(file))
 
 
 def _patch_shards(module) -> None:
     """NPP_TEST_SHARD_DELAY: each shard written takes that much longer (a tokenize task cancelled midway)."""
     delay = float(os.environ.get("NPP_TEST_SHARD_DELAY", 0) or 0)
-    if not delay:
-        return
-    original = module.write_shard
-
-    def write_shard(*args, **kwargs):
-        out = original(*args, **kwargs)
-        time.sleep(delay)
-        return out
-
-    module.write_shard = write_shard
+    if delay:
+        module.write_shard = _slowed(module.write_shard, delay)
 
 
 PATCHES = {"npp.pipeline.shards": _patch_shards, "numpy": _patch_numpy, "npp.pipeline.stream": _patch_stream,
