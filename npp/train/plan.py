@@ -53,6 +53,7 @@ class TrainPlan:
     changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
     amended: dict = field(default_factory=dict)  # defining flags changed on purpose (--allow-change)
     first_identity: dict = field(default_factory=dict)  # the identity of the run's first start
+    starts: list = field(default_factory=list)  # config.json's record of the earlier starts
     notes: list[str] = field(default_factory=list)  # what the plan decided that a user should read
 
     @property
@@ -111,11 +112,9 @@ def check_run_folder(run: RunFolder) -> None:
         raise UsageError(f"--out {path} is a shard set: pass a run directory (e.g. runs/NAME), not --shards' folder")
 
 
-def _model_config(cfg: TrainConfig, meta: dict, run: RunFolder) -> GPTConfig:
-    if run.config.exists():  # a resumed run keeps the model it was started with (its identity is checked)
-        saved = run.read_config().get("model_config")
-        if saved:
-            return GPTConfig.from_dict(saved)
+def _model_config(cfg: TrainConfig, meta: dict, saved: dict | None) -> GPTConfig:
+    if saved and saved.get("model_config"):  # a resumed run keeps the model it was started with (identity checked)
+        return GPTConfig.from_dict(saved["model_config"])
     h, w = meta["grid"]
     return gpt_config(cfg.model, vocab_size=meta["codebook_size"], block_size=h * w, grid=(h, w),
                       num_classes=meta["num_classes"], token_dropout_p=cfg.token_dropout,
@@ -157,7 +156,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
         allowed = tuple(k.strip().replace("-", "_") for k in str(cfg.allow_change).split(",") if k.strip())
         amended = check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path), allowed)
-    model_cfg = _model_config(cfg, meta, run)
+    model_cfg = _model_config(cfg, meta, saved)
     check_meta_matches(model_cfg, meta, cfg.shards)
     stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
               else parse_schedule(str(cfg.schedule), tuple(model_cfg.grid)))
@@ -193,6 +192,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         plan.changes = mutable_changes(saved.get("train", {}), cfg.to_dict())
         plan.amended = amended
         plan.first_identity = saved.get("first_identity") or saved.get("identity") or {}
+        plan.starts = saved.get("starts", [])
     return plan
 
 
@@ -205,9 +205,7 @@ def _legacy_identity(saved: dict) -> dict:
 def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str) -> dict:
     """config.json's content for this start: the run's identity, the flags, the resolved plan, and the list of
     starts with the mutable flags each changed (the first start's entry has none)."""
-    run = RunFolder(plan.cfg.out)
-    starts = run.read_config().get("starts", []) if run.config.exists() else []
-    starts = starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "git_commit": git_commit,
+    starts = plan.starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "git_commit": git_commit,
                         "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
                         "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
     return {

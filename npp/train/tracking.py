@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from npp.pipeline.files import git_commit, truncate_jsonl  # noqa: F401 (git_commit: its old home)
+from npp.pipeline.files import truncate_jsonl
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.runs import RunFolder
 
