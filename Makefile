@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lint test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
+.PHONY: help setup assets lint test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -21,7 +21,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 #: images: ImageFolder root or parquet directory
 DATA ?= data/imagenet/train
 #: the VQ tokenizer
-VQ ?= ckpts/vq_ds16_c2i.pt
+VQ ?= $(ASSETS_DIR)/vq_ds16_c2i.pt
 #: the shard-set directory tokenize writes
 OUT ?= shards/in256
 #: pixels of the encoded crops (npp: 256)
@@ -75,17 +75,21 @@ SAMPLE_BATCH ?=
 #: more `npp sample` flags
 SAMPLE_FLAGS ?=
 #: ADM's reference batch
-REF ?= ckpts/VIRTUAL_imagenet256_labeled.npz
+REF ?= $(ASSETS_DIR)/VIRTUAL_imagenet256_labeled.npz
 #: eval-ref: the reference statistics it writes (never over REF)
 REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
 #: eval-ref: real images used (npp: 50000, as ADM's batches)
 REF_LIMIT ?=
 #: FID Inception weights
-INCEPTION ?= ckpts/pt_inception-2015-12-05-6726825d.pth
+INCEPTION ?= $(ASSETS_DIR)/pt_inception-2015-12-05-6726825d.pth
 #: more `npp eval` flags
 EVAL_FLAGS ?=
 #: compare / ui: the MLflow experiment (npp: npp)
 EXPERIMENT ?=
+#: assets: where the downloaded files go (VQ, REF and INCEPTION default to its files)
+ASSETS_DIR ?= ckpts
+#: more `npp assets` flags, e.g. --only vq_ds16_c2i.pt or --manifest mirror.json
+ASSETS_FLAGS ?=
 #: gpu-check flags, e.g. --out figures.jsonl --only train
 GPU_CHECK_FLAGS ?=
 
@@ -128,6 +132,9 @@ demo: setup  ## the whole pipeline on the built-in toy set, CPU only (7.0 min af
 
 demo-compare: setup  ## NTP baseline vs NPP on the toy set: same samples, both evaluated, compared
 	$(VENV)/bin/npp demo compare --out demo_out
+
+assets: setup  ## download LlamaGen's VQ tokenizer, ADM's reference batch, the FID Inception weights into ASSETS_DIR (checked, resumable) [ASSETS_DIR ASSETS_FLAGS]
+	$(VENV)/bin/npp assets --out $(ASSETS_DIR) $(ASSETS_FLAGS)
 
 lint: setup  ## ruff with the rules chosen in pyproject.toml (pyflakes, pycodestyle, isort, pyupgrade, bugbear)
 	$(PY) -m ruff check npp tests bench

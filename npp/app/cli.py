@@ -341,12 +341,13 @@ class EvalCommands:
         from npp.pipeline.inputs import check_file, check_gpt_checkpoint, check_samples
 
         check_samples(samples)
-        check_file(ref, "--ref", "a reference batch or statistics (.npz)", "ADM's VIRTUAL_imagenet256_labeled.npz, "
-                   "or `npp eval ref` writes statistics")
+        check_file(ref, "--ref", "a reference batch or statistics (.npz)", "ADM's VIRTUAL_imagenet256_labeled.npz "
+                   "(`make assets` downloads it into ckpts/), or `npp eval ref` writes statistics")
         if ckpt:
             check_gpt_checkpoint(ckpt)
         if inception:
-            check_file(inception, "--inception", "the FID Inception weights", "pt_inception-2015-12-05-6726825d.pth")
+            check_file(inception, "--inception", "the FID Inception weights",
+                       "`make assets` downloads pt_inception-2015-12-05-6726825d.pth into ckpts/")
         from npp.eval.evaluate import evaluate
 
         evaluate(str(samples), str(ref), str(run_id) or None, str(ckpt) or None, str(inception) or None,
@@ -411,6 +412,24 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str = "", run
                 or None)
 
 
+def assets(out: str = "ckpts", only: str = "", manifest: str = "", timeout: float = 60.0,
+           progress: bool = True) -> None:
+    """Download the files an ImageNet run needs (LlamaGen's VQ tokenizer, ADM's reference batch, the FID Inception
+    weights), each checked by size and SHA-256; a rerun continues a partial download and skips valid files.
+
+    Args:
+      out: directory the files go to
+      only: comma-separated asset names (default: all three)
+      manifest: JSON {name: {url, sha256, size}} replacing sources (a mirror; NPP_ASSETS_URL sets a base URL)
+      timeout: seconds a connection may stay silent
+      progress: show a progress bar per file (--noprogress: none)
+    """
+    from npp.pipeline.assets import fetch_assets
+
+    names = [n.strip() for n in str(only).split(",") if n.strip()] or None
+    fetch_assets(str(out), names, str(manifest), float(timeout), bool(progress))
+
+
 def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve: bool = True) -> None:
     """Print the URLs of an experiment's training runs in the MLflow UI, then serve the UI for
     MLFLOW_TRACKING_URI (an http:// tracking server already serves it: then only the URLs are printed).
@@ -444,6 +463,7 @@ def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve
 
 
 COMMANDS = {
+    "assets": assets,
     "models": models,
     "schedule": schedule,
     "tokenize": {"run": TokenizeCommand, "finalize": finalize, "toy": toy, "fit-vq": fit_vq},

@@ -10,7 +10,8 @@ legacy sampling (no half-pixel centres), then (x − 128) / 128.
 Outputs: `pool` (2048, FID and precision/recall), `logits` (1008, pool @ W without
 the bias, as the ADM evaluator builds its softmax), `spatial` (the first 7
 channels of mixed_6/conv = Mixed_6d.branch1x1, 7×17×17, for sFID).
-Weights are never downloaded: pass the file (`--inception PATH` or NPP_INCEPTION_WEIGHTS).
+Weights are never downloaded at run time: `make assets` fetches the file once (`--inception PATH` or
+NPP_INCEPTION_WEIGHTS).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_HELP = (
     f"FID needs the TF Inception weights ported to PyTorch, {WEIGHTS_FILE} (the file pytorch-fid downloads from "
-    "its GitHub releases). Download it once and pass --inception PATH or set NPP_INCEPTION_WEIGHTS=PATH."
+    "its GitHub releases). `make assets` downloads it into ckpts/; pass --inception PATH or set "
+    "NPP_INCEPTION_WEIGHTS=PATH."
 )
 
 

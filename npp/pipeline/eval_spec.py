@@ -44,6 +44,8 @@ class EvalSpec:
         for name in ("vq", "ref", "inception", "classifier"):
             path = getattr(self, name)
             if path and not os.path.exists(path):
-                raise UsageError(f"{flag(name)} {path} does not exist")
+                raise UsageError(f"{flag(name)} {path} does not exist" + (
+                    ": `make assets` downloads LlamaGen's tokenizer, ADM's reference batch and the Inception weights "
+                    "into ckpts/" if name != "classifier" else ": `npp eval fit-classifier` makes one"))
         if int(self.per_class) < 1 or int(self.batch) < 1:
             raise UsageError(f"{flag('per_class')} and {flag('batch')} must be at least 1")

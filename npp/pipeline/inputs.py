@@ -15,7 +15,7 @@ from pathlib import Path
 
 from npp.errors import UsageError
 
-ASSETS_HINT = "e.g. LlamaGen's vq_ds16_c2i.pt (README: The ImageNet recipe)"
+ASSETS_HINT = "e.g. LlamaGen's vq_ds16_c2i.pt, which `make assets` downloads into ckpts/"
 
 
 def pickle_strings(path: str, limit: int = 200_000) -> set[str] | None:
