@@ -34,8 +34,8 @@ class SampleConfig:
     grid_classes: int = flag(16, "rows (classes) of the PNG grid")
     grid_per_class: int = flag(8, "columns (samples per class) of the PNG grid")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = flag("fp32", "fp32, or bf16 (weights and KV cache in bf16; logits and sampling in fp32)",
-                          choices=("fp32", "bf16"))
+    precision: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (weights and KV cache in bf16; "
+                                  "logits and sampling in fp32)", choices=("auto", "fp32", "bf16"))
     compile: str = flag("auto", "the token step compiled and captured as a CUDA graph: auto = on CUDA; off = eager",
                         choices=("auto", "on", "off"))
 

@@ -4,10 +4,12 @@ So the training run in MLflow holds FID (and IS, precision/recall, class accurac
 a classifier) as a curve against cumulative training FLOPs, and NPP and NTP runs
 compare like with like: every eval point samples the same class-balanced labels with
 the same seeds (sample j uses seed `seed·1000003 + j`, as `npp sample` does), in every
-run, on any number of ranks. Ranks sample the pieces p % world == rank through one
-`Sampler` per model (its KV caches and, on CUDA, its graph-captured token step are
-kept from one eval point to the next), extract features locally, and rank 0 gathers
-them and computes the metrics against the reference. The train stage only sees a callable
+run, on any number of ranks. Ranks sample the pieces p % world == rank through a
+`Sampler`, decode in chunks, extract features locally, and rank 0 gathers them and
+computes the metrics against the reference. An eager sampler (CPU, compile off) is
+freed after each eval point, so its KV caches do not sit beside the training
+activations; a graph-captured one (CUDA) is kept, since its graph holds its caches'
+addresses (see `_sampler`). The train stage only sees a callable
 `(model, num_classes, device, rank, world) -> metrics` and does not import this stage.
 
 The metrics are named `curve/<metric>` (`curve/fid_toynet`, `curve/eval_seconds`): a
@@ -27,6 +29,7 @@ from npp.eval.evaluate import metrics_from_features
 from npp.eval.features import extract, load_feature_net
 from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.eval.reference import reference_for
+from npp.eval.sample import DECODE_CHUNK
 from npp.models.checkpoint import load_vq
 from npp.models.generate import Sampler
 from npp.pipeline.eval_spec import EvalSpec
@@ -42,7 +45,19 @@ class TrainingEvaluator:
         self.net = load_feature_net(spec.inception or None, spec.classifier or None)
         self.ref = reference_for(self.net, spec.ref)
         self.compile = compile
-        self._samplers: dict = {}
+        self._kept: Sampler | None = None
+
+    def _sampler(self, model: torch.nn.Module, device: torch.device) -> Sampler:
+        """A graph-captured sampler is kept from one eval point to the next (its graph reads and writes its caches
+        at fixed addresses: new caches would mean a new capture, and a new compile of the step, at every point);
+        an eager one is made per point and freed after it."""
+        kept = self._kept
+        if kept is not None and kept.model is model:
+            return kept
+        spec = self.spec
+        sampler = Sampler(model, spec.batch, spec.cfg_scale != 1.0, spec.temperature, spec.top_k, compile=self.compile)
+        self._kept = sampler
+        return sampler
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, num_classes: int, device: torch.device, rank: int, world: int) -> dict:
@@ -51,12 +66,18 @@ class TrainingEvaluator:
         labels = balanced_labels(num_classes, spec.per_class)
         vq = self.vq.to(device)
         mine: dict[int, dict] = {}
-        sampler = self._sampler(model)
+        sampler = self._sampler(model, device)
         for p, ids in pieces_of_rank(len(labels), spec.batch, rank, world):
             lab = torch.from_numpy(labels[ids]).to(device)
             codes = sampler.generate(lab, cfg_scale=spec.cfg_scale, seed=spec.seed, sample_ids=ids)
-            images = to_uint8_images(vq.decode_codes(codes).float())
+            images = to_uint8_images(vq.decode_in_chunks(codes, DECODE_CHUNK).float())
             mine[p] = extract(self.net, images, device=device, desc=f"eval features piece {p}", progress=False)
+        if not sampler.compiled:
+            self._kept = None  # its KV caches (GPT-XXL, batch 64 with guidance: 19 GB in fp32) are not held
+        del sampler
+        self.vq.to("cpu")  # nor the tokenizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         gathered = _gather(mine, world)
         if rank != 0:
             return {}
@@ -67,15 +88,6 @@ class TrainingEvaluator:
         metrics["eval_samples"] = float(len(labels))
         return {f"{CURVE}{k}": v for k, v in metrics.items()}
 
-
-    def _sampler(self, model: torch.nn.Module) -> Sampler:
-        """One Sampler per model object (the trainer hands the same EMA or module at every eval point)."""
-        key = id(model)
-        if key not in self._samplers or self._samplers[key].model is not model:
-            spec = self.spec
-            self._samplers[key] = Sampler(model, spec.batch, spec.cfg_scale != 1.0, spec.temperature, spec.top_k,
-                                          compile=self.compile)
-        return self._samplers[key]
 
 
 CURVE = "curve/"

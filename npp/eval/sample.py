@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from npp.eval.config import SampleConfig
 from npp.eval.pieces import balanced_labels, count_pieces, pieces_of_rank
 from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
+from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.devices import fast_matmul, pick_device, rank_and_world
 from npp.pipeline.files import atomic_write_text, file_sha256
 from npp.pipeline.images import to_uint8_images
@@ -58,16 +59,21 @@ def samples_path(out: str | Path, scale: float) -> Path:
 
 
 MAX_AUTO_BATCH = 256
+# Images the VQ decoder turns into pixels at once: its activations (~200 MB per 256-px image in fp32) exist for
+# this many images beside the sampler's KV cache, whatever the sampling batch.
+DECODE_CHUNK = 16
 
 
 def auto_batch(config, dtype: torch.dtype, guidance: bool, device: torch.device, total: int,
-               free_bytes: int | None = None) -> int:
+               free_bytes: int | None = None, decode_bytes: int = 0) -> int:
     """The largest batch (a multiple of 8, at most 256 and the sample count) whose KV cache and per-token
-    buffers fit in 80% of the free GPU memory; 64 on the CPU.
+    buffers fit in 80% of the free GPU memory, after `decode_bytes` (the decoder's activations for a chunk of
+    DECODE_CHUNK images) are set aside; 64 on the CPU.
 
     Per sample: the KV cache (`kv_cache_bytes`: every layer's keys and values for the whole
     sequence, twice with guidance) plus the fp32 logits of a token step and what the draw
     makes of them (softmax, cumulative sum, comparison: 4 vocabulary-sized rows per row).
+    The decode does not grow with the batch: `VQModel.decode_in_chunks`.
     """
     if device.type != "cuda" and free_bytes is None:
         return max(1, min(64, total))
@@ -75,12 +81,21 @@ def auto_batch(config, dtype: torch.dtype, guidance: bool, device: torch.device,
         free_bytes, _ = torch.cuda.mem_get_info(device)
     rows = 2 if guidance else 1
     per_sample = kv_cache_bytes(config, 1, dtype, guidance) + rows * 4 * config.vocab_size * 4
-    fit = int(0.8 * free_bytes // per_sample)
+    fit = int((0.8 * free_bytes - decode_bytes) // per_sample)
     if fit < 1:
-        raise ConfigError(f"not even one sample's KV cache ({per_sample / 2**30:.2f} GiB) fits in the "
-                          f"{free_bytes / 2**30:.1f} GiB free on {device}: use --precision bf16 or a larger GPU")
+        raise ConfigError(f"not even one sample's KV cache ({per_sample / 2**30:.2f} GiB) fits beside the decoder "
+                          f"({decode_bytes / 2**30:.1f} GiB) in the {free_bytes / 2**30:.1f} GiB free on {device}: "
+                          "use --precision bf16 or a larger GPU")
     batch = min(fit, MAX_AUTO_BATCH, total)
     return batch if batch < 8 else batch - batch % 8
+
+
+def sample_precision(value: str, device: torch.device) -> str:
+    """--precision auto: bf16 on CUDA (half the KV cache's bytes, and decoding is bound by reading it), fp32 on CPU
+    (where bf16 matmuls are slow, and the tests compare exact tokens)."""
+    if value == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return value
 
 
 def compile_flag(value) -> bool | None:
@@ -98,6 +113,7 @@ def compile_flag(value) -> bool | None:
 def sample(cfg: SampleConfig) -> list[str]:
     """Generate (or finish) the samples of every cfg scale; returns the merged .npz paths made here."""
     device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
+    cfg = replace(cfg, precision=sample_precision(cfg.precision, device))  # the record says what ran
     fast_matmul(device)
     compile_step = compile_flag(cfg.compile)
     model, ckpt = load_gpt(cfg.ckpt, use_ema=cfg.ema)
@@ -112,10 +128,12 @@ def sample(cfg: SampleConfig) -> list[str]:
     labels = sample_labels(cfg, mc.num_classes)
     scales = cfg_scales(cfg.cfg_scale)
     dtype = next(model.parameters()).dtype
-    batch = cfg.batch or auto_batch(mc, dtype, any(s != 1.0 for s in scales), device, len(labels))
-    pieces = count_pieces(len(labels), batch)
     rank, world = rank_and_world()
     out = Path(cfg.out)
+    decode_bytes = DECODE_CHUNK * decode_bytes_per_image(vq.config, mc.grid, next(vq.parameters()).dtype)
+    batch = cfg.batch or agree_batch(out, auto_batch(mc, dtype, any(s != 1.0 for s in scales), device, len(labels),
+                                                     decode_bytes=decode_bytes))
+    pieces = count_pieces(len(labels), batch)
     made = []
     samplers: dict[bool, Sampler] = {}  # one per guided/unguided: caches and the captured step are reused
     for scale in scales:
@@ -135,7 +153,7 @@ def sample(cfg: SampleConfig) -> list[str]:
             with phase(seconds, "generate", device):
                 codes = samplers[guided].generate(lab, cfg_scale=scale, seed=cfg.seed, sample_ids=ids)
             with phase(seconds, "decode", device):
-                images = to_uint8_images(vq.decode_codes(codes).float())
+                images = to_uint8_images(vq.decode_in_chunks(codes, DECODE_CHUNK).float())
             with phase(seconds, "write", device):
                 tmp = pdir / f".piece_{p:06d}.tmp{os.getpid()}.npz"
                 np.savez(tmp, arr_0=images, labels=lab.cpu().numpy())
@@ -160,6 +178,37 @@ def phase(seconds: dict, name: str, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds[name] += time.perf_counter() - start
+
+
+def agree_batch(out: Path, mine: int, timeout: float = 900.0) -> int:
+    """The auto batch every rank uses: the smallest of the ranks' own (ranks on GPUs with different free memory
+    would otherwise cut the samples into different pieces, and the largest might not fit everywhere).
+
+    Each rank writes its value to `out/.batch_rank<r>.json` and waits for the others' (the samples' directory is
+    shared: the merge needs that already); the agreed value is kept in `out/batch.json`, which a resumed start
+    adopts as it is.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "batch.json"
+    if not target.exists():
+        rank, world = rank_and_world()
+        atomic_write_text(out / f".batch_rank{rank}.json", json.dumps({"batch": int(mine)}))
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [json.loads(p.read_text())["batch"] for p in out.glob(".batch_rank*.json")]
+            if len(got) >= world or target.exists():
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{out}: {len(got)} of {world} ranks said their batch within {timeout:.0f} s; "
+                                  "start every rank, or pass --batch N")
+            time.sleep(0.2)
+        if not target.exists():
+            atomic_write_text(target, json.dumps({"batch": int(min(got))}))
+    agreed = int(json.loads(target.read_text())["batch"])
+    if agreed != mine:
+        print(f"rank {rank_and_world()[0]}: batch {agreed}, as {target} says (this GPU's free memory gave {mine})",
+              flush=True)
+    return agreed
 
 
 def check_piece_layout(pdir: Path, batch: int) -> None:

@@ -69,6 +69,18 @@ def vq_config(name: str, **overrides: Any) -> VQConfig:
     return VQConfig.from_dict({**VQ_PRESETS[name], **overrides})
 
 
+def decode_bytes_per_image(cfg: VQConfig, grid: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
+    """The decoder's peak activation memory for one image of a `grid` of codes, estimated.
+
+    A residual block at the widest level (channels x pixels) holds about six tensors of that level's size at once
+    (its input, two norms and activations, a convolution's output); LlamaGen's VQ-16 at 256 px: 6 x 128 x 256 x 256
+    x 4 B = 201 MB in fp32, the figure a source review of its decoder gives (~205 MB).
+    """
+    levels = len(cfg.decoder_ch_mult)
+    widest = max(cfg.ch * m * grid[0] * grid[1] * 4 ** (levels - 1 - i) for i, m in enumerate(cfg.decoder_ch_mult))
+    return 6 * widest * torch.empty((), dtype=dtype).element_size()
+
+
 def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)  # x·sigmoid(x), fused
 
@@ -280,6 +292,12 @@ class VQModel(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) → images in [-1, 1] (B, 3, h·ds, w·ds) (clamped)."""
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes.long()))).clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_in_chunks(self, codes: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`decode_codes` of at most `chunk` grids at a time: the decoder's full-resolution activations
+        (`decode_bytes_per_image`, ~200 MB per 256-px image) exist for one chunk, not for a sampler's whole batch."""
+        return torch.cat([self.decode_codes(part) for part in codes.split(max(1, int(chunk)))])
 
     def forward(self, x: torch.Tensor):
         """Reconstruction and the quantiser's losses, for fitting."""

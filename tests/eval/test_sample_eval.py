@@ -96,6 +96,66 @@ def test_the_auto_batch_follows_free_memory_and_the_kv_cache_formula():
         auto_batch(xxl, torch.float32, True, gpu, 100, free_bytes=100 * 2**20)
 
 
+def test_the_decode_runs_in_chunks_with_the_same_images(setup, tmp_path, monkeypatch):
+    """The VQ decoder never sees more than DECODE_CHUNK grids at once, whatever the sampling batch: the decode's
+    memory grows by a chunk, not by the batch; the images are those of a one-shot decode."""
+    from npp.eval import sample as sample_module
+    from npp.models.vq import VQModel
+
+    whole = tmp_path / "whole"
+    sample(_cfg(setup, whole))
+    seen = []
+    real = VQModel.decode_codes
+    monkeypatch.setattr(VQModel, "decode_codes", lambda self, codes: seen.append(codes.shape[0]) or real(self, codes))
+    monkeypatch.setattr(sample_module, "DECODE_CHUNK", 3)
+    chunked = tmp_path / "chunked"
+    sample(_cfg(setup, chunked))
+    assert max(seen) == 3 and sum(seen) == 2 * 20  # 20 samples in pieces of 8, two scales
+    for scale in (1.0, 2.0):
+        assert np.array_equal(np.load(samples_path(whole, scale))["arr_0"], np.load(samples_path(chunked, scale))["arr_0"])
+
+
+def test_the_decoder_estimate_and_the_auto_batch_that_sets_it_aside():
+    from npp.eval.sample import DECODE_CHUNK
+    from npp.models.configs import gpt_config
+    from npp.models.generate import kv_cache_bytes
+    from npp.models.vq import decode_bytes_per_image, vq_config
+
+    per_image = decode_bytes_per_image(vq_config("VQ-16"), (16, 16))
+    assert per_image == 6 * 128 * 256 * 256 * 4  # 201 MB for a 256-px image, the widest level at full resolution
+    b = gpt_config("GPT-B", vocab_size=16384, block_size=256, num_classes=1000)
+    per_sample = kv_cache_bytes(b, 1, torch.bfloat16, True) + 2 * 4 * 16384 * 4
+    gpu = torch.device("cuda", 0)
+    free = 100 * per_sample
+    assert auto_batch(b, torch.bfloat16, True, gpu, 50_000, free_bytes=free, decode_bytes=int(0.4 * free)) == 40
+    xxl = gpt_config("GPT-XXL", vocab_size=16384, block_size=256, num_classes=1000)
+    with pytest.raises(ConfigError, match="beside the decoder"):  # the decode alone fills what is free
+        auto_batch(xxl, torch.bfloat16, True, gpu, 100, free_bytes=DECODE_CHUNK * per_image,
+                   decode_bytes=DECODE_CHUNK * per_image)
+
+
+def test_ranks_agree_on_the_smallest_auto_batch_and_a_resumed_start_keeps_it(tmp_path, monkeypatch):
+    from npp.eval.sample import agree_batch
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "s"
+    with pytest.raises(ConfigError, match="1 of 2 ranks said their batch"):
+        agree_batch(out, 64, timeout=0.3)  # rank 1 never starts
+    (out / ".batch_rank1.json").write_text(json.dumps({"batch": 24}))  # rank 1, on a fuller GPU
+    assert agree_batch(out, 64) == 24 and json.loads((out / "batch.json").read_text()) == {"batch": 24}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert agree_batch(out, 128) == 24  # a resumed start on another GPU cuts the pieces as before
+
+
+def test_sampling_precision_is_bf16_on_cuda_by_default():
+    from npp.eval.sample import sample_precision
+
+    assert sample_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert sample_precision("auto", torch.device("cpu")) == "fp32"
+    assert sample_precision("fp32", torch.device("cuda", 0)) == "fp32"
+
+
 def test_eval_keeps_its_metrics_through_a_tracking_outage_and_logs_each_once(setup, tmp_path, monkeypatch):
     """MLflow does not answer: the metrics are kept and the error names where; the rerun computes nothing again
     and logs them; a third run adds no point twice."""
