@@ -49,18 +49,29 @@ class ClassEmbedding(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a block's residual branch for whole samples."""
+    """Stochastic depth: drop a block's residual branch for whole samples.
+
+    The rate is a tensor (a non-persistent integer buffer, in millionths, so a state dict is LlamaGen's and a cast
+    to bf16 leaves it exact), not a Python float: dynamo guards on a float attribute's value, so each layer's own
+    rate made the compiled block recompile per layer (144 compiles of GPT-XXL per restart); a tensor is a graph
+    input and every layer shares one graph per patch side. Every block has one when the rate is above 0, layer 0
+    (rate 0) too, for the same reason.
+    """
 
     def __init__(self, p: float):
         super().__init__()
-        self.p = p
+        self.register_buffer("rate_ppm", torch.tensor(round(p * 1_000_000), dtype=torch.int64), persistent=False)
+
+    @property
+    def p(self) -> float:
+        return float(self.rate_ppm) / 1_000_000
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        keep = (1_000_000 - self.rate_ppm).to(torch.float32) / 1_000_000
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=torch.float32) < keep
+        return x * (mask.to(torch.float32) / keep).to(x.dtype)
 
 
 def rope_2d(rows: int, cols: int, head_dim: int, base: float, device=None) -> torch.Tensor:
@@ -185,7 +196,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if cfg.drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
         h = x + self.drop_path(self.attention(self.attention_norm(x), rope, start))

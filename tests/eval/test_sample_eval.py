@@ -112,7 +112,8 @@ def test_the_decode_runs_in_chunks_with_the_same_images(setup, tmp_path, monkeyp
     sample(_cfg(setup, chunked))
     assert max(seen) == 3 and sum(seen) == 2 * 20  # 20 samples in pieces of 8, two scales
     for scale in (1.0, 2.0):
-        assert np.array_equal(np.load(samples_path(whole, scale))["arr_0"], np.load(samples_path(chunked, scale))["arr_0"])
+        one_shot, in_chunks = (np.load(samples_path(d, scale))["arr_0"] for d in (whole, chunked))
+        assert np.array_equal(one_shot, in_chunks)
 
 
 def test_the_decoder_estimate_and_the_auto_batch_that_sets_it_aside():

@@ -47,6 +47,28 @@ def test_compiled_blocks_give_eager_loss_and_gradients():
         compiled.clear_caches()
 
 
+def test_drop_path_compiles_one_graph_per_patch_side_for_every_layer(monkeypatch):
+    """Each layer has its own stochastic-depth rate (linear in depth, layer 0 at 0): a rate dynamo guards on would
+    compile the block once per layer. Guards are the backend's inputs, so the eager backend settles it quickly."""
+    torch._dynamo.reset()
+    model = make_gpt(drop_path_rate=0.2, n_layer=4).train()
+    assert {round(layer.drop_path.p, 6) for layer in model.layers} == {0.0, round(0.2 / 3, 6), round(0.4 / 3, 6), 0.2}
+    model.compile_blocks(backend="eager")
+    idx, labels = torch.randint(0, 64, (4, 64)), torch.randint(0, 5, (4,))
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for _ in range(2):
+        _, loss = model(idx, labels, targets=idx, patch=2)
+        loss.backward()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    _, loss = model(idx, labels, targets=idx, patch=1)  # the next stage: one more graph, for all layers
+    loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    model.to(torch.bfloat16)
+    assert model.layers[3].drop_path.p == 0.2  # the rate survives a cast of the weights
+    torch._dynamo.reset()
+
+
 def test_bf16_mixed_autocast_is_opened_inside_the_model(monkeypatch):
     """What DeepSpeed's engine does on a GPU: an autocast around the model switched off. The model's own
     autocast (bf16-mixed) still runs its matmuls in bf16, and attention gets bf16 q/k/v, as flash needs."""
