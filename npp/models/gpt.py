@@ -109,10 +109,12 @@ class KVCache:
 
     A plain object, never in a state dict. `write` takes the first new position as an
     int (a range of new positions; the past is sliced, shapes grow) or as a 0-d tensor
-    (one new position; the whole cache is attended with a mask of the positions written
-    so far). The tensor form keeps every shape and the control flow of a token step
-    the same at every position, so the step can be compiled once and captured as a
-    CUDA graph (npp.models.generate).
+    (one new position; the first `length` slots are attended with a mask of the positions
+    written so far). The tensor form keeps every shape and the control flow of a token
+    step the same at every position of a length bucket, so the step is compiled once per
+    bucket and captured as a CUDA graph (npp.models.generate); `length` (the whole cache
+    when None) is what the sampler sets so that a token reads the filled prefix rounded up
+    to its bucket, not all of the cache: decoding is bound by reading it.
     """
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
@@ -120,13 +122,15 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_len, device=device)
+        self.length: int | None = None
 
     def write(self, start, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, S, Dh) from position `start`; returns (keys, values, mask or None) to attend to."""
         if isinstance(start, torch.Tensor):
             self.k.index_copy_(2, start.view(1), k)
             self.v.index_copy_(2, start.view(1), v)
-            return self.k, self.v, (self.positions <= start)[None, None, None, :]
+            n = self.k.shape[2] if self.length is None else self.length
+            return self.k[:, :, :n], self.v[:, :, :n], (self.positions[:n] <= start)[None, None, None, :]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

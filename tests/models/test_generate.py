@@ -87,12 +87,14 @@ def test_the_compiled_step_gives_the_eager_tokens_and_never_recompiles():
     eager = Sampler(model, 3, guidance=True, compile=False, **kw)
     compiled = Sampler(model, 3, guidance=True, compile=True, **kw)
     assert compiled.compiled and compiled.step is not compiled._step
-    calls = []
+    calls, lengths = [], set()
     real_step = compiled.step
 
     def step(*args):
         calls.append(args[1])
-        torch._dynamo.config.error_on_recompile = len(calls) > 1  # the first call compiles, no later one may
+        length = compiled.caches[0].length
+        torch._dynamo.config.error_on_recompile = length in lengths  # a bucket's first call compiles, no later one
+        lengths.add(length)
         return real_step(*args)
 
     compiled.step = step
@@ -101,10 +103,39 @@ def test_the_compiled_step_gives_the_eager_tokens_and_never_recompiles():
         b = compiled.generate(labels[:2], cfg_scale=4.0, seed=12)  # another piece: padded, another scale
     finally:
         torch._dynamo.config.error_on_recompile = False
-    assert len(calls) == 2 * 63
+    assert len(calls) == 2 * 63 and lengths == {16, 32, 48, 64}  # four length buckets of the 64-slot cache
     assert torch.equal(a, eager.generate(labels, cfg_scale=2.0, seed=11))
     assert torch.equal(b, eager.generate(labels[:2], cfg_scale=4.0, seed=12))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4
+
+
+def test_a_token_reads_its_length_bucket_of_the_cache_and_draws_the_whole_cache_tokens(monkeypatch):
+    """The step attends the filled prefix rounded up to a quarter of the cache (a graph per bucket on CUDA),
+    not the whole cache; the masked-out slots never mattered, so the tokens are the whole-cache step's."""
+    from npp.models import gpt as gpt_module
+    from npp.models.generate import bucket_lengths
+
+    assert bucket_lengths(256, 4)[:3] == [64, 64, 64] and bucket_lengths(256, 4)[64] == 128
+    assert sum(bucket_lengths(256, 4)) / 256**2 == 0.625 and set(bucket_lengths(256, 1)) == {256}
+    model = make_gpt(vocab=64)
+    labels = torch.tensor([0, 1, 3, 4])
+    kw = dict(temperature=0.9, top_k=20, compile=False)
+    read = []
+    real_write = gpt_module.KVCache.write
+
+    def write(self, start, k, v):
+        keys, values, mask = real_write(self, start, k, v)
+        read.append(keys.shape[2])
+        return keys, values, mask
+
+    monkeypatch.setattr(gpt_module.KVCache, "write", write)
+    bucketed = Sampler(model, 4, guidance=True, length_buckets=4, **kw).generate(labels, cfg_scale=2.0, seed=3)
+    per_layer = read[:: model.config.n_layer]
+    assert per_layer[:17] == [16] * 16 + [32] and per_layer[-1] == 64  # the prefill, then 63 token steps
+    read.clear()
+    whole = Sampler(model, 4, guidance=True, length_buckets=1, **kw).generate(labels, cfg_scale=2.0, seed=3)
+    assert set(read[model.config.n_layer:]) == {64}
+    assert torch.equal(bucketed, whole)
 
 
 def test_fixed_seed_gives_identical_tokens_and_other_seed_differs():
