@@ -13,9 +13,15 @@ Figures, one JSON line each and a table at the end:
   against next-token training (per-k step times weighted by the schedule's step shares);
 - memory: GPT-XXL peak memory of a step with and without activation checkpointing;
 - engines: GPT-B with ds_configs/zero3.json, zero3_offload.json and --precision bf16;
-- sample: GPT-B and GPT-XXL at batch 64 and 256 (CFG 2.0, bf16): images/s, ms per token, the GPU's busy
-  share, beside the bandwidth limit; the wall time per phase of evaluating 10,000 GPT-B samples;
+- ema: the EMA's update per step beside the step (GPT-B mb 32, GPT-XXL mb 8);
+- launch: a real `npp train` on toy shards, 2 processes over NCCL with 2 GPUs, else as srun's 4th task of a
+  node with one visible GPU (the process group's device binding);
+- sample: GPT-B and GPT-XXL at batch 64 and 256 (CFG 2.0, bf16 = the CUDA default, and fp32): images/s, ms per
+  token, the GPU's busy share, cudagraph_skips, beside the whole-cache, length-bucket and prefix-only bandwidth
+  limits; the wall time per phase of evaluating 10,000 GPT-B samples;
 - inception: FID Inception features/s.
+The models are built as `npp train` builds them (its default dropout on); TF32 is on in every part, as npp
+sets it; each part is guarded, so an out-of-memory or an error is a row and the rest still runs.
 Without CUDA it says so and exits 0, unless --rehearse: then the same code runs on the
 CPU with tiny models (GPT-Nano/GPT-Tiny, a few steps), to check the script before a GPU
 session spends minutes on it (figures there mean nothing).
@@ -30,6 +36,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,9 +105,13 @@ def timed(setup: Setup, fn, steps: int, warmup: int = 3) -> float:
 
 
 def model_config(model: str):
-    from npp.models.configs import gpt_config
+    """The GPT as `npp train` builds it for ImageNet 256 (16x16 codes of 16384, 1000 classes) with its default
+    flags: attention, residual and FFN dropout on, as the timed steps of a real run have them."""
+    from npp.train.config import TrainConfig
+    from npp.train.plan import model_config_for
 
-    return gpt_config(model, vocab_size=16384, block_size=256, num_classes=1000)
+    meta = {"grid": [16, 16], "codebook_size": 16384, "num_classes": 1000}
+    return model_config_for(TrainConfig(shards="-", out="-", model=model), meta)
 
 
 def synthetic_batch(setup: Setup, micro: int):
@@ -225,6 +236,69 @@ def memory_rows(setup: Setup, micro: int) -> None:
                        oom=str(e).splitlines()[0][:160])
 
 
+def ema_rows(setup: Setup) -> None:
+    """The EMA's cost per step on its own (npp.train.ema's update over the whole model, as rank 0 runs it after
+    each optimizer step), beside the step it belongs to, for GPT-B (mb 32) and GPT-XXL (mb 8) at k = 1."""
+    for model, micro in (("GPT-B", 32), ("GPT-XXL", 8)):
+        name = setup.name(model)
+        micro = micro if setup.cuda else 2
+
+        def run(name=name, micro=micro):
+            idx, labels = synthetic_batch(setup, micro)
+            with npp_engine(setup, name, micro) as step:
+                step_s = timed(setup, lambda: step([(idx, labels)], 1), setup.steps)
+                ema_s = timed(setup, lambda: step.ema.update(step.engine.module), setup.steps)
+            setup.emit(check="ema", model=name, micro_batch=micro, k=1, step_ms=step_s * 1e3, ema_ms=ema_s * 1e3,
+                       ema_share=ema_s / step_s)
+
+        guarded(setup, run, check="ema", model=name, micro_batch=micro)
+
+
+def launch_rows(setup: Setup, workdir: str) -> None:
+    """`npp train` as users start it, on real (toy) shards: the process group bound to the GPU npp picked.
+    With 2 GPUs, `torchrun --nproc-per-node 2` (NCCL across two GPUs); with one, as `srun --gpus-per-task=1`
+    starts the 4th task of a node (SLURM_LOCALID=3, one visible GPU: the binding DeepSpeed makes with
+    init_process_group(device_id=cuda:LOCAL_RANK) must be cuda:0). Seconds to the end of 30 steps, and rc."""
+    import os
+    import subprocess
+
+    import torch
+
+    from npp.models.vq import VQModel, vq_config
+    from npp.pipeline.ranks import free_port
+    from npp.pipeline.toy import write_toy_dataset
+    from npp.tokenize.run import TokenizeConfig, tokenize
+
+    root = os.path.join(workdir, "launch")
+    write_toy_dataset(os.path.join(root, "images"), per_class=16, size=32)
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-toy", codebook_size=64))
+    torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, os.path.join(root, "vq.pt"))
+    shards = os.path.join(root, "shards")
+    tokenize(TokenizeConfig(data=os.path.join(root, "images"), vq=os.path.join(root, "vq.pt"), out=shards,
+                            image_size=32, samples_per_shard=20, batch=32, workers=0))
+    gpus = torch.cuda.device_count() if setup.cuda else 0
+    flags = ["train", "--shards", shards, "--model", "GPT-Nano", "--global-batch", "16", "--total-steps", "30",
+             "--workers", "1", "--notracking"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    if gpus >= 2:
+        mode = "torchrun 2 GPUs"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "npp", *flags, "--out", os.path.join(root, "run2")]
+    else:
+        mode = "srun task 3 of a node, 1 visible GPU"
+        env.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="3", SLURM_NODEID="0",
+                   SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if setup.cuda:
+            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        cmd = [sys.executable, "-m", "npp", *flags, "--out", os.path.join(root, "run1")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    setup.emit(check="launch", mode=mode, rc=proc.returncode, seconds=time.perf_counter() - t0,
+               **({} if proc.returncode == 0 else {"error": " | ".join(tail)[-300:]}))
+
+
 def engine_rows(setup: Setup) -> None:
     """GPT-B through the other engines a user may pick: ZeRO-3, ZeRO-3 with the optimizer on the CPU, DeepSpeed bf16."""
     name = setup.name("GPT-B")
@@ -251,44 +325,74 @@ def engine_rows(setup: Setup) -> None:
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
+SAMPLE_RUNS = (("GPT-B", 64, "bf16"), ("GPT-B", 256, "bf16"), ("GPT-B", 256, "fp32"), ("GPT-XXL", 64, "bf16"),
+               ("GPT-XXL", 256, "bf16"), ("GPT-XXL", 64, "fp32"))
+
+
 def sample_rows(setup: Setup) -> None:
-    """GPT-B and GPT-XXL sampling (256 px grid, CFG 2.0, bf16 weights and KV cache) at batch 64 and 256 through
-    npp's Sampler (its token step compiled and graph-captured): images/s, ms per token, the GPU's busy share of
-    the token loop (kernel time / wall time, from the profiler), beside the bandwidth limit (bytes read per
-    token step: the bf16 weights and the KV cache written so far, at the device-to-device copy bandwidth)."""
+    """GPT-B and GPT-XXL sampling (256 px grid, CFG 2.0) through npp's Sampler as `npp sample` runs it (its token
+    step compiled and graph-captured per length bucket) at the default precision on CUDA (bf16 weights and KV
+    cache) and at fp32: images/s, ms per token, the GPU's busy share of the token loop (kernel time / wall time,
+    from the profiler), beside three bandwidth limits (bytes read per token step at the device-to-device copy
+    bandwidth: the weights plus the whole cache, plus the length bucket npp reads, plus the filled prefix alone),
+    and dynamo's cudagraph_skips (a skipped capture means host-bound eager replays; expect 0)."""
     import torch
 
     from npp.models.configs import count_parameters
-    from npp.models.generate import Sampler, kv_cache_bytes
+    from npp.models.generate import Sampler, bucket_lengths, kv_cache_bytes
     from npp.models.gpt import GPT
 
     bandwidth = measured_bandwidth(setup)
-    for model in ("GPT-B", "GPT-XXL"):
+    for model, batch, precision in SAMPLE_RUNS:
         name = setup.name(model)
-        cfg = model_config(name)
-        setup.reset_memory()
-        torch.manual_seed(0)
-        net = GPT(cfg).to(setup.device).to(torch.bfloat16).eval()
-        torch.nn.init.normal_(net.output.weight, std=0.02)  # a zero head would draw uniform tokens: keep it real
-        for batch in (64, 256) if setup.cuda else (2, 4):
+        batch = batch if setup.cuda else batch // 32
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+        def run(name=name, batch=batch, precision=precision, dtype=dtype):
+            cfg = model_config(name)
+            torch.manual_seed(0)
+            net = GPT(cfg).to(setup.device).to(dtype).eval()
+            torch.nn.init.normal_(net.output.weight, std=0.02)  # a zero head would draw uniform tokens: keep it real
+            torch._dynamo.utils.counters.clear()
             sampler = Sampler(net, batch, guidance=True, compile=setup.compile)
             labels = torch.arange(batch, device=setup.device) % 1000
             sampler.generate(labels, cfg_scale=2.0, seed=0)  # compile, capture
-            wall = timed(setup, lambda s=sampler, y=labels: s.generate(y, cfg_scale=2.0, seed=1), 1, warmup=0)
+            wall = timed(setup, lambda: sampler.generate(labels, cfg_scale=2.0, seed=1), 1, warmup=0)
             t0 = time.perf_counter()  # again under the profiler, for the GPU's busy share (its overhead inflates wall)
-            busy = profiled_busy_seconds(setup, lambda s=sampler, y=labels: s.generate(y, cfg_scale=2.0, seed=2))
+            busy = profiled_busy_seconds(setup, lambda: sampler.generate(labels, cfg_scale=2.0, seed=2))
             profiled_wall = time.perf_counter() - t0
             tokens = cfg.grid[0] * cfg.grid[1]
-            weights = count_parameters(cfg) * 2
-            kv_full = kv_cache_bytes(cfg, batch, torch.bfloat16, cfg=True)
-            limit_s = tokens * weights / bandwidth + kv_full * (tokens + 1) / 2 / bandwidth  # the cache grows
-            setup.emit(check="sample", model=name, batch=batch, cfg=2.0, precision="bf16", compiled=sampler.compiled,
-                       images_per_s=batch / wall, ms_per_token=wall / tokens * 1e3,
+            weights = count_parameters(cfg) * dtype.itemsize
+            kv_full = kv_cache_bytes(cfg, batch, dtype, cfg=True)
+            per_slot = kv_full / tokens
+            limits = {
+                "whole_cache": tokens * (weights + kv_full),
+                "buckets": tokens * weights + per_slot * sum(bucket_lengths(tokens, 4)),
+                "prefix": tokens * weights + per_slot * tokens * (tokens + 1) / 2,
+            }
+            setup.emit(check="sample", model=name, batch=batch, cfg=2.0, precision=precision,
+                       compiled=sampler.compiled, images_per_s=batch / wall, ms_per_token=wall / tokens * 1e3,
                        gpu_busy_share=(busy / profiled_wall) if busy is not None else None,
-                       limit_images_per_s=batch / limit_s, kv_cache_gb=kv_full / 2**30, peak_gb=setup.peak_gb())
-            sampler = None  # its KV cache goes before the next batch size's
-            setup.reset_memory()
-        del net
+                       **{f"limit_{k}_images_per_s": batch * bandwidth / v for k, v in limits.items()},
+                       kv_cache_gb=kv_full / 2**30, peak_gb=setup.peak_gb(),
+                       cudagraph_skips=int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]))
+
+        guarded(setup, run, check="sample", model=name, batch=batch, precision=precision)
+
+
+def guarded(setup: Setup, fn, **settings) -> None:
+    """One part's figures, or a row saying why it has none (out of memory, an error): the rest of the check goes on."""
+    import torch
+
+    setup.reset_memory()
+    try:
+        fn()
+    except torch.OutOfMemoryError as e:
+        setup.emit(**settings, oom=str(e).splitlines()[0][:160])
+    except Exception as e:  # noqa: BLE001 - one failing part must not hide the others' figures
+        setup.emit(**settings, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        setup.reset_memory()
 
 
 def measured_bandwidth(setup: Setup) -> float:
@@ -324,11 +428,11 @@ def eval_phase_rows(setup: Setup) -> None:
 
     from npp.eval.evaluate import metrics_from_features
     from npp.eval.features import extract
-    from npp.eval.sample import auto_batch
+    from npp.eval.sample import DECODE_CHUNK, auto_batch
     from npp.models.generate import Sampler
     from npp.models.gpt import GPT
     from npp.models.inception import FIDInception
-    from npp.models.vq import VQModel, vq_config
+    from npp.models.vq import VQModel, decode_bytes_per_image, vq_config
     from npp.pipeline.images import to_uint8_images
 
     n = 10_000 if setup.cuda else 8
@@ -337,7 +441,8 @@ def eval_phase_rows(setup: Setup) -> None:
     net = GPT(cfg).to(setup.device).to(torch.bfloat16).eval()
     torch.nn.init.normal_(net.output.weight, std=0.02)
     vq = VQModel(vq_config("VQ-16" if setup.cuda else "VQ-toy", codebook_size=16384)).to(setup.device).eval()
-    batch = auto_batch(cfg, torch.bfloat16, True, setup.device, n)
+    batch = auto_batch(cfg, torch.bfloat16, True, setup.device, n,
+                       decode_bytes=DECODE_CHUNK * decode_bytes_per_image(vq.config, cfg.grid))
     sampler = Sampler(net, batch, guidance=True, compile=setup.compile)
     labels = np.arange(n) % 1000
     seconds = {"generate": 0.0, "decode": 0.0, "inception": 0.0, "statistics": 0.0}
@@ -350,7 +455,7 @@ def eval_phase_rows(setup: Setup) -> None:
         setup.sync()
         t1 = time.perf_counter()
         with torch.no_grad():
-            images.append(to_uint8_images(vq.decode_codes(codes).float()))
+            images.append(to_uint8_images(vq.decode_in_chunks(codes, DECODE_CHUNK).float()))
         setup.sync()
         seconds["generate"] += t1 - t0
         seconds["decode"] += time.perf_counter() - t1
@@ -402,11 +507,14 @@ def table(rows: list) -> None:
         print(f"| {r['check']} | {settings} | {figs} |")
 
 
+PARTS = ("train", "memory", "engines", "launch", "sample", "inception")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="", help="also write the JSON lines to this file")
-    ap.add_argument("--only", default="", help="comma list of parts: train,memory,engines,sample,inception")
+    ap.add_argument("--only", default="", help="comma list of parts: " + ",".join(PARTS))
     ap.add_argument("--rehearse", action="store_true", help="run the same code on the CPU with tiny models")
     ap.add_argument("--nocompile", action="store_true", help="eager blocks (npp train --nocompile)")
     args = ap.parse_args(argv)
@@ -416,29 +524,38 @@ def main(argv=None) -> int:
         print("gpu-check: no CUDA device here; nothing was run (this check needs one NVIDIA GPU; "
               "--rehearse runs the same code on the CPU with tiny models)")
         return 0
+    from npp.pipeline.devices import fast_matmul
     from npp.train.distributed import init, read_env
 
     device = init(read_env())  # a world of one on a free local port, as a plain `npp train` gets
     steps = args.steps if not args.rehearse else min(args.steps, 2)
     out = open(args.out, "a") if args.out else None
     setup = Setup(device, steps, compile=not args.nocompile, rehearse=args.rehearse, out=out, rows=[])
-    parts = set(args.only.split(",")) if args.only else {"train", "memory", "engines", "sample", "inception"}
+    parts = set(args.only.split(",")) if args.only else set(PARTS)
+    fast_matmul(device)  # TF32 for fp32 matmuls in every part, as npp train and npp sample set it
     where = torch.cuda.get_device_name(0) if setup.cuda else "CPU (rehearsal: figures mean nothing)"
     print(f"gpu-check on {where}, torch {torch.__version__}, blocks {'compiled' if setup.compile else 'eager'}",
           flush=True)
     if "train" in parts:
         for model, micro in (("GPT-B", 32), ("GPT-B", 128), ("GPT-XXL", 8), ("GPT-XXL", 32)):
-            train_rows(setup, model, micro if setup.cuda else 2)
+            micro = micro if setup.cuda else 2
+            guarded(setup, lambda m=model, b=micro: train_rows(setup, m, b), check="train", model=setup.name(model),
+                    micro_batch=micro)
+        ema_rows(setup)
     if "memory" in parts:
         for micro in (8, 32):
-            memory_rows(setup, micro if setup.cuda else 2)
+            micro = micro if setup.cuda else 2
+            guarded(setup, lambda b=micro: memory_rows(setup, b), check="memory", micro_batch=micro)
     if "engines" in parts:
-        engine_rows(setup)
+        guarded(setup, lambda: engine_rows(setup), check="engine")
+    if "launch" in parts:
+        with tempfile.TemporaryDirectory() as workdir:
+            guarded(setup, lambda: launch_rows(setup, workdir), check="launch")
     if "sample" in parts:
         sample_rows(setup)
-        eval_phase_rows(setup)
+        guarded(setup, lambda: eval_phase_rows(setup), check="eval_phases")
     if "inception" in parts:
-        inception_rows(setup)
+        guarded(setup, lambda: inception_rows(setup), check="inception")
     table(setup.rows)
     if out:
         out.close()

@@ -29,9 +29,38 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
     sampling = [r for r in rows if r["check"] == "sample"]
-    assert len(sampling) == 4 and all(r["images_per_s"] > 0 and r["limit_images_per_s"] > 0 for r in sampling)
+    assert [r["precision"] for r in sampling] == ["bf16", "bf16", "fp32"] * 2, sampling
+    for r in sampling:
+        assert r["images_per_s"] > 0 and r["cudagraph_skips"] == 0
+        assert r["limit_whole_cache_images_per_s"] < r["limit_buckets_images_per_s"] < r["limit_prefix_images_per_s"]
+    ema = [r for r in rows if r["check"] == "ema"]
+    assert len(ema) == 2 and all(0 < r["ema_ms"] < r["step_ms"] for r in ema)
+    launch = [r for r in rows if r["check"] == "launch"]
+    assert len(launch) == 1 and launch[0]["rc"] == 0, launch
     phases = [r for r in rows if r["check"] == "eval_phases"]
     assert len(phases) == 1 and all(phases[0][f"{k}_s"] > 0 for k in ("generate", "decode", "inception", "statistics"))
     assert [r for r in rows if r["check"] == "inception"]
     assert "| check | settings | figures |" in proc.stdout
 
+
+
+def test_a_failing_part_is_a_row_and_the_check_goes_on():
+    """Out of memory (or any error) in one part: a row saying so; the parts after it still run."""
+    import runpy
+
+    import torch
+
+    check = runpy.run_path("bench/gpu_check.py", run_name="gpu_check")
+    setup = check["Setup"](torch.device("cpu"), 1, compile=False, rehearse=True, rows=[])
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    check["guarded"](setup, oom, check="sample", model="GPT-XXL")
+    check["guarded"](setup, lambda: 1 / 0, check="ema", model="GPT-B")
+    check["guarded"](setup, lambda: setup.emit(check="inception", images_per_s=1.0), check="inception")
+    assert setup.rows == [
+        {"check": "sample", "model": "GPT-XXL", "oom": "CUDA out of memory. Tried to allocate 80.00 GiB"},
+        {"check": "ema", "model": "GPT-B", "error": "ZeroDivisionError: division by zero"},
+        {"check": "inception", "images_per_s": 1.0},
+    ]

@@ -112,7 +112,9 @@ def check_run_folder(run: RunFolder) -> None:
         raise UsageError(f"--out {path} is a shard set: pass a run directory (e.g. runs/NAME), not --shards' folder")
 
 
-def _model_config(cfg: TrainConfig, meta: dict, saved: dict | None) -> GPTConfig:
+def model_config_for(cfg: TrainConfig, meta: dict, saved: dict | None = None) -> GPTConfig:
+    """The GPT `npp train` builds for these flags and this shard set's meta (grid, codebook, classes): dropout
+    and drop path included; a resumed run's saved config as it is."""
     if saved and saved.get("model_config"):  # a resumed run keeps the model it was started with (identity checked)
         return GPTConfig.from_dict(saved["model_config"])
     h, w = meta["grid"]
@@ -156,7 +158,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
         allowed = tuple(k.strip().replace("-", "_") for k in str(cfg.allow_change).split(",") if k.strip())
         amended = check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path), allowed)
-    model_cfg = _model_config(cfg, meta, saved)
+    model_cfg = model_config_for(cfg, meta, saved)
     check_meta_matches(model_cfg, meta, cfg.shards)
     stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
               else parse_schedule(str(cfg.schedule), tuple(model_cfg.grid)))
