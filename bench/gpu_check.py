@@ -125,13 +125,14 @@ def synthetic_batch(setup: Setup, micro: int):
 
 @contextmanager
 def npp_engine(setup: Setup, model: str, micro: int, precision: str = "bf16-mixed", ds_config="ds_configs/zero2.json",
-               ckpt: bool = False, ema: bool = True):
+               ckpt: bool = False, ema: bool = True, grad_comm: str = "auto"):
     """npp's own step as `npp train` builds it, on one GPU; freed afterwards."""
     from npp.train.config import TrainConfig
     from npp.train.step import standalone_step
 
     cfg = TrainConfig(shards="-", out="-", model=model, global_batch=micro, precision=precision, ds_config=ds_config,
-                      activation_checkpointing=ckpt, ema=ema, compile="on" if setup.compile else "off")
+                      activation_checkpointing=ckpt, ema=ema, compile="on" if setup.compile else "off",
+                      grad_comm=grad_comm)
     setup.reset_memory()
     step = standalone_step(model_config(model), cfg, setup.device)
     try:
@@ -300,28 +301,33 @@ def launch_rows(setup: Setup, workdir: str) -> None:
 
 
 def engine_rows(setup: Setup) -> None:
-    """GPT-B through the other engines a user may pick: ZeRO-3, ZeRO-3 with the optimizer on the CPU, DeepSpeed bf16."""
+    """GPT-B through the other engines a user may pick: ZeRO-3, ZeRO-3 with the optimizer on the CPU, DeepSpeed bf16,
+    and ZeRO-2 bf16-mixed with the gradients reduced in bf16 (--grad-comm bf16) beside fp32 (on one GPU the
+    reduction moves no bytes between GPUs: the row shows the conversions' cost, not the saving)."""
     name = setup.name("GPT-B")
     micro = 32 if setup.cuda else 2
     idx, labels = synthetic_batch(setup, micro)
-    runs = [("ds_configs/zero3.json", "bf16-mixed"), ("ds_configs/zero3_offload.json", "bf16-mixed"),
-            ("ds_configs/zero2.json", "bf16")]
-    for ds_config, precision in runs:
+    runs = [("ds_configs/zero3.json", "bf16-mixed", "auto"), ("ds_configs/zero3_offload.json", "bf16-mixed", "auto"),
+            ("ds_configs/zero2.json", "bf16", "auto"), ("ds_configs/zero2.json", "bf16-mixed", "fp32"),
+            ("ds_configs/zero2.json", "bf16-mixed", "bf16")]
+    for ds_config, precision, grad_comm in runs:
         if setup.rehearse and "offload" in ds_config:
             continue  # build_ds_config drops the offload on CPU: the same run as zero3.json there
         t0 = time.perf_counter()
         try:
             ema = precision == "bf16"  # the EMA's gather of fp32 master weights
-            with npp_engine(setup, name, micro, precision=precision, ds_config=ds_config, ema=ema) as step:
+            with npp_engine(setup, name, micro, precision=precision, ds_config=ds_config, ema=ema,
+                            grad_comm=grad_comm) as step:
                 build_s = time.perf_counter() - t0
                 for k in (4, 1):
                     t = timed(
                         setup, lambda k=k, step=step: step([(idx, labels)], k), max(3, setup.steps // 3), warmup=2
                     )
                     setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision, k=k,
+                               grad_comm=grad_comm,
                                micro_batch=micro, step_ms=t * 1e3, peak_gb=setup.peak_gb(), build_s=build_s)
         except Exception as e:  # one engine failing must not hide the others' figures
-            setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision,
+            setup.emit(check="engine", model=name, ds_config=ds_config, precision=precision, grad_comm=grad_comm,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
@@ -498,8 +504,8 @@ def inception_rows(setup: Setup) -> None:
 
 def table(rows: list) -> None:
     print("\n| check | settings | figures |\n|---|---|---|")
-    keys = ("model", "precision", "k", "micro_batch", "activation_checkpointing", "batch", "images", "ds_config",
-            "kind", "schedule", "samples")
+    keys = ("model", "precision", "grad_comm", "k", "micro_batch", "activation_checkpointing", "batch", "images",
+            "ds_config", "kind", "schedule", "samples")
     for r in rows:
         settings = {k: v for k, v in r.items() if k in keys}
         figs = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()

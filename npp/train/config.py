@@ -63,6 +63,9 @@ class TrainConfig:
                                   "autocast; bf16: DeepSpeed bf16", choices=("auto", "bf16-mixed", "bf16", "fp32"))
     ds_config: str = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (how to shard: ZeRO stage, buckets, offload), relative "
                                              "to the working directory or to npp's checkout")
+    grad_comm: str = flag("auto", "dtype of the gradient reduction across ranks: auto = the DeepSpeed JSON's "
+                                  "communication_data_type, else fp32; bf16 halves its bytes (rounds each reduced "
+                                  "gradient to bf16)", choices=("auto", "fp32", "bf16"))
     ema: bool = flag(False, "keep an exponential moving average of the weights (exported beside them)")
     ema_decay: float = flag(0.9999, "EMA decay per step")
     token_dropout: float = flag(0.1, "dropout on the input embeddings")

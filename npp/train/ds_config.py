@@ -89,9 +89,9 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's forward runs
     under bf16 autocast, opened inside the module (see npp.train.step). bf16: DeepSpeed's
     bf16 mode (bf16 weights and activations, fp32 master weights in the optimizer), with
-    fp32 gradient accumulation and fp32
-    communication unless the DeepSpeed JSON sets `data_types.grad_accum_dtype` /
-    `communication_data_type` itself. Both run on CPU too (the tests use that).
+    fp32 gradient accumulation unless the DeepSpeed JSON sets `data_types.grad_accum_dtype`.
+    Both reduce gradients in fp32 unless `--grad-comm bf16` (or the JSON's
+    `communication_data_type`) says otherwise. Both run on CPU too (the tests use that).
     """
     if precision == "auto":
         return "bf16-mixed" if cuda else "fp32"
@@ -138,10 +138,26 @@ def check_ds_json(ds: dict, path: str, precision: str, ema: bool, evaluates: boo
     return stage
 
 
+GRAD_COMMS = ("auto", "fp32", "bf16")
+# ZeRO-1/2 reduce gradients in buckets of this many elements as backward produces them: a bucket as large as the
+# model (DeepSpeed's 5e8 default, the 2e8 npp's JSONs used to set, against GPT-B's 111M) is reduced only after the
+# whole backward, with nothing to overlap. A model's parameters / BUCKETS per bucket, within these bounds.
+BUCKETS = 8
+BUCKET_BOUNDS = (5_000_000, 200_000_000)
+
+
+def bucket_elements(params: int) -> int:
+    """Elements per ZeRO-1/2 reduce (and all-gather) bucket for a model of `params` parameters."""
+    low, high = BUCKET_BOUNDS
+    return int(min(high, max(low, -(-params // BUCKETS))))
+
+
 def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch: int, grad_clip: float,
-                     precision: str, cuda: bool) -> dict:
+                     precision: str, cuda: bool, grad_comm: str = "auto", params: int | None = None) -> dict:
     """The checked JSON with npp's settings for this device: batch sizes, clipping, precision (resolved, never
-    "auto"); on CPU no reduce-scatter (gloo has none) and no offload."""
+    "auto"); the gradient reduction's dtype (`grad_comm`: auto keeps the JSON's `communication_data_type`, else
+    fp32); bucket sizes from the model's `params` where the JSON sets none; on CPU no reduce-scatter (gloo has
+    none) and no offload."""
     if precision not in PRECISIONS:
         raise DeepSpeedConfigError(f"device_ds_config takes a resolved precision ({', '.join(PRECISIONS)}), "
                                    f"got {precision!r}")
@@ -154,12 +170,20 @@ def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch
     ds["gradient_clipping"] = grad_clip
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds.pop("fp16", None)
-    if precision == "bf16":  # fp32 accumulation and reduction unless the JSON opts out
+    if grad_comm not in GRAD_COMMS:
+        raise DeepSpeedConfigError(f"--grad-comm must be one of {', '.join(GRAD_COMMS)}, got {grad_comm!r}")
+    if precision == "bf16":  # fp32 accumulation unless the JSON opts out
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if grad_comm != "auto":
+        ds["communication_data_type"] = grad_comm
+    else:
         ds.setdefault("communication_data_type", "fp32")
     ds["zero_allow_untested_optimizer"] = True  # our AdamW with decay groups (torch, fused on CUDA)
     ds.setdefault("steps_per_print", 10**9)
     zero = ds.setdefault("zero_optimization", {})
+    if params and zero.get("stage") in (1, 2):
+        zero.setdefault("reduce_bucket_size", bucket_elements(params))
+        zero.setdefault("allgather_bucket_size", bucket_elements(params))
     if not cuda:
         # gloo has no reduce_scatter; CPU training gains nothing from offloading to the CPU.
         zero["reduce_scatter"] = False
@@ -168,12 +192,14 @@ def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch
     return ds
 
 
-def build_ds_config(cfg, world_size: int, cuda: bool, precision: str) -> dict:
+def build_ds_config(cfg, world_size: int, cuda: bool, precision: str, params: int | None = None) -> dict:
     """The DeepSpeed config of a train config (anything with its fields) outside `npp train`'s plan: benches,
-    standalone steps, tests. `precision` is the resolved one (resolve_precision), never "auto"."""
+    standalone steps, tests. `precision` is the resolved one (resolve_precision), never "auto"; `params`: the
+    model's parameter count (bucket sizes)."""
     path = resolve_ds_path(cfg.ds_config)
     ds = load_ds_json(path)
     check_ds_json(ds, path, precision, cfg.ema)
     return device_ds_config(ds, micro=micro_batch(cfg.global_batch, cfg.grad_accum, world_size),
                             grad_accum=cfg.grad_accum, global_batch=cfg.global_batch, grad_clip=cfg.grad_clip,
-                            precision=precision, cuda=cuda)
+                            precision=precision, cuda=cuda, grad_comm=getattr(cfg, "grad_comm", "auto"),
+                            params=params)

@@ -18,13 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npp.errors import UsageError
-from npp.models.configs import GPTConfig, gpt_config
+from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.runs import RunFolder
 from npp.pipeline.shards import open_shard_sets
 from npp.train.config import TrainConfig
-from npp.train.ds_config import check_ds_json, load_ds_json, micro_batch, replaced_keys, resolve_ds_path
+from npp.train.ds_config import (
+    check_ds_json,
+    device_ds_config,
+    load_ds_json,
+    micro_batch,
+    replaced_keys,
+    resolve_ds_path,
+)
 from npp.train.errors import TrainingError
 from npp.train.identity import check_same_run, identity_of, mutable_changes
 from npp.train.schedule import PatchSchedule, Stage, format_schedule, paper_schedule, parse_schedule
@@ -63,6 +70,13 @@ class TrainPlan:
     @property
     def identity(self) -> dict:
         return identity_of(self.cfg.to_dict(), {"data_digest": self.data_digest, "zero_stage": self.zero_stage})
+
+    def device_ds_config(self, precision: str, cuda: bool) -> dict:
+        """The DeepSpeed config this start hands to deepspeed.initialize (npp.train.ds_config.device_ds_config)."""
+        c = self.cfg
+        return device_ds_config(self.ds_json, micro=self.micro_batch, grad_accum=c.grad_accum,
+                                global_batch=c.global_batch, grad_clip=c.grad_clip, precision=precision, cuda=cuda,
+                                grad_comm=c.grad_comm, params=count_parameters(self.model_cfg))
 
     def describe(self) -> str:
         return (f"{self.cfg.model} on {self.meta['samples']} samples ({len(self.manifest)} shards), schedule "

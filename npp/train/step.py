@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
-from npp.models.configs import GPTConfig
+from npp.models.configs import GPTConfig, count_parameters
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.devices import fast_matmul
 from npp.train.config import TrainConfig, compile_setting
@@ -115,7 +115,7 @@ def standalone_step(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device
     from npp.train.ds_config import build_ds_config, resolve_precision
 
     precision = resolve_precision(cfg.precision, device.type == "cuda")
-    ds = build_ds_config(cfg, 1, device.type == "cuda", precision)
+    ds = build_ds_config(cfg, 1, device.type == "cuda", precision, params=count_parameters(model_cfg))
     torch.manual_seed(seed)
     model, optimizer = build_model_and_optimizer(model_cfg, cfg, device, precision, offload=offloads_optimizer(ds))
     engine, ema, _ = start_engine(model, optimizer, ds, cfg, precision, device, keep_ema=True)

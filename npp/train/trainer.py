@@ -24,7 +24,7 @@ from npp.train.cadence import Cadence
 from npp.train.config import TrainConfig
 from npp.train.data_feed import DataFeed
 from npp.train.distributed import DistEnv, barrier, init, read_env, stale_extension_locks
-from npp.train.ds_config import device_ds_config, resolve_precision
+from npp.train.ds_config import resolve_precision
 from npp.train.errors import TrainingError
 from npp.train.eval_points import EvalPoints
 from npp.train.export import export
@@ -50,9 +50,7 @@ class Trainer:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
         self.run, self._evaluator = RunFolder(self.cfg.out), evaluator
         self.precision = resolve_precision(self.cfg.precision, torch.cuda.is_available())
-        self.ds_config = device_ds_config(self.plan.ds_json, micro=self.plan.micro_batch, grad_clip=self.cfg.grad_clip,
-                                          grad_accum=self.cfg.grad_accum, global_batch=self.cfg.global_batch,
-                                          precision=self.precision, cuda=torch.cuda.is_available())
+        self.ds_config = self.plan.device_ds_config(self.precision, torch.cuda.is_available())
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.cadence = Cadence(self.total_steps, self.cfg.sync_every, self.cfg.log_every, self.cfg.ckpt_every,

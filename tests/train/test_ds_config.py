@@ -1,0 +1,92 @@
+"""What npp adds to a DeepSpeed JSON for a run: bucket sizes that fit the model, the gradient reduction's dtype."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from npp.errors import NppError
+from npp.models import gpt_config
+from npp.models.configs import count_parameters
+from npp.train.ds_config import bucket_elements, device_ds_config
+from tests.helpers import run_env
+
+SIZES = dict(micro=8, grad_accum=1, global_batch=8, grad_clip=1.0, cuda=True)
+
+
+def _params(model: str) -> int:
+    return count_parameters(gpt_config(model, vocab_size=16384, block_size=256, num_classes=1000))
+
+
+def test_buckets_split_the_model_so_reduction_overlaps_backward():
+    b, xxl = _params("GPT-B"), _params("GPT-XXL")
+    assert bucket_elements(b) == -(-b // 8) and 13_000_000 < bucket_elements(b) < 15_000_000  # 8 buckets, not 1
+    assert 170_000_000 < bucket_elements(xxl) < 180_000_000
+    assert bucket_elements(1000) == 5_000_000  # a toy model: DeepSpeed's buckets need not be tiny
+    zero2 = {"zero_optimization": {"stage": 2}}
+    ds = device_ds_config(zero2, precision="bf16-mixed", params=b, **SIZES)["zero_optimization"]
+    assert ds["reduce_bucket_size"] == ds["allgather_bucket_size"] == bucket_elements(b)
+    mine = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 123}}  # the JSON's own value is kept
+    assert device_ds_config(mine, precision="bf16-mixed", params=b, **SIZES)["zero_optimization"][
+        "reduce_bucket_size"] == 123
+    with open("ds_configs/zero2.json") as fh:
+        assert "reduce_bucket_size" not in json.load(fh)["zero_optimization"]
+
+
+@pytest.mark.parametrize(("json_value", "flag", "expected"), [
+    (None, "auto", "fp32"), ("bf16", "auto", "bf16"), (None, "bf16", "bf16"), ("bf16", "fp32", "fp32"),
+])
+def test_the_gradient_reduction_dtype(json_value, flag, expected):
+    ds = {"zero_optimization": {"stage": 2}}
+    if json_value:
+        ds["communication_data_type"] = json_value
+    for precision in ("bf16-mixed", "bf16"):
+        assert device_ds_config(ds, precision=precision, grad_comm=flag, **SIZES)["communication_data_type"] == expected
+    with pytest.raises(NppError, match="--grad-comm must be one of auto, fp32, bf16"):
+        device_ds_config(ds, precision="bf16-mixed", grad_comm="fp16", **SIZES)
+
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import torch
+    from npp.models import gpt_config
+    from npp.train.config import TrainConfig
+    from npp.train.distributed import init, read_env
+    from npp.train.step import standalone_step
+
+    device = init(read_env())
+    model_cfg = gpt_config("GPT-Nano", vocab_size=64, block_size=64, grid=(8, 8), num_classes=10)
+    idx, labels = torch.randint(0, 64, (8, 64)), torch.randint(0, 10, (8,))
+    seen = {}
+    for comm in ("fp32", "bf16"):
+        cfg = TrainConfig(shards="-", out="-", model="GPT-Nano", global_batch=8, precision="bf16-mixed",
+                          ds_config="ds_configs/zero2.json", grad_comm=comm, compile="off")
+        step = standalone_step(model_cfg, cfg, device)
+        reduced = []
+        real = step.engine.optimizer.gradient_reduction_w_predivide
+        def recording(tensor, dtype, real=real):
+            reduced.append(str(dtype))
+            return real(tensor, dtype)
+        step.engine.optimizer.gradient_reduction_w_predivide = recording
+        losses = [float(step([(idx, labels)], 1)) for _ in range(3)]
+        seen[comm] = {"reduced": sorted(set(reduced)), "losses": losses,
+                      "bucket": step.engine.zero_reduce_bucket_size()}
+        step.engine.destroy()
+    print("RESULT " + json.dumps(seen))
+''')
+
+
+def test_bf16_gradient_reduction_runs_through_deepspeed(tmp_path):
+    """DeepSpeed's ZeRO-2 reduces the gradients in the dtype asked (its bucket is converted), and training goes on."""
+    script = tmp_path / "comm.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], env=run_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert seen["fp32"]["reduced"] == ["torch.float32"] and seen["bf16"]["reduced"] == ["torch.bfloat16"]
+    assert seen["fp32"]["bucket"] == 5_000_000  # npp's bucket rule reached the engine
+    fp32, bf16 = seen["fp32"]["losses"], seen["bf16"]["losses"]
+    assert fp32[0] == bf16[0] and all(abs(a - b) < 1e-3 * a for a, b in zip(fp32, bf16, strict=True))
