@@ -130,6 +130,9 @@ def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, em
             short = f"{type(e).__name__}: {e}"
     if _any_rank(short is not None, device):
         raise _save_error(run, tag, short or "rank 0 found no room for it")
+    # the whole EMA before any write: a partitioned one is gathered by every rank (a collective no failed write
+    # may leave some ranks out of); the one rank that keeps a whole one just reads it
+    ema_state = ema.state_dict() if ema is not None else None
     error = None
     try:
         engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=client_state, save_latest=False)
@@ -140,8 +143,8 @@ def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, em
         try:
             # Our own files are trusted (written by this code), saved with plain torch.save.
             torch.save(rng_state(), run.rng_file(tag, env.rank))
-            if ema is not None and env.is_main:
-                torch.save(ema.state_dict(), run.ema_file(tag))
+            if ema_state is not None and env.is_main:
+                torch.save(ema_state, run.ema_file(tag))
             if env.is_main:  # the counters in a small readable file, for tools that should not load GBs (eval watch)
                 run.client_file(tag).write_text(json.dumps(
                     {k: v for k, v in client_state.items() if isinstance(v, (int, float, str)) or v is None}))
@@ -190,6 +193,6 @@ def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[dict | None, d
                                   f"{run.checkpoints / 'latest'} at an older checkpoint) and rerun")
     # a universal checkpoint has no per-rank RNG (the ranks are new)
     rng = None if run.is_universal(tag) else load_rng_state(run.rng_file(tag, env.rank))
-    if ema is not None and ema.model is not None and run.ema_file(tag).exists():
+    if ema is not None and ema.loads and run.ema_file(tag).exists():
         ema.load_state_dict(torch.load(run.ema_file(tag), map_location="cpu", weights_only=True))
     return client_state, rng

@@ -1,6 +1,18 @@
-"""Exponential moving average of the weights, fp32, on the training device, held once (rank 0).
+"""Exponential moving average of the weights, fp32, on the training device.
 
-Built after `deepspeed.initialize`, from the engine's module on its device, so the
+Two keepers of the same average, with one interface (`make_ema` picks):
+- `PartitionedEMA`, under DeepSpeed's ZeRO-1/2 optimizer (npp's default configs): each rank
+  averages its own partition of the fp32 master weights, the flat tensor its optimizer
+  steps (`single_partition_of_fp32_groups`), with one fused lerp per rank per step over
+  1/world of the model; nothing is gathered or held in full until a checkpoint, an
+  export or an eval point asks (`state_dict`, `full_model`: collectives every rank
+  calls). The saved file is the same full state dict, and a resumed rank cuts its
+  partition from it, so checkpoints and exports keep their format and a resumed run
+  its exact average (DeepSpeed copies the fp32 partitions into the module after each
+  step, so both keepers average the same numbers).
+- `EMA`, below, everywhere else (DeepSpeed's BF16_Optimizer of ZeRO-1 + bf16, a plain model):
+
+the whole model on rank 0. Built after `deepspeed.initialize`, from the engine's module on its device, so the
 update is a device-local `mul_/add_` (an EMA built from the CPU model before
 initialize crashed at the first GPU step adding CUDA to CPU tensors). It tracks the
 fp32 weights: under bf16-mixed the module's weights are fp32 already; under
@@ -19,6 +31,7 @@ kernels cost more launch time on the host than the arithmetic takes on the GPU.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -61,11 +74,114 @@ class EMA:
         # ema + (1 - decay)·(source − ema) = decay·ema + (1 − decay)·source, every tensor in one fused op
         torch._foreach_lerp_(self._params, sources, 1.0 - decay)
 
-    def state_dict(self) -> dict:
-        assert self.model is not None, "only the rank that keeps the EMA saves it"
+    @property
+    def loads(self) -> bool:
+        return self.model is not None  # only the rank that keeps it
+
+    def state_dict(self) -> dict | None:
+        """The whole average on the rank that keeps it, None elsewhere (no collective)."""
+        if self.model is None:
+            return None
         return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
         if self.model is not None:
             self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])
+
+
+def make_ema(engine, decay: float, keep: bool, master_weights: bool):
+    """The EMA for this engine: partitioned under DeepSpeed's ZeRO-1/2 optimizer, else whole on rank 0 (`keep`)."""
+    if PartitionedEMA.supports(engine.optimizer):
+        return PartitionedEMA(engine, decay)
+    return EMA(engine.module, decay, keep=keep, master_weights=master_weights)
+
+
+class PartitionedEMA:
+    """The average of this rank's partitions of the fp32 master weights (see the module docstring)."""
+
+    loads = True  # every rank reads the saved average and keeps its own partition of it
+    model = None  # never a whole model between the collectives that make one
+
+    @staticmethod
+    def supports(optimizer) -> bool:
+        return all(hasattr(optimizer, a) for a in ("single_partition_of_fp32_groups", "round_robin_bit16_groups",
+                                                   "round_robin_bit16_offsets", "parallel_partitioned_bit16_groups"))
+
+    def __init__(self, engine, decay: float):
+        self.engine, self.decay, self.updates = engine, decay, 0
+        opt = engine.optimizer
+        self._sources = list(opt.single_partition_of_fp32_groups)
+        self._parts = [t.detach().clone() for t in self._sources]
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        # per group: (name, offset in the group's flat buffer, shape) of each parameter, in the buffer's order
+        self._layout = [[(names[id(p)], off, tuple(p.shape)) for p, off in zip(ps, offs, strict=True)]
+                        for ps, offs in zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets, strict=True)]
+        self._groups = list(opt.real_dp_process_group)
+        sizes = [[t.numel() for t in parts] for parts in opt.parallel_partitioned_bit16_groups]
+        if any(len(set(s)) != 1 for s in sizes):
+            raise RuntimeError(f"unequal ZeRO partitions {sizes}: the partitioned EMA needs DeepSpeed's aligned "
+                               "buffers")
+
+    @torch.no_grad()
+    def update(self, module: nn.Module | None = None) -> None:
+        decay = 0.0 if self.updates == 0 else self.decay
+        self.updates += 1
+        torch._foreach_lerp_(self._parts, self._sources, 1.0 - decay)
+
+    @torch.no_grad()
+    def _full(self) -> dict[str, torch.Tensor]:
+        """Every parameter's average, on every rank (an all-gather of each group's partitions)."""
+        import torch.distributed as dist
+
+        state = {}
+        for part, layout, group in zip(self._parts, self._layout, self._groups, strict=True):
+            world = dist.get_world_size(group=group) if dist.is_initialized() else 1
+            pieces = [torch.empty_like(part) for _ in range(world)]
+            if world > 1:
+                dist.all_gather(pieces, part, group=group)
+            else:
+                pieces = [part]
+            flat = torch.cat(pieces)
+            for name, offset, shape in layout:
+                n = math.prod(shape)
+                state[name] = flat.narrow(0, offset, n).view(shape).clone()
+        return state
+
+    def state_dict(self) -> dict:
+        """The whole average in the saved format ({"model", "updates", "decay"}); a collective: every rank calls it."""
+        full = self._full()
+        order = [n for n, _ in self.engine.module.named_parameters()]
+        return {"model": {n: full[n].cpu() for n in order}, "updates": self.updates, "decay": self.decay}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Cut this rank's partition out of a saved whole average."""
+        import torch.distributed as dist
+
+        model = state["model"]
+        for part, layout, group in zip(self._parts, self._layout, self._groups, strict=True):
+            rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+            start, size = rank * part.numel(), part.numel()
+            for name, offset, shape in layout:
+                n = math.prod(shape)
+                lo, hi = max(offset, start), min(offset + n, start + size)
+                if lo < hi:  # this parameter has elements in this rank's partition
+                    src = model[name].reshape(-1)[lo - offset : hi - offset]
+                    part[lo - start : hi - start].copy_(src.to(part.device, part.dtype))
+        self.updates = int(state["updates"])
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module) -> None:
+        """The average into an existing whole model's parameters, on every rank (a collective)."""
+        model.load_state_dict(self._full())
+
+    def full_model(self, model_cfg, device) -> nn.Module:
+        """A whole fp32 model holding the average, on every rank (for an eval point; the caller drops it after)."""
+        from npp.models.gpt import GPT
+
+        model = GPT(model_cfg).to(device).eval()
+        model.load_state_dict(self._full())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model

@@ -27,7 +27,7 @@ from npp.models.configs import GPTConfig, count_parameters
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.pipeline.devices import fast_matmul
 from npp.train.config import TrainConfig, compile_setting
-from npp.train.ema import EMA
+from npp.train.ema import EMA, PartitionedEMA, make_ema
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
@@ -67,7 +67,8 @@ def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: to
 
 def start_engine(model: GPT, optimizer, ds_config: dict, cfg: TrainConfig, precision: str, device: torch.device,
                  keep_ema: bool, scheduler=None):
-    """deepspeed.initialize, then the EMA (rank `keep_ema` holds it), then the compiled blocks.
+    """deepspeed.initialize, then the EMA (partitioned over the ranks under ZeRO-1/2, else held by the rank
+    `keep_ema` says), then the compiled blocks.
 
     Returns (engine, ema or None, compiled). The EMA copies the module before it is
     compiled, from the weights DeepSpeed trains (see npp.train.ema).
@@ -76,7 +77,7 @@ def start_engine(model: GPT, optimizer, ds_config: dict, cfg: TrainConfig, preci
 
     fast_matmul(device)  # TF32 for fp32 matmuls on CUDA
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    ema = EMA(engine.module, cfg.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if cfg.ema else None
+    ema = make_ema(engine, cfg.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if cfg.ema else None
     compiled = compiles(cfg.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
     if compiled:
         engine.module.compile_blocks()
@@ -91,7 +92,7 @@ class TrainStep:
     finite (then the EMA is not updated either; see npp.train.bad_steps).
     """
 
-    def __init__(self, engine, ema: EMA | None):
+    def __init__(self, engine, ema: EMA | PartitionedEMA | None):
         self.engine, self.ema = engine, ema
 
     def __call__(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], patch_side: int):
