@@ -233,6 +233,8 @@ class GPT(nn.Module):
         # The autocast is entered here, inside the module, because DeepSpeed's engine.forward switches an
         # autocast opened around it off (on CUDA) unless its config has a torch_autocast section.
         self.autocast_dtype: torch.dtype | None = None
+        # the training head (norm, output projection, patch loss): compiled with the blocks (compile_blocks)
+        self._head_loss = head_and_loss
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -272,6 +274,7 @@ class GPT(nn.Module):
                                                         64 * len(self.layers))
         for layer in self.layers:
             layer.compile(**{"dynamic": False, **kwargs})
+        self._head_loss = torch.compile(head_and_loss, **{"dynamic": False, **kwargs})
 
     @property
     def blocks_compiled(self) -> bool:
@@ -283,6 +286,10 @@ class GPT(nn.Module):
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _trunk(self, h: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
+        """fp32 logits of every position (decoding, next-token logits)."""
+        return self.output(self.norm(self._blocks(h, rope, start))).float()
+
+    def _blocks(self, h: torch.Tensor, rope: torch.Tensor, start=None) -> torch.Tensor:
         h = self.tok_dropout(h)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and start is None
         for layer in self.layers:
@@ -292,7 +299,7 @@ class GPT(nn.Module):
                 h = layer.forward(h, rope, start)
             else:
                 h = layer(h, rope)
-        return self.output(self.norm(h)).float()
+        return h
 
     def forward(
         self,
@@ -330,8 +337,8 @@ class GPT(nn.Module):
         check_patch_side(self.grid, patch)
         patches = patch_embeddings(self.tok_embeddings(idx), self.grid, patch)
         h = torch.cat([cls, patches[:, :-1]], dim=1)  # the last patch has nothing after it to predict
-        logits = self._trunk(h, self.rope_for(patch, h.device)[: h.shape[1]])
-        return logits, patch_loss(logits, patch_targets(targets, self.grid, patch))
+        h = self._blocks(h, self.rope_for(patch, h.device)[: h.shape[1]])
+        return self._head_loss(self.norm, self.output, h, patch_targets(targets, self.grid, patch))
 
     # --- KV-cached decoding -------------------------------------------------------
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
@@ -362,6 +369,17 @@ class GPT(nn.Module):
         else:
             rope = table[start : start + h.shape[1]]
         return self._trunk(h, rope, start)
+
+
+def head_and_loss(norm: nn.Module, output: nn.Module, h: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training head: final RMSNorm, output projection (bf16 under bf16-mixed's autocast) and `patch_loss`,
+    one function so that `torch.compile` fuses it (GPT.compile_blocks): the fp32 upcast, log-softmax and gather
+    of the loss and their backward then run in registers over the bf16 logits, instead of materialising
+    batch x patches x 16384 fp32 logits and log-probabilities eagerly (~10% of a GPT-B step's memory traffic).
+    Returns (logits in the projection's dtype, the fp32 loss)."""
+    logits = output(norm(h))  # through the modules: ZeRO-3's hooks gather their weights
+    return logits, patch_loss(logits, targets)
 
 
 def patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,19 @@ def test_compiled_blocks_give_eager_loss_and_gradients():
     torch._dynamo.utils.counters.clear()
     loss_e, grads_e = _loss_and_grads(eager, idx, labels, 2)
     loss_c, grads_c = _loss_and_grads(compiled, idx, labels, 2)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really ran a compiled graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the block and the head+loss, compiled
+    assert compiled._head_loss is not gpt_module.head_and_loss and eager._head_loss is gpt_module.head_and_loss
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     assert grads_c.keys() == grads_e.keys()
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    # bf16-mixed: bf16 logits (never an fp32 copy of them returned), the loss accumulated in fp32, as eager
+    for model in (eager, compiled):
+        model.autocast_dtype = torch.bfloat16
+    logits_c, loss_c = compiled(idx, labels, targets=idx, patch=1)
+    logits_e, loss_e = eager(idx, labels, targets=idx, patch=1)
+    assert logits_c.dtype == logits_e.dtype == torch.bfloat16 and loss_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=2e-2)
     # KV-cached decoding runs the blocks eagerly: the position changes every token, which would recompile
     compiled.eval()
     compiled.setup_caches(2, 64, torch.float32, "cpu")
@@ -63,7 +71,7 @@ def test_drop_path_compiles_one_graph_per_patch_side_for_every_layer(monkeypatch
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     _, loss = model(idx, labels, targets=idx, patch=1)  # the next stage: one more graph, for all layers
     loss.backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # per patch side: the block and the head
     model.to(torch.bfloat16)
     assert model.layers[3].drop_path.p == 0.2  # the rate survives a cast of the weights
     torch._dynamo.reset()
