@@ -8,7 +8,10 @@ count does not depend on the machine), side by side in one run:
 - fwd+bwd: the model's forward and backward alone;
 - plain: fwd+bwd, clip_grad_norm_, AdamW step, zero_grad (fp32 weights, as plain PyTorch trains);
 - npp: `TrainStep` as `npp train` builds it (DeepSpeed ZeRO-2 engine, clipping), without and with the EMA;
-- EMA update alone: one fused `_foreach_lerp_` (npp) against a mul_/add_ pair per tensor.
+- host reads: the times a step reads a tensor's value on the host (each is a GPU sync there);
+- EMA update alone: npp's (under ZeRO-1/2 one fused `_foreach_lerp_` over this rank's flat partition of the
+  fp32 master weights), the whole-model fused lerp over every parameter tensor (npp before), and a mul_/add_
+  pair per tensor.
 
     .venv/bin/python bench/step_overhead.py [--model GPT-Nano] [--batch 8] [--k 4]
 """
@@ -25,6 +28,7 @@ from npp.models import gpt_config
 from npp.models.gpt import GPT, configure_optimizer_groups
 from npp.train.config import TrainConfig
 from npp.train.distributed import init, read_env
+from npp.train.ema import EMA
 from npp.train.step import standalone_step
 
 METADATA_ONLY = {"aten._unsafe_view", "aten.lift_fresh", "aten.alias"}
@@ -43,17 +47,39 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(fn, steps: int) -> tuple[float, int]:
-    """(ms per call, ATen ops per call) after 3 warm-up calls."""
+class HostReads:
+    """Counts reads of a tensor's value by the host (`.item()`, `bool()`, `float()`, `int()`, `.tolist()`): on a GPU
+    each waits for every kernel queued before it, so a step with one cannot run ahead of the GPU."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "tolist")
+
+    def __enter__(self):
+        self.reads, self._saved = 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for name, real in self._saved.items():
+            def counted(t, *a, _real=real, **k):
+                self.reads += 1
+                return _real(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+def measure(fn, steps: int) -> tuple[float, int, int]:
+    """(ms per call, ATen ops per call, host reads per call) after 3 warm-up calls."""
     for _ in range(3):
         fn()
     counter = OpCounter()
     with counter:
         fn()
+    with HostReads() as host:
+        fn()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    return (time.perf_counter() - start) / steps * 1e3, counter.ops
+    return (time.perf_counter() - start) / steps * 1e3, counter.ops, host.reads
 
 
 def main() -> None:
@@ -99,8 +125,11 @@ def main() -> None:
         )
         if ema:
             module, averaged = step.engine.module, step.ema
-            rows["EMA update, fused (npp)"] = measure(lambda a=averaged, m=module: a.update(m), args.steps)
-            pairs = list(zip(averaged.model.parameters(), module.parameters(), strict=False))
+            rows[f"EMA update, {type(averaged).__name__} (npp)"] = measure(lambda a=averaged, m=module: a.update(m),
+                                                                        args.steps)
+            whole = EMA(module, 0.9999)
+            rows["EMA update, whole model"] = measure(lambda a=whole, m=module: a.update(m), args.steps)
+            pairs = list(zip(whole.model.parameters(), module.parameters(), strict=False))
 
             @torch.no_grad()
             def per_tensor(pairs=pairs):
@@ -113,10 +142,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in net.parameters())
     print(f"{args.model} ({n_params / 1e6:.1f}M params, {len(list(net.parameters()))} tensors), k={args.k}, "
           f"micro-batch {args.batch}, {device.type}, {torch.get_num_threads()} threads, fp32, ZeRO-2")
-    base_ms, base_ops = rows["plain step"]
-    print(f"{'':26s} {'ms/step':>9s} {'vs plain':>9s} {'ATen ops':>9s} {'vs plain':>9s}")
-    for name, (ms, ops) in rows.items():
-        print(f"{name:26s} {ms:9.2f} {ms / base_ms:9.2f} {ops:9d} {ops / base_ops:9.2f}")
+    base_ms, base_ops, _ = rows["plain step"]
+    print(f"{'':34s} {'ms/step':>9s} {'vs plain':>9s} {'ATen ops':>9s} {'vs plain':>9s} {'host reads':>11s}")
+    for name, (ms, ops, reads) in rows.items():
+        print(f"{name:34s} {ms:9.2f} {ms / base_ms:9.2f} {ops:9d} {ops / base_ops:9.2f} {reads:11d}")
 
 
 if __name__ == "__main__":
