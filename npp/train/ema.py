@@ -137,9 +137,12 @@ class PartitionedEMA:
         state = {}
         for part, layout, group in zip(self._parts, self._layout, self._groups, strict=True):
             world = dist.get_world_size(group=group) if dist.is_initialized() else 1
-            pieces = [torch.empty_like(part) for _ in range(world)]
             if world > 1:
-                dist.all_gather(pieces, part, group=group)
+                # on the engine's device: an offloaded optimizer keeps its partitions (and so these) on the CPU,
+                # which NCCL cannot gather
+                local = part.to(getattr(self.engine, "device", part.device))
+                pieces = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(pieces, local, group=group)
             else:
                 pieces = [part]
             flat = torch.cat(pieces)
