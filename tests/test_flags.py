@@ -317,5 +317,5 @@ def test_the_wrong_file_in_the_right_place_is_named_before_torch(files, argv, me
 
 
 def test_sample_refuses_a_precision_it_does_not_have(files):
-    with pytest.raises(UsageError, match="--precision: 'bf16-mixed' is not one of fp32, bf16"):
+    with pytest.raises(UsageError, match="--precision: 'bf16-mixed' is not one of auto, fp32, bf16"):
         normalize_argv(["sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--precision", "bf16-mixed"])

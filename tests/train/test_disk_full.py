@@ -3,14 +3,14 @@ rerun after freeing space resumes from the last complete checkpoint and finishes
 
 import os
 import shutil
-import signal
 import subprocess
 import textwrap
 import time
 
 import pytest
 
-from tests.helpers import launch, launch_cmd, run_env, signal_tree
+from tests.helpers import launch, launch_cmd, run_env
+from tests.slurm.jobs import INSTRUMENT
 
 RUN = dict(total_steps=16, ckpt_every=4, log_every=4, keep=3)
 
@@ -39,19 +39,23 @@ def small_tmpfs(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_stops_the_job_with_one_line_and_the_rerun_resumes(shard_set, tmp_path, small_tmpfs):
     run, ckpt_dir = small_tmpfs / "run", small_tmpfs / "run" / "checkpoints"
-    proc = subprocess.Popen(launch_cmd(shard_set, run, **RUN), env=run_env(tmp_path), stdout=subprocess.PIPE,
+    hold, record = tmp_path / "hold", tmp_path / "record"
+    hold.write_text("")
+    record.mkdir()
+    env = {**run_env(tmp_path), "PYTHONPATH": str(INSTRUMENT), "NPP_TEST_RECORD": str(record),
+           "NPP_TEST_HOLD_AFTER_SAVE": "4", "NPP_TEST_HOLD_FILE": str(hold)}  # every rank waits after step 4's save
+    proc = subprocess.Popen(launch_cmd(shard_set, run, **RUN), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not ((ckpt_dir / "latest").exists() and (ckpt_dir / "latest").read_text() == "step_000000004"):
         assert time.time() < deadline and proc.poll() is None, "no first checkpoint"
         time.sleep(0.01)
-    signal_tree(proc.pid, signal.SIGSTOP)  # the job holds still while the disk fills up
     size = sum(f.stat().st_size for f in (ckpt_dir / "step_000000004").iterdir())
     free = shutil.disk_usage(small_tmpfs).free
     filler = small_tmpfs / "filler"
     with open(filler, "wb") as fh:  # leave room for half a checkpoint
         fh.write(b"\0" * max(0, free - size // 2))
-    signal_tree(proc.pid, signal.SIGCONT)
+    hold.unlink()  # the job goes on to step 8 on a full disk, however fast or slow this machine is
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, out[-3000:]
     _check_stopped_at_step_8(out, ckpt_dir)
