@@ -18,13 +18,13 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     train = [r for r in rows if r["check"] == "train"]
-    assert len(train) == 4 * 3 and {r["k"] for r in train} == {4, 2, 1}  # 4 model/micro-batch settings x 3 sides
+    assert len(train) == 2 * 3 and {r["k"] for r in train} == {4, 2, 1}  # 2 stand-in models x 3 sides
     for r in train:
         assert r["npp_ms"] > 0 and r["plain_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["npp_vs_plain"] > 0
     schedule = [r for r in rows if r["check"] == "schedule"]
-    assert len(schedule) == 8 and all(0 < r["flops_vs_ntp"] < 0.6 for r in schedule)
+    assert len(schedule) == 4 and all(0 < r["flops_vs_ntp"] < 0.6 for r in schedule)
     memory = [r for r in rows if r["check"] == "memory"]
-    assert [r["activation_checkpointing"] for r in memory] == [False, True, False, True]
+    assert [r["activation_checkpointing"] for r in memory] == [False, True]
     engines = [r for r in rows if r["check"] == "engine"]
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
