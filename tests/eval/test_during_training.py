@@ -98,3 +98,23 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
     assert os.path.exists(run / "eval_watch.json")
+
+
+def test_eval_points_sample_a_bf16_copy_on_cuda_refreshed_in_place():
+    """On CUDA the eval sampler reads a bf16 copy of the weights (as `npp sample` samples by default; half the KV
+    cache), the same object at every point, so a graph-captured sampler over it is kept; on CPU the model itself."""
+    import torch
+
+    from npp.eval.during_training import SamplingCopy
+    from tests.helpers import make_gpt
+
+    model = make_gpt()
+    assert SamplingCopy()(model, torch.device("cpu")) is model
+    holder = SamplingCopy("bf16")
+    first = holder(model, torch.device("cpu"))
+    assert first is not model and {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained weights are left as they are
+    with torch.no_grad():
+        model.output.weight.add_(1.0)  # the next eval point's weights
+    again = holder(model, torch.device("cpu"))
+    assert again is first and torch.equal(again.output.weight, model.output.weight.to(torch.bfloat16))
