@@ -4,6 +4,7 @@ Small models with deterministic weights, the 2-process torchrun launcher of `npp
 run, signalling every process of a job as SLURM does, and a real `mlflow server` on 127.0.0.1.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def launch_cmd(shards, out, nproc=2, **overrides):
 def run_env(tmp_path):
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1"}
+
+
+def script_result(tmp_path, name: str, text: str, timeout: int = 300) -> dict:
+    """Run a Python script in a process of its own (DeepSpeed keeps its process groups for the life of one) and
+    return the JSON it prints after `RESULT `."""
+    script = tmp_path / name
+    script.write_text(text)
+    proc = subprocess.run([sys.executable, str(script)], env=run_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
 def launch(shards, out, tmp_path, nproc=2, timeout=300, env=None, **overrides):

@@ -1,8 +1,6 @@
 """What npp adds to a DeepSpeed JSON for a run: bucket sizes that fit the model, the gradient reduction's dtype."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,7 +9,7 @@ from npp.errors import NppError
 from npp.models import gpt_config
 from npp.models.configs import count_parameters
 from npp.train.ds_config import bucket_elements, device_ds_config
-from tests.helpers import run_env
+from tests.helpers import script_result
 
 SIZES = dict(micro=8, grad_accum=1, global_batch=8, grad_clip=1.0, cuda=True)
 
@@ -80,12 +78,7 @@ SCRIPT = textwrap.dedent('''
 
 def test_bf16_gradient_reduction_runs_through_deepspeed(tmp_path):
     """DeepSpeed's ZeRO-2 reduces the gradients in the dtype asked (its bucket is converted), and training goes on."""
-    script = tmp_path / "comm.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=run_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    seen = script_result(tmp_path, "comm.py", SCRIPT)
     assert seen["fp32"]["reduced"] == ["torch.float32"] and seen["bf16"]["reduced"] == ["torch.bfloat16"]
     assert seen["fp32"]["bucket"] == 5_000_000  # npp's bucket rule reached the engine
     fp32, bf16 = seen["fp32"]["losses"], seen["bf16"]["losses"]

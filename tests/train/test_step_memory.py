@@ -6,14 +6,11 @@ builds it (npp.train.step.standalone_step), with and without --activation-checkp
 A process of its own: DeepSpeed keeps its process groups for the life of a process.
 """
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.helpers import run_env
+from tests.helpers import script_result
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -57,10 +54,5 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_activation_checkpointing_halves_what_the_trainer_step_keeps(tmp_path):
-    script = tmp_path / "memory.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=run_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    saved = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    saved = script_result(tmp_path, "memory.py", SCRIPT)
     assert saved["True"] <= 0.5 * saved["False"], saved
