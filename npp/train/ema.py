@@ -174,11 +174,6 @@ class PartitionedEMA:
                     part[lo - start : hi - start].copy_(src.to(part.device, part.dtype))
         self.updates = int(state["updates"])
 
-    @torch.no_grad()
-    def load_into(self, model: nn.Module) -> None:
-        """The average into an existing whole model's parameters, on every rank (a collective)."""
-        model.load_state_dict(self._full())
-
     def full_model(self, model_cfg, device) -> nn.Module:
         """A whole fp32 model holding the average, on every rank (for an eval point; the caller drops it after)."""
         from npp.models.gpt import GPT

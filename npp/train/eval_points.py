@@ -23,20 +23,14 @@ class EvalPoints:
         rng = checkpointing.rng_state()
         metrics = self.evaluator(self._sampling_model(engine, ema), self.model_cfg.num_classes, self.device,
                                  self.rank, self.world_size)
-        if self.device.type != "cuda" and hasattr(ema, "full_model"):
-            self._ema_copy = None  # not held between eval points (on CUDA the graph-captured sampler reads it)
         checkpointing.set_rng_state(rng)
         return metrics
 
     def _sampling_model(self, engine, ema):
         if ema is None:
             return engine.module
-        if hasattr(ema, "full_model"):  # partitioned over the ranks: gathered into a whole model on every rank
-            if self._ema_copy is None:
-                self._ema_copy = ema.full_model(self.model_cfg, self.device)
-            else:
-                ema.load_into(self._ema_copy)
-            return self._ema_copy
+        if hasattr(ema, "full_model"):  # partitioned over the ranks: gathered into a whole model on every rank,
+            return ema.full_model(self.model_cfg, self.device)  # dropped after the point (the sampler keeps a copy)
         if self.world_size == 1:
             return ema.model
         # the EMA lives on rank 0: every rank samples with a copy of it

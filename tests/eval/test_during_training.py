@@ -24,7 +24,8 @@ def eval_assets(shard_set, tmp_path_factory):
 def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard_set, tmp_path, eval_assets):
     import mlflow
 
-    run_args = dict(total_steps=12, log_every=4, ckpt_every=1000, schedule="2:0.5,1:0.5")
+    # with --ema: every rank samples the EMA, gathered from the ranks' partitions at each point
+    run_args = dict(total_steps=12, log_every=4, ckpt_every=1000, schedule="2:0.5,1:0.5", ema=True, ema_decay=0.9)
     plain = tmp_path / "plain"
     launch(shard_set, plain, tmp_path, **run_args)
     evald = tmp_path / "evald"
