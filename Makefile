@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets lint test test-fast bench gpu-check clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
+.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -90,6 +90,8 @@ EXPERIMENT ?=
 ASSETS_DIR ?= ckpts
 #: more `npp assets` flags, e.g. --only vq_ds16_c2i.pt or --manifest mirror.json
 ASSETS_FLAGS ?=
+#: gpu-wheels: the GPU machine's Python (its wheels are downloaded for it)
+GPU_PYTHON_VERSION ?= 3.12
 #: gpu-check flags, e.g. --out figures.jsonl --only train
 GPU_CHECK_FLAGS ?=
 
@@ -151,6 +153,14 @@ bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
+
+gpu-wheels: setup  ## the wheels a GPU machine without a package index lacks, into .whl/ (carry it; bench/gpu_session.sh installs them) [GPU_PYTHON_VERSION]
+	mkdir -p .whl
+	$(PIP) wheel -q --no-deps --no-build-isolation -w .whl deepspeed==$$($(PY) -c "from importlib.metadata import version; print(version('deepspeed'))")
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+	  --platform manylinux2014_x86_64 -d .whl hjson fire termcolor annotated-types typing-inspection \
+	  $$($(PY) -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('pydantic', 'pydantic_core')))")
+	@ls .whl
 
 gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): npp step vs plain PyTorch, MFU, memory, sampling; exits 0 without CUDA
 	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)

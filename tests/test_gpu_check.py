@@ -12,9 +12,11 @@ from tests.helpers import run_env
 
 @pytest.mark.slow
 def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
+    """Through bench/gpu_session.sh, the one script a GPU session runs (here its packages are installed)."""
     out = tmp_path / "figures.jsonl"
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--rehearse", "--nocompile", "--out", str(out)],
-                          env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "--rehearse", "--nocompile"],
+                          env={**run_env(tmp_path), "PYTHON": sys.executable, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     train = [r for r in rows if r["check"] == "train"]
