@@ -68,9 +68,9 @@ PARTITIONED = textwrap.dedent('''
     device = init(env)
     model_cfg = gpt_config("GPT-Nano", vocab_size=64, block_size=64, grid=(8, 8), num_classes=10)
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision, zero in (("fp32", "zero2"), ("bf16", "zero2"), ("fp32", "zero1")):
         cfg = TrainConfig(shards="-", out="-", model="GPT-Nano", global_batch=8, precision=precision, ema=True,
-                          ema_decay=0.5, ds_config="ds_configs/zero2.json", compile="off")
+                          ema_decay=0.5, ds_config=f"ds_configs/{zero}.json", compile="off")
         ds = build_ds_config(cfg, env.world_size, False, precision, params=1000)
         torch.manual_seed(0)
         model, opt = build_model_and_optimizer(model_cfg, cfg, device, precision)
@@ -94,7 +94,7 @@ PARTITIONED = textwrap.dedent('''
         again = ema.state_dict()["model"]
         restored = all(torch.equal(again[k], saved[k]) for k in saved)
         total = sum(p.numel() for p in engine.module.parameters())
-        results[precision] = {"same": same, "restored": restored, "held": held, "total": total,
+        results[f"{precision} {zero}"] = {"same": same, "restored": restored, "held": held, "total": total,
                               "updates": mine["updates"]}
         engine.destroy()
     with open(f"{sys.argv[1]}/result_{env.rank}.json", "w") as fh:  # a file per rank: printed lines interleave
@@ -103,9 +103,9 @@ PARTITIONED = textwrap.dedent('''
 
 
 def test_the_partitioned_ema_is_the_whole_ema_cut_across_ranks(tmp_path):
-    """Two ranks under ZeRO-2: each averages its half of the fp32 master weights; gathered, the average is the
-    whole-model EMA's to the bit (fp32 weights, and DeepSpeed's bf16 with fp32 masters); a saved average loads
-    back into the partitions exactly."""
+    """Two ranks under ZeRO-2 (and ZeRO-1): each averages its half of the fp32 master weights; gathered, the
+    average is the whole-model EMA's to the bit (fp32 weights, and DeepSpeed's bf16 with fp32 masters); a saved
+    average loads back into the partitions exactly."""
     script = tmp_path / "partitioned.py"
     script.write_text(PARTITIONED)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
