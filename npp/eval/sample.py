@@ -139,7 +139,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     for scale in scales:
         pdir = scale_dir(out, scale)
         pdir.mkdir(parents=True, exist_ok=True)
-        check_piece_layout(pdir, batch)
+        check_piece_layout(pdir, batch, cfg)
         guided = scale != 1.0
         todo = [(p, ids) for p, ids in pieces_of_rank(len(labels), batch, rank, world)
                 if not (pdir / f"piece_{p:06d}.npz").exists()]
@@ -211,16 +211,35 @@ def agree_batch(out: Path, mine: int, timeout: float = 900.0) -> int:
     return agreed
 
 
-def check_piece_layout(pdir: Path, batch: int) -> None:
+# What a piece's images depend on besides its labels and ids: a resumed run must make the rest the same way.
+PIECE_SETTINGS = ("ckpt", "ema", "precision", "temperature", "top_k", "top_p", "cfg_interval", "seed", "labels",
+                  "per_class", "num_samples")
+
+
+def check_piece_layout(pdir: Path, batch: int, cfg: SampleConfig | None = None) -> None:
     """Pieces already on disk must have this run's batch size (a resumed run with another --batch, or an auto
-    batch on a GPU with other free memory, would cut the samples differently)."""
+    batch on a GPU with other free memory, would cut the samples differently) and its settings (a resumed run
+    with another --temperature, --precision (whose default changed to bf16 on CUDA), checkpoint, ... would mix
+    two kinds of samples in one set)."""
     layout = pdir / "pieces.json"
-    if layout.exists():
-        old = json.loads(layout.read_text())["batch"]
-        if old != batch and any(pdir.glob("piece_*.npz")):
-            raise ConfigError(f"{pdir} holds pieces of {old} samples, this run makes pieces of {batch}: pass "
-                              f"--batch {old} to finish them (the samples do not depend on it)")
-    atomic_write_text(layout, json.dumps({"batch": batch}))  # ranks write it at once: never a half-written file
+    now = {"batch": batch, **({k: getattr(cfg, k) for k in PIECE_SETTINGS} if cfg is not None else {})}
+    if "ckpt" in now:
+        now["ckpt"] = os.path.abspath(str(now["ckpt"]))
+    if layout.exists() and any(pdir.glob("piece_*.npz")):
+        old = json.loads(layout.read_text())
+        if old["batch"] != batch:
+            raise ConfigError(f"{pdir} holds pieces of {old['batch']} samples, this run makes pieces of {batch}: "
+                              f"pass --batch {old['batch']} to finish them (the samples do not depend on it)")
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in PIECE_SETTINGS
+                   if k in old and k in now and old[k] != now[k]]
+        if changed:
+            raise ConfigError(f"{pdir} holds pieces made with other settings ({'; '.join(changed)}): pass the "
+                              "earlier values to finish them, or sample into another --out")
+        if cfg is not None and not all(k in old for k in PIECE_SETTINGS):
+            print(f"{pdir}: its pieces were made by an older npp that did not record their settings: they are "
+                  "taken to match this run's", flush=True)
+            now = {**old, "batch": batch}  # keep the record as it was: the settings stay unknown
+    atomic_write_text(layout, json.dumps(now))  # ranks write it at once: never a half-written file
 
 
 def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray, batch: int) -> Path:

@@ -78,6 +78,10 @@ def test_samples_do_not_depend_on_the_batch_and_the_phases_are_timed(setup, tmp_
     os.remove(b / "cfg2" / "piece_000001.npz")
     with pytest.raises(ConfigError, match="--batch 3"):
         sample(_cfg(setup, b))
+    # nor one with other sampling settings: the set would hold two kinds of samples
+    with pytest.raises(ConfigError, match=r"other settings \(--precision fp32 -> bf16; --temperature 0.9 -> 1.0\)"):
+        sample(SampleConfig(ckpt=str(setup / "gpt.pt"), vq=str(setup / "vq.pt"), out=str(b), per_class=2, batch=3,
+                            cfg_scale="1.0,2.0", precision="bf16"))
 
 
 def test_the_auto_batch_follows_free_memory_and_the_kv_cache_formula():
