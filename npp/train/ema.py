@@ -10,9 +10,10 @@ Two keepers of the same average, with one interface (`make_ema` picks):
   partition from it, so checkpoints and exports keep their format and a resumed run
   its exact average (DeepSpeed copies the fp32 partitions into the module after each
   step, so both keepers average the same numbers).
-- `EMA`, below, everywhere else (DeepSpeed's BF16_Optimizer of ZeRO-1 + bf16, a plain model):
+- `EMA` everywhere else (DeepSpeed's BF16_Optimizer of ZeRO-1 + bf16, a plain model): the
+  whole model on rank 0, as follows.
 
-the whole model on rank 0. Built after `deepspeed.initialize`, from the engine's module on its device, so the
+Built after `deepspeed.initialize`, from the engine's module on its device, so the
 update is a device-local `mul_/add_` (an EMA built from the CPU model before
 initialize crashed at the first GPU step adding CUDA to CPU tensors). It tracks the
 fp32 weights: under bf16-mixed the module's weights are fp32 already; under
@@ -31,7 +32,6 @@ kernels cost more launch time on the host than the arithmetic takes on the GPU.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -101,7 +101,6 @@ class PartitionedEMA:
     """The average of this rank's partitions of the fp32 master weights (see the module docstring)."""
 
     loads = True  # every rank reads the saved average and keeps its own partition of it
-    model = None  # never a whole model between the collectives that make one
 
     @staticmethod
     def supports(optimizer) -> bool:
@@ -114,8 +113,8 @@ class PartitionedEMA:
         self._sources = list(opt.single_partition_of_fp32_groups)
         self._parts = [t.detach().clone() for t in self._sources]
         names = {id(p): n for n, p in engine.module.named_parameters()}
-        # per group: (name, offset in the group's flat buffer, shape) of each parameter, in the buffer's order
-        self._layout = [[(names[id(p)], off, tuple(p.shape)) for p, off in zip(ps, offs, strict=True)]
+        # per group: (name, offset in the group's flat buffer, shape, size) of each parameter, in the buffer's order
+        self._layout = [[(names[id(p)], off, tuple(p.shape), p.numel()) for p, off in zip(ps, offs, strict=True)]
                         for ps, offs in zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets, strict=True)]
         self._groups = list(opt.real_dp_process_group)
         sizes = [[t.numel() for t in parts] for parts in opt.parallel_partitioned_bit16_groups]
@@ -131,7 +130,8 @@ class PartitionedEMA:
 
     @torch.no_grad()
     def _full(self) -> dict[str, torch.Tensor]:
-        """Every parameter's average, on every rank (an all-gather of each group's partitions)."""
+        """Every parameter's average, on every rank (an all-gather of each group's partitions): views of the
+        gathered flat buffers, which the caller copies where it needs them."""
         import torch.distributed as dist
 
         state = {}
@@ -146,14 +146,18 @@ class PartitionedEMA:
             else:
                 pieces = [part]
             flat = torch.cat(pieces)
-            for name, offset, shape in layout:
-                n = math.prod(shape)
-                state[name] = flat.narrow(0, offset, n).view(shape).clone()
+            for name, offset, shape, n in layout:
+                state[name] = flat.narrow(0, offset, n).view(shape)
         return state
 
-    def state_dict(self) -> dict:
-        """The whole average in the saved format ({"model", "updates", "decay"}); a collective: every rank calls it."""
+    def state_dict(self) -> dict | None:
+        """The whole average in the saved format ({"model", "updates", "decay"}) on rank 0, None on the others
+        (which take part in the gather: every rank calls it, as it calls `EMA.state_dict`)."""
+        import torch.distributed as dist
+
         full = self._full()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
         order = [n for n, _ in self.engine.module.named_parameters()]
         return {"model": {n: full[n].cpu() for n in order}, "updates": self.updates, "decay": self.decay}
 
@@ -166,8 +170,7 @@ class PartitionedEMA:
         for part, layout, group in zip(self._parts, self._layout, self._groups, strict=True):
             rank = dist.get_rank(group=group) if dist.is_initialized() else 0
             start, size = rank * part.numel(), part.numel()
-            for name, offset, shape in layout:
-                n = math.prod(shape)
+            for name, offset, _, n in layout:
                 lo, hi = max(offset, start), min(offset + n, start + size)
                 if lo < hi:  # this parameter has elements in this rank's partition
                     src = model[name].reshape(-1)[lo - offset : hi - offset]

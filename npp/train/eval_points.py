@@ -10,6 +10,7 @@ import torch
 
 from npp.models.gpt import GPT
 from npp.train import checkpointing
+from npp.train.ema import PartitionedEMA
 
 
 class EvalPoints:
@@ -29,7 +30,7 @@ class EvalPoints:
     def _sampling_model(self, engine, ema):
         if ema is None:
             return engine.module
-        if hasattr(ema, "full_model"):  # partitioned over the ranks: gathered into a whole model on every rank,
+        if isinstance(ema, PartitionedEMA):  # partitioned over the ranks: gathered into a whole model on every rank,
             return ema.full_model(self.model_cfg, self.device)  # dropped after the point (the sampler keeps a copy)
         if self.world_size == 1:
             return ema.model

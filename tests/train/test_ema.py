@@ -84,15 +84,21 @@ PARTITIONED = textwrap.dedent('''
             idx = torch.randint(0, 64, (4, 64), generator=gen)
             assert step([(idx, torch.randint(0, 10, (4,), generator=gen))], 2) is not None
             whole.update(engine.module)
-        mine, ref = ema.state_dict(), whole.state_dict()
-        same = list(mine["model"]) == list(ref["model"]) and all(
+        saved_file = ema.state_dict()  # rank 0's, in the saved format; None on the other rank
+        ref = whole.state_dict()
+        assert (saved_file is None) == (env.rank != 0) and (saved_file is None or saved_file["updates"] == 4)
+        mine = {"model": {k: v.cpu().clone() for k, v in ema._full().items()}, "updates": ema.updates}
+        same = sorted(mine["model"]) == sorted(ref["model"]) and all(
             torch.equal(mine["model"][k], ref["model"][k].cpu()) for k in ref["model"])
-        saved = {k: v.clone() for k, v in mine["model"].items()}
+        if saved_file is not None:
+            same = same and list(saved_file["model"]) == list(ref["model"]) and all(
+                torch.equal(saved_file["model"][k], ref["model"][k].cpu()) for k in ref["model"])
+        saved = mine["model"]
         for part in ema._parts:
             part.zero_()
         ema.load_state_dict(mine)  # a resumed rank cuts its partition out of the saved whole
-        again = ema.state_dict()["model"]
-        restored = all(torch.equal(again[k], saved[k]) for k in saved)
+        again = ema._full()
+        restored = all(torch.equal(again[k].cpu(), saved[k]) for k in saved)
         total = sum(p.numel() for p in engine.module.parameters())
         results[f"{precision} {zero}"] = {"same": same, "restored": restored, "held": held, "total": total,
                               "updates": mine["updates"]}
