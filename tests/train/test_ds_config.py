@@ -1,6 +1,8 @@
 """What npp adds to a DeepSpeed JSON for a run: bucket sizes that fit the model, the gradient reduction's dtype."""
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -8,8 +10,9 @@ import pytest
 from npp.errors import NppError
 from npp.models import gpt_config
 from npp.models.configs import count_parameters
+from npp.pipeline.ranks import free_port
 from npp.train.ds_config import bucket_elements, device_ds_config
-from tests.helpers import script_result
+from tests.helpers import run_env
 
 SIZES = dict(micro=8, grad_accum=1, global_batch=8, grad_clip=1.0, cuda=True)
 
@@ -47,39 +50,58 @@ def test_the_gradient_reduction_dtype(json_value, flag, expected):
 
 
 SCRIPT = textwrap.dedent('''
-    import json
+    import json, sys
     import torch
     from npp.models import gpt_config
     from npp.train.config import TrainConfig
     from npp.train.distributed import init, read_env
-    from npp.train.step import standalone_step
+    from npp.train.ds_config import build_ds_config
+    from npp.train.step import TrainStep, build_model_and_optimizer, start_engine
 
-    device = init(read_env())
+    env = read_env()
+    device = init(env)
     model_cfg = gpt_config("GPT-Nano", vocab_size=64, block_size=64, grid=(8, 8), num_classes=10)
-    idx, labels = torch.randint(0, 64, (8, 64)), torch.randint(0, 10, (8,))
     seen = {}
     for comm in ("fp32", "bf16"):
         cfg = TrainConfig(shards="-", out="-", model="GPT-Nano", global_batch=8, precision="bf16-mixed",
                           ds_config="ds_configs/zero2.json", grad_comm=comm, compile="off")
-        step = standalone_step(model_cfg, cfg, device)
+        ds = build_ds_config(cfg, env.world_size, False, "bf16-mixed", params=1000)
+        # the branch a GPU takes (zero2.json's reduce_scatter, which npp turns off on CPU): DeepSpeed's bucketed
+        # all-reduce per destination rank, which gloo runs too
+        ds["zero_optimization"]["reduce_scatter"] = True
+        torch.manual_seed(0)
+        model, opt = build_model_and_optimizer(model_cfg, cfg, device, "bf16-mixed")
+        engine, _, _ = start_engine(model, opt, ds, cfg, "bf16-mixed", device, keep_ema=False)
         reduced = []
-        real = step.engine.optimizer.gradient_reduction_w_predivide
-        def recording(tensor, dtype, real=real):
-            reduced.append(str(dtype))
-            return real(tensor, dtype)
-        step.engine.optimizer.gradient_reduction_w_predivide = recording
-        losses = [float(step([(idx, labels)], 1)) for _ in range(3)]
-        seen[comm] = {"reduced": sorted(set(reduced)), "losses": losses,
-                      "bucket": step.engine.zero_reduce_bucket_size()}
-        step.engine.destroy()
-    print("RESULT " + json.dumps(seen))
+        for name in ("allreduce_no_retain", "allreduce_and_scatter", "gradient_reduction_w_predivide"):
+            real = getattr(engine.optimizer, name)
+            def recording(*args, _real=real, **kwargs):
+                reduced.append(str(args[1] if len(args) > 1 else kwargs["communication_data_type"]))
+                return _real(*args, **kwargs)
+            setattr(engine.optimizer, name, recording)
+        step = TrainStep(engine, None)
+        gen = torch.Generator().manual_seed(env.rank)
+        losses = [float(step([(torch.randint(0, 64, (4, 64), generator=gen),
+                               torch.randint(0, 10, (4,), generator=gen))], 1)) for _ in range(3)]
+        seen[comm] = {"reduced": sorted(set(reduced)), "losses": losses, "bucket": engine.zero_reduce_bucket_size()}
+        engine.destroy()
+    with open(f"{sys.argv[1]}/result_{env.rank}.json", "w") as fh:
+        json.dump(seen, fh)
 ''')
 
 
 def test_bf16_gradient_reduction_runs_through_deepspeed(tmp_path):
-    """DeepSpeed's ZeRO-2 reduces the gradients in the dtype asked (its bucket is converted), and training goes on."""
-    seen = script_result(tmp_path, "comm.py", SCRIPT)
-    assert seen["fp32"]["reduced"] == ["torch.float32"] and seen["bf16"]["reduced"] == ["torch.bfloat16"]
-    assert seen["fp32"]["bucket"] == 5_000_000  # npp's bucket rule reached the engine
-    fp32, bf16 = seen["fp32"]["losses"], seen["bf16"]["losses"]
-    assert fp32[0] == bf16[0] and all(abs(a - b) < 1e-3 * a for a, b in zip(fp32, bf16, strict=True))
+    """Two ZeRO-2 ranks on DeepSpeed's reduce-scatter path (a GPU's): the gradients are reduced in the dtype
+    asked (DeepSpeed converts its bucket), and training goes on."""
+    script = tmp_path / "comm.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"result_{rank}.json").read_text())
+        assert seen["fp32"]["reduced"] == ["torch.float32"] and seen["bf16"]["reduced"] == ["torch.bfloat16"]
+        assert seen["fp32"]["bucket"] == 5_000_000  # npp's bucket rule reached the engine
+        fp32, bf16 = seen["fp32"]["losses"], seen["bf16"]["losses"]
+        assert fp32[0] == bf16[0] and all(abs(a - b) < 1e-3 * a for a, b in zip(fp32, bf16, strict=True))
