@@ -20,6 +20,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,21 +35,22 @@ class Asset:
     what: str
     sha256: str | None = None
     size: int | None = None
+    kind: str | None = None  # what the file must hold: "vq", "inception" (torch checkpoints), "reference" (.npz)
 
 
 ASSETS = {
     a.name: a
     for a in (
         Asset("vq_ds16_c2i.pt", "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt",
-              "LlamaGen's VQ tokenizer (--vq)"),
+              "LlamaGen's VQ tokenizer (--vq)", kind="vq"),
         Asset("VIRTUAL_imagenet256_labeled.npz",
               "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
-              "VIRTUAL_imagenet256_labeled.npz", "ADM's ImageNet 256 reference batch (--ref)"),
+              "VIRTUAL_imagenet256_labeled.npz", "ADM's ImageNet 256 reference batch (--ref)", kind="reference"),
         # size and SHA-256 as independent copies record them; the name's 6726825d is the hash's first 8 digits
         Asset("pt_inception-2015-12-05-6726825d.pth",
               "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
               "pt_inception-2015-12-05-6726825d.pth", "the FID Inception weights (--inception)",
-              "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95_628_359),
+              "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95_628_359, kind="inception"),
     )
 }
 
@@ -69,6 +71,9 @@ def asset_table(manifest: str = "", base_url: str | None = None) -> dict[str, As
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"--manifest {manifest} cannot be read as JSON ({e}): write "
                              '{"NAME": {"url": ..., "sha256": ..., "size": ...}}') from None
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise UsageError(f"--manifest {manifest} must map each name to an object: "
+                             '{"NAME": {"url": ..., "sha256": ..., "size": ...}}')
         for name, entry in entries.items():
             base = table.get(name, Asset(name, "", name))
             table[name] = replace(base, **{k: entry[k] for k in ("url", "sha256", "size") if k in entry})
@@ -101,11 +106,34 @@ def expected_sha(asset: Asset, out: Path) -> tuple[str | None, str]:
     return (got, f"{out / SUMS} (recorded at its first download)") if got else (None, "")
 
 
+def wrong_kind(path: Path, asset: Asset) -> str | None:
+    """Why the file cannot be this asset by what it holds (a GPT checkpoint saved as the tokenizer, an HTML error
+    page from a proxy): the only check a file without a pinned checksum gets before its checksum is recorded."""
+    if asset.kind == "reference":
+        try:
+            with zipfile.ZipFile(path) as z:
+                if "arr_0.npy" in z.namelist():
+                    return None
+        except (zipfile.BadZipFile, OSError):
+            return "is not an .npz file"
+        return "holds no arr_0 (not an ADM reference batch)"
+    if asset.kind is not None:
+        from npp.pipeline.inputs import checkpoint_kind
+
+        kind = checkpoint_kind(str(path))
+        if kind not in (asset.kind, "unknown"):
+            return "is not a PyTorch checkpoint" if kind == "not-torch" else f"is a {kind} checkpoint, not {asset.what}"
+    return None
+
+
 def problem(path: Path, asset: Asset, out: Path) -> str | None:
     """Why the file at `path` is not this asset (None: it is)."""
     size = path.stat().st_size
     if asset.size is not None and size != asset.size:
         return f"has {size:,} bytes, {asset.name} has {asset.size:,}"
+    why = wrong_kind(path, asset)
+    if why:
+        return why
     want, source = expected_sha(asset, out)
     if want:
         got = file_sha256(str(path))
@@ -120,6 +148,8 @@ def fetch_one(asset: Asset, out: Path, timeout: float = 60.0, progress: bool = T
     if target.exists():
         why = problem(target, asset, out)
         if why is None:
+            if not expected_sha(asset, out)[0]:  # a copy put here by hand: held to its checksum from now on
+                record_new_sum(out, asset, target)
             return "present"
         target.unlink()
         print(f"{target} {why}: removed, downloading it again", flush=True)
@@ -131,12 +161,16 @@ def fetch_one(asset: Asset, out: Path, timeout: float = 60.0, progress: bool = T
         raise UsageError(f"{asset.url} gave a file that {why}: removed; the download is wrong or the source changed "
                          f"(check the URL, or pass --manifest with the right one)")
     if not expected_sha(asset, out)[0]:
-        digest = file_sha256(str(part))
-        record_sum(out, asset.name, digest)
-        print(f"{asset.name}: no published checksum is pinned in npp; recorded SHA-256 {digest} in {out / SUMS} "
-              "(compare it with the source's page; later runs check against it)", flush=True)
+        record_new_sum(out, asset, part)
     os.replace(part, target)
     return "downloaded"
+
+
+def record_new_sum(out: Path, asset: Asset, path: Path) -> None:
+    digest = file_sha256(str(path))
+    record_sum(out, asset.name, digest)
+    print(f"{asset.name}: no published checksum is pinned in npp; recorded SHA-256 {digest} in {out / SUMS} "
+          "(compare it with the source's page; later runs check against it)", flush=True)
 
 
 def download(asset: Asset, part: Path, timeout: float, progress: bool) -> None:
@@ -191,6 +225,8 @@ def fetch_assets(out: str = "ckpts", names: list[str] | None = None, manifest: s
     if unknown:
         raise UsageError(f"no asset named {', '.join(unknown)}: the assets are {', '.join(table)}")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--out {root} is a file: pass the directory the assets go to (ckpts)")
     root.mkdir(parents=True, exist_ok=True)
     done = {}
     for name in names or list(table):

@@ -24,6 +24,7 @@ class Files(http.server.BaseHTTPRequestHandler):
 
     mode: dict = {}
     requests: list = []
+    bodies: dict = {}  # other content than PAYLOAD for a name
 
     def log_message(self, *args):
         pass
@@ -33,7 +34,8 @@ class Files(http.server.BaseHTTPRequestHandler):
         mode = self.mode.get(name, "good")
         rng = self.headers.get("Range")
         self.requests.append((name, rng))
-        body = PAYLOAD[: len(PAYLOAD) // 2] if mode == "short" else PAYLOAD[::-1] if mode == "wrong" else PAYLOAD
+        full = self.bodies.get(name, PAYLOAD)
+        body = full[: len(full) // 2] if mode == "short" else full[::-1] if mode == "wrong" else full
         start = int(rng.split("=")[1].rstrip("-")) if rng and mode != "norange" else 0
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body) - start))
@@ -49,7 +51,7 @@ class Files(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Files.mode, Files.requests = {}, []
+    Files.mode, Files.requests, Files.bodies = {}, [], {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -136,3 +138,40 @@ def test_the_pinned_checksums_are_well_formed():
         assert asset.sha256 is None or len(asset.sha256) == 64
     inception = ASSETS["pt_inception-2015-12-05-6726825d.pth"]
     assert inception.sha256.startswith("6726825d")  # torch hub's convention: the name carries the hash's head
+
+
+def test_the_wrong_kind_of_file_is_refused_and_a_copy_put_by_hand_is_held_to_its_checksum(server, tmp_path,
+                                                                                           monkeypatch):
+    """The tokenizer and the reference batch have no pinned checksum: what a file holds is checked (a GPT
+    checkpoint saved under the tokenizer's name, an error page from a proxy), and a valid copy a user put there
+    gets its checksum recorded, so a later change is caught."""
+    import io
+
+    import torch
+
+    from tests.helpers import make_gpt, save_small_vq
+
+    monkeypatch.setenv("NPP_ASSETS_URL", server)
+    vq_bytes = io.BytesIO()
+    torch.save({"model": save_small_vq(tmp_path / "v.pt").state_dict()}, vq_bytes)
+    Files.bodies["vq_ds16_c2i.pt"] = vq_bytes.getvalue()
+    out = tmp_path / "ckpts"
+    out.mkdir()
+    torch.save({"model": make_gpt().state_dict()}, out / "vq_ds16_c2i.pt")  # the wrong checkpoint, right name
+    assert fetch_assets(str(out), ["vq_ds16_c2i.pt"], progress=False) == {"vq_ds16_c2i.pt": "downloaded"}
+    assert (out / "vq_ds16_c2i.pt").read_bytes() == vq_bytes.getvalue()
+    assert (out / SUMS).read_text() == f"{hashlib.sha256(vq_bytes.getvalue()).hexdigest()}  vq_ds16_c2i.pt\n"
+    (out / SUMS).unlink()  # as if the user had copied the file in by hand
+    assert fetch_assets(str(out), ["vq_ds16_c2i.pt"], progress=False) == {"vq_ds16_c2i.pt": "present"}
+    assert "vq_ds16_c2i.pt" in (out / SUMS).read_text()
+    Files.bodies["vq_ds16_c2i.pt"] = b"<html>proxy error</html>"
+    (out / "vq_ds16_c2i.pt").unlink()
+    (out / SUMS).unlink()
+    with pytest.raises(UsageError, match="is not a PyTorch checkpoint"):
+        fetch_assets(str(out), ["vq_ds16_c2i.pt"], progress=False)
+    with pytest.raises(UsageError, match="is not an .npz file"):
+        fetch_assets(str(out), ["VIRTUAL_imagenet256_labeled.npz"], progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        fetch_assets(str(tmp_path / "afile"), progress=False)
