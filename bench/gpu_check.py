@@ -238,8 +238,9 @@ def memory_rows(setup: Setup, micro: int) -> None:
 
 
 def ema_rows(setup: Setup) -> None:
-    """The EMA's cost per step on its own (npp.train.ema's update over the whole model, as rank 0 runs it after
-    each optimizer step), beside the step it belongs to, for GPT-B (mb 32) and GPT-XXL (mb 8) at k = 1."""
+    """The EMA's cost per step on its own (npp.train.ema's update as the trainer runs it after each optimizer
+    step: under ZeRO-2 one fused lerp over this rank's partition, on one GPU the whole model), beside the step it
+    belongs to, for GPT-B (mb 32) and GPT-XXL (mb 8) at k = 1."""
     for model, micro in (("GPT-B", 32), ("GPT-XXL", 8)):
         name = setup.name(model)
         micro = micro if setup.cuda else 2
