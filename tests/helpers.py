@@ -119,6 +119,20 @@ def script_result(tmp_path, name: str, text: str, timeout: int = 300) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+def rank_results(tmp_path, name: str, text: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
+    """Run a Python script on `nproc` ranks under torchrun (argv[1]: a folder) and return the JSON each rank wrote
+    to `result_<rank>.json` there (a file per rank: lines two ranks print interleave)."""
+    from npp.pipeline.ranks import free_port
+
+    script = tmp_path / name
+    script.write_text(text)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in range(nproc)]
+
+
 def launch(shards, out, tmp_path, nproc=2, timeout=300, env=None, **overrides):
     proc = subprocess.run(launch_cmd(shards, out, nproc, **overrides), env={**run_env(tmp_path), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)

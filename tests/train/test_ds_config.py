@@ -1,8 +1,6 @@
 """What npp adds to a DeepSpeed JSON for a run: bucket sizes that fit the model, the gradient reduction's dtype."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,9 +8,8 @@ import pytest
 from npp.errors import NppError
 from npp.models import gpt_config
 from npp.models.configs import count_parameters
-from npp.pipeline.ranks import free_port
 from npp.train.ds_config import bucket_elements, device_ds_config
-from tests.helpers import run_env
+from tests.helpers import rank_results
 
 SIZES = dict(micro=8, grad_accum=1, global_batch=8, grad_clip=1.0, cuda=True)
 
@@ -93,14 +90,7 @@ SCRIPT = textwrap.dedent('''
 def test_bf16_gradient_reduction_runs_through_deepspeed(tmp_path):
     """Two ZeRO-2 ranks on DeepSpeed's reduce-scatter path (a GPU's): the gradients are reduced in the dtype
     asked (DeepSpeed converts its bucket), and training goes on."""
-    script = tmp_path / "comm.py"
-    script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for rank in (0, 1):
-        seen = json.loads((tmp_path / f"result_{rank}.json").read_text())
+    for seen in rank_results(tmp_path, "comm.py", SCRIPT):
         assert seen["fp32"]["reduced"] == ["torch.float32"] and seen["bf16"]["reduced"] == ["torch.bfloat16"]
         assert seen["fp32"]["bucket"] == 5_000_000  # npp's bucket rule reached the engine
         fp32, bf16 = seen["fp32"]["losses"], seen["bf16"]["losses"]

@@ -1,9 +1,7 @@
 """The EMA and the optimizer are built where the weights live; the EMA is kept once (or partitioned over the
 ranks) and resumes exactly."""
 
-import json
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -15,7 +13,7 @@ from npp.pipeline.ranks import free_port
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA
 from npp.train.step import build_model_and_optimizer
-from tests.helpers import launch, launch_cmd, read_metrics, run_env
+from tests.helpers import launch, launch_cmd, rank_results, read_metrics, run_env
 
 META = torch.device("meta")  # a device that is not the CPU: whatever is built on the CPU by mistake shows
 
@@ -112,14 +110,8 @@ def test_the_partitioned_ema_is_the_whole_ema_cut_across_ranks(tmp_path):
     """Two ranks under ZeRO-2 (and ZeRO-1): each averages its half of the fp32 master weights; gathered, the
     average is the whole-model EMA's to the bit (fp32 weights, and DeepSpeed's bf16 with fp32 masters); a saved
     average loads back into the partitions exactly."""
-    script = tmp_path / "partitioned.py"
-    script.write_text(PARTITIONED)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for rank in (0, 1):
-        for precision, got in json.loads((tmp_path / f"result_{rank}.json").read_text()).items():
+    for rank, results in enumerate(rank_results(tmp_path, "partitioned.py", PARTITIONED)):
+        for precision, got in results.items():
             assert got["same"] and got["restored"] and got["updates"] == 4, (rank, precision, got)
             assert got["held"] < 0.6 * got["total"]  # each rank keeps about half (its partition, padded)
 
@@ -155,7 +147,6 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from npp.pipeline.ranks import free_port
     from npp.train.distributed import skip_jit_shm_op
     from npp.train.ds_config import build_ds_config
     from npp.train.step import offloads_optimizer
