@@ -51,12 +51,15 @@ class DemoConfig:
     image_size: int = flag(32, "pixels of the toy images")
     vq_steps: int = flag(700, "steps of the VQ fit (a step budget, never wall-clock: the same numbers anywhere)")
     classifier_epochs: int = flag(2, "epochs of the toy classifier that stands in for Inception")
-    model: str = flag("GPT-Tiny", "model size")
+    model: str = flag("GPT-Nano", "model size (on a CPU the smallest learns the most per second of training: "
+                                  "docs/demo.md has the trials)")
     schedule: str = flag(DEFAULT_SCHEDULE, "the NPP schedule (`npp demo compare` adds 1:1 beside it)")
-    epochs: int = flag(14, "training epochs")
-    global_batch: int = flag(64, "samples per optimizer step")
-    lr: float = flag(3e-3, "peak learning rate")
+    epochs: int = flag(32, "training epochs")
+    global_batch: int = flag(32, "samples per optimizer step (more updates per epoch learn faster here)")
+    lr: float = flag(1e-2, "peak learning rate (a 64-wide model takes a high one)")
     end_lr: float = flag(1e-4, "learning rate at the end of each stage")
+    warmup_epochs: float = flag(0.25, "linear warmup at the start of every stage, in epochs (a short run spends "
+                                      "little of each stage warming up)")
     dropout: float = flag(0.0, "token/residual/FFN/attention dropout (a tiny model on a tiny set underfits)")
     nproc: int = flag(2, "DeepSpeed processes (torchrun, gloo on CPU)")
     ds_config: str = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON")
@@ -81,6 +84,8 @@ class DemoConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.model not in GPT_SIZES:
             raise UsageError(f"--model {self.model!r} is not a model size: one of {', '.join(GPT_SIZES)}")
+        if not self.warmup_epochs >= 0:
+            raise UsageError(f"--warmup-epochs must be at least 0, got {self.warmup_epochs}")
         if not 0 <= self.dropout < 1 or not 0 <= self.min_class_accuracy <= 1 or self.temperature <= 0:
             raise UsageError("--dropout must lie in [0, 1), --min-class-accuracy in [0, 1], --temperature > 0")
         parse_schedule(self.schedule)
@@ -172,7 +177,7 @@ class Demo:
         t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
         cmd = torchrun_train_cmd(c.nproc, {
             "shards": self.shards, "out": run, "model": c.model, "schedule": schedule, "epochs": c.epochs,
-            "global_batch": c.global_batch, "lr": c.lr, "end_lr": c.end_lr, "warmup_epochs": 1,
+            "global_batch": c.global_batch, "lr": c.lr, "end_lr": c.end_lr, "warmup_epochs": c.warmup_epochs,
             "ds_config": self.ds_config, "workers": 1, "log_every": 50, "ckpt_every": 500, "seed": c.seed,
             "experiment": "npp-demo", "run_name": name,
             "eval_every_epochs": c.epochs / max(1, c.eval_points), "eval_per_class": c.eval_per_class,
