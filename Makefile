@@ -129,7 +129,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 
-demo: setup  ## the whole pipeline on the built-in toy set, CPU only (8.1 min after set-up on 2 idle cores at 19273c3; reruns reuse what is built)
+demo: setup  ## the whole pipeline on the built-in toy set, CPU only (6.5 min after set-up on 2 idle cores at 0d54807; reruns reuse what is built)
 	$(VENV)/bin/npp demo --out demo_out
 
 demo-compare: setup  ## NTP baseline vs NPP on the toy set: same samples, both evaluated, compared

@@ -100,6 +100,7 @@ def test_every_boolean_and_switch_of_every_command():
         (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check)"),
         (["train", "to_dict"], "npp train has no command 'to_dict'"),
         (["demo", "--per-clas", "3"], "did you mean --per-class?"),
+        (["demo", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
     ],
 )
 def test_bad_values_are_one_line_naming_flag_value_and_what_it_accepts(argv, message):

@@ -52,7 +52,7 @@ class DemoConfig:
     vq_steps: int = flag(700, "steps of the VQ fit (a step budget, never wall-clock: the same numbers anywhere)")
     classifier_epochs: int = flag(2, "epochs of the toy classifier that stands in for Inception")
     model: str = flag("GPT-Nano", "model size (on a CPU the smallest learns the most per second of training: "
-                                  "docs/demo.md has the trials)")
+                                  "docs/reference.md has the trials)")
     schedule: str = flag(DEFAULT_SCHEDULE, "the NPP schedule (`npp demo compare` adds 1:1 beside it)")
     epochs: int = flag(32, "training epochs")
     global_batch: int = flag(32, "samples per optimizer step (more updates per epoch learn faster here)")
