@@ -119,13 +119,25 @@ def script_result(tmp_path, name: str, text: str, timeout: int = 300) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+RANKS_LEAVE_TOGETHER = """
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+"""
+
+
 def rank_results(tmp_path, name: str, text: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
     """Run a Python script on `nproc` ranks under torchrun (argv[1]: a folder) and return the JSON each rank wrote
-    to `result_<rank>.json` there (a file per rank: lines two ranks print interleave)."""
+    to `result_<rank>.json` there (a file per rank: lines two ranks print interleave).
+
+    The ranks leave together and close their process group, as `npp train` ends with a barrier: a rank that exits
+    while its peer's gloo threads still talk to it was once killed by `terminate called without an active
+    exception` (SIGABRT) once in CI, at the end of the bf16 gradient-reduction script (not reproduced in 12 reruns)."""
     from npp.pipeline.ranks import free_port
 
     script = tmp_path / name
-    script.write_text(text)
+    script.write_text(text + RANKS_LEAVE_TOGETHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=timeout)
