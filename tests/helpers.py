@@ -132,7 +132,7 @@ def rank_results(tmp_path, name: str, text: str, nproc: int = 2, timeout: int = 
     to `result_<rank>.json` there (a file per rank: lines two ranks print interleave).
 
     The ranks leave together and close their process group, as `npp train` ends with a barrier: a rank that exits
-    while its peer's gloo threads still talk to it was once killed by `terminate called without an active
+    while its peer's gloo threads still talk to it was killed by `terminate called without an active
     exception` (SIGABRT) once in CI, at the end of the bf16 gradient-reduction script (not reproduced in 12 reruns)."""
     from npp.pipeline.ranks import free_port
 
