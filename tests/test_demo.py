@@ -92,3 +92,20 @@ def test_demo_numbers_do_not_depend_on_the_machine_being_busy(quiet_demo, tmp_pa
         run_id = (d / "runs" / "npp" / "mlflow_run_id").read_text()
         curves.append([(m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")])
     assert curves[0] == curves[1]
+
+
+@pytest.mark.slow
+def test_a_demo_out_trained_with_other_settings_is_refused_before_launch_with_the_fix(quiet_demo, monkeypatch):
+    """A demo_out from an earlier `npp demo` whose defaults differ: one line naming the changes and the way out,
+    before torchrun starts (not the launcher's traceback and a "rerun to resume" that fails again)."""
+    from dataclasses import replace
+
+    from npp.app import demo as demo_module
+    from npp.app.demo import DemoError
+
+    tmp_path, _ = quiet_demo
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(_small(tmp_path / "demo"), epochs=3)
+    monkeypatch.setattr(demo_module, "torchrun_train_cmd", lambda *a: pytest.fail("torchrun started"))
+    with pytest.raises(DemoError, match=r"--epochs: 2 at the start, 3 now.*For the demo: remove .*runs/npp"):
+        Demo(cfg).train("npp", cfg.schedule)
