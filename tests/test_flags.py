@@ -60,6 +60,18 @@ def test_booleans_read_as_typed(words, value):
     assert typed("train", "--shards", "s", "--out", "o", *words)["ema"] is value
 
 
+def test_a_value_that_fails_its_check_is_refused_not_kept_half_converted():
+    """`convert` once kept float('inf') (and int(2.5) == 2) after the check that refused it had raised."""
+    from npp.pipeline.flags import convert, flag_specs
+    from npp.train.config import TrainConfig
+
+    specs = flag_specs(TrainConfig)
+    for spec, value in ((specs["lr"], "inf"), (specs["lr"], float("nan")), (specs["epochs"], 2.5)):
+        with pytest.raises(UsageError, match="is not a"):
+            convert(spec, value, "npp train")
+    assert convert(specs["epochs"], 3.0, "npp train") == 3 and convert(specs["lr"], "1e-3", "npp train") == 1e-3
+
+
 def test_every_boolean_and_switch_of_every_command():
     assert typed("tokenize", "run", "--data", "d", "--vq", "v", "--out", "o", "--ten-crop=false")["ten_crop"] is False
     assert typed("train", "--shards", "s", "--out", "o", "--tracking=no")["tracking"] is False
@@ -101,6 +113,8 @@ def test_every_boolean_and_switch_of_every_command():
         (["train", "to_dict"], "npp train has no command 'to_dict'"),
         (["demo", "--per-clas", "3"], "did you mean --per-class?"),
         (["demo", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
+        (["demo", "--warmup-epochs=nan"], "npp demo --warmup-epochs: 'nan' is not a number"),
+        (["train", "--shards", "s", "--out", "o", "--lr", "inf"], "npp train --lr: 'inf' is not a number"),
     ],
 )
 def test_bad_values_are_one_line_naming_flag_value_and_what_it_accepts(argv, message):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -146,11 +147,15 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
                 else:
                     continue
             elif kind is int:
-                out = int(text.strip().replace("_", "")) if text is not None else int(value)
-                if isinstance(value, float) and value != int(value):
+                number = int(text.strip().replace("_", "")) if text is not None else int(value)
+                if isinstance(value, float) and value != number:
                     raise ValueError
+                out = number
             elif kind is float:
-                out = float(text) if text is not None else float(value)
+                number = float(text) if text is not None else float(value)
+                if not math.isfinite(number):  # nan/inf: no flag means them, and fire reads `nan` back as text
+                    raise ValueError
+                out = number
             elif kind is str:
                 out = str(value)
             else:
