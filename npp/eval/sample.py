@@ -216,26 +216,25 @@ PIECE_SETTINGS = ("ckpt", "ema", "precision", "temperature", "top_k", "top_p", "
                   "per_class", "num_samples")
 
 
-def check_piece_layout(pdir: Path, batch: int, cfg: SampleConfig | None = None) -> None:
+def check_piece_layout(pdir: Path, batch: int, cfg: SampleConfig) -> None:
     """Pieces already on disk must have this run's batch size (a resumed run with another --batch, or an auto
     batch on a GPU with other free memory, would cut the samples differently) and its settings (a resumed run
     with another --temperature, --precision (whose default changed to bf16 on CUDA), checkpoint, ... would mix
     two kinds of samples in one set)."""
     layout = pdir / "pieces.json"
-    now = {"batch": batch, **({k: getattr(cfg, k) for k in PIECE_SETTINGS} if cfg is not None else {})}
-    if "ckpt" in now:
-        now["ckpt"] = os.path.abspath(str(now["ckpt"]))
+    now = {"batch": batch, **{k: getattr(cfg, k) for k in PIECE_SETTINGS}}
+    now["ckpt"] = os.path.abspath(str(now["ckpt"]))
     if layout.exists() and any(pdir.glob("piece_*.npz")):
         old = json.loads(layout.read_text())
         if old["batch"] != batch:
             raise ConfigError(f"{pdir} holds pieces of {old['batch']} samples, this run makes pieces of {batch}: "
                               f"pass --batch {old['batch']} to finish them (the samples do not depend on it)")
         changed = [f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in PIECE_SETTINGS
-                   if k in old and k in now and old[k] != now[k]]
+                   if k in old and old[k] != now[k]]
         if changed:
             raise ConfigError(f"{pdir} holds pieces made with other settings ({'; '.join(changed)}): pass the "
                               "earlier values to finish them, or sample into another --out")
-        if cfg is not None and not all(k in old for k in PIECE_SETTINGS):
+        if not all(k in old for k in PIECE_SETTINGS):
             print(f"{pdir}: its pieces were made by an older npp that did not record their settings: they are "
                   "taken to match this run's", flush=True)
             now = {**old, "batch": batch}  # keep the record as it was: the settings stay unknown
