@@ -11,7 +11,9 @@ waiting a bounded time (`NPP_MLFLOW_DRAIN_S`, 120 s) for the queue to drain; wha
 still unsent then stays in the outbox, and the next start of the run sends it: every
 start replays the outbox, and MLflow gets nothing at or below the last step it already
 holds for a metric, so each step's point appears once, also across resumes and
-outages. The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
+outages. A send whose answer is lost (the server went down after it stored the
+point) is sent again with the same time stamp, which MLflow's store takes once.
+The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
 
 The run id lives in the checkpoint's client state and in `RUN/mlflow_run_id`, so a
 requeued job continues the same MLflow run (params are immutable in MLflow, so they
@@ -35,7 +37,7 @@ from npp.pipeline.runs import RunFolder
 
 
 def read_outbox(path: Path) -> list[dict]:
-    """The outbox's records ({"step", "metrics"}), in the order they were logged."""
+    """The outbox's records ({"step", "t" (ms, when logged), "metrics"}), in the order they were logged."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -92,7 +94,10 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self._thread is None:
             return
-        rec = {"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}
+        # the time is the point's own, fixed here: a resend after a lost answer repeats it exactly, and MLflow's
+        # store keeps one row per (key, step, time, value), so the point is not doubled (and its wall time is
+        # when it was logged, not when an outage ended)
+        rec = {"step": int(step), "t": int(time.time() * 1000), "metrics": {k: float(v) for k, v in metrics.items()}}
         if self._outbox is not None:
             with open(self._outbox, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -232,8 +237,8 @@ class Tracker:
         step = rec["step"]
         fresh = {k: v for k, v in rec["metrics"].items() if step > self.logged_through.get(k, -1)}
         if fresh:
-            now = int(time.time() * 1000)
-            self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
+            t = rec.setdefault("t", int(time.time() * 1000))  # an outbox of an older npp has no time: one per point
+            self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
             for k in fresh:
                 self.logged_through[k] = step
             self._sent += 1

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from npp.train.tracking import read_outbox
 from tests.helpers import launch_cmd, read_metrics, run_env, signal_tree
 
 
@@ -54,3 +55,84 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(shard_set, tmp_path, ml
     assert sorted(m["step"] for m in hist) == list(range(2, total + 1, 2))  # every log step, once
     outbox = [json.loads(line) for line in (run / "mlflow_outbox.jsonl").read_text().splitlines()]
     assert [r["step"] for r in outbox if "loss" in r["metrics"]] == list(range(2, total + 1, 2))
+
+
+class _LosesAnswers:
+    """A real HTTP hop in front of the MLflow server that forwards every request and, for the first `drop`
+    metric log-batch calls, throws the server's answer away and closes the connection: the server has stored the
+    point, the client sees a dropped connection (a server killed between commit and reply, a network cut)."""
+
+    def __init__(self, upstream: str, drop: int):
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+
+        from npp.pipeline.ranks import free_port
+
+        up = urllib.parse.urlsplit(upstream)
+        hop = self
+        self.drop, self.dropped = drop, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                answer = conn.getresponse()
+                data = answer.read()
+                if self.path.endswith("/runs/log-batch") and json.loads(body or b"{}").get("metrics") \
+                        and hop.dropped < hop.drop:
+                    hop.dropped += 1
+                    self.close_connection = True  # stored upstream; the client gets no answer
+                    return
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_point_whose_answer_is_lost_is_stored_once(mlflow_server, tmp_path, monkeypatch):
+    """The CI fault: the server stored step 2 and went down before it answered; the sender sent step 2 again
+    later, with a new time stamp, and MLflow held it twice. A resend must be the same row."""
+    from npp.pipeline.runs import RunFolder
+    from npp.train.tracking import Tracker
+
+    hop = _LosesAnswers(mlflow_server.url, drop=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", hop.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no resend inside the client: ours is what counts
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    said = []
+    tracker = Tracker(True, run, log=said.append)
+    try:
+        tracker.start("npp-test", "lost-answer", None, params={"lr": 1e-3}, tags={}, artifacts=[],
+                      system_metrics=False)
+        for step in (2, 4, 6):
+            tracker.log({"loss": 1.0 / step}, step)
+        tracker.finish(wait_s=60)
+    finally:
+        hop.close()
+    assert hop.dropped == 1
+    assert sum("is unreachable" in line for line in said) == 1, said  # the lost answer read as an outage
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=tracker.run_id, metric_key="loss")
+    assert sorted(m["step"] for m in hist["metrics"]) == [2, 4, 6]
+    sent = {m["step"]: m["timestamp"] for m in hist["metrics"]}
+    assert {r["step"]: r["t"] for r in read_outbox(run.outbox)} == sent  # the time each point was logged at
