@@ -91,6 +91,15 @@ class MlflowServer:
         with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=30) as r:
             return json.loads(r.read())
 
+    def post(self, path, payload: dict):
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
 
 def train_args(shards, out, **overrides):
     return {"shards": shards, "out": out, "model": "GPT-Nano", "global_batch": 16, "total_steps": 16, "workers": 1,

@@ -15,6 +15,9 @@ outages. A send whose answer is lost (the server went down after it stored the
 point) is sent again with the same time stamp, which MLflow's store takes once.
 The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
 
+So is a run creation whose answer was lost: the retry finds the run by the token tag it
+was created with (`npp.create_token`) instead of creating a second one.
+
 The run id lives in the checkpoint's client state and in `RUN/mlflow_run_id`, so a
 requeued job continues the same MLflow run (params are immutable in MLflow, so they
 are logged only when the run is created). A run created while the server is down gets
@@ -28,12 +31,15 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from npp.pipeline.files import truncate_jsonl
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.runs import RunFolder
+
+CREATE_TAG = "npp.create_token"  # set on the run at creation: finds it again when create_run's answer was lost
 
 
 def read_outbox(path: Path) -> list[dict]:
@@ -79,6 +85,7 @@ class Tracker:
         self._open_args = dict(experiment=experiment, run_name=run_name, params=params, tags=tags,
                                artifacts=artifacts, dataset=dataset, system_metrics=system_metrics)
         self._created = run_id is not None
+        self._create_token, self._create_tried = uuid.uuid4().hex, False
         try:  # once here, so the run (and RUN/mlflow_run_id) exists before the first step when the server answers
             self._open()
         except Exception as e:
@@ -190,7 +197,11 @@ class Tracker:
         a = self._open_args
         if self.run_id is None:
             exp = mark_training_experiment(a["experiment"])
-            self.run_id = client.create_run(exp, run_name=a["run_name"], tags=a["tags"]).info.run_id
+            self.run_id = self._run_created_before(client, exp)
+            if self.run_id is None:
+                self._create_tried = True
+                tags = {**a["tags"], CREATE_TAG: self._create_token}
+                self.run_id = client.create_run(exp, run_name=a["run_name"], tags=tags).info.run_id
             self._write_run_id()
         if not self._created:
             items = list(flatten(a["params"]).items())
@@ -224,6 +235,15 @@ class Tracker:
             self._write_run_id()
         if a["system_metrics"]:
             self._start_monitor()
+
+    def _run_created_before(self, client, experiment_id: str) -> str | None:
+        """After a create_run whose answer was lost, the run it made (found by this start's token), so a
+        retry does not leave an empty twin stuck in RUNNING beside the real run."""
+        if not self._create_tried:
+            return None
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TAG}` = '{self._create_token}'",
+                                   max_results=1)
+        return found[0].info.run_id if found else None
 
     def _write_run_id(self) -> None:
         if self.run is not None:

@@ -1,5 +1,6 @@
 """Tracking is never fatal: the MLflow server goes away mid-run and comes back; the run trains on and MLflow ends
-with every point once and the run's real status."""
+with every point once and the run's real status; a request whose answer is lost after the server did the work (a
+point, the run's creation) is retried without doubling it."""
 
 import json
 import signal
@@ -57,12 +58,20 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(shard_set, tmp_path, ml
     assert [r["step"] for r in outbox if "loss" in r["metrics"]] == list(range(2, total + 1, 2))
 
 
+def _metrics_batch(path: str, body: dict) -> bool:
+    return path.endswith("/runs/log-batch") and bool(body.get("metrics"))
+
+
+def _run_creation(path: str, body: dict) -> bool:
+    return path.endswith("/runs/create")
+
+
 class _LosesAnswers:
     """A real HTTP hop in front of the MLflow server that forwards every request and, for the first `drop`
-    metric log-batch calls, throws the server's answer away and closes the connection: the server has stored the
-    point, the client sees a dropped connection (a server killed between commit and reply, a network cut)."""
+    requests `lose(path, json_body)` picks, throws the server's answer away and closes the connection: the server
+    has done the work, the client sees a dropped connection (a server killed between commit and reply, a cut)."""
 
-    def __init__(self, upstream: str, drop: int):
+    def __init__(self, upstream: str, drop: int, lose):
         import http.client
         import http.server
         import threading
@@ -85,8 +94,7 @@ class _LosesAnswers:
                              headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
                 answer = conn.getresponse()
                 data = answer.read()
-                if self.path.endswith("/runs/log-batch") and json.loads(body or b"{}").get("metrics") \
-                        and hop.dropped < hop.drop:
+                if hop.dropped < hop.drop and lose(self.path, json.loads(body or b"{}")):
                     hop.dropped += 1
                     self.close_connection = True  # stored upstream; the client gets no answer
                     return
@@ -109,13 +117,11 @@ class _LosesAnswers:
         self.server.server_close()
 
 
-def test_a_point_whose_answer_is_lost_is_stored_once(mlflow_server, tmp_path, monkeypatch):
-    """The CI fault: the server stored step 2 and went down before it answered; the sender sent step 2 again
-    later, with a new time stamp, and MLflow held it twice. A resend must be the same row."""
+def _track_through(hop, tmp_path, monkeypatch):
+    """A run of three points (steps 2, 4, 6) logged through `hop`, which must have lost what it was told to."""
     from npp.pipeline.runs import RunFolder
     from npp.train.tracking import Tracker
 
-    hop = _LosesAnswers(mlflow_server.url, drop=1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", hop.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no resend inside the client: ours is what counts
     run = RunFolder(tmp_path / "run")
@@ -123,16 +129,37 @@ def test_a_point_whose_answer_is_lost_is_stored_once(mlflow_server, tmp_path, mo
     said = []
     tracker = Tracker(True, run, log=said.append)
     try:
-        tracker.start("npp-test", "lost-answer", None, params={"lr": 1e-3}, tags={}, artifacts=[],
+        tracker.start("npp-test", "lost-answer", None, params={"lr": 1e-3}, tags={"zero_stage": "2"}, artifacts=[],
                       system_metrics=False)
         for step in (2, 4, 6):
             tracker.log({"loss": 1.0 / step}, step)
         tracker.finish(wait_s=60)
     finally:
         hop.close()
-    assert hop.dropped == 1
+    assert hop.dropped == hop.drop
+    return tracker, run, said
+
+
+def test_a_point_whose_answer_is_lost_is_stored_once(mlflow_server, tmp_path, monkeypatch):
+    """The CI fault: the server stored step 2 and went down before it answered; the sender sent step 2 again
+    later, with a new time stamp, and MLflow held it twice. A resend must be the same row."""
+    tracker, run, said = _track_through(_LosesAnswers(mlflow_server.url, 1, _metrics_batch), tmp_path, monkeypatch)
     assert sum("is unreachable" in line for line in said) == 1, said  # the lost answer read as an outage
     hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=tracker.run_id, metric_key="loss")
     assert sorted(m["step"] for m in hist["metrics"]) == [2, 4, 6]
     sent = {m["step"]: m["timestamp"] for m in hist["metrics"]}
     assert {r["step"]: r["t"] for r in read_outbox(run.outbox)} == sent  # the time each point was logged at
+
+
+def test_a_run_whose_creation_answer_is_lost_is_created_once(mlflow_server, tmp_path, monkeypatch):
+    """create_run stored the run and its answer was lost: the retry finds that run, no empty twin stays RUNNING."""
+    tracker, run, said = _track_through(_LosesAnswers(mlflow_server.url, 1, _run_creation), tmp_path, monkeypatch)
+    assert sum("is unreachable" in line for line in said) == 1, said
+    exp = mlflow_server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="npp-test")["experiment"]
+    runs = mlflow_server.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [tracker.run_id], runs
+    assert runs[0]["info"]["status"] == "FINISHED"
+    assert run.mlflow_run_id() == tracker.run_id
+    assert [p["key"] for p in runs[0]["data"]["params"]] == ["lr"]
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=tracker.run_id, metric_key="loss")
+    assert sorted(m["step"] for m in hist["metrics"]) == [2, 4, 6]
