@@ -11,12 +11,12 @@ waiting a bounded time (`NPP_MLFLOW_DRAIN_S`, 120 s) for the queue to drain; wha
 still unsent then stays in the outbox, and the next start of the run sends it: every
 start replays the outbox, and MLflow gets nothing at or below the last step it already
 holds for a metric, so each step's point appears once, also across resumes and
-outages. A send whose answer is lost (the server went down after it stored the
-point) is sent again with the same time stamp, which MLflow's store takes once.
-The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
+outages. The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
 
-So is a run creation whose answer was lost: the retry finds the run by the token tag it
-was created with (`npp.create_token`) instead of creating a second one.
+An answer lost after the server did the work (it went down between storing and
+answering) doubles nothing: a point is sent again with the time it was logged at,
+which MLflow's store takes once, and a retried run creation first looks for the run
+by the token tag it was created with (`npp.create_token`).
 
 The run id lives in the checkpoint's client state and in `RUN/mlflow_run_id`, so a
 requeued job continues the same MLflow run (params are immutable in MLflow, so they
@@ -85,7 +85,7 @@ class Tracker:
         self._open_args = dict(experiment=experiment, run_name=run_name, params=params, tags=tags,
                                artifacts=artifacts, dataset=dataset, system_metrics=system_metrics)
         self._created = run_id is not None
-        self._create_token, self._create_tried = uuid.uuid4().hex, False
+        self._create_token: str | None = None  # set by the first create_run: its retry looks for that run first
         try:  # once here, so the run (and RUN/mlflow_run_id) exists before the first step when the server answers
             self._open()
         except Exception as e:
@@ -199,7 +199,7 @@ class Tracker:
             exp = mark_training_experiment(a["experiment"])
             self.run_id = self._run_created_before(client, exp)
             if self.run_id is None:
-                self._create_tried = True
+                self._create_token = self._create_token or uuid.uuid4().hex
                 tags = {**a["tags"], CREATE_TAG: self._create_token}
                 self.run_id = client.create_run(exp, run_name=a["run_name"], tags=tags).info.run_id
             self._write_run_id()
@@ -239,7 +239,7 @@ class Tracker:
     def _run_created_before(self, client, experiment_id: str) -> str | None:
         """After a create_run whose answer was lost, the run it made (found by this start's token), so a
         retry does not leave an empty twin stuck in RUNNING beside the real run."""
-        if not self._create_tried:
+        if self._create_token is None:
             return None
         found = client.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TAG}` = '{self._create_token}'",
                                    max_results=1)
