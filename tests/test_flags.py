@@ -109,7 +109,7 @@ def test_every_boolean_and_switch_of_every_command():
         ),
         (["train", "--out", "o"], "npp train needs --shards (shard-set directory"),
         (["trian", "--out", "o"], "unknown command npp trian; did you mean npp train?"),
-        (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check)"),
+        (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check, branch)"),
         (["train", "to_dict"], "npp train has no command 'to_dict'"),
         (["demo", "--per-clas", "3"], "did you mean --per-class?"),
         (["demo", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),

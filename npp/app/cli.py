@@ -196,7 +196,7 @@ class TrainCommand(TrainConfig, Command):
     starting it.
     """
 
-    subcommands = ("export", "convert", "check")
+    subcommands = ("export", "convert", "check", "branch")
 
     def plan(self, world_size: int = 0):
         from npp.train.plan import make_plan
@@ -220,6 +220,47 @@ class TrainCommand(TrainConfig, Command):
             from npp.train.run_record import describe_changes
 
             print(f"npp train: {describe_changes(plan)}")
+
+    @staticmethod
+    def branch(from_: str, epochs: int, out: str, shards: str = "", run_name: str = "", tracking: bool = True,
+               log_every: int = 0, ckpt_every: int = 0, eval_every_epochs: float = -1.0, eval_per_class: int = 0,
+               world_size: int = 0, check: bool = False) -> None:
+        """Train the E-epoch run that a longer single-stage run (started with --branch-epochs E) holds until its
+        decay: from that run's checkpoint at the branch point, only the decay (the compute-matched NTP baseline, a
+        fifth of its cost). Run it as `npp train` runs, under torchrun or srun, on the parent's number of ranks;
+        a rerun resumes it.
+
+        Args:
+          from_: the parent run's directory (npp train --out, started with --branch-epochs)
+          epochs: the branch's epochs (one of the parent's --branch-epochs)
+          out: the branch's run directory
+          shards: the shard set, if it moved (default: the parent's)
+          run_name: MLflow run name (default: the --out directory's name)
+          tracking: log to MLflow (--notracking: not)
+          log_every: steps between log lines (0: the parent's)
+          ckpt_every: steps between checkpoints (0: the parent's)
+          eval_every_epochs: FID evaluations during training, in epochs (-1: the parent's)
+          eval_per_class: samples per class at each eval point (0: the parent's)
+          world_size: with --check: plan for this many ranks
+          check: check the branch as its start would (no torch, nothing written), then stop
+        """
+        from npp.train.branching import branch_config
+        from npp.train.plan import make_plan
+
+        overrides = {k: v for k, v in {"shards": shards, "run_name": run_name, "log_every": log_every,
+                                       "ckpt_every": ckpt_every, "eval_per_class": eval_per_class}.items() if v}
+        if float(eval_every_epochs) >= 0:
+            overrides["eval_every_epochs"] = float(eval_every_epochs)
+        if not tracking:
+            overrides["tracking"] = False
+        cfg, record = branch_config(str(from_), int(epochs), str(out), overrides)
+        plan = make_plan(cfg, int(world_size) or None, branch=record)
+        if check:
+            print(f"npp train branch: ok: {plan.describe()}; from {record['parent']} at step {record['step']}")
+            return
+        from npp.app.training import train_with_evaluation
+
+        train_with_evaluation(plan)
 
     @staticmethod
     def export(run: str, tag: str = "", out: str = "") -> None:

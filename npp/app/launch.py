@@ -18,7 +18,8 @@ def train_flags(flags: dict) -> list[str]:
     return out
 
 
-def torchrun_train_cmd(nproc: int, flags: dict) -> list[str]:
-    """[python -m torch.distributed.run --nproc_per_node N --master_port P -m npp train --flag value ...]"""
+def torchrun_train_cmd(nproc: int, flags: dict, command: tuple[str, ...] = ("train",)) -> list[str]:
+    """[python -m torch.distributed.run --nproc_per_node N --master_port P -m npp train --flag value ...];
+    `command`: another npp command run the same way (`("train", "branch")`)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), "-m", "npp", "train", *train_flags(flags)]
+            str(free_port()), "-m", "npp", *command, *train_flags(flags)]

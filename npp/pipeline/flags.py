@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import keyword
 import math
 import types
 import typing
@@ -71,7 +72,7 @@ class FlagSpec:
 
     @property
     def dashed(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + self.name.rstrip("_").replace("_", "-")
 
 
 def _hints(obj: Any) -> dict:
@@ -203,6 +204,8 @@ def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[
         if tok.startswith("-") and not _is_number(tok):
             name, eq, raw = tok.lstrip("-").partition("=")
             key = name.replace("-", "_")
+            if key not in specs and keyword.iskeyword(key) and key + "_" in specs:  # --from: a parameter `from_`
+                key += "_"
             spec = specs.get(key)
             if spec is None and key.startswith("no") and key[2:] in specs and _is_bool(specs[key[2:]]) and not eq:
                 values[key[2:]] = convert(specs[key[2:]], False, command)

@@ -112,7 +112,10 @@ def _any_rank(flag: bool, device) -> bool:
     return all_sum([1.0 if flag else 0.0], device)[0] > 0
 
 
-def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3) -> str:
+def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, ema=None, keep: int = 3,
+         kept: frozenset = frozenset()) -> str:
+    """Save a checkpoint at `step` on every rank (see the module's docstring); `kept`: tags never pruned (the
+    branch points of --branch-epochs), beyond the newest `keep`."""
     tag = tag_for(step)
     if run.latest_tag() == tag:  # saved already at this step (a stop right after a checkpoint): nothing changed
         return tag
@@ -158,20 +161,20 @@ def save(engine, run: RunFolder, step: int, client_state: dict, env: DistEnv, em
         raise _save_error(run, tag, f"a write failed ({cause})")
     if env.is_main:
         run.set_latest(tag)
-        prune(run, keep)
+        prune(run, keep, kept)
     barrier()
     return tag
 
 
-def prune(run: RunFolder, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (up to `latest`); a directory newer than `latest` is what a
-    failed or killed save left behind, and goes too."""
+def prune(run: RunFolder, keep: int, kept: frozenset = frozenset()) -> None:
+    """Keep the newest `keep` complete checkpoints (up to `latest`) and those in `kept`; a directory newer than
+    `latest` is what a failed or killed save left behind, and goes too."""
     current = run.latest_tag()
     if current is None:
         return
-    complete = run.complete_tags()
+    complete = [t for t in run.complete_tags() if t not in kept]
     for old in complete[: max(0, len(complete) - keep)] + [t for t in run.tags() if t > current]:
-        if old != current:
+        if old != current and old not in kept:
             shutil.rmtree(run.tag_dir(old), ignore_errors=True)
 
 

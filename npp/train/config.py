@@ -55,7 +55,8 @@ class TrainConfig:
     warmup_epochs: float = flag(5.0, "linear warmup at the start of every stage, in epochs (paper appendix; "
                                      "reference code: 1)")
     decay_ratio: float = flag(0.2, "last share of each stage that decays linearly to --end-lr")
-    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, embeddings)")
+    weight_decay: float = flag(0.05, "AdamW weight decay on matrices and embeddings (every tensor of 2 or more "
+                                          "dimensions), not on norms (LlamaGen's rule)")
     beta1: float = flag(0.9, "AdamW beta1")
     beta2: float = flag(0.95, "AdamW beta2")
     grad_clip: float = flag(1.0, "global gradient-norm clip")
@@ -83,6 +84,9 @@ class TrainConfig:
     ckpt_every: int = flag(1000, "steps between checkpoints (also saved on SIGTERM/SIGUSR1, a STOP file and at the "
                                  "end)")
     keep: int = flag(3, "checkpoints kept")
+    branch_epochs: str = flag("", "epoch counts below --epochs, e.g. '16,18,24' (single-stage schedules): keep, beyond "
+                                  "--keep, the checkpoint where each shorter run's decay begins, so `npp train branch` "
+                                  "trains that shorter run's decay alone (the compute-matched NTP baselines)")
     max_bad_steps: int = flag(5, "consecutive steps skipped for non-finite gradients before stopping with an error")
     sync_every: int = flag(10, "steps between host reads of the losses and stop agreement")
     experiment: str = flag("npp", "MLflow experiment")
@@ -133,6 +137,19 @@ class TrainConfig:
                         temperature=float(self.eval_temperature), top_k=int(self.eval_top_k),
                         batch=int(self.eval_batch), seed=int(self.seed))
 
+    def branch_epoch_list(self) -> list[int]:
+        """--branch-epochs as whole numbers of epochs, sorted (a UsageError names a word that is not one)."""
+        out = []
+        for word in str(self.branch_epochs).replace(";", ",").split(","):
+            if not word.strip():
+                continue
+            try:
+                out.append(int(word.strip()))
+            except ValueError:
+                raise UsageError(f"--branch-epochs {self.branch_epochs!r}: {word.strip()!r} is not a whole number of "
+                                 "epochs (write e.g. 16,18,24)") from None
+        return sorted(set(out))
+
     def check_values(self) -> None:
         """Refuse values that cannot work, naming the flag and the fix (no file is read)."""
         def need(ok: bool, msg: str) -> None:
@@ -160,3 +177,4 @@ class TrainConfig:
         compile_setting(self.compile)
         need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
         need(int(self.patch_levels) >= 0, f"--patch-levels must be >= 0, got {self.patch_levels}")
+        self.branch_epoch_list()

@@ -36,7 +36,8 @@ IDENTITY = (
 )
 MUTABLE = (
     "shards",  # the path may move; the data itself is fixed by its digest
-    "out", "grad_accum", "ds_config", "grad_comm", "workers", "log_every", "ckpt_every", "keep", "max_bad_steps",
+    "out", "grad_accum", "ds_config", "grad_comm", "workers", "log_every", "ckpt_every", "keep", "branch_epochs",
+    "max_bad_steps",
     "sync_every",
     "tracking", "compile", "activation_checkpointing", "allow_change",
     "eval_every", "eval_every_epochs", "eval_per_class", "eval_cfg_scale", "eval_cfg", "eval_temperature",

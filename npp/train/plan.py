@@ -21,7 +21,7 @@ from npp.errors import UsageError
 from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.ranks import rank_and_world
-from npp.pipeline.runs import RunFolder
+from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import open_shard_sets
 from npp.train.config import TrainConfig
 from npp.train.ds_config import (
@@ -34,7 +34,7 @@ from npp.train.ds_config import (
 )
 from npp.train.errors import TrainingError
 from npp.train.identity import check_same_run, identity_of, mutable_changes
-from npp.train.schedule import PatchSchedule, Stage, format_schedule, paper_schedule, parse_schedule
+from npp.train.schedule import PatchSchedule, Stage, branch_points, format_schedule, paper_schedule, parse_schedule
 
 
 @dataclass
@@ -57,6 +57,9 @@ class TrainPlan:
     eval_spec: EvalSpec | None
     workers: int  # loader workers per rank, resolved
     resume_tag: str | None  # the checkpoint this start resumes from
+    branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
+    branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
+    prepare_branch: bool = False  # this start first puts the parent's checkpoint into the run folder
     changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
     amended: dict = field(default_factory=dict)  # defining flags changed on purpose (--allow-change)
     first_identity: dict = field(default_factory=dict)  # the identity of the run's first start
@@ -154,8 +157,9 @@ def resume_tag(run: RunFolder, world_size: int) -> str | None:
     return tag
 
 
-def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
-    """Check a training run and resolve it (see the module's docstring); world_size defaults to this job's."""
+def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | None = None) -> TrainPlan:
+    """Check a training run and resolve it (see the module's docstring); world_size defaults to this job's.
+    `branch`: the record of `npp train branch` (npp.train.branching.branch_config) for a branch's start."""
     cfg.check_values()
     world = int(world_size or rank_and_world()[1])
     run = RunFolder(cfg.out)
@@ -200,6 +204,19 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
                      warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
                      eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
                      resume_tag=resume_tag(run, world))
+    plan.branch = (saved or {}).get("branch") or branch
+    if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
+        from npp.train.branching import check_branch_checkpoint
+
+        parent = RunFolder(plan.branch["parent"])
+        check_branch_checkpoint(parent, plan.branch)
+        plan.resume_tag, plan.prepare_branch = resume_tag_of(parent, plan.branch["tag"], world), True
+    if cfg.branch_epoch_list() and cfg.total_steps is not None:
+        raise UsageError("--branch-epochs needs an epoch budget: drop --total-steps (a branch is a run of fewer "
+                         "epochs)")
+    plan.branch_steps = branch_points(stages, int(cfg.epochs), steps_per_epoch, plan.warmup_steps,
+                                      float(cfg.decay_ratio), cfg.branch_epoch_list())
+    check_branch_points_ahead(run, plan.branch_steps, plan.resume_tag)
     replaced = replaced_keys(ds_json)
     if replaced:
         plan.notes.append(f"{ds_path}: {', '.join(replaced)} replaced by npp's flags (--global-batch, --grad-accum, "
@@ -212,6 +229,27 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     return plan
 
 
+def resume_tag_of(run: RunFolder, tag: str, world_size: int) -> str:
+    """`tag` of `run`, refused like `resume_tag` when it was saved by another number of ranks."""
+    saved = run.saved_world_size(tag)
+    if saved != world_size and not run.is_universal(tag):
+        raise TrainingError(f"{run.tag_dir(tag)} was saved by {saved} ranks, this job has {world_size}: start the "
+                            f"branch on {saved} ranks, as its parent ran (its data order depends on them)")
+    return tag
+
+
+def check_branch_points_ahead(run: RunFolder, steps: dict, resume: str | None) -> None:
+    """A branch point already passed must have its checkpoint (--branch-epochs added on a resume too late)."""
+    if not resume:
+        return
+    now = tag_step(resume)
+    for epochs, step in steps.items():
+        if step < now and not run.tag_dir(tag_for(step)).is_dir():
+            raise UsageError(f"--branch-epochs {epochs}: its branch point (step {step}) is behind this run (at step "
+                             f"{now}) and no checkpoint was kept there: drop {epochs} from --branch-epochs, or train "
+                             f"the {epochs}-epoch run from scratch")
+
+
 def _legacy_identity(saved: dict) -> dict:
     """The identity of a run folder written before identities were recorded: its saved flags."""
     train = saved.get("train", {})
@@ -221,7 +259,8 @@ def _legacy_identity(saved: dict) -> dict:
 def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str) -> dict:
     """config.json's content for this start: the run's identity, the flags, the resolved plan, and the list of
     starts with the mutable flags each changed (the first start's entry has none)."""
-    starts = plan.starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "git_commit": git_commit,
+    starts = plan.starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "workers": plan.workers,
+                             "micro_batch": plan.micro_batch, "git_commit": git_commit,
                         "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
                         "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
     return {
@@ -241,4 +280,6 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
         "data_digest": plan.data_digest,
         "git_commit": git_commit,
         "starts": starts,
+        **({"branch_points": {str(e): s for e, s in plan.branch_steps.items()}} if plan.branch_steps else {}),
+        **({"branch": plan.branch} if plan.branch else {}),
     }

@@ -30,7 +30,7 @@ def write_run_files(run: RunFolder, plan: TrainPlan, ds_config: dict, precision:
 def mlflow_params(config: dict) -> dict:
     """The run's first identity as MLflow params (logged once, when the run is created; amendments are tags)."""
     keep = ("model_config", "schedule", "schedule_steps", "total_steps", "steps_per_epoch", "shards_meta",
-            "data_digest")
+            "data_digest", "branch")
     return {"train": dict(config["first_identity"]), **{k: config[k] for k in keep if k in config}}
 
 
@@ -42,6 +42,12 @@ def mlflow_tags(config: dict, plan: TrainPlan) -> dict:
             "schedule": config["schedule"], "world_size": str(plan.world_size), "precision": config["precision"]}
     train = config["train"]
     tags.update({f"flag.{k}": str(train.get(k)) for k in MUTABLE})
+    branch = config.get("branch")
+    if branch:  # the shorter run it stands for, and where it left its parent
+        tags.update({"npp.branch_parent": str(branch.get("parent_mlflow_run_id") or ""),
+                     "npp.branch_parent_dir": branch["parent"], "npp.branch_step": str(branch["step"])})
+    if config.get("branch_points"):
+        tags["npp.branch_points"] = json.dumps(config["branch_points"])
     for start in config.get("starts", []):  # every amendment of the identity (--allow-change), the latest last
         for k, change in start.get("amended", {}).items():
             tags[f"amended.{k}"] = f"{change['was']!r} -> {change['now']!r} from {start.get('resume_tag')}"

@@ -7,6 +7,7 @@ paper's epoch boundaries (e.g. 37/75/150/300 of 300 epochs) land on exact steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -86,6 +87,58 @@ def paper_schedule(patch_levels: int, epoch_rate: float, epochs: int) -> list[St
     return validate_schedule([Stage(k, Fraction(e - s, epochs)) for k, s, e in zip(sides, starts, ends, strict=False)])
 
 
+def warmup_and_decay(length: int, warmup_steps: int, decay_ratio: float) -> tuple[float, float, float]:
+    """(warmup steps, first decaying step as a float, decay steps) of a stage of `length` steps: the one formula
+    `PatchSchedule.lr_at` and the branch points (`branch_step`) share, so they cannot disagree."""
+    decay = length * decay_ratio
+    return min(warmup_steps, max(length - decay, 0)), length - decay, decay
+
+
+def branch_step(epochs: int, steps_per_epoch: int, warmup_steps: int, decay_ratio: float) -> int:
+    """The step at which a single-stage run of `epochs` epochs starts to decay its learning rate.
+
+    Before it, that run takes exactly the steps of any longer single-stage run with the same warmup (same
+    learning rate, data order, dropout draws): so a checkpoint of the longer run after this many steps is the
+    shorter run's state there, and training only the decay from it gives the shorter run (`npp train branch`).
+    """
+    length = int(epochs) * int(steps_per_epoch)
+    _, decay_start, decay = warmup_and_decay(length, warmup_steps, decay_ratio)
+    return length if decay <= 0 else min(length, math.ceil(decay_start))
+
+
+def branch_points(stages: Sequence[Stage], epochs: int, steps_per_epoch: int, warmup_steps: int,
+                  decay_ratio: float, branch_epochs: Sequence[int]) -> dict[int, int]:
+    """{E': the step of its branch point} for shorter runs of E' epochs branched off an `epochs`-epoch run; refuses
+    a point that is not on the constant part of the run's schedule (one line each)."""
+    if not branch_epochs:
+        return {}
+    if len(stages) != 1:
+        raise ConfigError(f"--branch-epochs needs a single-stage schedule such as '1:1' (this run's is "
+                          f"'{format_schedule(stages)}'): a shorter run of a multi-stage schedule changes stage at "
+                          "other steps, so no step of this run is a step of it")
+    length = int(epochs) * int(steps_per_epoch)
+    warmup, full_decay_start, _ = warmup_and_decay(length, warmup_steps, decay_ratio)
+    points = {}
+    for e in sorted(set(int(e) for e in branch_epochs)):
+        if not 0 < e < epochs:
+            raise ConfigError(f"--branch-epochs {e}: a branch is a shorter run, between 1 and {epochs - 1} epochs "
+                              f"(--epochs is {epochs})")
+        own_warmup, _, _ = warmup_and_decay(e * steps_per_epoch, warmup_steps, decay_ratio)
+        step = branch_step(e, steps_per_epoch, warmup_steps, decay_ratio)
+        if own_warmup != warmup or step < warmup:
+            raise ConfigError(f"--branch-epochs {e}: a {e}-epoch run would start its decay at step {step}, before "
+                              f"its warmup of {warmup:g} steps is over; branch at more epochs or warm up for less")
+        if step >= full_decay_start:  # cannot happen for e < epochs; kept as the rule it is
+            raise ConfigError(f"--branch-epochs {e}: step {step} is in this run's own decay")
+        points[e] = step
+    return points
+
+
+def compute_matched_epochs(stages: Sequence[Stage], epochs: float, cfg: GPTConfig) -> float:
+    """Epochs of next-token training that cost the training FLOPs of `epochs` epochs of this schedule."""
+    return float(epochs) * schedule_cost_ratio(stages, cfg)
+
+
 @dataclass(frozen=True)
 class StageSpan:
     index: int
@@ -134,11 +187,9 @@ class PatchSchedule:
         """
         span = self.stage_at(step)
         t = step - span.start
-        decay = span.length * decay_ratio
-        warmup = min(warmup_steps, max(span.length - decay, 0))
+        warmup, decay_start, decay = warmup_and_decay(span.length, warmup_steps, decay_ratio)
         if t < warmup:
             return base_lr * t / warmup
-        decay_start = span.length - decay
         if t < decay_start or decay <= 0:
             return base_lr
         progress = min((t - decay_start) / decay, 1.0)

@@ -35,6 +35,18 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return device not in ("none", None)
 
 
+def check_no_stale_build(ds_config: dict) -> None:
+    """A lock left by an interrupted JIT build of DeepSpeed's cpu_adam op (offloaded optimizer) would make every
+    start wait on it forever: refused with the file to delete."""
+    from npp.train.distributed import stale_extension_locks
+    from npp.train.errors import TrainingError
+
+    stale = stale_extension_locks(["cpu_adam"]) if offloads_optimizer(ds_config) else []
+    if stale:
+        raise TrainingError(f"{stale[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: every start "
+                            "would wait on it forever. If no build is running on any node, delete it and rerun")
+
+
 def compiles(value, device: torch.device, zero_stage: int) -> bool:
     """auto: compile on CUDA; on: on any device (the CPU tests); off: eager. Never under ZeRO-3, whose
     parameter-gathering hooks run around every submodule (DeepSpeed compiles those through its own backend)."""

@@ -16,14 +16,15 @@ import os
 import numpy as np
 import torch
 
-from npp.pipeline.runs import RunFolder
+from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
 from npp.train import checkpointing
 from npp.train.bad_steps import BadSteps
+from npp.train.branching import own_mlflow_run_id, prepare_branch_folder
 from npp.train.cadence import Cadence
 from npp.train.config import TrainConfig
 from npp.train.data_feed import DataFeed
-from npp.train.distributed import DistEnv, barrier, init, read_env, stale_extension_locks
+from npp.train.distributed import DistEnv, barrier, init, read_env
 from npp.train.ds_config import resolve_precision
 from npp.train.errors import TrainingError
 from npp.train.eval_points import EvalPoints
@@ -33,7 +34,7 @@ from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
 from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
 from npp.train.state import TrainState
-from npp.train.step import TrainStep, build_model_and_optimizer, offloads_optimizer, start_engine
+from npp.train.step import TrainStep, build_model_and_optimizer, check_no_stale_build, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker
 
@@ -54,14 +55,11 @@ class Trainer:
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.cadence = Cadence(self.total_steps, self.cfg.sync_every, self.cfg.log_every, self.cfg.ckpt_every,
-                               self.plan.eval_every)
+                               self.plan.eval_every, frozenset(self.plan.branch_steps.values()))
         if self.plan.eval_every and evaluator is None:
             raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
                                 "from --vq, --eval-ref and --inception/--classifier)")
-        stale = stale_extension_locks(["cpu_adam"]) if offloads_optimizer(self.ds_config) else []  # JIT-built by DS
-        if stale:
-            raise TrainingError(f"{stale[0]} is left by an interrupted build of DeepSpeed's cpu_adam op: every start "
-                                "would wait on it forever. If no build is running on any node, delete it and rerun")
+        check_no_stale_build(self.ds_config)
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.feed = DataFeed(self.cfg.shards, self.plan.manifest, self.cfg.seed, self.cfg.shuffle_buffer,
@@ -149,9 +147,12 @@ class Trainer:
         """
         config, artifacts = (write_run_files(self.run, self.plan, self.ds_config, self.precision) if self.env.is_main
                              else ({}, []))
+        if self.plan.prepare_branch and self.env.is_main:  # a branch's first start: the parent's checkpoint
+            prepare_branch_folder(self.run, self.plan.branch, self._log)
         barrier()
         client, rng = checkpointing.load(self.engine, self.run, self.env, self.ema)
         self.state = TrainState.from_client_state(client, rng)
+        self.state.mlflow_run_id = own_mlflow_run_id(self.plan.branch, self.state)
         self.state.data_base = self.feed.position(self.state, client is not None, self._log)
         self.bad = BadSteps(self.state.bad_steps, self.cfg.max_bad_steps)
         self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
@@ -234,7 +235,7 @@ class Trainer:
         self.state.mlflow_run_id, self.state.world_size = self.tracker.run_id, self.env.world_size
         self.state.data_layout = self.feed.layout()
         checkpointing.save(self.engine, self.run, self.state.step, self.state.client_state(), self.env, self.ema,
-                           self.cfg.keep)
+                           self.cfg.keep, frozenset(map(tag_for, self.cadence.keep_steps)))
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:
