@@ -31,6 +31,8 @@ from npp.pipeline.files import atomic_write_bytes
 # 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
 FORMAT_VERSION = 2
 PARTS_DIR = ".parts"
+VAL_SPLIT = "val"  # the held-out split's shard prefix (`npp tokenize run --val-share`)
+VAL_MANIFEST = "val_manifest.parquet"
 
 
 class ShardSetError(NppError, ValueError):
@@ -137,7 +139,7 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[Sample]:
 # content identities (checkpoint sha256, the source's key/label listing), never paths:
 # the same tokenizer copied elsewhere, or the data reached through a symlink, matches.
 IDENTITY_FIELDS = ("format_version", "tokenizer", "image_size", "grid", "views", "source", "assignment",
-                   "samples_per_shard", "split")
+                   "samples_per_shard", "split", "val")
 
 
 def read_meta(out: str | os.PathLike) -> dict:
@@ -164,10 +166,15 @@ def check_or_write_meta(out: Path, meta: dict) -> None:
     atomic_write_json(path, meta)
 
 
-def load_manifest(out: str | os.PathLike) -> list[dict]:
+def manifest_digest(rows: list[dict]) -> str:
+    """The content of a list of shards: a digest of their sha256s, in order."""
+    return hashlib.sha256("".join(m["sha256"] for m in rows).encode()).hexdigest()[:16]
+
+
+def load_manifest(out: str | os.PathLike, name: str = "manifest.parquet") -> list[dict]:
     import pyarrow.parquet as pq
 
-    path = Path(out) / "manifest.parquet"
+    path = Path(out) / name
     if not path.exists():
         raise ShardSetError(
             f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`"
@@ -226,7 +233,18 @@ def open_shard_sets(spec: str) -> tuple[dict, list[dict]]:
                 f"shard sets {dirs[0]} and {d} differ in {', '.join(diffs)}: sets trained on together must be made "
                 "with the same tokenizer, image size and class list"
             )
-    combined = {**first, "samples": sum(m["samples"] for m in metas), "sets": dirs}
+    combined = {**first, "samples": sum(m["samples"] for m in metas), "sets": dirs,
+                "val_samples": sum(m.get("val_samples", 0) for m in metas)}
     if len(dirs) > 1:
         combined["views"] = [m["views"] for m in metas]
     return combined, manifest
+
+
+def heldout_shards(spec: str) -> list[dict]:
+    """The held-out shards of the shard set(s) (`--val-share`), rows of their val manifests with `path`; none
+    for sets made without a held-out split."""
+    rows = []
+    for d in resolve_shard_dirs(spec):
+        if read_meta(d).get("val_samples"):
+            rows += [{**row, "path": os.path.join(d, row["file"])} for row in load_manifest(d, VAL_MANIFEST)]
+    return rows

@@ -34,6 +34,9 @@ class TokenizeConfig:
     label_column: str = flag("label", "parquet: the label column")
     num_classes: int | None = flag(None, "classes (default: those found)")
     seed: int = flag(0, "seed of the permutation that deals inputs to shards (recorded in meta.json)")
+    val_share: float = flag(0.0, "share of the inputs held out (a seeded choice, by --seed) in shards of their own "
+                                 "(val-NNNNNN.tar, val_manifest.parquet), never trained on: training logs the "
+                                 "next-token loss on them (val/loss_k1), comparable across schedules; e.g. 0.01")
     rank: int | None = flag(None, "this task's index (default: SLURM array task, torchrun rank, or 0)")
     world_size: int | None = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
@@ -55,6 +58,9 @@ class TokenizeConfig:
         need(isinstance(self.image_size, int) and self.image_size >= 1,
              f"--image-size must be a positive number of pixels (got {self.image_size!r})")
         need(self.ten_crop or self.views in (1, 2), f"--views must be 1 or 2 (or use --ten-crop), got {self.views!r}")
+        need(0 <= float(self.val_share) < 1, f"--val-share must lie in [0, 1), got {self.val_share!r}")
+        need(not (float(self.val_share) > 0 and self.split == "val"),
+             "--split val is the held-out split's own name: pick another --split with --val-share")
         need(self.num_classes is None or (isinstance(self.num_classes, int) and self.num_classes >= 1),
              f"--num-classes must be a whole number >= 1 (got {self.num_classes!r})")
         try:

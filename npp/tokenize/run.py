@@ -38,10 +38,13 @@ from npp.pipeline.images import (
 from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.shards import (
     FORMAT_VERSION,
+    VAL_MANIFEST,
+    VAL_SPLIT,
     Sample,
     ShardSetError,
     atomic_write_json,
     check_or_write_meta,
+    manifest_digest,
     read_meta,
     read_part,
     shard_name,
@@ -110,8 +113,37 @@ def shard_assignment(n_inputs: int, samples_per_shard: int, seed: int) -> list[n
     return [order[i : i + samples_per_shard] for i in range(0, n_inputs, samples_per_shard)]
 
 
+def held_out_count(n_inputs: int, val_share: float) -> int:
+    """Inputs held out for --val-share: at least one when the share is positive, never all."""
+    return 0 if val_share <= 0 else min(n_inputs - 1, max(1, round(val_share * n_inputs)))
+
+
+def shard_plan(n_inputs: int, samples_per_shard: int, seed: int, split: str, val_share: float = 0.0
+               ) -> list[tuple[str, np.ndarray]]:
+    """(shard name, input indices) of every shard: the training shards, then the held-out ones.
+
+    Without --val-share the training shards are `shard_assignment`'s (a set made before held-out splits
+    existed is resumed as it was). With it, a seeded choice of `held_out_count` inputs goes to `val-*` shards and
+    the rest is dealt to the training shards in a seeded permutation, as always."""
+    n_val = held_out_count(n_inputs, val_share)
+    if not n_val:
+        return [(shard_name(split, i), ids) for i, ids in enumerate(shard_assignment(n_inputs, samples_per_shard,
+                                                                                         seed))]
+    held = np.random.default_rng([seed, n_inputs, n_val]).permutation(n_inputs)[:n_val]
+    kept = np.setdiff1d(np.arange(n_inputs), held)
+    train = [kept[ids] for ids in shard_assignment(len(kept), samples_per_shard, seed)]
+    val = [held[i : i + samples_per_shard] for i in range(0, n_val, samples_per_shard)]
+    return [(shard_name(split, i), ids) for i, ids in enumerate(train)] + \
+        [(shard_name(VAL_SPLIT, i), ids) for i, ids in enumerate(val)]
+
+
 def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha: str, grid: tuple[int, int]) -> dict:
-    num_shards = math.ceil(len(source.items) / cfg.samples_per_shard)
+    n_val = held_out_count(len(source.items), float(cfg.val_share))
+    num_shards = math.ceil((len(source.items) - n_val) / cfg.samples_per_shard)
+    val_shards = math.ceil(n_val / cfg.samples_per_shard)
+    held_out = {"val": {"share": float(cfg.val_share), "inputs": n_val, "num_shards": val_shards,
+                        "choice": "seeded choice of the inputs (the assignment's seed), never trained on",
+                        "shard_pattern": f"{VAL_SPLIT}-{{000000..{val_shards - 1:06d}}}.tar"}} if n_val else {}
     return {
         "format_version": FORMAT_VERSION,
         # identity by content: the same checkpoint copied elsewhere is the same tokenizer
@@ -131,6 +163,7 @@ def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha
         "num_shards": num_shards,
         "shard_pattern": f"{cfg.split}-{{000000..{num_shards - 1:06d}}}.tar",
         "complete": False,
+        **held_out,
     }
 
 
@@ -153,16 +186,19 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
     check_or_write_meta(out, meta)
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
 
-    n_shards = meta["num_shards"]
-    shards = shard_assignment(len(source.items), cfg.samples_per_shard, cfg.seed)
-    mine = [i for i in range(n_shards) if i % world == rank]
-    todo = [i for i in mine if read_part(out, shard_name(cfg.split, i)) is None]
-    for stale in out.glob(f"{cfg.split}-*.tar.tmp*"):  # leftovers of a killed run
-        stale.unlink(missing_ok=True)
+    planned = shard_plan(len(source.items), cfg.samples_per_shard, cfg.seed, cfg.split, float(cfg.val_share))
+    names, shards = [name for name, _ in planned], [ids for _, ids in planned]
+    mine = [i for i in range(len(planned)) if i % world == rank]
+    todo = [i for i in mine if read_part(out, names[i]) is None]
+    for split in {cfg.split, VAL_SPLIT}:
+        for stale in out.glob(f"{split}-*.tar.tmp*"):  # leftovers of a killed run
+            stale.unlink(missing_ok=True)
     entries = read_order(source, shards, todo, meta["views"]["views"] * grid[0] * grid[1] * 2)
+    held = f" + {meta['val']['num_shards']} held-out ({meta['val']['inputs']} inputs)" if meta.get("val") else ""
     print(
-        f"tokenize: {len(source.items)} inputs in {n_shards} shards (seeded permutation, seed {cfg.seed}); "
-        f"rank {rank}/{world} owns {len(mine)}, {len(mine) - len(todo)} already complete, {len(todo)} to do"
+        f"tokenize: {len(source.items)} inputs in {meta['num_shards']} shards{held} (seeded permutation, seed "
+        f"{cfg.seed}); rank {rank}/{world} owns {len(mine)}, {len(mine) - len(todo)} already complete, {len(todo)} "
+        "to do"
     )
 
     device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
@@ -198,7 +234,7 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
                 if state["seen"] == expected[b["shard"]]:
                     encoded += len(state["samples"])
                     failed += len(state["failures"])
-                    writes.append(writer.submit(_flush, out, cfg.split, b["shard"], pending.pop(b["shard"]), rank))
+                    writes.append(writer.submit(_flush, out, names[b["shard"]], pending.pop(b["shard"]), rank))
             bar.update(len(batch))
             bar.set_postfix(failed=failed, refresh=False)  # refresh=True would defeat TQDM_MININTERVAL
         for w in writes:
@@ -208,7 +244,7 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
         f"tokenize rank {rank}: encoded {encoded} + failed {failed} = {encoded + failed} of {len(entries)} inputs "
         "this run"
     )
-    if all(read_part(out, shard_name(cfg.split, i)) is not None for i in range(n_shards)):
+    if all(read_part(out, name) is not None for name in names):
         counts["set"] = finalize(cfg.out)
     elif world > 1:
         print(
@@ -244,11 +280,11 @@ def encode_batch(vq, views: list[np.ndarray], device: torch.device) -> list[np.n
     return np.split(codes, np.cumsum(counts)[:-1])
 
 
-def _flush(out: Path, split: str, shard: int, state: dict, rank: int) -> None:
+def _flush(out: Path, name: str, state: dict, rank: int) -> None:
     """Write a shard with its samples in assignment order, whatever order they were read in."""
     samples = [Sample(item.key, codes, item.label) for _, item, codes in sorted(state["samples"], key=lambda s: s[0])]
     failures = [f for _, f in sorted(state["failures"], key=lambda f: f[0])]
-    write_shard(out, shard_name(split, shard), samples, failures, extra={"rank": rank})
+    write_shard(out, name, samples, failures, extra={"rank": rank})
 
 
 def finalize(out_dir: str) -> dict:
@@ -259,7 +295,8 @@ def finalize(out_dir: str) -> dict:
     out = Path(out_dir)
     meta = read_meta(out)
     names = [shard_name(meta["split"], i) for i in range(meta["num_shards"])]
-    parts = {n: read_part(out, n) for n in names}
+    val_names = [shard_name(VAL_SPLIT, i) for i in range((meta.get("val") or {}).get("num_shards", 0))]
+    parts = {n: read_part(out, n) for n in names + val_names}
     missing = [n for n, p in parts.items() if p is None]
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -268,17 +305,25 @@ def finalize(out_dir: str) -> dict:
             "for the ranks that own them (the same command resumes)"
         )
     # shards whose every input failed were never written: they stay out of the manifest
-    empty = [n for n in names if parts[n]["samples"] == 0]
-    manifest = [{k: parts[n][k] for k in ("file", "samples", "bytes", "sha256")} for n in names if n not in empty]
-    failures = [{**f, "shard": n} for n in names for f in parts[n]["failures"]]
+    empty = [n for n in names + val_names if parts[n]["samples"] == 0]
+    rows = {n: {k: parts[n][k] for k in ("file", "samples", "bytes", "sha256")} for n in names + val_names
+            if n not in empty}
+    manifest, val_manifest = [rows[n] for n in names if n in rows], [rows[n] for n in val_names if n in rows]
+    failures = [{**f, "shard": n} for n in names + val_names for f in parts[n]["failures"]]
     encoded = sum(m["samples"] for m in manifest)
+    held = sum(m["samples"] for m in val_manifest)
     inputs = meta["source"]["inputs"]
-    if encoded + len(failures) != inputs:
+    if encoded + held + len(failures) != inputs:
         raise ShardSetError(
-            f"{out}: encoded {encoded} + failed {len(failures)} != {inputs} inputs; delete {out} and rerun"
+            f"{out}: encoded {encoded} + held out {held} + failed {len(failures)} != {inputs} inputs; delete {out} "
+            "and rerun"
         )
-    _write_parquet(out / "manifest.parquet", pa.Table.from_pylist(manifest, schema=pa.schema(
-        [("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])), pq)
+    schema = pa.schema([("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+    _write_parquet(out / "manifest.parquet", pa.Table.from_pylist(manifest, schema=schema), pq)
+    if val_names:
+        _write_parquet(out / VAL_MANIFEST, pa.Table.from_pylist(val_manifest, schema=schema), pq)
+        meta.update({"val_samples": held, "val_shards": len(val_manifest),  # beside "val", the plan (identity)
+                     "val_digest": manifest_digest(val_manifest)})
     _write_parquet(out / "failures.parquet", pa.Table.from_pylist(failures, schema=pa.schema(
         [("key", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("shard", pa.string())])), pq)
     meta.update({"samples": encoded, "failures": len(failures), "complete": True, "shards": len(manifest),
@@ -288,8 +333,9 @@ def finalize(out_dir: str) -> dict:
     atomic_write_json(out / "meta.json", meta)
     if empty:
         print(f"{len(empty)} shard(s) had no readable input and were not written: {', '.join(empty[:5])}")
-    print(f"shard set {out}: {encoded} samples in {len(manifest)} shards, {len(failures)} failures "
-          f"(encoded {encoded} + failed {len(failures)} = {inputs} inputs)")
+    print(f"shard set {out}: {encoded} samples in {len(manifest)} shards"
+          + (f", {held} held out in {len(val_manifest)} {VAL_SPLIT} shards" if val_names else "")
+          + f", {len(failures)} failures (encoded {encoded + held} + failed {len(failures)} = {inputs} inputs)")
     return {"samples": encoded, "failures": len(failures), "shards": len(names)}
 
 

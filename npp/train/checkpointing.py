@@ -194,8 +194,21 @@ def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[dict | None, d
     if path is None:
         raise CheckpointLoadError(f"DeepSpeed could not load {run.tag_dir(tag)}: delete it (or point "
                                   f"{run.checkpoints / 'latest'} at an older checkpoint) and rerun")
+    reapply_lr_schedule(engine.lr_scheduler)
     # a universal checkpoint has no per-rank RNG (the ranks are new)
     rng = None if run.is_universal(tag) else load_rng_state(run.rng_file(tag, env.rank))
     if ema is not None and ema.loads and run.ema_file(tag).exists():
         ema.load_state_dict(torch.load(run.ema_file(tag), map_location="cpu", weights_only=True))
     return client_state, rng
+
+
+def reapply_lr_schedule(scheduler) -> None:
+    """Set the optimizer's rate to this start's schedule at the loaded step. A resume changes nothing (the same
+    schedule gave the saved rate); a branch (npp.train.branching) loads its parent's rate for a step where its own
+    shorter schedule already decays, and would take its first step at the parent's rate."""
+    if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        return
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -20,6 +20,13 @@ class DataFeed:
         self.shuffle_buffer, self.mix_shards = shuffle_buffer, mix_shards
         self.micro_batch, self.rank, self.world_size, self.workers = micro_batch, rank, world_size, workers
 
+    @classmethod
+    def of(cls, plan, rank: int, world_size: int) -> DataFeed:
+        """The streams of a training plan (npp.train.plan.TrainPlan) for this rank."""
+        c = plan.cfg
+        return cls(c.shards, plan.manifest, c.seed, c.shuffle_buffer, c.mix_shards, plan.micro_batch, rank,
+                   world_size, plan.workers)
+
     def layout(self) -> dict:
         return {"world_size": self.world_size, "workers": max(1, self.workers), "micro_batch": self.micro_batch}
 

@@ -1,5 +1,6 @@
 """Evaluation during training: the model to sample (the EMA when there is one, on every rank) and the RNG
-streams around it, so an evaluation never changes what training does (exact resume holds with evals on).
+streams around it, so an evaluation never changes what training does (exact resume holds with evals on);
+and the held-out loss (npp.train.heldout), at every eval point and at the last step.
 
 The evaluator itself is the eval stage's (npp.eval.during_training), handed in by the app.
 """
@@ -11,21 +12,32 @@ import torch
 from npp.models.gpt import GPT
 from npp.train import checkpointing
 from npp.train.ema import PartitionedEMA
+from npp.train.heldout import METRIC as HELDOUT_METRIC
+from npp.train.heldout import HeldOutLoss
 
 
 class EvalPoints:
-    def __init__(self, evaluator, model_cfg, device, rank: int, world_size: int):
+    def __init__(self, evaluator, model_cfg, device, rank: int, world_size: int, heldout: HeldOutLoss | None = None):
         self.evaluator, self.model_cfg, self.device = evaluator, model_cfg, device
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.heldout = rank, world_size, heldout
         self._ema_copy = None
 
-    def __call__(self, engine, ema) -> dict:
-        """Every rank samples its pieces; the metrics (rank 0's) of the model now."""
+    def due(self, cadence, step: int) -> bool:
+        """An eval point of --eval-every, or the last step when there is a held-out loss to measure."""
+        return cadence.eval_due(step) or (self.heldout is not None and step == cadence.total_steps)
+
+    def __call__(self, engine, ema, sample: bool = True) -> dict:
+        """Every rank samples its pieces (when `sample`) and scores its share of the held-out set; the metrics
+        (rank 0's) of the model now."""
         rng = checkpointing.rng_state()
-        metrics = self.evaluator(self._sampling_model(engine, ema), self.model_cfg.num_classes, self.device,
-                                 self.rank, self.world_size)
+        metrics = {}
+        if sample and self.evaluator is not None:
+            metrics = self.evaluator(self._sampling_model(engine, ema), self.model_cfg.num_classes, self.device,
+                                     self.rank, self.world_size)
+        if self.heldout is not None:
+            metrics[HELDOUT_METRIC] = self.heldout(engine.module)[0]
         checkpointing.set_rng_state(rng)
-        return metrics
+        return metrics if self.rank == 0 else {}
 
     def _sampling_model(self, engine, ema):
         if ema is None:

@@ -12,7 +12,6 @@ again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
-from npp.pipeline.shards import open_shard_sets
+from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
 from npp.train.config import TrainConfig
 from npp.train.ds_config import (
     check_ds_json,
@@ -57,6 +56,7 @@ class TrainPlan:
     eval_spec: EvalSpec | None
     workers: int  # loader workers per rank, resolved
     resume_tag: str | None  # the checkpoint this start resumes from
+    heldout: list = field(default_factory=list)  # the held-out shards (--val-share of tokenize): val/loss_k1
     branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
     branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
     prepare_branch: bool = False  # this start first puts the parent's checkpoint into the run folder
@@ -106,7 +106,7 @@ def check_meta_matches(model_cfg: GPTConfig, meta: dict, shards: str) -> None:
 
 
 def data_digest(manifest: list[dict]) -> str:
-    return hashlib.sha256("".join(m["sha256"] for m in manifest).encode()).hexdigest()[:16]
+    return manifest_digest(manifest)
 
 
 def auto_workers(requested: int, shards: int, world_size: int) -> int:
@@ -204,6 +204,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                      warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
                      eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
                      resume_tag=resume_tag(run, world))
+    plan.heldout = heldout_shards(str(cfg.shards))
     plan.branch = (saved or {}).get("branch") or branch
     if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
         from npp.train.branching import check_branch_checkpoint
@@ -278,6 +279,8 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
         "shards_meta": {k: plan.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer",
                                                   "sets") if k in plan.meta},
         "data_digest": plan.data_digest,
+        **({"heldout": {"samples": plan.meta.get("val_samples", 0), "shards": len(plan.heldout),
+                        "digest": data_digest(plan.heldout)}} if plan.heldout else {}),
         "git_commit": git_commit,
         "starts": starts,
         **({"branch_points": {str(e): s for e, s in plan.branch_steps.items()}} if plan.branch_steps else {}),

@@ -1,6 +1,6 @@
 """Per-step records and periodic metrics of a training run, each step exactly once.
 
-`metrics.jsonl` (rank 0) gets one line per optimizer step. The losses stay on the
+`metrics.jsonl` (rank 0) gets one line per optimizer step (and one per held-out loss: `note`). The losses stay on the
 device until a sync point (`flush`, every --sync-every steps and at log, checkpoint
 and eval steps): reading a loss per step would stall the host until the GPU caught
 up, and at k=4 a GPT-B micro-step is about a millisecond of GPU work. A resumed run redoes the
@@ -101,6 +101,12 @@ class Progress:
                 for (step, _, patch_side, lr), loss in zip(self.pending, values, strict=False):
                     fh.write(json.dumps({"step": step, "loss": loss, "patch_side": patch_side, "lr": lr}) + "\n")
         self.pending = []
+
+    def note(self, step: int, values: dict) -> None:
+        """A record of measurements at `step` beside the step's own (the held-out loss): {"step", **values}."""
+        if self.is_main and values:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
 
     def global_counters(self, loss: float = 0.0) -> float:
         """Sum (loss, this rank's corrupt shards) over ranks in one collective (every rank calls it at the same

@@ -29,6 +29,7 @@ from npp.train.ds_config import resolve_precision
 from npp.train.errors import TrainingError
 from npp.train.eval_points import EvalPoints
 from npp.train.export import export
+from npp.train.heldout import HeldOutLoss
 from npp.train.mfu import peak_flops
 from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
@@ -41,17 +42,16 @@ from npp.train.tracking import Tracker
 
 class Trainer:
     def __init__(self, plan: TrainPlan | TrainConfig, evaluator=None):
-        """`plan`: from npp.train.plan.make_plan (a TrainConfig is planned here, for in-process callers).
-        `evaluator`: a callable (model, num_classes, device, rank, world) -> metrics (rank 0), called at the
-        eval points; the app builds it from the eval stage (npp.eval.during_training)."""
+        """`plan`: npp.train.plan.make_plan's (a TrainConfig is planned here); `evaluator`: a callable (model,
+        num_classes, device, rank, world) -> metrics at the eval points (the app's, npp.eval.during_training)."""
         self.plan = plan if isinstance(plan, TrainPlan) else make_plan(plan)
         self.cfg, self.model_cfg = self.plan.cfg, self.plan.model_cfg
         self.env: DistEnv = read_env()
         if self.env.world_size != self.plan.world_size:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
-        self.run, self._evaluator = RunFolder(self.cfg.out), evaluator
-        self.precision = resolve_precision(self.cfg.precision, torch.cuda.is_available())
-        self.ds_config = self.plan.device_ds_config(self.precision, torch.cuda.is_available())
+        self.run, self._evaluator, cuda = RunFolder(self.cfg.out), evaluator, torch.cuda.is_available()
+        self.precision = resolve_precision(self.cfg.precision, cuda)
+        self.ds_config = self.plan.device_ds_config(self.precision, cuda)
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
         self.cadence = Cadence(self.total_steps, self.cfg.sync_every, self.cfg.log_every, self.cfg.ckpt_every,
@@ -62,16 +62,14 @@ class Trainer:
         check_no_stale_build(self.ds_config)
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.feed = DataFeed(self.cfg.shards, self.plan.manifest, self.cfg.seed, self.cfg.shuffle_buffer,
-                             self.cfg.mix_shards, self.plan.micro_batch, self.env.rank, self.env.world_size,
-                             self.plan.workers)
+        self.feed = DataFeed.of(self.plan, self.env.rank, self.env.world_size)
         self.last_lr = 0.0  # the rate of the step in flight
 
     step = property(lambda self: self.state.step, doc="Optimizer steps applied (the resumable state's).")
 
     def _lr_factor(self, step: int) -> float:
-        return self.schedule.lr_at(step, self.cfg.lr, self.cfg.end_lr, self.plan.warmup_steps,
-                                   self.cfg.decay_ratio) / self.cfg.lr
+        c = self.cfg
+        return self.schedule.lr_at(step, c.lr, c.end_lr, self.plan.warmup_steps, c.decay_ratio) / c.lr
 
     def _build(self) -> None:
         self.device = init(self.env)
@@ -84,7 +82,8 @@ class Trainer:
         self.engine, self.ema, self.compiled = start_engine(model, optimizer, self.ds_config, self.cfg, self.precision,
                                                             self.device, keep_ema=self.env.is_main, scheduler=scheduler)
         self.step_fn = TrainStep(self.engine, self.ema)
-        self.evals = EvalPoints(self._evaluator, self.model_cfg, self.device, self.env.rank, self.env.world_size)
+        self.evals = EvalPoints(self._evaluator, self.model_cfg, self.device, self.env.rank, self.env.world_size,
+                                HeldOutLoss.of(self.plan.heldout, self.env, self.plan.micro_batch, self.device))
 
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
@@ -107,7 +106,7 @@ class Trainer:
                     self.bad.applied()
                     self.state.step += 1
                     self._record(loss, span.patch_side, flops)
-                    if self.cadence.eval_due(self.state.step):
+                    if self.evals.due(self.cadence, self.state.step):
                         with self.progress.exclude("eval"):
                             self._evaluate()
                 if self.cadence.sync_due(self.state.step, skipped=loss is None) and self._sync():
@@ -204,9 +203,11 @@ class Trainer:
 
     # --- what the loop calls -------------------------------------------------------
     def _evaluate(self) -> None:
-        """FID & co of the model now (the EMA when there is one), logged at this step beside train_flops."""
-        metrics = self.evals(self.engine, self.ema)
+        """FID & co of the model now (the EMA when there is one) and the held-out loss, logged at this step beside
+        train_flops (and the held-out loss in metrics.jsonl)."""
+        metrics = self.evals(self.engine, self.ema, sample=self.cadence.eval_due(self.state.step))
         if self.env.is_main:
+            self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             metrics["train_flops"] = self.state.train_flops
             self.tracker.log(metrics, self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

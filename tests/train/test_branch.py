@@ -1,5 +1,6 @@
 """Compute-matched NTP baselines by branching: the shorter run's decay trained from the longer run's checkpoint
-is the shorter run trained from scratch, bit for bit (2 ranks, dropout on)."""
+is the shorter run trained from scratch, bit for bit (2 ranks, dropout on); and the held-out loss every run
+logs at its end, the same for both, recomputed here from the exported model."""
 
 import json
 import subprocess
@@ -14,7 +15,7 @@ from npp.train.checkpointing import prune
 from npp.train.schedule import PatchSchedule, branch_points, branch_step, parse_schedule
 from tests.helpers import launch, read_metrics, run_env, train_args
 
-NTP = dict(schedule="1:1", total_steps=None, global_batch=16, ckpt_every=4, log_every=4, keep=2)  # 5 steps/epoch
+NTP = dict(schedule="1:1", total_steps=None, global_batch=16, ckpt_every=4, log_every=4, keep=2)
 
 
 def test_branch_step_is_where_the_shorter_runs_lr_leaves_the_longer_runs():
@@ -76,21 +77,24 @@ def _branch_cmd(parent, out, epochs, nproc=2, **flags):
 
 
 @pytest.mark.slow
-def test_a_branch_is_the_shorter_run_trained_from_scratch(shard_set, tmp_path):
+def test_a_branch_is_the_shorter_run_trained_from_scratch(heldout_shard_set, tmp_path):
+    shards = heldout_shard_set  # 72 training samples: 4 steps per epoch at global batch 16
     parent, scratch, branch = tmp_path / "ntp5", tmp_path / "ntp4", tmp_path / "ntp4_branch"
-    launch(shard_set, parent, tmp_path, **{**NTP, "epochs": 5, "branch_epochs": "4", "run_name": "ntp5"})
-    launch(shard_set, scratch, tmp_path, **{**NTP, "epochs": 4, "run_name": "ntp4"})
-    # the 4-epoch run decays from step 16 (20 steps, the last fifth): the parent kept that checkpoint past --keep 2
-    assert (parent / "checkpoints" / tag_for(16)).is_dir()
-    assert json.loads((parent / "config.json").read_text())["branch_points"] == {"4": 16}
+    launch(shards, parent, tmp_path, **{**NTP, "epochs": 5, "branch_epochs": "4", "run_name": "ntp5"})
+    launch(shards, scratch, tmp_path, **{**NTP, "epochs": 4, "run_name": "ntp4"})
+    # the 4-epoch run (16 steps) decays from step 13 (the last fifth: 12.8): the parent kept that checkpoint
+    # beyond --keep 2
+    assert (parent / "checkpoints" / tag_for(13)).is_dir()
+    assert json.loads((parent / "config.json").read_text())["branch_points"] == {"4": 13}
     proc = subprocess.run(_branch_cmd(parent, branch, 4), env=run_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "branch of" in proc.stdout and "at step 16" in proc.stdout
+    assert "branch of" in proc.stdout and "at step 13" in proc.stdout
 
     mine, theirs = read_metrics(branch), read_metrics(scratch)
-    assert [r["step"] for r in mine] == list(range(1, 21))
-    assert mine == theirs  # every loss and learning rate, the shared prefix and the trained decay
+    assert [r["step"] for r in mine] == list(range(1, 17)) + [16]  # each step, then the held-out loss at the end
+    assert mine == theirs  # every loss and learning rate, the shared prefix and the trained decay, the held-out loss
+    assert mine[-1]["val/loss_k1"] == pytest.approx(_heldout_loss(branch / "model.pt", shards), rel=1e-5)
     a, b = (torch.load(p / "model.pt", map_location="cpu", weights_only=True)["model"] for p in (branch, scratch))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the final weights differ"
 
@@ -100,14 +104,46 @@ def test_a_branch_is_the_shorter_run_trained_from_scratch(shard_set, tmp_path):
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("npp").experiment_id])}
     own = runs["ntp4_branch"]
     assert own.info.run_id not in (runs["ntp5"].info.run_id, runs["ntp4"].info.run_id)  # a run of its own
-    assert own.data.tags["npp.branch_parent"] == runs["ntp5"].info.run_id and own.data.tags["npp.branch_step"] == "16"
+    assert own.data.tags["npp.branch_parent"] == runs["ntp5"].info.run_id and own.data.tags["npp.branch_step"] == "13"
     assert own.data.params["train.epochs"] == "4" and own.info.status == "FINISHED"
     # its curve is the whole 4-epoch run's, and its FLOPs its budget's (the shared prefix counted)
-    assert [m.step for m in client.get_metric_history(own.info.run_id, "loss")] == [4, 8, 12, 16, 20]
+    assert [m.step for m in client.get_metric_history(own.info.run_id, "loss")] == [4, 8, 12, 16]
     assert own.data.metrics["train_flops"] == runs["ntp4"].data.metrics["train_flops"]
-    assert [m.step for m in client.get_metric_history(runs["ntp5"].info.run_id, "loss")] == [4, 8, 12, 16, 20, 24, 25]
+    assert own.data.metrics["val/loss_k1"] == runs["ntp4"].data.metrics["val/loss_k1"]
+    assert [m.step for m in client.get_metric_history(runs["ntp5"].info.run_id, "val/loss_k1")] == [20]
 
     # a branch at a point the parent did not keep is refused, in one line
     again = subprocess.run(_branch_cmd(parent, tmp_path / "ntp3", 3, nproc=1), env=run_env(tmp_path),
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode != 0 and "kept no checkpoint at step 12" in again.stderr
+    assert again.returncode != 0 and "kept no checkpoint at step 10" in again.stderr
+
+
+def _heldout_loss(model_path, shards) -> float:
+    """Next-token cross-entropy of the exported model on every held-out sample's first view, in one process."""
+    import torch.nn.functional as F
+
+    from npp.models.checkpoint import load_gpt
+    from npp.pipeline.shards import heldout_shards, iter_tar_samples
+
+    model, _ = load_gpt(str(model_path))
+    samples = [s for row in heldout_shards(str(shards)) for s in iter_tar_samples(row["path"])]
+    assert len(samples) == 8
+    idx = torch.tensor([s.codes[0].reshape(-1).tolist() for s in samples])
+    with torch.no_grad():
+        logits, _ = model.eval()(idx, torch.tensor([s.label for s in samples]), targets=idx)
+    return float(F.cross_entropy(logits.flatten(0, 1).double(), idx.flatten()))
+
+
+def test_the_heldout_loss_is_every_samples_next_token_loss_at_k1_in_eval_mode(heldout_shard_set):
+    """On one rank, batches that do not divide the set (padding at weight 0), a model in training mode (dropout
+    on): the mean over tokens of the whole set, with dropout off and the mode put back."""
+    from npp.pipeline.shards import heldout_shards
+    from npp.train.heldout import HeldOutLoss
+    from tests.helpers import make_gpt
+
+    model = make_gpt(grid=(8, 8), vocab=64, num_classes=10, token_dropout_p=0.5).train()
+    got, n = HeldOutLoss(heldout_shards(str(heldout_shard_set)), 0, 1, 3, torch.device("cpu"))(model)
+    assert n == 8 and model.training
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "steps": 0},
+               heldout_shard_set.parent / "m.pt")
+    assert got == pytest.approx(_heldout_loss(heldout_shard_set.parent / "m.pt", heldout_shard_set), rel=1e-6)
