@@ -1,34 +1,53 @@
-"""`npp compare`: runs side by side by quality against training cost (NPP vs NTP of the same model).
+"""`npp compare`: NPP against next-token training (NTP) of the same model, like with like, with its noise.
 
-For every training run of an experiment (or the runs named with --runs): each evaluated step's FID and
-IS, the cumulative training FLOPs at that step (the trainer's `train_flops` metric) and the hours of
-training to that step, summed from the trainer's own step time (`step_s` per log window: a requeued job's
-time in the queue is not training). Prints a table, writes it as CSV, and draws FID (log scale) against
-training PFLOPs with matplotlib (PNG and PDF): one line with markers per run, labelled by model, schedule
-and run, and for each model that has both an NTP run (schedule 1:1) and an NPP run, the equal-FID point
-and the cost ratio annotated: the paper's claim in one figure.
+What a run reaches with a budget is its *annealed end* (the learning rate decayed), not a point in
+the middle of a longer run at constant rate: an underfit model gains most of its final quality in
+the decay. So the NTP side of every comparison is a frontier made of annealed NTP ends only: full
+runs and their branches (`npp train --branch-epochs`, `npp train branch`: the shorter runs for a
+fifth of their cost), one point per budget. NPP's point is its run's end.
+
+- **Equal FID**: NPP's training FLOPs over the FLOPs at which the NTP frontier reaches NPP's FID,
+  interpolated in log-FLOPs between the two annealed NTP points around it; the same for the held-out
+  loss (`val/loss_k1`) and for hours of training (from the step times: a requeued job's time in the
+  queue is not training; a branch's hours include its parent's up to the branch point). Where no
+  annealed NTP point is at or beyond NPP's value, no ratio is printed: the bound it implies is.
+- **Equal epochs**: NPP's final FID and held-out loss minus NTP's at the same epochs.
+- **Seeds**: runs that differ only in `--seed` form a group; every figure is the group's mean with
+  its min–max over seeds, and the ratios and differences are also taken seed by seed (NPP seed s
+  against the NTP runs of seed s) and given with their min–max.
+- **Protocol**: a FID is compared only with FIDs measured alike (samples per class, guidance,
+  temperature, top-k/p, reference and feature network: `npp.protocol.<metric>` tags); others are
+  shown apart, with the difference named.
+
+Prints a table, writes `compare.csv` (every evaluated step), `comparison.json` (groups, ratios,
+differences) and a figure (`compare.png`, `compare.pdf`): FID and held-out loss against training
+PFLOPs, annealed ends as points with their seed range, the NTP frontier as a line with a band,
+mid-run curves as thin dashed lines marked "during training".
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
 from npp.errors import ConfigError
+from npp.pipeline.eval_spec import PROTOCOL_TAG, protocol_differences
 from npp.pipeline.mlflow_utils import tracking_uri
 
 FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_cfg[0-9.]+)?$")
+HELDOUT = "val/loss_k1"
+# params that do not make two runs different experiments: what seed and name they have
+NOT_GROUPING = ("train.seed", "train.run_name", "train.experiment")
+# ...and what separates points of one frontier: the budget and the schedule
+NOT_FAMILY = NOT_GROUPING + ("train.epochs", "train.total_steps", "train.schedule", "train.patch_levels",
+                             "train.epoch_rate")
 
 
-def _at_step(history, step: int):
-    """The last record at or before `step`."""
-    best = None
-    for m in history:
-        if m.step <= step and (best is None or m.step >= best.step):
-            best = m
-    return best
+def is_ntp(schedule: str) -> bool:
+    return schedule in ("1:1", "1:1.0")
 
 
 def training_hours(step_s_history) -> dict[int, float]:
@@ -43,8 +62,31 @@ def training_hours(step_s_history) -> dict[int, float]:
     return hours
 
 
+def _at_step(history, step: int):
+    """The last record at or before `step`."""
+    best = None
+    for m in history:
+        if m.step <= step and (best is None or m.step >= best.step):
+            best = m
+    return best
+
+
+def _latest_per_step(history) -> dict[int, float]:
+    latest = {}  # an evaluation repeated at a step: its last value counts
+    for m in sorted(history, key=lambda m: m.timestamp):
+        latest[m.step] = m.value
+    return latest
+
+
+def _key(params: dict, drop: tuple) -> tuple:
+    """The identity params (the flags, the data, the held-out set) less `drop`."""
+    return tuple(sorted((k, v) for k, v in params.items()
+                        if (k.startswith(("train.", "heldout.")) or k == "data_digest") and k not in drop))
+
+
 def collect(experiment: str, runs: list[str] | None = None) -> list[dict]:
-    """Rows of every evaluated step of the experiment's training runs (or of the runs named: names or ids)."""
+    """One record per training run of the experiment (or of the runs named: names or ids): its identity, its
+    end (step, PFLOPs, hours, every FID and the held-out loss there), its curves and its protocols."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -52,138 +94,260 @@ def collect(experiment: str, runs: list[str] | None = None) -> list[dict]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment {experiment!r} at {mlflow.get_tracking_uri()}: train a run first")
-    rows, seen = [], set()
-    for run in client.search_runs([exp.experiment_id]):
-        if "mlflow.parentRunId" in run.data.tags:
+    out, seen = [], set()
+    for run in client.search_runs([exp.experiment_id], max_results=5000):
+        tags, params = run.data.tags, run.data.params
+        if "mlflow.parentRunId" in tags or "train.model" not in params:
+            continue  # nested evaluations, comparisons: not training runs
+        name, run_id = run.info.run_name, run.info.run_id
+        if runs and name not in runs and run_id not in runs:
             continue
-        name = run.info.run_name
-        if runs and name not in runs and run.info.run_id not in runs:
-            continue
-        seen.update({name, run.info.run_id})
-        fid_keys = [k for k in run.data.metrics if FID_KEY.match(k)]
-        if not fid_keys:
-            continue
-        flops = client.get_metric_history(run.info.run_id, "train_flops")
-        hours = training_hours(client.get_metric_history(run.info.run_id, "step_s"))
-        schedule = run.data.params.get("schedule", "?")
-        model = run.data.params.get("train.model", "?")
-        for key in fid_keys:
-            prefix, base = ("curve/", key[len("curve/"):]) if key.startswith("curve/") else ("", key)
-            is_key = prefix + "is" + base[3:]
-            is_hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, is_key)}
-            latest = {}  # an evaluation repeated at a step: its last value counts
-            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp):
-                latest[m.step] = m
-            for m in latest.values():
-                f = _at_step(flops, m.step)
-                logged = [h for s, h in hours.items() if s <= m.step]
-                rows.append({
-                    "run": name, "model": model, "schedule": schedule, "metric": key, "step": m.step, "fid": m.value,
-                    "is": is_hist.get(m.step), "train_pflops": (f.value / 1e15) if f else None,
-                    "train_hours": logged[-1] if logged else None,
-                })
+        seen.update({name, run_id})
+        keys = [k for k in run.data.metrics if FID_KEY.match(k)] + [k for k in (HELDOUT,) if k in run.data.metrics]
+        flops = client.get_metric_history(run_id, "train_flops")
+        hours = training_hours(client.get_metric_history(run_id, "step_s"))
+        total = int(params.get("total_steps") or max((m.step for m in flops), default=0))
+        schedule = params.get("schedule", params.get("train.schedule", "?"))
+        curves = {}
+        for key in keys:
+            points = []
+            for step, value in sorted(_latest_per_step(client.get_metric_history(run_id, key)).items()):
+                f = _at_step(flops, step)
+                logged = [h for s, h in hours.items() if s <= step]
+                points.append({"step": step, "value": value, "pflops": f.value / 1e15 if f else None,
+                               "hours": logged[-1] if logged else None})
+            curves[key] = points
+        out.append({
+            "run": name, "run_id": run_id, "model": params["train.model"], "schedule": schedule,
+            "ntp": is_ntp(schedule), "seed": params.get("train.seed", "?"), "epochs": params.get("train.epochs", "?"),
+            "total_steps": total, "branch": tags.get("npp.branch_parent") is not None,
+            "group": _key(params, NOT_GROUPING), "family": _key(params, NOT_FAMILY), "curves": curves,
+            "protocols": {k[len(PROTOCOL_TAG):]: json.loads(v) for k, v in tags.items() if k.startswith(PROTOCOL_TAG)},
+        })
     missing = [r for r in runs or [] if r not in seen]
     if missing:
         raise ConfigError(f"--runs {','.join(missing)}: no such training run in experiment {experiment!r}")
-    return sorted(rows, key=lambda r: (r["metric"], r["model"], r["run"], r["step"]))
+    return sorted(out, key=lambda r: (r["model"], not r["ntp"], _epochs(r), r["schedule"], str(r["seed"]), r["run"]))
 
 
-def crossing_flops(points: list[tuple[float, float]], target: float) -> float | None:
-    """The training FLOPs at which a FID curve first reaches `target` (linear between eval points), or None."""
-    points = sorted(points)
-    for i, (x, y) in enumerate(points):
-        if y <= target:
-            if i == 0:
-                return x
-            xp, yp = points[i - 1]
-            return xp + (yp - target) / (yp - y) * (x - xp)
-    return None
+def _epochs(r: dict) -> float:
+    try:
+        return float(r["epochs"])
+    except ValueError:
+        return math.inf
 
 
-def is_ntp(schedule: str) -> bool:
-    return schedule in ("1:1", "1:1.0")
+def end_point(run: dict, key: str) -> dict | None:
+    """The run's annealed end for `key`: the value measured at its last step (None: not measured there)."""
+    return next((p for p in run["curves"].get(key, []) if p["step"] == run["total_steps"]), None)
 
 
-def cost_at_equal_fid(rows: list[dict], metric: str) -> dict | None:
-    """NPP's training FLOPs over NTP's to reach the same FID: the ratio the paper claims (~0.6).
-
-    The FID level compared is the worse of the two runs' final FIDs, the best both
-    curves reach: when NPP ends better this is NTP's final FID (the paper's reading:
-    what NPP spends to match NTP), when NPP ends worse it is NPP's final FID (what NTP
-    spends to match NPP). Linear between eval points. NTP is the run whose schedule is
-    "1:1", NPP any other; with several of either the last-named (sorted) of each is
-    used. None when either is missing. `rows` are one model's (see `pairs`).
-    """
-    curves: dict[str, dict] = {}
-    for r in rows:
-        if r["metric"] == metric and r["train_pflops"] is not None:
-            kind = "ntp" if is_ntp(r["schedule"]) else "npp"
-            curves.setdefault(kind, {}).setdefault(r["run"], []).append((r["train_pflops"], r["fid"]))
-    if "ntp" not in curves or "npp" not in curves:
-        return None
-    ntp_run, npp_run = sorted(curves["ntp"])[-1], sorted(curves["npp"])[-1]
-    ntp, npp = sorted(curves["ntp"][ntp_run]), sorted(curves["npp"][npp_run])
-    level = max(ntp[-1][1], npp[-1][1])
-    npp_flops, ntp_flops = crossing_flops(npp, level), crossing_flops(ntp, level)
-    return {"ntp_run": ntp_run, "npp_run": npp_run, "metric": metric, "fid_level": level,
-            "ntp_final_fid": ntp[-1][1], "npp_final_fid": npp[-1][1],
-            "level_from": "ntp" if ntp[-1][1] >= npp[-1][1] else "npp",
-            "npp_pflops": npp_flops, "ntp_pflops": ntp_flops, "ratio": npp_flops / ntp_flops}
+def rows_of(runs: list[dict]) -> list[dict]:
+    """Every evaluated step of every run, for the CSV: the end marked."""
+    return [{"run": r["run"], "model": r["model"], "schedule": r["schedule"], "epochs": r["epochs"], "seed": r["seed"],
+             "branch": r["branch"], "metric": key, "step": p["step"], "end": p["step"] == r["total_steps"],
+             "value": p["value"], "train_pflops": p["pflops"], "train_hours": p["hours"]}
+            for r in runs for key, points in sorted(r["curves"].items()) for p in points]
 
 
-def pairs(rows: list[dict], metric: str) -> dict[str, dict]:
-    """The equal-FID cost ratio per model size: NPP against NTP of the same model (models without both: none)."""
+# --- groups of seeds and their spread ------------------------------------------------------------------------
+def spread(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"n": 0, "mean": None, "min": None, "max": None}
+    return {"n": len(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def groups_of(runs: list[dict], key: str) -> list[dict]:
+    """Runs that differ only in seed, with their ends for `key`: per seed and as mean and min–max."""
+    groups: dict[tuple, dict] = {}
+    for r in runs:
+        end = end_point(r, key)
+        if end is None or end["pflops"] is None:
+            continue
+        g = groups.setdefault(r["group"], {"model": r["model"], "schedule": r["schedule"], "ntp": r["ntp"],
+                                           "epochs": r["epochs"], "family": r["family"], "seeds": {}, "runs": [],
+                                           "protocols": []})
+        g["seeds"][str(r["seed"])] = end
+        g["runs"].append(r["run"])
+        g["protocols"].append(r["protocols"].get(key))
+    out = []
+    for g in groups.values():
+        for what in ("value", "pflops", "hours"):
+            g[what] = spread([e[what] for e in g["seeds"].values()])
+        out.append(g)
+    return sorted(out, key=lambda g: (g["model"], not g["ntp"], float(g["pflops"]["mean"]), g["schedule"]))
+
+
+def group_label(g: dict) -> str:
+    return f"{g['model']} {'NTP' if g['ntp'] else 'NPP ' + g['schedule']} {g['epochs']} ep"
+
+
+# --- the NTP frontier and where it reaches a value ----------------------------------------------------------------
+def frontier_cost(points: list[tuple[float, float]], target: float) -> dict:
+    """Where a frontier of annealed points (cost, value; lower value is better) first reaches `target`,
+    interpolated in log-cost between the two points around it. {"cost": c} when it does; otherwise a bound:
+    {"below": c} when its cheapest point is already better (the cost is below c), {"above": c} when even its
+    costliest point does not reach it (the cost is above c)."""
+    points = sorted(p for p in points if p[0] and p[0] > 0)
+    if not points:
+        return {}
+    if points[0][1] <= target:
+        return {"below": points[0][0]} if points[0][1] < target else {"cost": points[0][0]}
+    for (c0, v0), (c1, v1) in zip(points, points[1:], strict=False):
+        if v1 <= target:
+            t = (v0 - target) / (v0 - v1)
+            return {"cost": math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))}
+    return {"above": points[-1][0]}
+
+
+def ratio_against(npp_value: float, npp_cost: float, ntp_points: list[tuple[float, float]]) -> dict:
+    """NPP's cost over the NTP frontier's cost at NPP's value, or the bound on it."""
+    at = frontier_cost(ntp_points, npp_value)
+    if "cost" in at:
+        return {"ratio": npp_cost / at["cost"], "ntp_cost": at["cost"]}
+    if "below" in at:  # NTP is better already at its cheapest budget: NPP costs more than npp/that
+        return {"ratio": None, "ratio_above": npp_cost / at["below"]}
+    if "above" in at:  # NTP never gets there: NPP costs less than npp/that
+        return {"ratio": None, "ratio_below": npp_cost / at["above"]}
+    return {"ratio": None}
+
+
+def compare_group(npp: dict, ntp_groups: list[dict], what: str) -> dict:
+    """NPP group against the NTP frontier, for the FLOPs and the hours: on the means, and seed by seed."""
     out = {}
-    for model in sorted({r["model"] for r in rows}):
-        ratio = cost_at_equal_fid([r for r in rows if r["model"] == model], metric)
-        if ratio is not None:
-            out[model] = {"model": model, **ratio}
-    return out
+    for cost in ("pflops", "hours"):
+        frontier = [(g[cost]["mean"], g["value"]["mean"]) for g in ntp_groups]
+        mean = ratio_against(npp["value"]["mean"], npp[cost]["mean"], frontier)
+        per_seed = {}
+        for seed, end in npp["seeds"].items():
+            own = [(g["seeds"][seed][cost], g["seeds"][seed]["value"]) for g in ntp_groups if seed in g["seeds"]]
+            per_seed[seed] = ratio_against(end["value"], end[cost], own).get("ratio")
+        out[cost] = {**mean, "per_seed": per_seed, "seeds": spread(list(per_seed.values()))}
+    return {"what": what, "npp": group_label(npp), **out}
 
 
-def plot(rows: list[dict], paths: list[Path], metric: str, ratios: dict[str, dict]) -> None:
-    """FID (log) against training PFLOPs, one line with markers per run; equal-FID points and cost ratios marked."""
+def equal_epochs(npp: dict, ntp_groups: list[dict]) -> dict | None:
+    """NPP's end minus NTP's at the same epochs: on the means, and paired seed by seed."""
+    same = next((g for g in ntp_groups if g["epochs"] == npp["epochs"]), None)
+    if same is None:
+        return None
+    paired = {s: npp["seeds"][s]["value"] - same["seeds"][s]["value"] for s in npp["seeds"] if s in same["seeds"]}
+    return {"npp": group_label(npp), "ntp": group_label(same), "difference": npp["value"]["mean"] -
+            same["value"]["mean"], "paired": paired, "paired_spread": spread(list(paired.values()))}
+
+
+def comparisons(runs: list[dict], key: str) -> dict:
+    """Groups, the equal-value cost ratios and the equal-epoch differences for one metric; pairs measured with
+    different protocols are listed apart."""
+    groups = groups_of(runs, key)
+    result = {"metric": key, "groups": groups, "ratios": [], "equal_epochs": [], "not_compared": []}
+    for npp in (g for g in groups if not g["ntp"]):
+        ntp_groups = [g for g in groups if g["ntp"] and g["family"] == npp["family"]]
+        differ = sorted({d for g in ntp_groups for a in npp["protocols"] for b in g["protocols"]
+                         for d in protocol_differences(a, b)} |
+                        {d for a in npp["protocols"] for b in npp["protocols"] for d in protocol_differences(a, b)})
+        if differ and key != HELDOUT:
+            result["not_compared"].append({"npp": group_label(npp), "differences": differ})
+            continue
+        if ntp_groups:
+            result["ratios"].append(compare_group(npp, ntp_groups, key))
+            eq = equal_epochs(npp, ntp_groups)
+            if eq:
+                result["equal_epochs"].append(eq)
+    return result
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+def default_metric(runs: list[dict]) -> str | None:
+    """The FID with the most annealed ends (the final evaluation's over the curve's when as many)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        for key in r["curves"]:
+            if FID_KEY.match(key) and end_point(r, key) is not None:
+                counts[key] = counts.get(key, 0) + 1
+    return min(counts, key=lambda k: (-counts[k], k.startswith("curve/"), len(k))) if counts else None
+
+
+def _fmt(s: dict, digits: str = ".4g") -> str:
+    if not s.get("n"):
+        return "-"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return f"{s['mean']:{digits}}"
+    return f"{s['mean']:{digits}} ({s['min']:{digits}}–{s['max']:{digits}})"
+
+
+def describe(result: dict) -> list[str]:
+    key = result["metric"]
+    lines = [f"\n{key}: annealed ends, mean (min–max over seeds)",
+             f"  {'group':<44} {'seeds':>5} {'PFLOPs':>24} {'train hours':>26} {key:>24}"]
+    for g in result["groups"]:
+        lines.append(f"  {group_label(g):<44} {g['value']['n']:>5} {_fmt(g['pflops']):>24} {_fmt(g['hours']):>26} "
+                     f"{_fmt(g['value']):>24}")
+    for r in result["ratios"]:
+        for cost, unit in (("pflops", "FLOPs"), ("hours", "hours")):
+            c = r[cost]
+            if c.get("ratio") is not None:
+                seeds = c["seeds"]
+                per = (f"; seed by seed {_fmt(seeds, '.3f')} (n={seeds['n']})" if seeds["n"] > 1 else "")
+                lines.append(f"  {r['npp']}: at its {key}, NPP/NTP {unit} = {c['ratio']:.3f}{per}")
+            elif c.get("ratio_above") is not None:
+                lines.append(f"  {r['npp']}: no {unit} ratio: NTP's cheapest annealed run is already better than NPP's "
+                             f"{key} (NPP/NTP {unit} > {c['ratio_above']:.3f})")
+            elif c.get("ratio_below") is not None:
+                lines.append(f"  {r['npp']}: no {unit} ratio: no annealed NTP run reaches NPP's {key} (NPP/NTP {unit} "
+                             f"< {c['ratio_below']:.3f}); branch or train NTP longer to bracket it")
+    for e in result["equal_epochs"]:
+        paired = e["paired_spread"]
+        lines.append(f"  equal epochs: {e['npp']} minus {e['ntp']}: {key} {e['difference']:+.4g}"
+                     + (f" (paired by seed {_fmt(paired, '+.4g')}, n={paired['n']})" if paired["n"] > 1 else ""))
+    for n in result["not_compared"]:
+        lines.append(f"  not compared: {n['npp']}: measured unlike its NTP runs ({'; '.join(n['differences'])})")
+    return lines
+
+
+def plot(runs: list[dict], results: list[dict], paths: list[Path]) -> None:
+    """One panel per metric (FID, held-out loss) against training PFLOPs (log): annealed ends with their seed range,
+    the NTP frontier (line through the group means, band over seeds), mid-run curves thin and dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a login node or in CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    pts = [r for r in rows if r["metric"] == metric and r["train_pflops"] is not None]
-    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=150)
-    runs = sorted({(p["model"], p["run"]) for p in pts})
-    colours = {}
-    for model, run in runs:
-        line = sorted((p["train_pflops"], p["fid"]) for p in pts if p["run"] == run)
-        sched = next(p["schedule"] for p in pts if p["run"] == run)
-        kind = "NTP" if is_ntp(sched) else "NPP"
-        (handle,) = ax.plot(*zip(*line, strict=True), marker="o" if kind == "NPP" else "s", markersize=4,
-                            linestyle="-" if kind == "NPP" else "--", label=f"{model} {kind} [{sched}] ({run})")
-        colours[run] = handle.get_color()
-    for model, r in ratios.items():
-        if r["npp_pflops"] is None or r["ntp_pflops"] is None:
-            continue
-        ax.axhline(r["fid_level"], color="grey", linewidth=0.6, linestyle=":")
-        for flops, run in ((r["npp_pflops"], r["npp_run"]), (r["ntp_pflops"], r["ntp_run"])):
-            ax.plot([flops], [r["fid_level"]], marker="*", markersize=11, color=colours.get(run, "black"),
-                    markeredgecolor="black", zorder=5)
-        ax.annotate(f"{model}: equal FID {r['fid_level']:.3g}\nNPP/NTP cost = {r['ratio']:.2f}",
-                    xy=(r["npp_pflops"], r["fid_level"]), xytext=(8, 12), textcoords="offset points", fontsize=8,
-                    bbox={"boxstyle": "round", "fc": "white", "ec": "grey"})
-    if not pts:
-        ax.text(0.5, 0.5, "no evaluated steps with training FLOPs", ha="center", transform=ax.transAxes)
-    else:
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 10, 20, 40: not 10^1, 2x10^1
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-    name = metric.upper().replace("CURVE/", "")
-    ax.set_xlabel("training compute (PFLOPs)")
-    ax.set_ylabel(f"{name} (log scale, lower is better)")
-    ax.set_title(f"{name} against training compute: Next Patch Prediction vs next-token training", fontsize=10)
-    ax.grid(True, which="both", linewidth=0.4, alpha=0.6)
-    if runs:
+    fig, axes = plt.subplots(1, len(results), figsize=(7.2 * len(results), 4.8), dpi=150, squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax, result in zip(axes[0], results, strict=True):
+        key, colours = result["metric"], {}
+        for r in runs:  # during training: thin dashed, one colour per group
+            pts = [(p["pflops"], p["value"]) for p in r["curves"].get(key, []) if p["pflops"]]
+            if len(pts) > 1:
+                (line,) = ax.plot(*zip(*pts, strict=True), linestyle=":", linewidth=0.7, alpha=0.5,
+                                  color=colours.get(r["group"]))
+                colours.setdefault(r["group"], line.get_color())
+        ntp = [g for g in result["groups"] if g["ntp"]]
+        if ntp:
+            xs = [g["pflops"]["mean"] for g in ntp]
+            ax.plot(xs, [g["value"]["mean"] for g in ntp], "s-", color="black", markersize=4,
+                    label="NTP annealed ends (frontier)")
+            ax.fill_between(xs, [g["value"]["min"] for g in ntp], [g["value"]["max"] for g in ntp], color="grey",
+                            alpha=0.25, linewidth=0)
+        for g in (g for g in result["groups"] if not g["ntp"]):
+            v, c = g["value"], g["pflops"]
+            ax.errorbar([c["mean"]], [v["mean"]], yerr=[[v["mean"] - v["min"]], [v["max"] - v["mean"]]],
+                        xerr=[[c["mean"] - c["min"]], [c["max"] - c["mean"]]], fmt="o", markersize=6, capsize=3,
+                        label=f"NPP {g['schedule']} {g['epochs']} ep (end)")
+        ax.plot([], [], linestyle=":", color="grey", label="during training (constant LR: not a budget's result)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        if key != HELDOUT:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.set_xlabel("training compute (PFLOPs, log scale)")
+        ax.set_ylabel(f"{key.replace('curve/', '')} (lower is better)")
+        ax.set_title(f"{key}: NPP vs annealed next-token training; bars/band: min–max over seeds", fontsize=9)
+        ax.grid(True, which="both", linewidth=0.4, alpha=0.6)
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     for path in paths:
@@ -192,35 +356,31 @@ def plot(rows: list[dict], paths: list[Path], metric: str, ratios: dict[str, dic
 
 
 def compare(experiment: str = "npp", out: str = "compare", metric: str | None = None,
-            runs: list[str] | None = None) -> list[dict]:
-    rows = collect(experiment, runs)
-    if not rows:
-        print(f"no evaluated runs in experiment {experiment!r}: run `npp eval` on their checkpoints first")
-        return rows
-    if not metric:  # FID during training (a curve of like points) when there is one, else the plain key
-        counts = {m: sum(r["metric"] == m for r in rows) for m in {r["metric"] for r in rows}}
-        metric = sorted(counts, key=lambda m: (not m.startswith("curve/"), -counts[m], len(m)))[0]
-    print(f"{'run':<24} {'model':<9} {'schedule':<20} {'metric':<16} {'step':>7} {'PFLOPs':>10} {'train h':>8} "
-          f"{'FID':>8} {'IS':>8}")
-    for r in rows:
-        print(f"{r['run'][:24]:<24} {r['model'][:9]:<9} {r['schedule'][:20]:<20} {r['metric']:<16} {r['step']:>7} "
-              f"{(r['train_pflops'] or 0):>10.4g} {(r['train_hours'] or 0):>8.3f} {r['fid']:>8.3f} "
-              f"{(r['is'] if r['is'] is not None else float('nan')):>8.3f}")
+            runs: list[str] | None = None) -> dict:
+    """The comparison (see the module's docstring); returns {"runs", "results"} and writes the files."""
+    found = collect(experiment, runs)
+    metric = metric or default_metric(found)
+    if metric is None:
+        print(f"no annealed end evaluated in experiment {experiment!r}: run `npp eval` on the runs' final models "
+              "(or train with --eval-every) first")
+        return {"runs": found, "results": []}
+    keys = [metric] + [HELDOUT] * any(end_point(r, HELDOUT) for r in found)
+    results = [comparisons(found, k) for k in keys]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "compare.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    ratios = pairs(rows, metric)
+    rows = rows_of(found)
+    if rows:
+        with open(out_dir / "compare.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    (out_dir / "comparison.json").write_text(json.dumps(
+        {"experiment": experiment, "results": [{**r, "groups": [{k: v for k, v in g.items() if k != "family"}
+                                                                for g in r["groups"]]} for r in results]},
+        indent=2, default=str))
     figures = [out_dir / "compare.png", out_dir / "compare.pdf"]
-    plot(rows, figures, metric, ratios)
-    print(f"wrote {out_dir / 'compare.csv'}, {figures[0]} and {figures[1]} ({metric} against training FLOPs)")
-    for model, ratio in ratios.items():
-        whose = "NTP's final" if ratio["level_from"] == "ntp" else "NPP's final"
-        print(f"{model}: equal {metric} {ratio['fid_level']:.3f} ({whose}): NPP ({ratio['npp_run']}) at "
-              f"{ratio['npp_pflops']:.4g} PFLOPs, NTP ({ratio['ntp_run']}) at {ratio['ntp_pflops']:.4g} PFLOPs: "
-              f"measured cost ratio {ratio['ratio']:.3f} (the paper: about 0.6 on ImageNet)")
-    if ratios:
-        (out_dir / "cost_ratio.json").write_text(json.dumps(ratios, indent=2))
-    return rows
+    plot(found, results, figures)
+    for result in results:
+        print("\n".join(describe(result)))
+    print(f"\nwrote {out_dir / 'compare.csv'}, {out_dir / 'comparison.json'}, {figures[0]} and {figures[1]}")
+    return {"runs": found, "results": results}

@@ -34,7 +34,8 @@ from npp.eval.sample import DECODE_CHUNK, sample_precision
 from npp.models.checkpoint import load_vq
 from npp.models.generate import Sampler
 from npp.models.gpt import GPT
-from npp.pipeline.eval_spec import EvalSpec
+from npp.pipeline.eval_spec import EvalSpec, fid_protocol
+from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
 
 
@@ -68,6 +69,9 @@ class TrainingEvaluator:
         self.net = load_feature_net(spec.inception or None, spec.classifier or None)
         self.ref = reference_for(self.net, spec.ref)
         self.compile = compile
+        # what every FID of the curve depends on (npp.pipeline.eval_spec); the trainer tags it beside the FID
+        self.protocol = fid_protocol(spec.per_class, spec.cfg_scale, spec.temperature, spec.top_k,
+                                     file_sha256(spec.ref), self.net.name, getattr(self.net, "weights_sha256", ""))
         self._kept: Sampler | None = None
 
     def _sampler(self, model: torch.nn.Module, device: torch.device) -> Sampler:

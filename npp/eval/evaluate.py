@@ -19,7 +19,8 @@ import numpy as np
 from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import EvalInputError, load_npz, reference_for
-from npp.pipeline.files import atomic_write_text
+from npp.pipeline.eval_spec import PROTOCOL_TAG, fid_protocol
+from npp.pipeline.files import atomic_write_text, file_sha256
 from npp.pipeline.runs import RunFolder
 
 
@@ -166,6 +167,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     """Into the training run at the checkpoint's step, plus a nested run per samples file. Idempotent: a rerun
     after an interrupted logging reuses the nested runs made and sends no metric point twice."""
     import mlflow
+    from mlflow.entities import RunTag
 
     from npp.pipeline.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
 
@@ -180,16 +182,22 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         exp = mark_training_experiment(experiment)
         run_id = _named_run(client, exp, f"eval {Path(next(iter(results))).stem}", parent=None)
     exp = client.get_run(run_id).info.experiment_id
+    ref_sha = file_sha256(ref_path)
     for (path, metrics), record in zip(results.items(), records, strict=False):
         scale = record.get("cfg_scale")
         key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
-        log_metrics_once(client, run_id, {k + key_suffix: v for k, v in metrics.items()}, step)
+        protocol = samples_protocol(record, ref_sha, net)
+        keyed = {k + key_suffix: v for k, v in metrics.items()}
+        log_metrics_once(client, run_id, keyed, step)
+        if protocol is not None:  # what the FID depends on, beside it (npp.pipeline.eval_spec)
+            client.log_batch(run_id, tags=[RunTag(PROTOCOL_TAG + k, json.dumps(protocol, sort_keys=True))
+                                           for k in keyed if "fid" in k])
         grid = Path(path).with_suffix(".png")
         nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
         params = flatten({
             "samples": str(path), "reference": ref_path, "feature_net": net.name,
             "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step,
-            "sampling": {k: v for k, v in record.items() if k != "ckpt_train"},
+            "sampling": {k: v for k, v in record.items() if k != "ckpt_train"}, "protocol": protocol or {},
         })
         have = client.get_run(nested).data.params
         for k, v in params.items():
@@ -203,6 +211,18 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     if standalone:
         client.set_terminated(run_id)
     print(f"logged to MLflow run {run_id} at step {step}")
+
+
+def samples_protocol(record: dict, reference_sha256: str, net) -> dict | None:
+    """The protocol (npp.pipeline.eval_spec.fid_protocol) of a samples file from its JSON record; None for samples
+    made elsewhere (no record)."""
+    if not record:
+        return None
+    balanced = record.get("labels", "balanced") == "balanced"
+    per_class = record.get("per_class") if balanced else record.get("count")
+    return fid_protocol(per_class or 0, record.get("cfg_scale", 1.0), record.get("temperature", 1.0),
+                        record.get("top_k", 0), reference_sha256, net.name, getattr(net, "weights_sha256", ""),
+                        record.get("top_p", 1.0), record.get("cfg_interval", -1), record.get("labels", "balanced"))
 
 
 def _named_run(client, experiment_id: str, name: str, parent: str | None) -> str:

@@ -49,3 +49,30 @@ class EvalSpec:
                     "into ckpts/" if name != "classifier" else ": `npp eval fit-classifier` makes one"))
         if int(self.per_class) < 1 or int(self.batch) < 1:
             raise UsageError(f"{flag('per_class')} and {flag('batch')} must be at least 1")
+
+
+# --- the protocol of a FID: what makes two FIDs comparable ------------------------------------------------------
+# Every FID is logged with the settings that change it (not the sampling seed: another seed is sampling noise, the
+# same protocol): as the training run's tag `npp.protocol.<metric>` (JSON), and as params of `npp eval`'s nested
+# run. `npp compare` compares only FIDs whose protocols are equal and names what differs otherwise.
+PROTOCOL_TAG = "npp.protocol."
+PROTOCOL_FIELDS = ("per_class", "labels", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
+                   "reference_sha256", "feature_net", "feature_net_sha256")
+
+
+def fid_protocol(per_class: int, cfg_scale: float, temperature: float, top_k: int, reference_sha256: str,
+                 feature_net: str, feature_net_sha256: str = "", top_p: float = 1.0, cfg_interval: int = -1,
+                 labels: str = "balanced") -> dict:
+    """The settings a FID depends on, normalised (numbers as numbers) so equal protocols compare equal."""
+    return {"per_class": int(per_class), "labels": str(labels), "cfg_scale": float(cfg_scale),
+            "cfg_interval": int(cfg_interval), "temperature": float(temperature), "top_k": int(top_k),
+            "top_p": float(top_p), "reference_sha256": str(reference_sha256), "feature_net": str(feature_net),
+            "feature_net_sha256": str(feature_net_sha256)}
+
+
+def protocol_differences(a: dict | None, b: dict | None) -> list[str]:
+    """What differs between two protocols, one phrase per setting ('per_class 50 vs 100'); a missing protocol (a
+    FID logged by an older npp) is a difference of its own."""
+    if a is None or b is None:
+        return [] if a is None and b is None else ["protocol not recorded for one of them"]
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in PROTOCOL_FIELDS if a.get(k) != b.get(k)]

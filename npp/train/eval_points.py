@@ -7,9 +7,12 @@ The evaluator itself is the eval stage's (npp.eval.during_training), handed in b
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from npp.models.gpt import GPT
+from npp.pipeline.eval_spec import PROTOCOL_TAG
 from npp.train import checkpointing
 from npp.train.ema import PartitionedEMA
 from npp.train.heldout import METRIC as HELDOUT_METRIC
@@ -38,6 +41,13 @@ class EvalPoints:
             metrics[HELDOUT_METRIC] = self.heldout(engine.module)[0]
         checkpointing.set_rng_state(rng)
         return metrics if self.rank == 0 else {}
+
+    def protocol_tags(self, metrics: dict) -> dict:
+        """The evaluator's protocol (npp.pipeline.eval_spec) as the tag of each FID it returned."""
+        protocol = getattr(self.evaluator, "protocol", None)
+        if not protocol:
+            return {}
+        return {PROTOCOL_TAG + k: json.dumps(protocol, sort_keys=True) for k in metrics if "fid" in k}
 
     def _sampling_model(self, engine, ema):
         if ema is None:

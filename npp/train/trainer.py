@@ -208,6 +208,7 @@ class Trainer:
         metrics = self.evals(self.engine, self.ema, sample=self.cadence.eval_due(self.state.step))
         if self.env.is_main:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
+            self.tracker.tag(self.evals.protocol_tags(metrics))
             metrics["train_flops"] = self.state.train_flops
             self.tracker.log(metrics, self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

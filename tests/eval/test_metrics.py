@@ -83,29 +83,3 @@ def test_precision_and_recall_on_constructed_sets():
     assert precision_recall(grid, left, k=3) == (1.0, 0.6)
     with pytest.raises(MetricInputError, match="more than 3 sample"):
         precision_recall(grid, grid[:3])
-
-
-def test_cost_ratio_at_equal_fid_interpolates_to_the_level_both_reach():
-    from npp.eval.compare import cost_at_equal_fid, crossing_flops
-
-    def rows(run, schedule, pts):
-        return [{"run": run, "schedule": schedule, "metric": "fid", "train_pflops": x, "fid": y} for x, y in pts]
-
-    ntp = rows("ntp", "1:1", [(10, 40.0), (20, 25.0), (40, 12.0)])
-    npp = rows("npp", "4:0.25,2:0.25,1:0.5", [(6, 35.0), (12, 20.0), (23, 10.0)])
-    r = cost_at_equal_fid(ntp + npp, "fid")
-    # NPP ends better: the level is NTP's final 12.0, which NPP crosses between (12, 20) and (23, 10)
-    assert (
-        r["level_from"] == "ntp" and r["npp_pflops"] == pytest.approx(20.8) and r["ratio"] == pytest.approx(20.8 / 40)
-    )
-    assert crossing_flops([(1, 5.0), (2, 4.0)], 3.0) is None
-    # NPP ends worse (13.0): the level is NPP's final; NTP reaches 13.0 between (20, 25) and (40, 12)
-    worse = rows("npp", "2:0.5,1:0.5", [(6, 35.0), (23, 13.0)])
-    r = cost_at_equal_fid(ntp + worse, "fid")
-    ntp_at = 20 + (25 - 13) / (25 - 12) * 20
-    assert (
-        r["level_from"] == "npp"
-        and r["ntp_pflops"] == pytest.approx(ntp_at)
-        and r["ratio"] == pytest.approx(23 / ntp_at)
-    )
-    assert cost_at_equal_fid(npp, "fid") is None  # no NTP run to compare with

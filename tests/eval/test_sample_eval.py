@@ -199,7 +199,8 @@ def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("npp")
-    with mlflow.start_run(run_name="train") as run:
+    with mlflow.start_run(run_name="train") as run:  # a training run's params as the trainer logs them
+        mlflow.log_params({"train.model": "GPT-Nano", "schedule": "1:1", "total_steps": 7})
         mlflow.log_metric("train_flops", 1e12, step=7)
     results = evaluate(str(out / "samples_cfg*.npz"), str(setup / "ref.npz"), run_id=run.info.run_id,
                        classifier=str(setup / "toynet.pt"))
@@ -221,8 +222,17 @@ def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     assert len(children) == 2 and {c.data.params["sampling.cfg_scale"] for c in children} == {"1.0", "2.0"}
     from npp.eval.compare import compare
 
-    rows = compare("npp", str(tmp_path / "cmp"))
-    assert {r["metric"] for r in rows} == {"fid_toynet_cfg1", "fid_toynet_cfg2"} and rows[0]["train_pflops"] == 1e-3
+    # what each FID depends on, beside it: the samples' settings, the reference's content, the feature network
+    protocol = json.loads(parent.data.tags["npp.protocol.fid_toynet_cfg2"])
+    assert protocol["cfg_scale"] == 2.0 and protocol["per_class"] == _cfg(setup, out).per_class
+    assert protocol["feature_net"] == "toynet" and len(protocol["reference_sha256"]) == 64
+    assert json.loads(parent.data.tags["npp.protocol.fid_toynet_cfg1"])["cfg_scale"] == 1.0
+    from npp.eval.compare import compare
+
+    runs = compare("npp", str(tmp_path / "cmp"))["runs"]
+    ends = {k: v[0] for k, v in runs[0]["curves"].items()}
+    assert {"fid_toynet_cfg1", "fid_toynet_cfg2"} <= set(ends) and ends["fid_toynet_cfg2"]["pflops"] == 1e-3
+    assert ends["fid_toynet_cfg2"]["step"] == runs[0]["total_steps"] == 7  # the run's annealed end
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
 
