@@ -227,7 +227,6 @@ def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     assert protocol["cfg_scale"] == 2.0 and protocol["per_class"] == _cfg(setup, out).per_class
     assert protocol["feature_net"] == "toynet" and len(protocol["reference_sha256"]) == 64
     assert json.loads(parent.data.tags["npp.protocol.fid_toynet_cfg1"])["cfg_scale"] == 1.0
-    from npp.eval.compare import compare
 
     runs = compare("npp", str(tmp_path / "cmp"))["runs"]
     ends = {k: v[0] for k, v in runs[0]["curves"].items()}
