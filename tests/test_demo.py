@@ -9,6 +9,7 @@ import pytest
 
 from npp.app.demo import Demo, DemoConfig
 from npp.models.checkpoint import load_gpt
+from npp.pipeline.runs import RunFolder
 from npp.pipeline.shards import load_manifest, read_meta
 
 
@@ -37,11 +38,12 @@ def test_shrunken_demo_produces_consistent_artefacts(quiet_demo):
 
     meta = read_meta(out / "shards")
     manifest = load_manifest(out / "shards")
-    assert meta["complete"] and meta["samples"] == 120 and meta["failures"] == 0
-    assert len(manifest) == meta["num_shards"] == 2 and sum(m["samples"] for m in manifest) == 120
+    # 2% of the 120 images held out (the held-out loss), never trained on
+    assert meta["complete"] and meta["samples"] == 118 and meta["val_samples"] == 2 and meta["failures"] == 0
+    assert len(manifest) == meta["num_shards"] == 2 and sum(m["samples"] for m in manifest) == 118
 
     model, ckpt = load_gpt(out / "runs" / "npp" / "model.pt")
-    assert ckpt["steps"] == 2 * (120 // 16) and ckpt["train"]["schedule"] == "4:0.25,2:0.25,1:0.5"
+    assert ckpt["steps"] == 2 * (118 // 16) and ckpt["train"]["schedule"] == "4:0.25,2:0.25,1:0.5"
     assert model.config.vocab_size == 512 and model.config.grid == (8, 8)
 
     z = np.load(result["trained"]["samples"])
@@ -52,7 +54,7 @@ def test_shrunken_demo_produces_consistent_artefacts(quiet_demo):
     run_id = (out / "runs" / "npp" / "mlflow_run_id").read_text()
     metrics = client.get_run(run_id).data.metrics
     for key in ("loss", "train_flops", "fid_toynet", "is_toynet", "precision_toynet", "recall_toynet",
-                "class_accuracy_toynet"):
+                "class_accuracy_toynet", "val/loss_k1"):
         assert key in metrics, key
     curve = [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet")]
     assert curve == [ckpt["steps"] // 2, ckpt["steps"]]  # FID during training at epochs 1 and 2
@@ -109,3 +111,25 @@ def test_a_demo_out_trained_with_other_settings_is_refused_before_launch_with_th
     monkeypatch.setattr(demo_module, "torchrun_train_cmd", lambda *a: pytest.fail("torchrun started"))
     with pytest.raises(DemoError, match=r"--epochs: 2 at the start, 3 now.*For the demo: remove .*runs/npp"):
         Demo(cfg).train("npp", cfg.schedule)
+
+
+@pytest.mark.slow
+def test_demo_compare_is_the_fair_design_on_the_demos_own_runs(quiet_demo, monkeypatch, capsys):
+    """`npp demo compare` after the demo: NPP reused, NTP of the same epochs trained with a branch at NPP's
+    FLOPs, every end evaluated with one protocol, the held-out loss at every end, compared against annealed ends."""
+    tmp_path, _ = quiet_demo
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    npp_model = (out / "runs" / "npp" / "model.pt").stat().st_mtime_ns
+    result = Demo(_small(out)).compare()
+    assert (out / "runs" / "npp" / "model.pt").stat().st_mtime_ns == npp_model  # make demo's run, not retrained
+    fid = result["results"][0]
+    assert fid["metric"] == "fid_toynet"
+    groups = {(g["schedule"], g["epochs"]) for g in fid["groups"]}
+    assert groups == {("1:1", "1"), ("1:1", "2"), ("4:0.25,2:0.25,1:0.5", "2")}  # the branch: NTP of 1 epoch
+    assert all(g["value"]["n"] == 1 for g in fid["groups"]) and fid["not_compared"] == []
+    heldout = result["results"][1]
+    assert heldout["metric"] == "val/loss_k1" and len(heldout["groups"]) == 3
+    branch = RunFolder(out / "runs" / "ntp-e1").read_config()["branch"]
+    assert branch["parent"] == str((out / "runs" / "ntp").resolve()) and branch["epochs"] == 1
+    assert "NTP (2 epochs, branches at [1] epochs)" in capsys.readouterr().out

@@ -27,6 +27,7 @@ from typing import Any  # noqa: E402
 import fire  # noqa: E402
 
 from npp.app.demo import DemoConfig  # noqa: E402
+from npp.app.experiment import CompareRunsConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
 from npp.pipeline.flags import as_fire_args, documented, parse_flags  # noqa: E402
@@ -438,19 +439,43 @@ class EvalCommands:
         fit_classifier(str(data), str(out), image_size, epochs, batch, lr, seed)
 
 
-def compare(experiment: str = "npp", out: str = "compare", metric: str = "", runs: str = "") -> None:
-    """FID against training compute, NPP vs NTP of the same model: a table, a CSV and a figure (PNG and PDF).
+@documented
+@dataclass
+class CompareRunsCommand(CompareRunsConfig, Command):
+    """Train, branch, sample and evaluate the fair NPP-vs-NTP experiment for several seeds, then compare (here, or
+    as chained SLURM jobs with --slurm); a rerun skips what is done."""
 
-    Args:
-      experiment: MLflow experiment of the runs
-      out: directory of the table, the figure and cost_ratio.json
-      metric: the metric to plot (default: FID during training when logged, else FID)
-      runs: the runs to compare, comma-separated names or ids (default: every training run of the experiment)
-    """
-    from npp.eval.compare import compare as run_compare
+    def plan(self) -> CompareRunsConfig:
+        self.validate()
+        return self
 
-    run_compare(str(experiment), str(out), str(metric) or None, [r.strip() for r in str(runs).split(",") if r.strip()]
-                or None)
+    def execute(self, plan: CompareRunsConfig) -> None:
+        from npp.app.experiment import compare_runs
+
+        compare_runs(plan)
+
+
+class CompareCommands:
+    """npp compare [--experiment E ...] | npp compare runs --shards ... (the whole experiment)"""
+
+    runs = CompareRunsCommand
+    subcommands = ("runs",)
+
+    def __call__(self, experiment: str = "npp", out: str = "compare", metric: str = "", runs: str = "") -> None:
+        """NPP against NTP of the same model, like with like: annealed NTP ends (full runs and branches) as the
+        frontier, NPP's cost at its FID and held-out loss, equal-epoch differences, seeds grouped, protocols
+        checked: a table, compare.csv, comparison.json and a figure (PNG and PDF).
+
+        Args:
+          experiment: MLflow experiment of the runs
+          out: directory of the table, the figure and comparison.json
+          metric: the FID to compare (default: the one with the most annealed ends)
+          runs: the runs to compare, comma-separated names or ids (default: every training run of the experiment)
+        """
+        from npp.eval.compare import compare as run_compare
+
+        run_compare(str(experiment), str(out), str(metric) or None,
+                    [r.strip() for r in str(runs).split(",") if r.strip()] or None)
 
 
 def assets(out: str = "ckpts", only: str = "", manifest: str = "", timeout: float = 60.0,
@@ -511,7 +536,7 @@ COMMANDS = {
     "train": TrainCommand,
     "sample": SampleCommand,
     "eval": EvalCommands(),
-    "compare": compare,
+    "compare": CompareCommands(),
     "ui": ui,
     "demo": DemoCommand,
 }
@@ -554,7 +579,7 @@ def _flag_sources(parent: Any, obj: Any) -> list:
     instance methods (`npp demo compare`, `npp train check`), the class's fields and the method's parameters."""
     if isinstance(obj, dict):
         return []
-    if isinstance(obj, EvalCommands):
+    if isinstance(obj, (EvalCommands, CompareCommands)):
         return [obj.__call__]
     if inspect.isfunction(obj) and inspect.isclass(parent) and "self" in inspect.signature(obj).parameters:
         return [parent, obj]

@@ -7,8 +7,9 @@ already there, so a rerun reuses the toy set, the tokenizer, the shards, the
 classifier and the reference. Part of the application (npp.app): it wires stages
 together; no stage imports another.
 
-`npp demo compare` trains the next-token baseline (`1:1`) beside NPP on the same
-number of training samples, evaluates both and prints `npp compare`.
+`npp demo compare` is `npp compare runs` on the toy set with one seed: the next-token baseline
+(`1:1`) of the same epochs beside NPP, with a branch at NPP's training FLOPs (the annealed NTP run
+of that budget, for a fifth of its cost), every end evaluated alike, then `npp compare`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class DemoConfig:
     top_k: int = flag(0, "top-k sampling (0 = all)")
     temperature: float = flag(0.6, "sampling temperature (cooler samples best on the toy set)")
     seed: int = flag(0, "seed of everything")
+    seeds: str = flag("", "`npp demo compare`: seeds, e.g. 0,1,2 (default: --seed alone)")
+    schedules: str = flag("", "`npp demo compare`: NPP schedules separated by ';' (default: --schedule)")
+    branch_epochs: str = flag("", "`npp demo compare`: NTP budgets branched off the NTP run (default: the "
+                                  "compute-matched epochs of each schedule)")
+    val_share: float = flag(0.02, "share of the toy images held out of training (the held-out loss val/loss_k1)")
     check_quality: bool = flag(True, "fail unless samples show learning (>= --min-class-accuracy classified)")
     min_class_accuracy: float = flag(0.8, "share of samples the classifier must put in their class")
 
@@ -162,7 +168,8 @@ class Demo:
             from npp.tokenize.run import TokenizeConfig, tokenize
 
             tokenize(TokenizeConfig(data=str(self.images), vq=str(self.vq), out=str(self.shards),
-                                    image_size=c.image_size, samples_per_shard=100, batch=64, workers=1))
+                                    image_size=c.image_size, samples_per_shard=100, batch=64, workers=1,
+                                    val_share=c.val_share, seed=c.seed))
         self.timings["tokenize"] = time.time() - t
 
         t = _step("4/6 toy classifier and reference statistics (stand-in for Inception)")
@@ -185,24 +192,31 @@ class Demo:
         self.timings["classifier+ref"] = time.time() - t
 
     # --- training through torchrun + DeepSpeed, exactly as on a cluster -------------
-    def train(self, name: str, schedule: str) -> Path:
+    def recipe(self) -> dict:
+        """The `npp train` flags of every demo run beside its data, run folder, schedule and seed."""
         c = self.cfg
-        run = self.out / "runs" / name
-        t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
-        flags = {
-            "shards": self.shards, "out": run, "model": c.model, "schedule": schedule, "epochs": c.epochs,
+        return {
             "global_batch": c.global_batch, "lr": c.lr, "end_lr": c.end_lr, "warmup_epochs": c.warmup_epochs,
-            "ds_config": self.ds_config, "workers": 1, "log_every": 50, "ckpt_every": 500, "seed": c.seed,
-            "experiment": "npp-demo", "run_name": name,
+            "ds_config": self.ds_config, "workers": 1, "log_every": 50, "ckpt_every": 500,
             "eval_every_epochs": c.epochs / max(1, c.eval_points), "eval_per_class": c.eval_per_class,
             "eval_cfg_scale": c.cfg_scale, "eval_temperature": c.temperature, "eval_top_k": c.top_k, "eval_batch": 100,
             "vq": self.vq, "eval_ref": self.ref, "classifier": self.classifier,
             "token_dropout": c.dropout, "resid_dropout": c.dropout, "ffn_dropout": c.dropout, "attn_dropout": c.dropout,
         }
+
+    def env(self) -> dict:
+        return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc)),
+                "PYTHONUNBUFFERED": "1"}
+
+    def train(self, name: str, schedule: str) -> Path:
+        c = self.cfg
+        run = self.out / "runs" / name
+        t = _step(f"5/6 train {c.model} with schedule {schedule} on {c.nproc} DeepSpeed processes -> {run}")
+        flags = {"shards": self.shards, "out": run, "model": c.model, "schedule": schedule, "epochs": c.epochs,
+                 **self.recipe(), "seed": c.seed, "experiment": "npp-demo", "run_name": name}
         check_before_launch(run, flags, c.nproc)
         cmd = torchrun_train_cmd(c.nproc, flags)
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // c.nproc)), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.run(cmd, env=self.env())
         if proc.returncode != 0:
             raise DemoError(f"training {name} failed (exit {proc.returncode}); rerun `make demo` to resume it")
         self.timings[f"train {name}"] = time.time() - t
@@ -286,16 +300,46 @@ class Demo:
         exp = mlflow.tracking.MlflowClient(self.mlflow_uri).get_experiment_by_name("npp-demo")
         return exp.experiment_id if exp else None
 
-    def compare(self) -> list[dict]:
-        """NTP baseline and NPP on the same number of training samples, evaluated and compared."""
+    def compare(self) -> dict:
+        """`npp compare runs` on the toy set, one seed: NTP of the same epochs with a branch at NPP's training
+        FLOPs, NPP (`make demo`'s run, reused), every end sampled and evaluated alike, compared."""
+        from npp.app.experiment import CompareRunsConfig, Experiment, default_branches
         from npp.eval.compare import compare
+        from npp.pipeline.shards import read_meta
 
         self.prepare()
-        for name, schedule in (("ntp", "1:1"), ("npp", self.cfg.schedule)):
-            run = self.train(name, schedule)
-            self.sample_and_eval(RunFolder(run).model, run / "samples", log=True)  # logged into the run for compare
+        c = self.cfg
+        schedules = c.schedules or c.schedule
+        matched = c.branch_epochs
+        if not matched:  # each schedule's compute-matched NTP epochs
+            grid = tuple(read_meta(self.shards)["grid"])
+            points = default_branches(schedules.split(";"), c.epochs, c.model, grid)
+            shape = (c.epochs // 4, c.epochs // 2, 3 * c.epochs // 4)
+            matched = ",".join(map(str, [e for e in points if e not in shape] or points[-1:]))
+        cfg = CompareRunsConfig(
+            shards=str(self.shards), vq=str(self.vq), ref=str(self.ref), classifier=str(self.classifier),
+            out=str(self.out / "runs"), model=c.model, epochs=c.epochs, seeds=c.seeds or str(c.seed),
+            schedules=schedules, branch_epochs=matched, per_class=c.samples_per_class, cfg_scale=c.cfg_scale,
+            temperature=c.temperature, top_k=c.top_k, sample_flags=f"--batch 100 --seed {c.seed}",
+            experiment="npp-demo", nproc=c.nproc)
+        exp = Experiment(cfg, self.recipe(), ["--ref", str(self.ref), "--classifier", str(self.classifier)])
+        for job in exp.jobs():  # the demo's own check first: an old demo_out is refused with the fix
+            if job.kind == "train":
+                check_before_launch(job.run, _flags_of(job.args), c.nproc)
+        t = _step(f"NTP ({c.epochs} epochs, branches at [{matched}] epochs) beside NPP ({schedules}), seeds "
+                  f"{cfg.seed_list()}, every end evaluated on {c.samples_per_class} samples per class")
+        exp.run_here(self.env())
+        self.timings["compare runs"] = time.time() - t
         _step("NPP vs NTP")
         return compare("npp-demo", str(self.out / "compare"))
+
+
+def _flags_of(args: list[str]) -> dict:
+    """An `npp train` command line back into typed TrainConfig fields (npp.pipeline.flags)."""
+    from npp.pipeline.flags import parse_flags
+    from npp.train.config import TrainConfig
+
+    return parse_flags([TrainConfig], args, "npp train")
 
 
 def demo(cfg: DemoConfig) -> None:
