@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
+.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm branch branch-slurm compare-runs compare-runs-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -61,6 +61,22 @@ GPUS_PER_NODE ?= 8
 #: extra sbatch flags for the *-slurm targets, e.g. --partition=gpu --account=me
 SBATCH_FLAGS ?=
 
+# branch: `make branch FROM=runs/gpt-b-ntp EPOCHS=172 RUN=runs/gpt-b-ntp-e172 NGPU=8`
+#: branch: the NTP run started with --branch-epochs whose kept checkpoint the branch starts from
+FROM ?=
+
+# compare-runs: `make compare-runs-slurm SHARDS=shards/in256 MODEL=GPT-B SEEDS=0,1,2 NODES=1`
+#: compare-runs: the folder of every run of the experiment and of its comparison
+RUNS ?= runs/compare
+#: compare-runs: comma-separated seeds (npp: 0)
+SEEDS ?=
+#: compare-runs: NPP schedules separated by ';' (npp: 4:0.25,2:0.25,1:0.5)
+SCHEDULES ?=
+#: compare-runs: NTP budgets branched off the NTP run (npp: each schedule's compute-matched epochs, E/4, E/2, 3E/4)
+BRANCH_EPOCHS ?=
+#: compare-runs: more `npp compare runs` flags, e.g. --per-class 50 --train-flags '--global-batch 256'
+COMPARE_FLAGS ?=
+
 # sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
 #: the exported model to sample
 CKPT ?= $(RUN)/model.pt
@@ -102,6 +118,12 @@ TOKENIZE_ARGS = --data $(DATA) --vq $(VQ) --out $(OUT) $(call opt,--image-size,$
 TRAIN_ARGS = --shards $(SHARDS) --out $(RUN) $(call opt,--model,$(MODEL)) $(call opt,--schedule,$(SCHEDULE)) \
   $(call opt,--epochs,$(EPOCHS)) $(call opt,--global-batch,$(GLOBAL_BATCH)) $(call opt,--ds-config,$(DS_CONFIG)) \
   $(call opt,--workers,$(WORKERS)) $(TRAIN_FLAGS)
+BRANCH_ARGS = --from $(FROM) --epochs $(EPOCHS) --out $(RUN)
+COMPARE_RUNS_ARGS = --shards $(SHARDS) --vq $(VQ) --ref $(REF) $(call opt,--inception,$(INCEPTION)) --out $(RUNS) \
+  $(call opt,--model,$(MODEL)) $(call opt,--epochs,$(EPOCHS)) $(call opt,--seeds,$(SEEDS)) \
+  $(call opt,--schedules,$(if $(strip $(SCHEDULES)),"$(SCHEDULES)")) $(call opt,--branch-epochs,$(BRANCH_EPOCHS)) \
+  $(call opt,--per-class,$(PER_CLASS)) $(call opt,--cfg-scale,$(CFG)) $(call opt,--experiment,$(EXPERIMENT)) \
+  $(COMPARE_FLAGS)
 SAMPLE_ARGS = --ckpt $(CKPT) --vq $(VQ) --out $(SAMPLES) $(call opt,--per-class,$(PER_CLASS)) \
   $(call opt,--cfg-scale,$(CFG)) $(call opt,--batch,$(SAMPLE_BATCH)) $(SAMPLE_FLAGS)
 
@@ -132,7 +154,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 demo: setup  ## the whole pipeline on the built-in toy set, CPU only (6.5 min after set-up on 2 idle cores at 0d54807; reruns reuse what is built)
 	$(VENV)/bin/npp demo --out demo_out
 
-demo-compare: setup  ## NTP baseline vs NPP on the toy set: same samples, both evaluated, compared
+demo-compare: setup  ## NPP vs NTP on the toy set, fairly: NTP with a branch at NPP's FLOPs, every end evaluated alike, compared
 	$(VENV)/bin/npp demo compare --out demo_out
 
 assets: setup  ## download LlamaGen's VQ tokenizer, ADM's reference batch, the FID Inception weights into ASSETS_DIR (checked, resumable) [ASSETS_DIR ASSETS_FLAGS]
@@ -184,6 +206,23 @@ train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoin
 	mkdir -p logs
 	TRAIN_ARGS="$(TRAIN_ARGS)" GPUS_PER_NODE=$(GPUS_PER_NODE) sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/train.sbatch
 
+branch: setup  ## the EPOCHS-epoch branch of FROM (trained with --branch-epochs) into RUN: its decay alone, the same run as from scratch; reruns resume [FROM EPOCHS RUN NGPU]
+	$(VENV)/bin/npp train branch $(BRANCH_ARGS) --check --world-size $(NGPU)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp train branch $(BRANCH_ARGS)
+
+branch-slurm: setup  ## the same as a SLURM job on NODES nodes, checked here first [FROM EPOCHS RUN NODES GPUS_PER_NODE SBATCH_FLAGS]
+	$(VENV)/bin/npp train branch $(BRANCH_ARGS) --check --world-size $$(( $(NODES) * $(GPUS_PER_NODE) ))
+	mkdir -p logs
+	TRAIN_COMMAND="train branch" TRAIN_ARGS="$(BRANCH_ARGS)" GPUS_PER_NODE=$(GPUS_PER_NODE) \
+	  sbatch $(SBATCH_FLAGS) --nodes=$(NODES) slurm/train.sbatch
+
+compare-runs: setup  ## the fair NPP-vs-NTP experiment here: per seed NTP + its branches + NPP, every end evaluated alike, then compare [SHARDS VQ REF INCEPTION RUNS MODEL EPOCHS SEEDS SCHEDULES BRANCH_EPOCHS PER_CLASS CFG NGPU COMPARE_FLAGS]
+	$(VENV)/bin/npp compare runs $(COMPARE_RUNS_ARGS) --nproc $(NGPU)
+
+compare-runs-slurm: setup  ## the same as chained SLURM jobs (afterok), the comparison last [compare-runs' + NODES GPUS_PER_NODE SBATCH_FLAGS]
+	$(VENV)/bin/npp compare runs $(COMPARE_RUNS_ARGS) --slurm --nproc $(GPUS_PER_NODE) --nodes $(NODES) \
+	  $(call opt,--sbatch-flags,$(if $(strip $(SBATCH_FLAGS)),"$(SBATCH_FLAGS)"))
+
 export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/model.pt [RUN]
 	$(VENV)/bin/npp train export --run $(RUN)
 
@@ -211,7 +250,7 @@ eval-ref: setup  ## reference statistics (REF_OUT) from real images of SHARDS' s
 	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) $(call opt,--limit,$(REF_LIMIT)) --inception $(INCEPTION) \
 	  $(EVAL_FLAGS)
 
-compare: setup  ## table + PNG of FID against training FLOPs for every run of the experiment [EXPERIMENT]
+compare: setup  ## NPP vs the annealed NTP ends of every run of the experiment: ratios, equal-epoch differences, seeds, figure [EXPERIMENT]
 	$(VENV)/bin/npp compare --out compare $(call opt,--experiment,$(EXPERIMENT))
 
 ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI); prints the URL of EXPERIMENT's training runs [EXPERIMENT]
