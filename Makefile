@@ -61,7 +61,7 @@ GPUS_PER_NODE ?= 8
 #: extra sbatch flags for the *-slurm targets, e.g. --partition=gpu --account=me
 SBATCH_FLAGS ?=
 
-# branch: `make branch FROM=runs/gpt-b-ntp EPOCHS=172 RUN=runs/gpt-b-ntp-e172 NGPU=8`
+# branch: `make branch FROM=runs/gpt-b-ntp EPOCHS=173 RUN=runs/gpt-b-ntp-e173 NGPU=8`
 #: branch: the NTP run started with --branch-epochs whose kept checkpoint the branch starts from
 FROM ?=
 

@@ -113,7 +113,11 @@ def schedule(
             f"epochs [{span.start / steps_per_epoch:g}, {span.end / steps_per_epoch:g}) "
             f"{flops / 1e9:.1f} GFLOP/sample"
         )
-    print(f"training cost vs next-token prediction ({model}): {sched.cost_ratio(cfg):.4f}")
+    ratio = sched.cost_ratio(cfg)
+    print(f"training cost vs next-token prediction ({model}): {ratio:.4f}")
+    if len(stages) > 1:  # the NTP run of the same training FLOPs: the branch `npp compare` needs beside it
+        print(f"compute-matched NTP budget: {epochs * ratio:.2f} epochs (an NTP run with --branch-epochs "
+              f"{round(epochs * ratio)}, then `npp train branch --epochs {round(epochs * ratio)}`)")
 
 
 def toy(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> None:

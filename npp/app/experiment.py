@@ -48,7 +48,7 @@ class CompareRunsConfig:
     epochs: int = flag(300, "epochs of the NTP run and of every NPP run")
     seeds: str = flag("0", "comma-separated seeds: each trains every run once")
     schedules: str = flag(DEFAULT_SCHEDULE, "NPP schedules, separated by ';' (e.g. '4:0.25,2:0.25,1:0.5;2:0.5,1:0.5')")
-    branch_epochs: str = flag("", "NTP budgets branched off the NTP run, e.g. '75,150,172,225' (default: each "
+    branch_epochs: str = flag("", "NTP budgets branched off the NTP run, e.g. '75,150,173,225' (default: each "
                                   "schedule's compute-matched epochs, and E/4, E/2, 3E/4)")
     train_flags: str = flag("", "more `npp train` flags for every run, e.g. '--global-batch 256 --lr 1e-4'")
     inception: str = flag("", "FID Inception weights")
