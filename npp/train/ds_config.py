@@ -180,6 +180,11 @@ def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch
         ds.setdefault("communication_data_type", "fp32")
     ds["zero_allow_untested_optimizer"] = True  # our AdamW with decay groups (torch, fused on CUDA)
     ds.setdefault("steps_per_print", 10**9)
+    # DeepSpeed's timers wait for the GPU: its ThroughputTimer (on by default) calls the accelerator's synchronize
+    # at every forward and step, wall_clock_breakdown at every phase. npp times its own steps at the log points,
+    # so both are off unless the JSON turns them on.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    ds.setdefault("wall_clock_breakdown", False)
     zero = ds.setdefault("zero_optimization", {})
     if params and zero.get("stage") in (1, 2):
         zero.setdefault("reduce_bucket_size", bucket_elements(params))

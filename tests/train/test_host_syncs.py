@@ -8,6 +8,14 @@ made from npp's own code is recorded with the step it happened at. Between sync 
 (--sync-every, log, checkpoint and eval steps) there must be none, and inside
 `train_step` none at all. DeepSpeed's own reads (its invalid-gradient-norm check in the
 optimizer step) are DeepSpeed's and not counted here.
+
+Device syncs are counted too, on the GPU's branch: DeepSpeed decides whether to call the accelerator's
+`synchronize` by `resolves_data_dependency()`, which is True on the CPU accelerator (its `synchronize` a no-op)
+and False on CUDA's, so the script answers as CUDA does and counts every `synchronize` (and a patched-in
+`torch.cuda.synchronize`), from DeepSpeed's code too: its ThroughputTimer (on by default) waits at every forward
+and step, ZeRO-2's `overlap_comm` at every gradient bucket. With npp's DeepSpeed config there is none at all over
+20 steps (the trainer's own, at its log points, is CUDA-only). With the timers turned back on in the JSON there
+are two per step (checked by hand: 36 in 20 steps).
 """
 
 import json
@@ -25,14 +33,30 @@ COUNT = textwrap.dedent('''
     from npp.train.stopping import StopRequest
     from npp.train.trainer import Trainer
 
+    from deepspeed.accelerator import get_accelerator
+
     NPP = os.path.dirname(os.path.abspath(__import__("npp").__file__))
-    shards, out, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    shards, out, grad_accum, ds = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     cfg = TrainConfig(shards=shards, out=out, model="GPT-Nano", global_batch=16, grad_accum=grad_accum, total_steps=20,
                       sync_every=5, log_every=10, ckpt_every=100, workers=1, tracking=False, warmup_epochs=0,
-                      ds_config="ds_configs/zero2.json")
+                      ds_config=ds, ema=True)
     trainer = Trainer(cfg)
     where = {"phase": "setup"}
-    reads = []
+    reads, syncs = [], []
+
+    accelerator = type(get_accelerator())
+    accelerator.resolves_data_dependency = lambda self: False  # CUDA's answer: DeepSpeed takes the GPU's branch
+
+    def synced(name, real):
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            syncs.append({"phase": where["phase"], "op": name, "at": caller.co_filename.split("site-packages/")[-1]
+                          + ":" + str(sys._getframe(1).f_lineno)})
+            return real(*args, **kwargs)
+        return wrapper
+
+    accelerator.synchronize = synced("accelerator.synchronize", accelerator.synchronize)
+    torch.cuda.synchronize = synced("torch.cuda.synchronize", torch.cuda.synchronize)
 
     def counted(name, real):
         def wrapper(self, *args, **kwargs):
@@ -63,17 +87,19 @@ COUNT = textwrap.dedent('''
     trainer.train_step = train_step
     StopRequest.local = local
     trainer.train()
-    print("RESULT " + json.dumps({"reads": reads, "stop_looks": looks}))
+    print("RESULT " + json.dumps({"reads": reads, "stop_looks": looks,
+                                  "syncs": [x for x in syncs if x["phase"] != "setup"]}))
 ''')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_no_host_reads_between_sync_points(shard_set, tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum, ds", [(1, "zero2"), (2, "zero2"), (1, "zero1")])
+def test_no_host_reads_between_sync_points_and_no_device_sync(shard_set, tmp_path, grad_accum, ds):
     script = tmp_path / "count.py"
     script.write_text(COUNT)
-    proc = subprocess.run([sys.executable, str(script), str(shard_set), str(tmp_path / "run"), str(grad_accum)],
-                          env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(shard_set), str(tmp_path / "run"), str(grad_accum),
+                           f"ds_configs/{ds}.json"], env=run_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     reads = result["reads"]
@@ -84,3 +110,4 @@ def test_no_host_reads_between_sync_points(shard_set, tmp_path, grad_accum):
     assert not between, between
     assert {r["step"] for r in reads if r["phase"] == "loop"} == sync_steps  # the losses are read there
     assert result["stop_looks"] == [5, 10, 15, 20]  # the stop request: only at sync points
+    assert result["syncs"] == []  # no device sync in 20 steps (EMA on), DeepSpeed's included
