@@ -96,6 +96,8 @@ REF ?= $(ASSETS_DIR)/VIRTUAL_imagenet256_labeled.npz
 REF_OUT ?= ckpts/ref_$(notdir $(SHARDS)).npz
 #: eval-ref: real images used (npp: 50000, as ADM's batches)
 REF_LIMIT ?=
+#: eval-slurm: CPUs of the evaluation job (image decoding and the k-NN of precision/recall run there too)
+EVAL_CPUS ?= 8
 #: FID Inception weights
 INCEPTION ?= $(ASSETS_DIR)/pt_inception-2015-12-05-6726825d.pth
 #: more `npp eval` flags
@@ -143,9 +145,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else $(PIP) install -q "$$(grep -E '^torch==' requirements.txt)"; fi
-	@# deepspeed's setup.py imports torch: without isolation it sees ours instead of
-	@# downloading a CUDA torch into a build environment.
-	$(PIP) install -q --no-build-isolation "$$(grep -E '^deepspeed==' requirements.txt)"
+	@$(PY) -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 7) else \
+	  f'torch {torch.__version__} is older than 2.7, the oldest npp runs with: load a newer one, or make setup without SYSTEM_SITE=1')"
+	@# deepspeed's setup.py imports torch: without isolation it sees ours instead of downloading a CUDA torch
+	@# into a build environment. DS_ACCELERATOR=cpu: its setup.py asks for nvcc when it sees CUDA (a GPU node
+	@# without a CUDA toolkit); DeepSpeed still picks the accelerator when it runs (nothing is compiled here).
+	DS_ACCELERATOR=cpu $(PIP) install -q --no-build-isolation "$$(grep -E '^deepspeed==' requirements.txt)"
 	grep -vE '^(torch|deepspeed)==|^#|^$$' requirements.txt requirements-test.txt | cut -d: -f2 > $(VENV)/.npp-reqs.txt
 	$(PIP) install -q -r $(VENV)/.npp-reqs.txt
 	$(PIP) install -q --no-deps -e .
@@ -176,12 +181,13 @@ bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
 
-gpu-wheels: setup  ## the wheels a GPU machine without a package index lacks, into .whl/ (carry it; bench/gpu_session.sh installs them) [GPU_PYTHON_VERSION]
+gpu-wheels: setup  ## the wheels a GPU machine without a package index lacks (deepspeed and its pydantic with the typing_extensions it needs, fire, webdataset, braceexpand, pyyaml), into .whl/ (carry it; bench/gpu_session.sh installs them) [GPU_PYTHON_VERSION]
 	mkdir -p .whl
-	$(PIP) wheel -q --no-deps --no-build-isolation -w .whl deepspeed==$$($(PY) -c "from importlib.metadata import version; print(version('deepspeed'))")
+	DS_ACCELERATOR=cpu $(PIP) wheel -q --no-deps --no-build-isolation -w .whl deepspeed==$$($(PY) -c "from importlib.metadata import version; print(version('deepspeed'))")
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 	  --platform manylinux2014_x86_64 -d .whl hjson fire termcolor annotated-types typing-inspection \
-	  $$($(PY) -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('pydantic', 'pydantic_core')))")
+	  $$($(PY) -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('pydantic', \
+	  'pydantic_core', 'typing_extensions', 'webdataset', 'braceexpand', 'PyYAML')))")
 	@ls .whl
 
 gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): npp step vs plain PyTorch, MFU, memory, sampling; exits 0 without CUDA
@@ -239,6 +245,7 @@ sample-slurm: setup  ## the same as a SLURM job on NODES nodes (requeues and res
 eval-slurm: setup  ## eval of SAMPLES as a one-GPU SLURM job (metrics cached: a rerun recomputes nothing) [SAMPLES REF CKPT INCEPTION EVAL_FLAGS SBATCH_FLAGS]
 	mkdir -p logs
 	sbatch $(SBATCH_FLAGS) --job-name=npp-eval --output=logs/%x_%j.out --nodes=1 --ntasks=1 --gres=gpu:1 --requeue \
+	  --cpus-per-task=$(EVAL_CPUS) \
 	  --wrap '$(VENV)/bin/npp eval --samples "$(SAMPLES)/samples_cfg*.npz" --ref $(REF) --ckpt $(CKPT) \
 	  $(call opt,--inception,$(INCEPTION)) $(EVAL_FLAGS)'
 

@@ -15,9 +15,33 @@ import torch
 
 from npp.pipeline.ranks import local_rank, rank_and_world  # noqa: F401 (rank_and_world: for the stages' use)
 
+# The oldest torch npp runs with: 2.7 renamed torch._dynamo.config.cache_size_limit to recompile_limit, which the
+# compiled blocks and the sampler's graph raise; a cluster's kept torch (make setup SYSTEM_SITE=1) may be older.
+MIN_TORCH = (2, 7)
+
+
+def torch_version(text: str) -> tuple[int, int]:
+    """'2.6.0+cu124' -> (2, 6)."""
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_torch(version: str | None = None) -> None:
+    """Refuse a torch older than MIN_TORCH with one line and the fix, before any work."""
+    from npp.errors import ConfigError
+
+    version = version or torch.__version__
+    if torch_version(version) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise ConfigError(f"torch {version} is older than {need}, the oldest npp runs with (torch._dynamo's "
+                          f"recompile_limit): load a torch >= {need} (module load / conda), or `make setup` without "
+                          "SYSTEM_SITE=1 for the pinned one")
+
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto": this process's GPU (set as the current CUDA device) when CUDA is available, else the CPU."""
+    """"auto": this process's GPU (set as the current CUDA device) when CUDA is available, else the CPU. Every stage
+    asks here first, so an unsupported torch is refused here (check_torch)."""
+    check_torch()
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

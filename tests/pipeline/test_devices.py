@@ -1,6 +1,7 @@
 """Each rank computes on its own GPU: the device choice, checked with a patched CUDA on a CPU machine."""
 
 import os
+import re
 
 import deepspeed  # imported before any test patches CUDA: DeepSpeed picks its accelerator (CPU here) once, at import
 import pytest
@@ -134,3 +135,16 @@ def test_srun_with_one_gpu_per_task_binds_the_process_group_to_the_gpu_npp_uses(
     monkeypatch.setattr(distributed, "pick_device", lambda d="auto": devices.pick_device(d))
     assert distributed.init(env) == torch.device("cuda", 0)
     assert bound == [0] and fake_gpus[-1] == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("version, ok", [("2.6.0+cu124", False), ("2.7.0", True), ("2.13.0", True),
+                                         ("2.10.0a0+git1234", True), ("1.13.1", False)])
+def test_a_torch_older_than_the_minimum_is_refused_in_one_line(version, ok):
+    from npp.errors import ConfigError
+    from npp.pipeline.devices import check_torch
+
+    if ok:
+        check_torch(version)
+    else:
+        with pytest.raises(ConfigError, match=f"torch {re.escape(version)} is older than 2.7.*SYSTEM_SITE=1"):
+            check_torch(version)
