@@ -181,13 +181,11 @@ bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
 
-gpu-wheels: setup  ## the wheels a GPU machine without a package index lacks (deepspeed and its pydantic with the typing_extensions it needs, fire, webdataset, braceexpand, pyyaml), into .whl/ (carry it; bench/gpu_session.sh installs them) [GPU_PYTHON_VERSION]
+gpu-wheels: setup  ## the wheels a GPU machine without a package index lacks (bench/gpu_image.py's CARRIED: deepspeed, pydantic with the typing_extensions it needs, fire, webdataset, ...), into .whl/ (carry it; bench/gpu_session.sh installs them) [GPU_PYTHON_VERSION]
 	mkdir -p .whl
 	DS_ACCELERATOR=cpu $(PIP) wheel -q --no-deps --no-build-isolation -w .whl deepspeed==$$($(PY) -c "from importlib.metadata import version; print(version('deepspeed'))")
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
-	  --platform manylinux2014_x86_64 -d .whl hjson fire termcolor annotated-types typing-inspection \
-	  $$($(PY) -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('pydantic', \
-	  'pydantic_core', 'typing_extensions', 'webdataset', 'braceexpand', 'PyYAML')))")
+	  --platform manylinux2014_x86_64 -d .whl $$($(PY) bench/gpu_image.py --carried)
 	@ls .whl
 
 gpu-check: setup  ## one-shot GPU check (bench/gpu_check.py): npp step vs plain PyTorch, MFU, memory, sampling; exits 0 without CUDA

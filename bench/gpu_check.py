@@ -7,10 +7,16 @@ compiled blocks, bf16-mixed), timed beside
 - a plain PyTorch step of the same GPT: fp32 weights, fused AdamW, bf16 autocast around
   the model, gradient clipping, the same compiled blocks;
 - forward + backward alone (the floor any optimizer step adds to).
-Figures, one JSON line each and a table at the end:
-- train: GPT-B (micro-batch 32, 128) and GPT-XXL (8, 32) at k = 4, 2, 1: ms per step, MFU
-  against the bf16 peak, npp/plain, and per model the NPP schedule's wall-clock ratio
-  against next-token training (per-k step times weighted by the schedule's step shares);
+Figures, one JSON line each and a table at the end, by part (`--only`; bench/gpu_session.sh runs each as a
+process of its own, in this order, so a short session has the first ones whatever happens later):
+- sample: GPT-B and GPT-XXL at batch 256, bf16 (below);
+- launch: a real `npp train` (below);
+- train: GPT-B micro-batch 128 and 32 at k = 4 and 1: ms per step, MFU against the bf16 peak, npp/plain,
+  k = 4 against k = 1, device syncs per step (the accelerator's and torch.cuda's synchronize, counted);
+  timers: GPT-B mb 32 k = 4 with DeepSpeed's ThroughputTimer on (its default) beside off (npp's);
+- xxl: GPT-XXL micro-batch 32 at k = 1;
+- extras: GPT-B mb 32 and GPT-XXL mb 8 at k = 4, 2, 1 with the NPP schedule's wall-clock ratio against
+  next-token training (per-k step times weighted by the schedule's step shares), and everything below;
 - memory: GPT-XXL peak memory of a step with and without activation checkpointing;
 - engines: GPT-B with ds_configs/zero3.json, zero3_offload.json and --precision bf16;
 - ema: the EMA's update per step beside the step (GPT-B mb 32, GPT-XXL mb 8);
@@ -125,11 +131,21 @@ def synthetic_batch(setup: Setup, micro: int):
 
 @contextmanager
 def npp_engine(setup: Setup, model: str, micro: int, precision: str = "bf16-mixed", ds_config="ds_configs/zero2.json",
-               ckpt: bool = False, ema: bool = True, grad_comm: str = "auto"):
-    """npp's own step as `npp train` builds it, on one GPU; freed afterwards."""
+               ckpt: bool = False, ema: bool = True, grad_comm: str = "auto", timers: bool = False):
+    """npp's own step as `npp train` builds it, on one GPU; freed afterwards. `timers`: DeepSpeed's ThroughputTimer
+    back on, as DeepSpeed's default has it (npp turns it off: it synchronizes the device at every forward and step)."""
+    import json
+    import os
+
     from npp.train.config import TrainConfig
     from npp.train.step import standalone_step
 
+    if timers:  # the same JSON with the timer on, written beside the check's other temporary files
+        with open(ds_config) as fh:
+            ds = {**json.load(fh), "timers": {"throughput": {"enabled": True, "synchronized": True}}}
+        ds_config = os.path.join(tempfile.gettempdir(), f"npp_gpu_check_timers_{os.getpid()}.json")
+        with open(ds_config, "w") as fh:
+            json.dump(ds, fh)
     cfg = TrainConfig(shards="-", out="-", model=model, global_batch=micro, precision=precision, ds_config=ds_config,
                       activation_checkpointing=ckpt, ema=ema, compile="on" if setup.compile else "off",
                       grad_comm=grad_comm)
@@ -176,9 +192,11 @@ def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
     peak = peak_flops(setup.device)
     idx, labels = synthetic_batch(setup, micro)
     times: dict = {"npp": {}, "plain": {}, "fwd_bwd": {}}
+    syncs: dict = {}
     with npp_engine(setup, name, micro) as step:
         for k in sides:
             times["npp"][k] = timed(setup, lambda k=k: step([(idx, labels)], k), setup.steps)
+            syncs[k] = syncs_per_step(lambda k=k: step([(idx, labels)], k))
         npp_peak = setup.peak_gb()
     with plain_model(setup, name) as (net, opt):
         autocast = torch.autocast(setup.device.type, dtype=torch.bfloat16)
@@ -207,6 +225,7 @@ def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
             row[f"{kind}_ms"] = t[k] * 1e3
             row[f"{kind}_mfu"] = flops / t[k] / peak if peak else None
         row["npp_vs_plain"] = times["npp"][k] / times["plain"][k]
+        row["device_syncs_per_step"] = syncs[k]
         row["k_vs_k1"] = times["npp"][k] / times["npp"][1] if 1 in sides else None
         row["npp_peak_gb"] = npp_peak
         setup.emit(**row)
@@ -218,6 +237,53 @@ def train_rows(setup: Setup, model: str, micro: int, sides=(4, 2, 1)) -> None:
                     / train_flops_per_sample(cfg, 1))
             setup.emit(check="schedule", model=name, micro_batch=micro, kind=kind, schedule=SCHEDULE,
                        wall_clock_vs_ntp=wall, flops_vs_ntp=flop)
+
+
+@contextmanager
+def counted_syncs():
+    """Calls of the accelerator's synchronize and of torch.cuda.synchronize while the block runs (DeepSpeed's
+    included): each one makes the host wait for the GPU."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    count = {"n": 0}
+    acc, real_acc, real_cuda = type(get_accelerator()), type(get_accelerator()).synchronize, torch.cuda.synchronize
+
+    def acc_sync(self, *a, **k):
+        count["n"] += 1
+        return real_acc(self, *a, **k)
+
+    def cuda_sync(*a, **k):
+        count["n"] += 1
+        return real_cuda(*a, **k)
+
+    acc.synchronize, torch.cuda.synchronize = acc_sync, cuda_sync
+    try:
+        yield count
+    finally:
+        acc.synchronize, torch.cuda.synchronize = real_acc, real_cuda
+
+
+def syncs_per_step(fn, steps: int = 3) -> float:
+    """Device syncs per call of a warmed-up step (counted_syncs)."""
+    with counted_syncs() as count:
+        for _ in range(steps):
+            fn()
+    return count["n"] / steps
+
+
+def timer_rows(setup: Setup, micro: int) -> None:
+    """What turning DeepSpeed's ThroughputTimer off gains: GPT-B at k = 4 (the step whose fixed costs weigh most),
+    npp's step with the timer on (DeepSpeed's default: a device sync at every forward and step) beside off."""
+    name = setup.name("GPT-B")
+    idx, labels = synthetic_batch(setup, micro)
+    ms = {}
+    for timers in (True, False):
+        with npp_engine(setup, name, micro, timers=timers) as step:
+            ms[timers] = timed(setup, lambda step=step: step([(idx, labels)], 4), setup.steps) * 1e3
+            ms[f"syncs_{timers}"] = syncs_per_step(lambda step=step: step([(idx, labels)], 4))
+    setup.emit(check="timers", model=name, micro_batch=micro, k=4, timers_on_ms=ms[True], timers_off_ms=ms[False],
+               off_vs_on=ms[False] / ms[True], syncs_per_step_on=ms["syncs_True"], syncs_per_step_off=ms["syncs_False"])
 
 
 def memory_rows(setup: Setup, micro: int) -> None:
@@ -332,11 +398,11 @@ def engine_rows(setup: Setup) -> None:
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
-SAMPLE_RUNS = (("GPT-B", 64, "bf16"), ("GPT-B", 256, "bf16"), ("GPT-B", 256, "fp32"), ("GPT-XXL", 64, "bf16"),
-               ("GPT-XXL", 256, "bf16"), ("GPT-XXL", 64, "fp32"))
+SAMPLE_RUNS = (("GPT-B", 256, "bf16"), ("GPT-XXL", 256, "bf16"))  # the `sample` part: what a session must have
+MORE_SAMPLE_RUNS = (("GPT-B", 64, "bf16"), ("GPT-B", 256, "fp32"), ("GPT-XXL", 64, "bf16"), ("GPT-XXL", 64, "fp32"))
 
 
-def sample_rows(setup: Setup) -> None:
+def sample_rows(setup: Setup, runs=SAMPLE_RUNS) -> None:
     """GPT-B and GPT-XXL sampling (256 px grid, CFG 2.0) through npp's Sampler as `npp sample` runs it (its token
     step compiled and graph-captured per length bucket) at the default precision on CUDA (bf16 weights and KV
     cache) and at fp32: images/s, ms per token, the GPU's busy share of the token loop (kernel time / wall time,
@@ -351,7 +417,7 @@ def sample_rows(setup: Setup) -> None:
 
     bandwidth = measured_bandwidth(setup)
     seen: set = set()
-    for model, batch, precision in SAMPLE_RUNS:
+    for model, batch, precision in runs:
         name = setup.name(model)
         batch = batch if setup.cuda else batch // 32
         if not setup.cuda and (model, batch, precision) in seen:
@@ -518,15 +584,49 @@ def table(rows: list) -> None:
         print(f"| {r['check']} | {settings} | {figs} |")
 
 
-TRAIN_RUNS = (("GPT-B", 32), ("GPT-B", 128), ("GPT-XXL", 8), ("GPT-XXL", 32))
-PARTS = ("train", "memory", "engines", "launch", "sample", "inception")
+# In the order a GPU session runs them (bench/gpu_session.sh), each a process of its own under its own budget:
+# the rows a short session must not miss first. `extras`: what a longer session adds.
+PARTS = ("sample", "launch", "train", "xxl", "extras")
+TRAIN_RUNS = (("GPT-B", 128, (4, 1)), ("GPT-B", 32, (4, 1)))
+XXL_RUNS = (("GPT-XXL", 32, (1,)),)
+MORE_TRAIN_RUNS = (("GPT-B", 32, (4, 2, 1)), ("GPT-XXL", 8, (4, 2, 1)))
+
+
+def training(setup: Setup, runs) -> None:
+    """Training rows of (model, micro-batch, patch sides); a rehearsal's stand-ins make GPT-B's two micro-batches
+    the same run: each is made once."""
+    for model, micro, sides in dict.fromkeys((m, b if setup.cuda else 2, s) for m, b, s in runs):
+        guarded(setup, lambda m=model, b=micro, s=sides: train_rows(setup, m, b, s), check="train",
+                model=setup.name(model), micro_batch=micro)
+
+
+def run_part(setup: Setup, part: str) -> None:
+    if part == "sample":
+        sample_rows(setup)
+    elif part == "launch":
+        with tempfile.TemporaryDirectory() as workdir:
+            guarded(setup, lambda: launch_rows(setup, workdir), check="launch")
+    elif part == "train":
+        training(setup, TRAIN_RUNS)
+        guarded(setup, lambda: timer_rows(setup, 32 if setup.cuda else 2), check="timers")
+    elif part == "xxl":
+        training(setup, XXL_RUNS)
+    elif part == "extras":
+        training(setup, MORE_TRAIN_RUNS)
+        ema_rows(setup)
+        for micro in dict.fromkeys(b if setup.cuda else 2 for b in (8, 32)):
+            guarded(setup, lambda b=micro: memory_rows(setup, b), check="memory", micro_batch=micro)
+        guarded(setup, lambda: engine_rows(setup), check="engine")
+        sample_rows(setup, MORE_SAMPLE_RUNS)
+        guarded(setup, lambda: eval_phase_rows(setup), check="eval_phases")
+        guarded(setup, lambda: inception_rows(setup), check="inception")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="", help="also write the JSON lines to this file")
-    ap.add_argument("--only", default="", help="comma list of parts: " + ",".join(PARTS))
+    ap.add_argument("--only", default="", help="comma list of parts (default: all, in this order): " + ",".join(PARTS))
     ap.add_argument("--rehearse", action="store_true", help="run the same code on the CPU with tiny models")
     ap.add_argument("--nocompile", action="store_true", help="eager blocks (npp train --nocompile)")
     args = ap.parse_args(argv)
@@ -548,25 +648,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(0) if setup.cuda else "CPU (rehearsal: figures mean nothing)"
     print(f"gpu-check on {where}, torch {torch.__version__}, blocks {'compiled' if setup.compile else 'eager'}",
           flush=True)
-    # a rehearsal's stand-ins make (GPT-B, 32) and (GPT-B, 128) the same run: each is made once
-    if "train" in parts:
-        for model, micro in dict.fromkeys((m, b if setup.cuda else 2) for m, b in TRAIN_RUNS):
-            guarded(setup, lambda m=model, b=micro: train_rows(setup, m, b), check="train", model=setup.name(model),
-                    micro_batch=micro)
-        ema_rows(setup)
-    if "memory" in parts:
-        for micro in dict.fromkeys(b if setup.cuda else 2 for b in (8, 32)):
-            guarded(setup, lambda b=micro: memory_rows(setup, b), check="memory", micro_batch=micro)
-    if "engines" in parts:
-        guarded(setup, lambda: engine_rows(setup), check="engine")
-    if "launch" in parts:
-        with tempfile.TemporaryDirectory() as workdir:
-            guarded(setup, lambda: launch_rows(setup, workdir), check="launch")
-    if "sample" in parts:
-        sample_rows(setup)
-        guarded(setup, lambda: eval_phase_rows(setup), check="eval_phases")
-    if "inception" in parts:
-        guarded(setup, lambda: inception_rows(setup), check="inception")
+    for part in [p for p in PARTS if p in parts]:
+        run_part(setup, part)
     table(setup.rows)
     if out:
         out.close()

@@ -12,17 +12,29 @@ from tests.helpers import run_env
 
 @pytest.mark.slow
 def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
-    """Through bench/gpu_session.sh, the one script a GPU session runs (here its packages are installed)."""
+    """Through bench/gpu_session.sh, the one script a GPU session runs, part by part in its order, importing only
+    what the GPU image holds or the carried wheels bring (bench/gpu_image.py): a wheel missing from the carried
+    list fails here, not in the GPU session."""
     out = tmp_path / "figures.jsonl"
     proc = subprocess.run(["bash", "bench/gpu_session.sh", "--rehearse", "--nocompile"],
-                          env={**run_env(tmp_path), "PYTHON": sys.executable, "OUT": str(tmp_path)},
-                          capture_output=True, text=True, timeout=600)
+                          env={**run_env(tmp_path), "PYTHON": sys.executable, "OUT": str(tmp_path),
+                               # every part, in one process (the session's loop runs one per part on the GPU;
+                               # here each extra process is 5-8 s of torch and DeepSpeed imports)
+                               "PARTS": "sample,launch,train,xxl,extras"},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    order = list(dict.fromkeys(r["check"] for r in rows))
+    assert order[:3] == ["sample", "launch", "train"]  # what a short session must not miss comes first
     train = [r for r in rows if r["check"] == "train"]
-    assert len(train) == 2 * 3 and {r["k"] for r in train} == {4, 2, 1}  # 2 stand-in models x 3 sides
+    # train: GPT-B (one stand-in for mb 128 and 32) at k = 4, 1; xxl at k = 1; extras: both at 4, 2, 1
+    assert [r["k"] for r in train] == [4, 1, 1, 4, 2, 1, 4, 2, 1]
     for r in train:
         assert r["npp_ms"] > 0 and r["plain_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["npp_vs_plain"] > 0
+        assert r["device_syncs_per_step"] == 0  # DeepSpeed's timers are off (the CPU makes no other call)
+    timers = [r for r in rows if r["check"] == "timers"]
+    assert len(timers) == 1 and timers[0]["syncs_per_step_on"] > 0 and timers[0]["syncs_per_step_off"] == 0
     schedule = [r for r in rows if r["check"] == "schedule"]
     assert len(schedule) == 4 and all(0 < r["flops_vs_ntp"] < 0.6 for r in schedule)
     memory = [r for r in rows if r["check"] == "memory"]
@@ -31,7 +43,7 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
     sampling = [r for r in rows if r["check"] == "sample"]
-    assert [r["precision"] for r in sampling] == ["bf16", "bf16", "fp32"] * 2, sampling
+    assert [r["precision"] for r in sampling] == ["bf16", "bf16"] + ["bf16", "fp32"] * 2, sampling  # sample, extras
     for r in sampling:
         assert r["images_per_s"] > 0 and r["cudagraph_skips"] == 0
         assert r["limit_whole_cache_images_per_s"] < r["limit_buckets_images_per_s"] < r["limit_prefix_images_per_s"]
