@@ -14,6 +14,13 @@ count does not depend on the machine), side by side in one run:
   pair per tensor.
 
     .venv/bin/python bench/step_overhead.py [--model GPT-Nano] [--batch 8] [--k 4]
+
+`--narrow` measures the fixed host cost a GPU pays whatever k: a model with GPT-B's shape (12 layers, its 113
+parameter tensors) but 48 wide, a 512-code vocabulary and micro-batch 2, so the arithmetic is negligible and the
+step time is the host's per-step work (hooks, per-tensor norms, bucket copies, the optimizer's loop, the EMA).
+npp's step (ZeRO-1 and ZeRO-2, with the EMA) is set beside a plain PyTorch step of the same model (fused-style
+AdamW, clipping; DDP when there are 2 ranks): run it alone and under `torchrun --nproc-per-node 2`
+(`make bench` does both). Ratios only: seconds on a CPU are not a GPU's, the per-step host work is.
 """
 
 from __future__ import annotations
@@ -82,13 +89,63 @@ def measure(fn, steps: int) -> tuple[float, int, int]:
     return (time.perf_counter() - start) / steps * 1e3, counter.ops, host.reads
 
 
+def narrow(steps: int, k: int) -> None:
+    """npp's step against plain PyTorch on a GPT-B-shaped model whose arithmetic is negligible (see the docstring)."""
+    from npp.models.configs import GPTConfig
+
+    env = read_env()
+    device = init(env)
+    cfg = GPTConfig(dim=48, n_layer=12, n_head=12, vocab_size=512, block_size=256, num_classes=1000,
+                    token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    micro = 2
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 512, (micro, 256), generator=gen).to(device)
+    labels = torch.randint(0, 1000, (micro,), generator=gen).to(device)
+    torch.manual_seed(0)
+    net = GPT(cfg).to(device)
+    model = net
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(configure_optimizer_groups(net, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                            foreach=True, fused=device.type == "cuda" or None)
+
+    def plain():
+        _, loss = model(idx, labels, targets=idx, patch=k)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = {"plain step" + (" (DDP)" if env.world_size > 1 else ""): measure(plain, steps)}
+    for ds in ("zero1", "zero2"):
+        for ema in (False, True):
+            train_cfg = TrainConfig(shards="-", out="-", model="GPT-B", global_batch=micro * env.world_size, ema=ema,
+                                    compile="off", ds_config=f"ds_configs/{ds}.json", token_dropout=0.0,
+                                    resid_dropout=0.0, ffn_dropout=0.0, attn_dropout=0.0)
+            step = standalone_step(cfg, train_cfg, device)
+            rows[f"npp {ds}{' + EMA' if ema else ''}"] = measure(lambda step=step: step([(idx, labels)], k), steps)
+            step.engine.destroy()
+    if env.rank == 0:
+        tensors = len(list(net.parameters()))
+        print(f"GPT-B-shaped narrow model ({tensors} tensors, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+              f"params), k={k}, micro-batch {micro}, world {env.world_size}, {device.type}, "
+              f"{torch.get_num_threads()} threads: the host's fixed cost per step")
+        base = next(iter(rows.values()))[0]
+        print(f"{'':28s} {'ms/step':>9s} {'vs plain':>9s} {'ATen ops':>9s} {'host reads':>11s}")
+        for name, (ms, ops, reads) in rows.items():
+            print(f"{name:28s} {ms:9.2f} {ms / base:9.2f} {ops:9d} {reads:11d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="GPT-Nano")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--narrow", action="store_true", help="GPT-B's tensors, negligible arithmetic: the fixed cost")
     args = ap.parse_args()
+    if args.narrow:
+        return narrow(args.steps, args.k)
     device = init(read_env())
     cfg = gpt_config(args.model, vocab_size=16384, block_size=256, num_classes=1000)
     gen = torch.Generator().manual_seed(0)
