@@ -64,7 +64,8 @@ def main() -> None:
     other, _ = scored(codes_of(1), False)
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     print(f"{len(labels)} samples of {args.ckpt}, cfg {args.cfg_scale:g}, temperature {args.temperature:g}; "
-          f"pixels changed by the bf16 decode: {(diff > 0).mean():.1%}, mean |diff| {diff.mean():.3f}, max {diff.max()}")
+          f"pixels changed by the bf16 decode: {(diff > 0).mean():.1%}, mean |diff| {diff.mean():.3f}, "
+          f"max {diff.max()}")
     print(f"{'metric':<24} {'fp32 decode':>12} {'bf16 decode':>12} {'bf16 - fp32':>12} {'seed 1 - seed 0':>16}")
     for k in fp32:
         print(f"{k:<24} {fp32[k]:12.4f} {bf16[k]:12.4f} {bf16[k] - fp32[k]:+12.4f} {other[k] - fp32[k]:+16.4f}")
