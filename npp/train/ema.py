@@ -10,8 +10,9 @@ Two keepers of the same average, with one interface (`make_ema` picks):
   partition from it, so checkpoints and exports keep their format and a resumed run
   its exact average (DeepSpeed copies the fp32 partitions into the module after each
   step, so both keepers average the same numbers).
-- `EMA` everywhere else (DeepSpeed's BF16_Optimizer of ZeRO-1 + bf16, a plain model): the
-  whole model on rank 0, as follows.
+  DeepSpeed's BF16_Optimizer (ZeRO-1 with `--precision bf16`) is averaged the same way, over its
+  `fp32_groups_flat_partition` (its parameters packed one after the other in each group's buffer).
+- `EMA` everywhere else (a plain model, ZeRO-3 is refused): the whole model on rank 0, as follows.
 
 Built after `deepspeed.initialize`, from the engine's module on its device, so the
 update is a device-local `mul_/add_` (an EMA built from the CPU model before
@@ -103,21 +104,37 @@ class PartitionedEMA:
     loads = True  # every rank reads the saved average and keeps its own partition of it
 
     @staticmethod
+    def flat_layout(optimizer):
+        """(this rank's fp32 partitions, each group's parameters in their flat buffer's order, their offsets there,
+        each group's partitions) of DeepSpeed's ZeRO-1/2 optimizer or of its BF16_Optimizer (ZeRO-1 with
+        `--precision bf16`: parameters packed one after the other); None for any other."""
+        if all(hasattr(optimizer, a) for a in ("single_partition_of_fp32_groups", "round_robin_bit16_groups",
+                                               "round_robin_bit16_offsets", "parallel_partitioned_bit16_groups")):
+            return (optimizer.single_partition_of_fp32_groups, optimizer.round_robin_bit16_groups,
+                    optimizer.round_robin_bit16_offsets, optimizer.parallel_partitioned_bit16_groups)
+        if all(hasattr(optimizer, a) for a in ("fp32_groups_flat_partition", "bf16_groups", "bf16_partitioned_groups")):
+            offsets = [[sum(q.numel() for q in params[:i]) for i in range(len(params))]
+                       for params in optimizer.bf16_groups]
+            return (optimizer.fp32_groups_flat_partition, optimizer.bf16_groups, offsets,
+                    optimizer.bf16_partitioned_groups)
+        return None
+
+    @staticmethod
     def supports(optimizer) -> bool:
-        return all(hasattr(optimizer, a) for a in ("single_partition_of_fp32_groups", "round_robin_bit16_groups",
-                                                   "round_robin_bit16_offsets", "parallel_partitioned_bit16_groups"))
+        return PartitionedEMA.flat_layout(optimizer) is not None
 
     def __init__(self, engine, decay: float):
         self.engine, self.decay, self.updates = engine, decay, 0
         opt = engine.optimizer
-        self._sources = list(opt.single_partition_of_fp32_groups)
+        sources, groups, offsets, partitions = self.flat_layout(opt)
+        self._sources = list(sources)
         self._parts = [t.detach().clone() for t in self._sources]
         names = {id(p): n for n, p in engine.module.named_parameters()}
         # per group: (name, offset in the group's flat buffer, shape, size) of each parameter, in the buffer's order
         self._layout = [[(names[id(p)], off, tuple(p.shape), p.numel()) for p, off in zip(ps, offs, strict=True)]
-                        for ps, offs in zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets, strict=True)]
+                        for ps, offs in zip(groups, offsets, strict=True)]
         self._groups = list(opt.real_dp_process_group)
-        sizes = [[t.numel() for t in parts] for parts in opt.parallel_partitioned_bit16_groups]
+        sizes = [[t.numel() for t in parts] for parts in partitions]
         if any(len(set(s)) != 1 for s in sizes):
             raise RuntimeError(f"unequal ZeRO partitions {sizes}: the partitioned EMA needs DeepSpeed's aligned "
                                "buffers")

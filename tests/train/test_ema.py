@@ -66,7 +66,7 @@ PARTITIONED = textwrap.dedent('''
     device = init(env)
     model_cfg = gpt_config("GPT-Nano", vocab_size=64, block_size=64, grid=(8, 8), num_classes=10)
     results = {}
-    for precision, zero in (("fp32", "zero2"), ("bf16", "zero2"), ("fp32", "zero1")):
+    for precision, zero in (("fp32", "zero2"), ("bf16", "zero2"), ("fp32", "zero1"), ("bf16", "zero1")):
         cfg = TrainConfig(shards="-", out="-", model="GPT-Nano", global_batch=8, precision=precision, ema=True,
                           ema_decay=0.5, ds_config=f"ds_configs/{zero}.json", compile="off")
         ds = build_ds_config(cfg, env.world_size, False, precision, params=1000)
@@ -107,9 +107,9 @@ PARTITIONED = textwrap.dedent('''
 
 
 def test_the_partitioned_ema_is_the_whole_ema_cut_across_ranks(tmp_path):
-    """Two ranks under ZeRO-2 (and ZeRO-1): each averages its half of the fp32 master weights; gathered, the
-    average is the whole-model EMA's to the bit (fp32 weights, and DeepSpeed's bf16 with fp32 masters); a saved
-    average loads back into the partitions exactly."""
+    """Two ranks under ZeRO-2 (and ZeRO-1, with DeepSpeed's BF16_Optimizer under bf16): each averages its half of
+    the fp32 master weights; gathered, the average is the whole-model EMA's to the bit (fp32 weights, and
+    DeepSpeed's bf16 with fp32 masters); a saved average loads back into the partitions exactly."""
     for rank, results in enumerate(rank_results(tmp_path, "partitioned.py", PARTITIONED)):
         for precision, got in results.items():
             assert got["same"] and got["restored"] and got["updates"] == 4, (rank, precision, got)
