@@ -63,6 +63,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
+def restore_rng(state: dict | None, seed: int, rank: int, step: int) -> None:
+    """This rank's generators as the checkpoint left them; resumed on new ranks (a universal checkpoint has no
+    per-rank state): fresh, deterministic per-rank streams."""
+    if state is not None:
+        set_rng_state(state)
+    elif step:
+        fresh = (seed * 1000 + rank + 1_000_003 * step) % 2**32
+        torch.manual_seed(fresh)
+        np.random.seed(fresh)
+
+
 def load_rng_state(path: Path) -> dict:
     """A rank's RNG file, loaded with weights_only=True.
 

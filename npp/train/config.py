@@ -89,6 +89,9 @@ class TrainConfig:
                                   "trains that shorter run's decay alone (the compute-matched NTP baselines)")
     max_bad_steps: int = flag(5, "consecutive steps skipped for non-finite gradients before stopping with an error")
     sync_every: int = flag(10, "steps between host reads of the losses and stop agreement")
+    collective_timeout: float = flag(1800.0, "seconds a rank may go without an optimizer step or a save (and a "
+                                             "collective may wait) before the job ends naming the stalled rank, "
+                                             "exit 3 (sbatch requeues it); sized for a GPT-XXL checkpoint save")
     experiment: str = flag("npp", "MLflow experiment")
     run_name: str = flag("", "MLflow run name (default: the run directory's name)")
     tracking: bool = flag(True, "log to MLflow (rank 0); --notracking turns it off")
@@ -164,6 +167,8 @@ class TrainConfig:
             need(int(value) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
         need(self.total_steps is None or int(self.total_steps) >= 1,
              f"--total-steps must be at least 1, got {self.total_steps}")
+        need(float(self.collective_timeout) >= 10, f"--collective-timeout must be at least 10 s, got "
+             f"{self.collective_timeout}")
         need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for auto), got {self.workers}")
         need(self.lr > 0 and self.end_lr >= 0, f"--lr must be > 0 and --end-lr >= 0, got {self.lr} and {self.end_lr}")
         need(0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), got {self.ema_decay}")

@@ -84,8 +84,9 @@ def stale_extension_locks(names: list[str], max_age_s: float = 600.0) -> list[st
     return [lock for lock in found if now - os.path.getmtime(lock) > max_age_s]
 
 
-def init(env: DistEnv) -> torch.device:
-    """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+def init(env: DistEnv, timeout_s: float = 1800.0) -> torch.device:
+    """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device. `timeout_s`: how long a
+    collective may wait for a peer (--collective-timeout): NCCL's watchdog and gloo end the wait then."""
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -96,8 +97,8 @@ def init(env: DistEnv) -> torch.device:
         # DeepSpeed binds the process group to cuda:LOCAL_RANK (init_process_group(device_id=...)); under srun with
         # one GPU bound per task SLURM_LOCALID (say 3) is not a visible device: bind the one npp uses
         os.environ["LOCAL_RANK"] = str(device.index)
-    # Generous: start-up, data loading and the first checkpoint load can be slow on a cluster.
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    # Generous by default: start-up, data loading and a large checkpoint's save or load can be slow on a cluster.
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if env.local_rank == 0 and env.world_size > 1:  # one line per node: where the ranks run
         import socket
 

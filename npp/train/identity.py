@@ -38,7 +38,7 @@ MUTABLE = (
     "shards",  # the path may move; the data itself is fixed by its digest
     "out", "grad_accum", "ds_config", "grad_comm", "workers", "log_every", "ckpt_every", "keep", "branch_epochs",
     "max_bad_steps",
-    "sync_every",
+    "sync_every", "collective_timeout",
     "tracking", "compile", "activation_checkpointing", "allow_change",
     "eval_every", "eval_every_epochs", "eval_per_class", "eval_cfg_scale", "eval_cfg", "eval_temperature",
     "eval_top_k", "eval_batch", "eval_ref", "inception", "classifier", "vq",

@@ -58,6 +58,8 @@ class Progress:
         self.started = clock()
         self.run_step_s = self.run_other_s = self.run_flops = 0.0  # this start's totals, for the ETA
         self.bar = None
+        self.watchdog = None
+        self._step = 0  # the last step recorded
         self._reset()
 
     def _reset(self) -> None:
@@ -65,16 +67,32 @@ class Progress:
         self.t0, self.steps, self.flops = self.clock(), 0, 0.0
         self.excluded = dict.fromkeys(self.EXCLUDED, 0.0)
 
+    def watch(self, watchdog) -> None:
+        """Report progress to a watchdog (npp.train.watchdog): every recorded step and completed save beats it, an
+        evaluation pauses it; `unwatch` stops it."""
+        self.watchdog = watchdog
+        watchdog.start(self._step)
+
+    def unwatch(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     @contextlib.contextmanager
     def exclude(self, kind: str):
         """Time spent in the block (a save, an eval, logging) is reported as `<kind>_s`, not as step time."""
         start = self.clock()
+        paused = self.watchdog.pause() if self.watchdog is not None and kind == "eval" else contextlib.nullcontext()
         try:
-            yield
+            with paused:
+                yield
+            if kind == "ckpt" and self.watchdog is not None:
+                self.watchdog.beat(self._step)  # a completed save is progress
         finally:
             self.excluded[kind] += self.clock() - start
 
     def resume_at(self, step: int) -> None:
+        self._step = step
         if self.is_main and step:
             dropped = truncate_jsonl(self.path, step)
             if dropped:
@@ -86,6 +104,9 @@ class Progress:
         """Keep the step's record (its loss a device tensor: no host sync); True when this step is a log
         step (every rank agrees)."""
         self.pending.append((step, loss.detach(), patch_side, lr))
+        self._step = step
+        if self.watchdog is not None:
+            self.watchdog.beat(step)
         self.steps += 1
         self.flops += flops
         return step % self.log_every == 0 or step == self.total_steps

@@ -38,6 +38,7 @@ from npp.train.state import TrainState
 from npp.train.step import TrainStep, build_model_and_optimizer, check_no_stale_build, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker
+from npp.train.watchdog import ProgressWatchdog, default_store
 
 
 class Trainer:
@@ -72,7 +73,7 @@ class Trainer:
         return self.schedule.lr_at(step, c.lr, c.end_lr, self.plan.warmup_steps, c.decay_ratio) / c.lr
 
     def _build(self) -> None:
-        self.device = init(self.env)
+        self.device = init(self.env, self.cfg.collective_timeout)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
         model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device, self.precision,
                                                      offload=offloads_optimizer(self.ds_config))
@@ -118,6 +119,8 @@ class Trainer:
         except BaseException:
             self.tracker.finish("FAILED", wait_s=30.0)
             raise
+        finally:
+            self.progress.unwatch()  # the end's export and barriers are not steps
         return self._finish()
 
     def train_step(self, batches, patch_side: int) -> torch.Tensor | None:
@@ -158,6 +161,8 @@ class Trainer:
                                  corrupt_base=self.state.corrupt_shards, flops_left=lambda step: self.cfg.global_batch
                                  * self.schedule.flops_left(step, self.stage_flops))
         self.progress.resume_at(self.state.step)
+        self.progress.watch(ProgressWatchdog(self.cfg.collective_timeout, self.env.rank, self.env.world_size,
+                                             default_store()))
         self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
         self.tracker.start(
             self.cfg.experiment, self.cfg.run_name or self.run.path.name,
@@ -173,12 +178,7 @@ class Trainer:
                   f"{self.plan.workers} loader workers; precision {self.precision}, blocks "
                   f"{'compiled' if self.compiled else 'eager'}")
         batches = iter(self.feed.loader(self.state))
-        if self.state.rng is not None:
-            checkpointing.set_rng_state(self.state.rng)
-        elif self.state.step:  # resumed on new ranks (universal checkpoint): fresh, deterministic per-rank streams
-            seed = (self.cfg.seed * 1000 + self.env.rank + 1_000_003 * self.state.step) % 2**32
-            torch.manual_seed(seed)
-            np.random.seed(seed)
+        checkpointing.restore_rng(self.state.rng, self.cfg.seed, self.env.rank, self.state.step)
         return batches
 
     def _stop_and_save(self) -> dict:

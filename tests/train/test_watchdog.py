@@ -1,0 +1,101 @@
+"""The progress watchdog: a rank that makes no progress for --collective-timeout ends its job with a line naming
+itself, its host, its step, where it waits, and the ranks that went silent (a stopped process publishes nothing)."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from npp.train.watchdog import STALLED, ProgressWatchdog
+
+
+class Store(dict):
+    """What the watchdog uses of torch.distributed's store: set and get (bytes)."""
+
+    def set(self, key, value):
+        self[key] = value
+
+    def get(self, key):
+        return self[key].encode() if isinstance(self[key], str) else self[key]
+
+
+def waiting_in_a_collective(stop):
+    stop.wait(10)
+
+
+def test_a_stall_is_named_with_the_waiting_stack_and_the_silent_rank():
+    store = Store()
+    store.set("npp/progress/1", json.dumps({"step": 7, "host": "node-b", "t": time.time() - 100}))  # stopped
+    lines, exits, stop = [], [], threading.Event()
+
+    def exit_(code):
+        exits.append(code)
+        stop.set()
+
+    dog = ProgressWatchdog(0.4, rank=0, world_size=3, store=store, log=lines.append, exit=exit_, poll_s=0.05)
+    dog.start(step=12)
+    t0 = time.time()
+    waiting_in_a_collective(stop)  # the main thread blocks, as a rank does in an all-reduce with a stopped peer
+    assert exits == [STALLED] and 0.4 <= time.time() - t0 < 3
+    line = lines[0]
+    assert line.startswith(f"[npp train] rank 0 on {socket.gethostname()}: no optimizer step or save completed")
+    assert "at step 12" in line and "waiting_in_a_collective" in line
+    assert "rank 1 on node-b (silent for" in line and "at step 7" in line
+    assert "rank 2 (no progress published)" in line
+    assert json.loads(store["npp/progress/0"])["step"] == 12  # this rank published its own progress
+    dog.stop()
+
+
+def test_steps_and_saves_keep_it_quiet_and_an_evaluation_pauses_it():
+    lines, exits = [], []
+    dog = ProgressWatchdog(0.3, rank=0, world_size=1, log=lines.append, exit=exits.append, poll_s=0.02)
+    dog.start(step=0)
+    for step in range(1, 8):  # steps every 0.1 s
+        time.sleep(0.1)
+        dog.beat(step)
+    with dog.pause():  # a 0.6 s evaluation
+        time.sleep(0.6)
+    time.sleep(0.1)
+    assert exits == [] and lines == []
+    time.sleep(0.5)  # then nothing: a stall
+    assert exits == [STALLED]
+    dog.stop()
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp_path):
+    """2 ranks under torchrun, --collective-timeout 10: SIGSTOP rank 1 mid-run (a GPU off the bus, a stuck read).
+    Rank 0's watchdog ends the job within the timeout plus torchrun's teardown, naming rank 1, its host and where
+    rank 0 waits; no checkpoint is left half-written (latest names a complete one)."""
+    import os
+    import signal
+    import subprocess
+
+    from npp.pipeline.runs import RunFolder
+    from tests.helpers import launch_cmd, read_metrics, run_env
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(shard_set, run, 2, total_steps=5000, ckpt_every=20, log_every=10,
+                                       collective_timeout=10, schedule="1:1"),
+                            env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while len(read_metrics(run)) < 25 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+        stopped = next(p for p in ranks if "\0RANK=1\0" in "\0" + open(f"/proc/{p}/environ").read())
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.time() - t0 < 10 + 60
+    line = next(x for x in out.splitlines() if "no optimizer step or save completed" in x)
+    assert line.startswith(f"[npp train] rank 0 on {socket.gethostname()}") and "--collective-timeout 10" in line
+    assert f"stopped: rank 1 on {socket.gethostname()}" in line and "Waiting in: " in line and "exiting 3" in line
+    folder = RunFolder(run)
+    assert folder.latest_tag() in folder.complete_tags()
