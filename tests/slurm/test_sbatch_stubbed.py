@@ -110,6 +110,46 @@ def test_no_checkpoint_is_claimed_when_none_was_written(sbatch_env, tmp_path):
     torchrun = [p for p in process_tree(proc.pid) if p != proc.pid][0]
     signal_job(torchrun, signal.SIGKILL)  # the trainer dies without saving (OOM killer, node failure)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
     assert "training failed" in out and "no new checkpoint (latest is still none)" in out, out[-3000:]
     assert "checkpoint saved" not in out
+    # a failure is requeued (the first of at most 3 in a row), with its line in the run folder
+    assert "failure 1 of at most 3 in a row: requeueing job 4242" in out and proc.returncode == 0
+    assert "requeue 4242" in _calls(tmp_path) and len((run / "failures.log").read_text().splitlines()) == 1
+
+
+FAILING_TORCHRUN = """#!/bin/bash
+# stub: a trainer that fails at once; with ADVANCE set it first moves the run's latest checkpoint (progress)
+out=$(for a in "$@"; do [ "$prev" = --out ] && echo "$a"; prev=$a; done)
+if [ -n "$ADVANCE" ]; then mkdir -p "$out/checkpoints/$ADVANCE" && echo "$ADVANCE" > "$out/checkpoints/latest"; fi
+exit 1
+"""
+
+
+def test_a_failure_is_requeued_a_bounded_number_of_times_in_a_row(sbatch_env, tmp_path):
+    """A trainer that fails every time (exit 1 each start): requeued 3 times, then the job ends with one line naming
+    each failure; a start that moved the latest checkpoint resets the count."""
+    stub = tmp_path / "stubs" / "torchrun"
+    stub.write_text(FAILING_TORCHRUN)
+    stub.chmod(0o755)
+    env = {**sbatch_env, "TORCHRUN": str(stub)}
+
+    def start(restart, **extra):
+        proc = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch")], cwd=tmp_path, capture_output=True,
+                              text=True, env={**env, "SLURM_RESTART_COUNT": str(restart), **extra}, timeout=120)
+        return proc.returncode, proc.stdout
+
+    for restart in range(3):
+        rc, out = start(restart)
+        assert rc == 0 and f"failure {restart + 1} of at most 3 in a row: requeueing job 4242" in out, out
+    rc, out = start(3)
+    assert rc == 1, out
+    assert "training failed 4 times in a row without a new checkpoint (MAX_FAILURES=3): not requeued" in out
+    assert out.count("exit 1; no new checkpoint") == 4  # each failure named
+    assert _calls(tmp_path).count("requeue 4242") == 3
+    rc, out = start(4, ADVANCE="step_000000010")  # progress before failing: the count starts again
+    assert rc == 0 and "failure 1 of at most 3 in a row" in out
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # the stub's checkpoint is no real one
+    rc, out = start(5, MAX_FAILURES="0")
+    assert rc == 1 and "not requeued" in out
