@@ -20,7 +20,7 @@ from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import EvalInputError, load_npz, reference_for
 from npp.pipeline.eval_spec import PROTOCOL_TAG, fid_protocol
-from npp.pipeline.files import atomic_write_text, file_sha256
+from npp.pipeline.files import atomic_write_text, file_sha256, npp_version
 from npp.pipeline.runs import RunFolder
 
 
@@ -89,13 +89,14 @@ def evaluate(
     files = sample_files(samples)
     net = load_feature_net(inception, classifier)
     reference = reference_for(net, ref)
+    ref_sha = file_sha256(ref)
     results = {}
     for f in files:
-        key = _cache_key(f, ref, net)
+        key = _cache_key(f, ref_sha, net)
         cached = _read_cache(f, key)
         results[f] = cached if cached is not None else compute_metrics(net, f, reference, ref)
         if cached is None:
-            _write_cache(f, key, results[f])
+            _write_cache(f, key, results[f], provenance(_sidecar(f), ref_sha, net))
     for f, m in results.items():
         print(f"{f}: " + "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
     if log:
@@ -116,14 +117,25 @@ def _cache_path(samples_path: str) -> Path:
     return Path(samples_path).with_suffix(".metrics.json")
 
 
-def _cache_key(samples_path: str, ref_path: str, net) -> dict:
-    """What the metrics of a samples file depend on: the file, the reference, the feature network."""
-    def stamp(path):
-        st = os.stat(path)
-        return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-    return {"samples": stamp(samples_path), "reference": stamp(ref_path), "feature_net": net.name,
+def _cache_key(samples_path: str, ref_sha256: str, net) -> dict:
+    """What the metrics of a samples file depend on: the file, the reference (by content), the feature network."""
+    st = os.stat(samples_path)
+    return {"samples": {"path": os.path.abspath(samples_path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+            "reference_sha256": ref_sha256, "feature_net": net.name,
             "feature_net_sha256": getattr(net, "weights_sha256", "")}
+
+
+def provenance(record: dict, ref_sha256: str, net) -> dict:
+    """Everything a FID depends on, in one record: how the samples were made (the samples' JSON record: checkpoint
+    and its SHA-256 and step, EMA, guidance scale and interval, temperature, top-k/p, labels and seed, count, image
+    size, precision, batch, ranks, device, the VQ's SHA-256, npp's version), and how they were scored (the
+    reference's SHA-256, the feature network and its weights' SHA-256, npp's version and the device here)."""
+    import torch
+
+    made = {k: v for k, v in record.items() if k not in ("ckpt_train", "seconds", "grid_classes", "grid_per_class")}
+    return {"samples": made, "reference_sha256": ref_sha256, "feature_net": net.name,
+            "feature_net_sha256": getattr(net, "weights_sha256", ""), "eval_npp": npp_version(),
+            "eval_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def _read_cache(samples_path: str, key: dict) -> dict | None:
@@ -138,8 +150,9 @@ def _read_cache(samples_path: str, key: dict) -> dict | None:
     return saved["metrics"]
 
 
-def _write_cache(samples_path: str, key: dict, metrics: dict) -> None:
-    atomic_write_text(_cache_path(samples_path), json.dumps({"key": key, "metrics": metrics}, indent=2))
+def _write_cache(samples_path: str, key: dict, metrics: dict, provenance: dict) -> None:
+    atomic_write_text(_cache_path(samples_path), json.dumps({"key": key, "metrics": metrics,
+                                                             "provenance": provenance}, indent=2, default=str))
 
 
 def _sidecar(samples_path: str) -> dict:
@@ -195,9 +208,10 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         grid = Path(path).with_suffix(".png")
         nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
         params = flatten({
-            "samples": str(path), "reference": ref_path, "feature_net": net.name,
-            "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step,
-            "sampling": {k: v for k, v in record.items() if k != "ckpt_train"}, "protocol": protocol or {},
+            "samples": str(path), "reference": ref_path, "reference_sha256": ref_sha, "feature_net": net.name,
+            "feature_net_sha256": getattr(net, "weights_sha256", ""), "step": step, "eval_npp": npp_version(),
+            "sampling": {k: v for k, v in record.items() if k not in ("ckpt_train", "seconds")},
+            "protocol": protocol or {},
         })
         have = client.get_run(nested).data.params
         for k, v in params.items():

@@ -31,7 +31,7 @@ from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
 from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.devices import fast_matmul, pick_device, rank_and_world
-from npp.pipeline.files import atomic_write_text, file_sha256
+from npp.pipeline.files import atomic_write_text, file_sha256, npp_version
 from npp.pipeline.images import to_uint8_images
 
 
@@ -309,18 +309,28 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
     for path in pdir.glob("seconds_rank*.json"):  # what each rank spent, summed (a resumed run: its last start)
         for k, v in json.loads(path.read_text()).items():
             seconds[k] = seconds.get(k, 0.0) + v
+    device = pick_device(cfg.device)
     record = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "device")},
         "batch": batch, "seconds": seconds,
         "cfg_scale": scale, "count": int(len(images)), "image_size": int(images.shape[1]),
         "ckpt_steps": ckpt.get("steps"), "ckpt_train": ckpt.get("train"),
         "ckpt_sha256": file_sha256(cfg.ckpt), "vq_sha256": file_sha256(cfg.vq),
+        # where and by what the samples were made: on a CPU they are bit-exact for any ranks and batch (tested);
+        # on a GPU, bf16 kernels may change the last bits of a logit, and so a token, with another batch
+        "ranks": rank_and_world()[1], "device": device_name(device), "npp": npp_version(),
+        "determinism": ("bit-exact for any number of ranks and any batch" if device.type == "cpu" else
+                        "the same up to the last bits of GPU kernels (batch- and kernel-dependent)"),
     }
     target.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
     print(
         f"samples {target}: {len(images)} images {images.shape[1]}px, cfg={scale:g}, grid {target.with_suffix('.png')}"
     )
     return target
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, classes: int = 16, per_class: int = 8) -> None:

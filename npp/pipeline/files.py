@@ -63,3 +63,14 @@ def git_commit() -> str:
         ).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def npp_version() -> str:
+    """npp's package version and the commit of its checkout, e.g. '0.1.0 (git 28f042d...)'."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("npp")
+    except PackageNotFoundError:
+        number = "unknown"
+    return f"{number} (git {git_commit()})"

@@ -222,6 +222,15 @@ def test_eval_logs_metrics_into_the_training_run(setup, tmp_path, monkeypatch):
     assert len(children) == 2 and {c.data.params["sampling.cfg_scale"] for c in children} == {"1.0", "2.0"}
     from npp.eval.compare import compare
 
+    # the FID's record of everything it depends on, beside the cached metrics
+    prov = json.loads(samples_path(out, 2.0).with_suffix(".metrics.json").read_text())["provenance"]
+    made = prov["samples"]
+    for k in ("ckpt_sha256", "ckpt_steps", "ema", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
+              "labels", "seed", "count", "image_size", "precision", "batch", "ranks", "device", "vq_sha256", "npp",
+              "determinism"):
+        assert k in made, k
+    assert made["ranks"] == 1 and made["device"] == "cpu" and made["npp"].startswith("0.1.0 (git ")
+    assert len(prov["reference_sha256"]) == 64 and prov["feature_net"] == "toynet" and prov["eval_npp"]
     # what each FID depends on, beside it: the samples' settings, the reference's content, the feature network
     protocol = json.loads(parent.data.tags["npp.protocol.fid_toynet_cfg2"])
     assert protocol["cfg_scale"] == 2.0 and protocol["per_class"] == _cfg(setup, out).per_class
