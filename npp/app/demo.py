@@ -303,7 +303,7 @@ class Demo:
     def compare(self) -> dict:
         """`npp compare runs` on the toy set, one seed: NTP of the same epochs with a branch at NPP's training
         FLOPs, NPP (`make demo`'s run, reused), every end sampled and evaluated alike, compared."""
-        from npp.app.experiment import CompareRunsConfig, Experiment, default_branches
+        from npp.app.experiment import CompareRunsConfig, Experiment, compute_matched_branches
         from npp.eval.compare import compare
         from npp.pipeline.shards import read_meta
 
@@ -311,11 +311,9 @@ class Demo:
         c = self.cfg
         schedules = c.schedules or c.schedule
         matched = c.branch_epochs
-        if not matched:  # each schedule's compute-matched NTP epochs
+        if not matched:  # each schedule's compute-matched NTP epochs (the budget of NPP's FLOPs)
             grid = tuple(read_meta(self.shards)["grid"])
-            points = default_branches(schedules.split(";"), c.epochs, c.model, grid)
-            shape = (c.epochs // 4, c.epochs // 2, 3 * c.epochs // 4)
-            matched = ",".join(map(str, [e for e in points if e not in shape] or points[-1:]))
+            matched = ",".join(map(str, compute_matched_branches(schedules.split(";"), c.epochs, c.model, grid)))
         cfg = CompareRunsConfig(
             shards=str(self.shards), vq=str(self.vq), ref=str(self.ref), classifier=str(self.classifier),
             out=str(self.out / "runs"), model=c.model, epochs=c.epochs, seeds=c.seeds or str(c.seed),
@@ -331,7 +329,8 @@ class Demo:
         exp.run_here(self.env())
         self.timings["compare runs"] = time.time() - t
         _step("NPP vs NTP")
-        return compare("npp-demo", str(self.out / "compare"))
+        names = [j.name for j in exp.jobs() if j.kind in ("train", "branch")]
+        return compare("npp-demo", str(self.out / "compare"), runs=names)
 
 
 def _flags_of(args: list[str]) -> dict:

@@ -90,13 +90,20 @@ class CompareRunsConfig:
         return [s.strip() for s in str(self.schedules).split(";") if s.strip()]
 
 
-def default_branches(schedules: list[str], epochs: int, model: str, grid: tuple[int, int] | None = None) -> list[int]:
-    """Each schedule's compute-matched NTP epochs (rounded), and E/4, E/2, 3E/4: the frontier's points."""
+def compute_matched_branches(schedules: list[str], epochs: int, model: str, grid: tuple[int, int] | None = None
+                             ) -> list[int]:
+    """Each schedule's compute-matched NTP epochs, rounded (`npp schedule` prints them), within (0, epochs)."""
     from npp.models.configs import gpt_config
     from npp.train.schedule import compute_matched_epochs, parse_schedule
 
     cfg = gpt_config(model, **({"block_size": grid[0] * grid[1], "grid": grid} if grid else {}))
     points = {round(compute_matched_epochs(parse_schedule(s), epochs, cfg)) for s in schedules}
+    return sorted(p for p in points if 0 < p < epochs)
+
+
+def default_branches(schedules: list[str], epochs: int, model: str, grid: tuple[int, int] | None = None) -> list[int]:
+    """Each schedule's compute-matched NTP epochs, and E/4, E/2, 3E/4: the frontier's points."""
+    points = set(compute_matched_branches(schedules, epochs, model, grid))
     points |= {epochs // 4, epochs // 2, 3 * epochs // 4}
     return sorted(p for p in points if 0 < p < epochs)
 
@@ -175,8 +182,9 @@ class Experiment:
                     str(c.per_class), "--cfg-scale", str(c.cfg_scale), "--temperature", str(c.temperature),
                     "--top-k", str(c.top_k), *shlex.split(c.sample_flags)]
             jobs.append(Job(f"{j.name}-eval", "sample", args, samples, [j.name]))
-        jobs.append(Job("compare", "compare", ["--experiment", c.experiment, "--out", str(self.out / "compare")],
-                        None, [j.name for j in jobs]))
+        runs = ",".join(j.name for j in jobs if j.kind in ("train", "branch"))  # this experiment's runs alone
+        jobs.append(Job("compare", "compare", ["--experiment", c.experiment, "--out", str(self.out / "compare"),
+                                               "--runs", runs], None, [j.name for j in jobs]))
         return jobs
 
     # --- here ------------------------------------------------------------------------------------------------

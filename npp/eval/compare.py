@@ -168,7 +168,12 @@ def groups_of(runs: list[dict], key: str) -> list[dict]:
         g = groups.setdefault(r["group"], {"model": r["model"], "schedule": r["schedule"], "ntp": r["ntp"],
                                            "epochs": r["epochs"], "family": r["family"], "seeds": {}, "runs": [],
                                            "protocols": []})
-        g["seeds"][str(r["seed"])] = end
+        seed = str(r["seed"])
+        if seed in g["seeds"]:
+            twin = g["runs"][list(g["seeds"]).index(seed)]
+            raise ConfigError(f"runs {twin!r} and {r['run']!r} are the same run (the same flags and seed {seed}), both "
+                              "with an end: pick one with --runs (or move the other to another --experiment)")
+        g["seeds"][seed] = end
         g["runs"].append(r["run"])
         g["protocols"].append(r["protocols"].get(key))
     out = []
@@ -201,9 +206,11 @@ def frontier_cost(points: list[tuple[float, float]], target: float) -> dict:
     return {"above": points[-1][0]}
 
 
-def ratio_against(npp_value: float, npp_cost: float, ntp_points: list[tuple[float, float]]) -> dict:
-    """NPP's cost over the NTP frontier's cost at NPP's value, or the bound on it."""
-    at = frontier_cost(ntp_points, npp_value)
+def ratio_against(npp_value: float, npp_cost: float | None, ntp_points: list[tuple[float, float]]) -> dict:
+    """NPP's cost over the NTP frontier's cost at NPP's value, or the bound on it (none without NPP's cost)."""
+    if not npp_cost:
+        return {"ratio": None}
+    at = frontier_cost([p for p in ntp_points if p[0]], npp_value)
     if "cost" in at:
         return {"ratio": npp_cost / at["cost"], "ntp_cost": at["cost"]}
     if "below" in at:  # NTP is better already at its cheapest budget: NPP costs more than npp/that
@@ -216,8 +223,13 @@ def ratio_against(npp_value: float, npp_cost: float, ntp_points: list[tuple[floa
 def compare_group(npp: dict, ntp_groups: list[dict], what: str) -> dict:
     """NPP group against the NTP frontier, for the FLOPs and the hours: on the means, and seed by seed."""
     out = {}
+    seeds = list(npp["seeds"])
+    # the mean frontier over NPP's seeds only: a budget not run for all of them is left out of it (and named)
+    full = [g for g in ntp_groups if all(s in g["seeds"] for s in seeds)]
+    out["frontier_without"] = [group_label(g) for g in ntp_groups if g not in full]
     for cost in ("pflops", "hours"):
-        frontier = [(g[cost]["mean"], g["value"]["mean"]) for g in ntp_groups]
+        frontier = [(_mean([g["seeds"][s][cost] for s in seeds]), _mean([g["seeds"][s]["value"] for s in seeds]))
+                    for g in full]
         mean = ratio_against(npp["value"]["mean"], npp[cost]["mean"], frontier)
         per_seed = {}
         for seed, end in npp["seeds"].items():
@@ -225,6 +237,11 @@ def compare_group(npp: dict, ntp_groups: list[dict], what: str) -> dict:
             per_seed[seed] = ratio_against(end["value"], end[cost], own).get("ratio")
         out[cost] = {**mean, "per_seed": per_seed, "seeds": spread(list(per_seed.values()))}
     return {"what": what, "npp": group_label(npp), **out}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def equal_epochs(npp: dict, ntp_groups: list[dict]) -> dict | None:
@@ -285,6 +302,9 @@ def describe(result: dict) -> list[str]:
         lines.append(f"  {group_label(g):<44} {g['value']['n']:>5} {_fmt(g['pflops']):>24} {_fmt(g['hours']):>26} "
                      f"{_fmt(g['value']):>24}")
     for r in result["ratios"]:
+        if r.get("frontier_without"):
+            lines.append(f"  {r['npp']}: frontier without {', '.join(r['frontier_without'])} (not run for every "
+                         "seed of this NPP group)")
         for cost, unit in (("pflops", "FLOPs"), ("hours", "hours")):
             c = r[cost]
             if c.get("ratio") is not None:

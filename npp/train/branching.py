@@ -52,8 +52,23 @@ def warmup_steps_of(train: dict, steps_per_epoch: int) -> int:
 
 def branch_config(parent_path: str, epochs: int, out: str, overrides: dict | None = None) -> tuple[TrainConfig, dict]:
     """The TrainConfig of the E'-epoch branch of a run and its `branch` record; refuses, in one line, a branch
-    point that is not one (a multi-stage or step-budget parent, E' out of range, a point not reached or not kept).
+    point that is not one (a multi-stage or step-budget parent, E' out of range, an amended parent).
+
+    A branch that has started already is rebuilt from its own folder (its config.json holds the flags and the
+    record): it resumes without its parent, which may have moved. A new one takes the parent's flags as they
+    were when the parent wrote the branch point's checkpoint: its loader workers and micro-batch from the start
+    that wrote it (the data order depends on them; the parent may have been resumed with others since).
     """
+    unknown = sorted(set(overrides or {}) - set(BRANCH_OVERRIDES))
+    if unknown:
+        raise UsageError(f"npp train branch: --{unknown[0].replace('_', '-')} would make the branch another run than "
+                         f"the {epochs}-epoch one it stands for: the parent's value is used")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = RunFolder(out)
+    if own.config.exists() and (own.read_config().get("branch") or {}).get("epochs") == int(epochs):
+        saved = own.read_config()
+        flags = {**saved["train"], "out": str(out), **(overrides or {})}
+        return TrainConfig(**{k: v for k, v in flags.items() if k in names}), saved["branch"]
     parent = RunFolder(parent_path)
     saved = parent_record(parent)
     train = dict(saved["train"])
@@ -63,25 +78,29 @@ def branch_config(parent_path: str, epochs: int, out: str, overrides: dict | Non
     if saved.get("branch"):
         raise UsageError(f"--from {parent.path} is itself a branch (of {saved['branch']['parent']}): branch off "
                          "the full run")
+    if any(start.get("amended") for start in saved.get("starts", [])):
+        raise UsageError(f"--from {parent.path} had defining flags amended (--allow-change) during its run: no step "
+                         "of it is a step of a shorter run started with its flags; train that run from scratch")
     spe = int(saved["steps_per_epoch"])
     stages = parse_schedule(saved["schedule"])
     step = branch_points(stages, int(train["epochs"]), spe, warmup_steps_of(train, spe), float(train["decay_ratio"]),
                          [int(epochs)])[int(epochs)]
-    unknown = sorted(set(overrides or {}) - set(BRANCH_OVERRIDES))
-    if unknown:
-        raise UsageError(f"npp train branch: --{unknown[0].replace('_', '-')} would make the branch another run than "
-                         f"the {epochs}-epoch one it stands for: the parent's value is used")
-    layout = (saved.get("starts") or [{}])[-1]
+    layout = writer_of(saved.get("starts", []), step)
+    world, micro = layout.get("world_size"), layout.get("micro_batch")
     flags = {**train, "out": str(out), "epochs": int(epochs), "branch_epochs": "", "run_name": "", "allow_change": "",
-             # the loader workers the parent's checkpoint was written with: the data order depends on them
              **({"workers": int(layout["workers"])} if layout.get("workers") is not None else {}),
+             **({"grad_accum": int(train["global_batch"]) // (int(world) * int(micro))} if world and micro else {}),
              **(overrides or {})}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in flags.items() if k in names})
     record = {"parent": str(parent.path.resolve()), "parent_epochs": int(train["epochs"]), "epochs": int(epochs),
-              "step": step,
-              "tag": tag_for(step), "parent_mlflow_run_id": parent.mlflow_run_id()}
+              "step": step, "tag": tag_for(step), "parent_mlflow_run_id": parent.mlflow_run_id()}
     return cfg, record
+
+
+def writer_of(starts: list[dict], step: int) -> dict:
+    """The start of a run that trained through `step` (the last one that resumed before it), or {}."""
+    before = [s for s in starts if not s.get("resume_tag") or tag_step(s["resume_tag"]) < step]
+    return before[-1] if before else {}
 
 
 def check_branch_checkpoint(parent: RunFolder, record: dict) -> None:
@@ -89,6 +108,9 @@ def check_branch_checkpoint(parent: RunFolder, record: dict) -> None:
     tag, step = record["tag"], record["step"]
     latest = parent.latest_tag()
     if tag in parent.complete_tags():
+        if parent.is_universal(tag):
+            raise UsageError(f"{parent.tag_dir(tag)} is a universal checkpoint (no per-rank RNG): a branch from it "
+                             "is not the shorter run; branch from the checkpoint the parent's own ranks wrote")
         return
     if latest is None or tag_step(latest) < step:
         raise UsageError(f"{parent.path} has not reached step {step} yet, where the {_epochs(record)}-epoch branch "
@@ -106,6 +128,24 @@ def own_mlflow_run_id(branch: dict | None, state) -> str | None:
     """The MLflow run a start resumes: the checkpoint's, except a branch's at its branch step (that checkpoint
     is the parent's: the branch logs into a run of its own)."""
     return None if branch and state.step == branch["step"] else state.mlflow_run_id
+
+
+def start_branch(out: RunFolder, record: dict, is_main: bool, device, log=print) -> None:
+    """A branch's first start on every rank: rank 0 prepares the folder, and every rank learns whether it did
+    (one all-reduce), so a failed preparation is one error on every rank, not the others waiting in a barrier."""
+    from npp.train.distributed import all_sum
+    from npp.train.errors import TrainingError
+
+    failed = None
+    if is_main:
+        try:
+            prepare_branch_folder(out, record, log)
+        except OSError as e:
+            failed = e
+    if all_sum([1.0 if failed else 0.0], device)[0] > 0:
+        raise TrainingError(f"the branch's checkpoint could not be put in {out.checkpoints}"
+                            + (f" ({type(failed).__name__}: {failed})" if failed else " (see rank 0's error)")
+                            + ": free space or fix the permissions and rerun the same command")
 
 
 def prepare_branch_folder(out: RunFolder, record: dict, log=print) -> None:
@@ -137,6 +177,14 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 
 def _records_through(path: Path, step: int) -> list[str]:
+    """The records at or before `step` (a line the parent is still writing, or cut by a kill, is left out)."""
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return kept

@@ -189,15 +189,17 @@ def prune(run: RunFolder, keep: int, kept: frozenset = frozenset()) -> None:
             shutil.rmtree(run.tag_dir(old), ignore_errors=True)
 
 
-def load(engine, run: RunFolder, env: DistEnv, ema=None) -> tuple[dict | None, dict | None]:
-    """Resume from `latest`: engine state and EMA. Returns (client state, this rank's RNG state), or
-    (None, None) for a fresh run.
+def load(engine, run: RunFolder, env: DistEnv, ema=None, planned: str | None = None
+         ) -> tuple[dict | None, dict | None]:
+    """Resume from `latest` (or the `planned` tag, the plan's: every rank loads the same one, whatever its view of
+    the filesystem): engine state and EMA. Returns (client state, this rank's RNG state), or (None, None) for a
+    fresh run.
 
     The RNG state is returned, not applied: the caller applies it after everything that
     draws from the global generators at start-up (creating the DataLoader iterator
     does), or dropout would run one draw behind the uninterrupted run.
     """
-    tag = resume_tag(run, env.world_size)  # refuses another world size's ZeRO checkpoint (the plan did already)
+    tag = planned or resume_tag(run, env.world_size)  # refuses another world size's ZeRO checkpoint
     if tag is None:
         return None, None
     path, client_state = engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=True,

@@ -98,7 +98,10 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> torch.device:
         # one GPU bound per task SLURM_LOCALID (say 3) is not a visible device: bind the one npp uses
         os.environ["LOCAL_RANK"] = str(device.index)
     # Generous by default: start-up, data loading and a large checkpoint's save or load can be slow on a cluster.
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # A little longer than npp's watchdog (npp.train.watchdog), which then names the stalled rank before NCCL's own
+    # watchdog aborts the process without a word.
+    wait = timeout_s + max(60.0, 0.1 * timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=wait))
     if env.local_rank == 0 and env.world_size > 1:  # one line per node: where the ranks run
         import socket
 

@@ -20,7 +20,7 @@ from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
 from npp.train import checkpointing
 from npp.train.bad_steps import BadSteps
-from npp.train.branching import own_mlflow_run_id, prepare_branch_folder
+from npp.train.branching import own_mlflow_run_id, start_branch
 from npp.train.cadence import Cadence
 from npp.train.config import TrainConfig
 from npp.train.data_feed import DataFeed
@@ -149,10 +149,10 @@ class Trainer:
         """
         config, artifacts = (write_run_files(self.run, self.plan, self.ds_config, self.precision) if self.env.is_main
                              else ({}, []))
-        if self.plan.prepare_branch and self.env.is_main:  # a branch's first start: the parent's checkpoint
-            prepare_branch_folder(self.run, self.plan.branch, self._log)
+        if self.plan.prepare_branch:  # a branch's first start: the parent's checkpoint, put here by rank 0
+            start_branch(self.run, self.plan.branch, self.env.is_main, self.device, self._log)
         barrier()
-        client, rng = checkpointing.load(self.engine, self.run, self.env, self.ema)
+        client, rng = checkpointing.load(self.engine, self.run, self.env, self.ema, self.plan.resume_tag)
         self.state = TrainState.from_client_state(client, rng)
         self.state.mlflow_run_id = own_mlflow_run_id(self.plan.branch, self.state)
         self.state.data_base = self.feed.position(self.state, client is not None, self._log)

@@ -12,7 +12,8 @@ its main thread waits (its Python stack), and the ranks whose published progress
 which resumes from the last complete checkpoint (a save in progress never becomes `latest`).
 
 Evaluations pause it (they may be long, and their collectives have the process group's own
-timeout); the process group gets the same timeout (NCCL's watchdog and gloo honour it).
+timeout); the process group waits a little longer than it (npp.train.distributed.init), so this
+line comes before NCCL's own watchdog aborts the process.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ class ProgressWatchdog:
 
     # --- the thread ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        self._publish(self.clock())  # at once: a rank that stalls early is named too
         while not self._stop.wait(self.poll_s):
-            now = self.clock()
-            self._publish(now)
+            self._publish(self.clock())
+            now = self.clock()  # after publishing: a store whose host stopped may have held the call
             if not self.paused and now - self.last > self.timeout_s:
                 self.log(self.report(now))
                 self.exit(STALLED)
@@ -104,9 +106,11 @@ class ProgressWatchdog:
         for r in range(self.world_size):
             if r == self.rank:
                 continue
-            try:
-                seen = json.loads(self.store.get(f"{KEY}{r}"))
-            except Exception:  # noqa: BLE001 - never published, or the store is gone with its host
+            try:  # check first: a get of a key never set waits for the store's whole timeout
+                seen = json.loads(self.store.get(f"{KEY}{r}")) if self.store.check([f"{KEY}{r}"]) else None
+            except Exception:  # noqa: BLE001 - the store is gone with its host
+                seen = None
+            if seen is None:
                 silent.append(f"rank {r} (no progress published)")
                 continue
             if now - seen["t"] > 3 * self.poll_s:

@@ -138,3 +138,14 @@ def test_runs_can_be_picked(store):
     assert {r["run"] for r in out["runs"]} == {"npp32-s0", "ntp16-s0"}
     with pytest.raises(ConfigError, match="--runs nope: no such training run"):
         compare("npp", str(tmp_path / "picked"), runs=["nope"])
+
+
+def test_two_runs_of_the_same_flags_and_seed_are_refused_with_the_way_out(store):
+    from npp.errors import ConfigError
+
+    client, exp, tmp_path = store
+    _run(client, exp, "npp32-s0-again", "4:0.25,2:0.25,1:0.5", 32, "0", {320: (18.4, 23.0)}, 320)
+    with pytest.raises(ConfigError, match="'npp32-s0' and 'npp32-s0-again' are the same run.*--runs"):
+        compare("npp", str(tmp_path / "cmp"))
+    out = compare("npp", str(tmp_path / "cmp"), runs=["npp32-s0-again", "ntp16-s0", "ntp24-s0", "ntp32-s0"])
+    assert out["results"][0]["ratios"][0]["pflops"]["ratio"] is not None

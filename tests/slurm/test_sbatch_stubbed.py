@@ -146,6 +146,8 @@ def test_a_failure_is_requeued_a_bounded_number_of_times_in_a_row(sbatch_env, tm
     assert "training failed 4 times in a row without a new checkpoint (MAX_FAILURES=3): not requeued" in out
     assert out.count("exit 1; no new checkpoint") == 4  # each failure named
     assert _calls(tmp_path).count("requeue 4242") == 3
+    rc, out = start(0, SLURM_JOB_ID="4343")  # the user submits it again: a new job counts from 1
+    assert rc == 0 and "failure 1 of at most 3 in a row: requeueing job 4343" in out, out
     rc, out = start(4, ADVANCE="step_000000010")  # progress before failing: the count starts again
     assert rc == 0 and "failure 1 of at most 3 in a row" in out
     import shutil

@@ -20,6 +20,9 @@ class Store(dict):
     def get(self, key):
         return self[key].encode() if isinstance(self[key], str) else self[key]
 
+    def check(self, keys):
+        return all(k in self for k in keys)
+
 
 def waiting_in_a_collective(stop):
     stop.wait(10)
