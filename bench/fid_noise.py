@@ -1,13 +1,14 @@
-"""Does decoding in bf16 move the FID? The same generated codes decoded in fp32 and under bf16 autocast.
+"""How much a FID moves while the model does not: other sampling seeds, and the VQ decode in bf16.
 
-`npp sample --precision bf16` (the CUDA default) decodes under bf16 autocast, about half the decode's time on a
-GPU. This measures what that does to the metrics on a real model: the codes of N samples are generated once (fp32,
-the sampler's seeds), decoded both ways, and scored against the reference with the same feature network; beside
-it, the same model sampled with another seed (the sampling noise a FID of N samples has anyway). On a CPU, so the
-numbers do not depend on the machine's speed, only on its arithmetic.
+A difference between two runs' FIDs means something only beside the noise of the measurement itself. This
+samples one model N times per class with each of --seeds (fp32, the sampler's seeds: `npp sample --seed`) and
+scores each set against the reference with the same feature network: the spread is the sampling noise of a FID of
+that many samples. Then the first seed's codes are decoded again under bf16 autocast, as `npp sample --precision
+bf16` (the CUDA default) decodes them, about half the decode's time on a GPU: its change beside that noise. On a
+CPU, so the numbers do not depend on the machine's speed, only on its arithmetic.
 
-    .venv/bin/python bench/decode_precision.py --ckpt demo_out/runs/npp/model.pt --vq demo_out/vq_toy.pt \\
-        --ref demo_out/ref_toynet.npz --classifier demo_out/toynet.pt --per-class 100
+    .venv/bin/python bench/fid_noise.py --ckpt demo_out/runs/npp/model.pt --vq demo_out/vq_toy.pt \\
+        --ref demo_out/ref_toynet.npz --classifier demo_out/toynet.pt --per-class 100 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--seeds", default="0,1,2", help="sampling seeds (npp sample --seed)")
     args = ap.parse_args()
     model, _ = load_gpt(args.ckpt)
     vq, _ = load_vq(args.vq)
@@ -58,17 +60,25 @@ def main() -> None:
             images = np.concatenate([to_uint8_images(vq.decode_in_chunks(c, 16, bf16=bf16)) for c in codes])
         return metrics_from_features(net, extract(net, images, progress=False), ref, labels), images
 
-    codes = codes_of(0)
-    fp32, a = scored(codes, False)
-    bf16, b = scored(codes, True)
-    other, _ = scored(codes_of(1), False)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed, first = {}, None
+    for seed in seeds:
+        codes = codes_of(seed)
+        per_seed[seed], images = scored(codes, False)
+        if first is None:
+            first = (codes, images)
+    bf16, b = scored(first[0], True)
+    a = first[1]
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    print(f"{len(labels)} samples of {args.ckpt}, cfg {args.cfg_scale:g}, temperature {args.temperature:g}; "
-          f"pixels changed by the bf16 decode: {(diff > 0).mean():.1%}, mean |diff| {diff.mean():.3f}, "
-          f"max {diff.max()}")
-    print(f"{'metric':<24} {'fp32 decode':>12} {'bf16 decode':>12} {'bf16 - fp32':>12} {'seed 1 - seed 0':>16}")
-    for k in fp32:
-        print(f"{k:<24} {fp32[k]:12.4f} {bf16[k]:12.4f} {bf16[k] - fp32[k]:+12.4f} {other[k] - fp32[k]:+16.4f}")
+    print(f"{len(labels)} samples of {args.ckpt} per seed, cfg {args.cfg_scale:g}, temperature {args.temperature:g}")
+    print(f"{'metric':<24} " + " ".join(f"{'seed ' + str(s):>10}" for s in seeds)
+          + f" {'min-max':>10} {'bf16 decode':>12} {'- fp32':>9}")
+    for k in per_seed[seeds[0]]:
+        values = [per_seed[s][k] for s in seeds]
+        print(f"{k:<24} " + " ".join(f"{v:10.4f}" for v in values)
+              + f" {max(values) - min(values):10.4f} {bf16[k]:12.4f} {bf16[k] - values[0]:+9.4f}")
+    print(f"pixels the bf16 decode changed (seed {seeds[0]}): {(diff > 0).mean():.1%}, mean |diff| "
+          f"{diff.mean():.3f}, max {diff.max()}")
 
 
 if __name__ == "__main__":
