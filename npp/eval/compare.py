@@ -400,7 +400,47 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str | None = 
         indent=2, default=str))
     figures = [out_dir / "compare.png", out_dir / "compare.pdf"]
     plot(found, results, figures)
-    for result in results:
-        print("\n".join(describe(result)))
+    lines = [line for result in results for line in describe(result)]
+    print("\n".join(lines))
+    (out_dir / "comparison.txt").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {out_dir / 'compare.csv'}, {out_dir / 'comparison.json'}, {figures[0]} and {figures[1]}")
-    return {"runs": found, "results": results}
+    run_id = log_comparison(experiment, found, results, out_dir)
+    print(f"in MLflow: run {run_id} of experiment {experiment!r} (its artifacts: the figure, the table, the ratios)")
+    return {"runs": found, "results": results, "mlflow_run_id": run_id}
+
+
+def log_comparison(experiment: str, runs: list[dict], results: list[dict], out_dir: Path) -> str:
+    """The comparison as a run of the experiment, so the MLflow UI shows what the command printed: its artifacts
+    (figure, table, CSV, JSON), the NPP/NTP ratios as metrics, tagged with the runs it compares
+    (`npp.kind=comparison`, `npp.compares`). A rerun over the same runs updates the same comparison run."""
+    import hashlib
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    ids = sorted(r["run_id"] for r in runs)
+    key = hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
+    found = client.search_runs([exp], filter_string=f"tags.`npp.comparison` = '{key}'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp, run_name=f"comparison of {len(ids)} runs ({results[0]['metric']})",
+        tags={"npp.kind": "comparison", "npp.comparison": key, "npp.compares": ",".join(ids)[:5000],
+              "mlflow.note.content": "\n".join(describe(results[0]))[:5000]}).info.run_id
+    metrics = {}
+    for result in results:
+        name = result["metric"].replace("/", "_")
+        for r in result["ratios"]:
+            label = r["npp"].split(" NPP ", 1)[-1].replace(":", "x").replace(",", "_").replace(" ", "_")
+            for cost in ("pflops", "hours"):
+                if r[cost].get("ratio") is not None:
+                    metrics[f"ratio_{cost}_at_{name}/{label}"] = r[cost]["ratio"]
+        for e in result["equal_epochs"]:
+            label = e["npp"].split(" NPP ", 1)[-1].replace(":", "x").replace(",", "_").replace(" ", "_")
+            metrics[f"equal_epochs_{name}_difference/{label}"] = e["difference"]
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    for path in ("compare.png", "compare.pdf", "compare.csv", "comparison.json", "comparison.txt"):
+        if (out_dir / path).exists():
+            client.log_artifact(run_id, str(out_dir / path))
+    client.set_terminated(run_id)
+    return run_id

@@ -89,6 +89,13 @@ def test_the_ratio_is_taken_against_the_annealed_ends_with_seeds_grouped(store, 
     assert saved["results"][0]["ratios"][0]["pflops"]["ratio"] == pytest.approx(ratio["ratio"])
     png, pdf = tmp_path / "cmp" / "compare.png", tmp_path / "cmp" / "compare.pdf"
     assert pdf.read_bytes().startswith(b"%PDF") and Image.open(png).size == (2160, 720)  # two panels
+    # and in MLflow, as the UI shows it: a comparison run with the figure, the table and the ratios
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.tags["npp.kind"] == "comparison" and len(run.data.tags["npp.compares"].split(",")) == 8
+    assert run.data.metrics["ratio_pflops_at_fid/4x0.25_2x0.25_1x0.5_32_ep"] == pytest.approx(ratio["ratio"])
+    assert {a.path for a in client.list_artifacts(out["mlflow_run_id"])} >= {"compare.png", "comparison.json"}
+    again = compare("npp", str(tmp_path / "cmp"))  # the same runs: the same comparison run, not a second one
+    assert again["mlflow_run_id"] == out["mlflow_run_id"]
 
 
 def test_a_store_with_only_the_mid_run_curve_prints_no_ratio(tmp_path, monkeypatch, capsys):
