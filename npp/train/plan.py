@@ -269,6 +269,7 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
         "first_identity": plan.first_identity or plan.identity,  # what MLflow's params hold
         "train": plan.cfg.to_dict(),
         "model_config": plan.model_cfg.to_dict(),
+        "parameters": count_parameters(plan.model_cfg),
         "schedule": format_schedule(plan.stages),
         "schedule_steps": [[s.patch_side, s.start, s.end] for s in plan.schedule.spans],
         "total_steps": plan.total_steps,

@@ -29,8 +29,8 @@ def write_run_files(run: RunFolder, plan: TrainPlan, ds_config: dict, precision:
 
 def mlflow_params(config: dict) -> dict:
     """The run's first identity as MLflow params (logged once, when the run is created; amendments are tags)."""
-    keep = ("model_config", "schedule", "schedule_steps", "total_steps", "steps_per_epoch", "shards_meta",
-            "data_digest", "heldout", "branch")
+    keep = ("model_config", "parameters", "schedule", "schedule_steps", "total_steps", "steps_per_epoch",
+            "shards_meta", "data_digest", "heldout", "branch")
     return {"train": dict(config["first_identity"]), **{k: config[k] for k in keep if k in config}}
 
 
