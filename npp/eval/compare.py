@@ -337,14 +337,14 @@ def plot(runs: list[dict], results: list[dict], paths: list[Path]) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(7.2 * len(results), 4.8), dpi=150, squeeze=False)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
+    colours = {}  # one colour per NPP schedule, the same in every panel
     for ax, result in zip(axes[0], results, strict=True):
-        key, colours = result["metric"], {}
-        for r in runs:  # during training: thin dashed, one colour per group
+        key = result["metric"]
+        for r in runs:  # during training: thin and dotted, NTP grey, NPP its schedule's colour
             pts = [(p["pflops"], p["value"]) for p in r["curves"].get(key, []) if p["pflops"]]
             if len(pts) > 1:
-                (line,) = ax.plot(*zip(*pts, strict=True), linestyle=":", linewidth=0.7, alpha=0.5,
-                                  color=colours.get(r["group"]))
-                colours.setdefault(r["group"], line.get_color())
+                colour = "grey" if r["ntp"] else colours.setdefault(r["schedule"], f"C{len(colours)}")
+                ax.plot(*zip(*pts, strict=True), linestyle=":", linewidth=0.7, alpha=0.5, color=colour)
         ntp = [g for g in result["groups"] if g["ntp"]]
         if ntp:
             xs = [g["pflops"]["mean"] for g in ntp]
@@ -354,12 +354,22 @@ def plot(runs: list[dict], results: list[dict], paths: list[Path]) -> None:
                             alpha=0.25, linewidth=0)
         for g in (g for g in result["groups"] if not g["ntp"]):
             v, c = g["value"], g["pflops"]
-            ax.errorbar([c["mean"]], [v["mean"]], yerr=[[v["mean"] - v["min"]], [v["max"] - v["mean"]]],
-                        xerr=[[c["mean"] - c["min"]], [c["max"] - c["mean"]]], fmt="o", markersize=6, capsize=3,
+            def bar(s):  # a mean of equal values can round below their minimum: never a negative bar
+                return [[max(0.0, s["mean"] - s["min"])], [max(0.0, s["max"] - s["mean"])]]
+
+            ax.errorbar([c["mean"]], [v["mean"]], yerr=bar(v), xerr=bar(c), fmt="o", markersize=6, capsize=3,
+                        color=colours.setdefault(g["schedule"], f"C{len(colours)}"),
                         label=f"NPP {g['schedule']} {g['epochs']} ep (end)")
         ax.plot([], [], linestyle=":", color="grey", label="during training (constant LR: not a budget's result)")
+        ends = [x for g in result["groups"] for x in (g["value"]["min"], g["value"]["max"])]
+        costs = [x for g in result["groups"] for x in (g["pflops"]["min"], g["pflops"]["max"]) if x]
+        if ends and costs:  # the ends fill the panel; early mid-run points (an untrained model's) run off it
+            low, high = min(ends), max(ends)
+            ax.set_ylim(low - 0.15 * (high - low), high + 0.6 * (high - low))
+            ax.set_xlim(min(costs) / 1.15, max(costs) * 1.15)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         if key != HELDOUT:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
