@@ -177,6 +177,8 @@ test-fast: setup  ## the suite without the slow integration tests
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
 	$(PY) bench/step_overhead.py
+	OMP_NUM_THREADS=1 $(PY) bench/step_overhead.py --narrow
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/step_overhead.py --narrow
 	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py

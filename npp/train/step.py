@@ -122,13 +122,14 @@ class TrainStep:
 
 
 def standalone_step(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, seed: int = 0) -> TrainStep:
-    """npp's step in a world of one, outside a run (gpu-check, benches, tests): the DeepSpeed config, model,
+    """npp's step outside a run (gpu-check, benches, tests), in the process group's world: the DeepSpeed config, model,
     optimizer, engine, EMA and compiled blocks exactly as the trainer builds them. The process group must
     exist (npp.train.distributed.init). `step.engine.destroy()` frees DeepSpeed's hooks and buffers."""
     from npp.train.ds_config import build_ds_config, resolve_precision
 
     precision = resolve_precision(cfg.precision, device.type == "cuda")
-    ds = build_ds_config(cfg, 1, device.type == "cuda", precision, params=count_parameters(model_cfg))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    ds = build_ds_config(cfg, world, device.type == "cuda", precision, params=count_parameters(model_cfg))
     torch.manual_seed(seed)
     model, optimizer = build_model_and_optimizer(model_cfg, cfg, device, precision, offload=offloads_optimizer(ds))
     engine, ema, _ = start_engine(model, optimizer, ds, cfg, precision, device, keep_ema=True)
