@@ -116,20 +116,35 @@ def narrow(steps: int, k: int) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows = {"plain step" + (" (DDP)" if env.world_size > 1 else ""): measure(plain, steps)}
+    fns = {"plain step" + (" (DDP)" if env.world_size > 1 else ""): plain}
+    engines = []
     for ds in ("zero1", "zero2"):
         for ema in (False, True):
             train_cfg = TrainConfig(shards="-", out="-", model="GPT-B", global_batch=micro * env.world_size, ema=ema,
                                     compile="off", ds_config=f"ds_configs/{ds}.json", token_dropout=0.0,
                                     resid_dropout=0.0, ffn_dropout=0.0, attn_dropout=0.0)
             step = standalone_step(cfg, train_cfg, device)
-            rows[f"npp {ds}{' + EMA' if ema else ''}"] = measure(lambda step=step: step([(idx, labels)], k), steps)
-            step.engine.destroy()
+            engines.append(step.engine)
+            fns[f"npp {ds}{' + EMA' if ema else ''}"] = lambda step=step: step([(idx, labels)], k)
+    # counts once each, then the times in interleaved rounds (median per variant): a CPU's clock and its
+    # neighbours drift over a minute, and a sequence of whole measurements would charge that drift to one variant
+    rows = {name: list(measure(fn, 1)) for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
+    for _ in range(7):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(max(1, steps // 7)):
+                fn()
+            times[name].append((time.perf_counter() - start) / max(1, steps // 7) * 1e3)
+    for name in rows:
+        rows[name][0] = sorted(times[name])[len(times[name]) // 2]
+    for engine in engines:
+        engine.destroy()
     if env.rank == 0:
         tensors = len(list(net.parameters()))
         print(f"GPT-B-shaped narrow model ({tensors} tensors, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
               f"params), k={k}, micro-batch {micro}, world {env.world_size}, {device.type}, "
-              f"{torch.get_num_threads()} threads: the host's fixed cost per step")
+              f"{torch.get_num_threads()} threads: the host's fixed cost per step (median of 7 interleaved rounds)")
         base = next(iter(rows.values()))[0]
         print(f"{'':28s} {'ms/step':>9s} {'vs plain':>9s} {'ATen ops':>9s} {'host reads':>11s}")
         for name, (ms, ops, reads) in rows.items():
