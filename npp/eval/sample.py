@@ -167,7 +167,7 @@ def sample(cfg: SampleConfig) -> list[str]:
                   ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
             (pdir / f"seconds_rank{rank}.json").write_text(json.dumps(seconds))
         if all((pdir / f"piece_{p:06d}.npz").exists() for p in range(pieces)):
-            made.append(str(merge(cfg, scale, pieces, ckpt, labels, batch)))
+            made.append(str(merge(cfg, scale, pieces, ckpt, labels, batch, device)))
         else:
             print(f"cfg={scale:g}: other ranks' pieces are still missing; the last rank to finish merges")
     return made
@@ -293,7 +293,8 @@ def check_piece_layout(pdir: Path, batch: int, cfg: SampleConfig) -> None:
     atomic_write_text(layout, json.dumps(now))  # ranks write it at once: never a half-written file
 
 
-def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray, batch: int) -> Path:
+def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.ndarray, batch: int,
+          device: torch.device) -> Path:
     pdir = scale_dir(Path(cfg.out), scale)
     parts = [np.load(pdir / f"piece_{p:06d}.npz") for p in range(pieces)]
     images = np.concatenate([z["arr_0"] for z in parts])
@@ -309,7 +310,6 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
     for path in pdir.glob("seconds_rank*.json"):  # what each rank spent, summed (a resumed run: its last start)
         for k, v in json.loads(path.read_text()).items():
             seconds[k] = seconds.get(k, 0.0) + v
-    device = pick_device(cfg.device)
     record = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "device")},
         "batch": batch, "seconds": seconds,
