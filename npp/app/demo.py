@@ -319,14 +319,17 @@ class Demo:
             out=str(self.out / "runs"), model=c.model, epochs=c.epochs, seeds=c.seeds or str(c.seed),
             schedules=schedules, branch_epochs=matched, per_class=c.samples_per_class, cfg_scale=c.cfg_scale,
             temperature=c.temperature, top_k=c.top_k, sample_flags=f"--batch 100 --seed {c.seed}",
-            experiment="npp-demo", nproc=c.nproc)
+            experiment="npp-demo", nproc=c.nproc, sample_nproc=1)  # a toy model samples in seconds: no torchrun
         exp = Experiment(cfg, self.recipe(), ["--ref", str(self.ref), "--classifier", str(self.classifier)])
         for job in exp.jobs():  # the demo's own check first: an old demo_out is refused with the fix
             if job.kind == "train":
                 check_before_launch(job.run, _flags_of(job.args), c.nproc)
         t = _step(f"NTP ({c.epochs} epochs, branches at [{matched}] epochs) beside NPP ({schedules}), seeds "
                   f"{cfg.seed_list()}, every end evaluated on {c.samples_per_class} samples per class")
-        exp.run_here(self.env())
+        def sample_and_eval(job) -> None:  # the same settings as the experiment's `npp sample` (one protocol)
+            self.sample_and_eval(Path(job.args[job.args.index("--ckpt") + 1]), job.run, log=True)
+
+        exp.run_here(self.env(), runners={"sample": sample_and_eval, "compare": lambda job: None})
         self.timings["compare runs"] = time.time() - t
         _step("NPP vs NTP")
         names = [j.name for j in exp.jobs() if j.kind in ("train", "branch")]

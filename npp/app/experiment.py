@@ -60,6 +60,7 @@ class CompareRunsConfig:
     sample_flags: str = flag("", "more `npp sample` flags for every end")
     experiment: str = flag("npp", "MLflow experiment of every run and of the comparison")
     nproc: int = flag(1, "processes per node (GPUs) for training and sampling")
+    sample_nproc: int = flag(0, "processes for sampling here (0: --nproc); 1 samples in one process, no torchrun")
     slurm: bool = flag(False, "submit every job with sbatch (dependencies chained) instead of running them here")
     nodes: int = flag(1, "--slurm: nodes per training job")
     sbatch_flags: str = flag("", "--slurm: more sbatch flags, e.g. '--partition=gpu --account=me'")
@@ -199,10 +200,29 @@ class Experiment:
             return [npp + ["train", "branch", *job.args, "--check", *world], torchrun + ["train", "branch", *job.args]]
         if job.kind == "sample":
             ckpt = job.args[job.args.index("--ckpt") + 1]
-            return [torchrun + ["sample", *job.args],
-                    npp + ["eval", "--samples", str(job.run / f"samples_cfg{self.cfg.cfg_scale:g}.npz"), "--ckpt", ckpt,
-                           "--experiment", self.cfg.experiment, *self.eval_args]]
+            merged = job.run / f"samples_cfg{self.cfg.cfg_scale:g}.npz"
+            nproc = int(self.cfg.sample_nproc) or int(self.cfg.nproc)
+            sampler = (npp if nproc == 1 else torchrun[:4] + [str(nproc)] + torchrun[5:]) + ["sample", *job.args]
+            evaluate = npp + ["eval", "--samples", str(merged), "--ckpt", ckpt, "--experiment", self.cfg.experiment,
+                              *self.eval_args]
+            # samples made already of this model with these settings (a rerun, or `make demo`'s): only their
+            # evaluation (its metrics are cached); anything else goes through `npp sample`, which resumes or refuses
+            return ([] if self.sampled(merged, ckpt) else [sampler]) + [evaluate]
         return [npp + ["compare", *job.args]]
+
+    def sampled(self, merged: Path, ckpt: str) -> bool:
+        """Samples of `ckpt` (made after it) with this experiment's settings are at `merged` already."""
+        import json
+
+        record = merged.with_suffix(".json")
+        if not (merged.exists() and record.exists() and os.path.exists(ckpt)):
+            return False
+        if os.path.getmtime(merged) < os.path.getmtime(ckpt):
+            return False
+        r, c = json.loads(record.read_text()), self.cfg
+        return (os.path.abspath(str(r.get("ckpt"))) == os.path.abspath(ckpt) and r.get("per_class") == c.per_class
+                and float(r.get("cfg_scale", -1)) == float(c.cfg_scale)
+                and float(r.get("temperature", -1)) == float(c.temperature) and r.get("top_k") == c.top_k)
 
     def done(self, job: Job) -> bool:
         """A finished run (its latest checkpoint at its last step, exported): training is not started again."""
@@ -214,11 +234,19 @@ class Experiment:
         latest = folder.latest_tag()
         return bool(latest) and folder.config.exists() and tag_step(latest) == folder.read_config()["total_steps"]
 
-    def run_here(self, env: dict | None = None) -> None:
+    def run_here(self, env: dict | None = None, runners: dict | None = None) -> None:
+        """Every job here, in order; `runners` {kind: callable(job)} runs a kind in this process instead (the
+        demo samples and evaluates its toy models in-process: a new process's imports and MLflow store set-up
+        cost more than the work)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         for job in self.jobs():
             if self.done(job):
                 print(f"[npp compare runs] {job.name}: finished already", flush=True)
+                continue
+            if job.kind in (runners or {}):
+                print(f"[npp compare runs] {job.name}: in this process", flush=True)
+                if not self.cfg.dry_run:
+                    runners[job.kind](job)
                 continue
             for cmd in self.local_commands(job):
                 print(f"[npp compare runs] {job.name}: {shlex.join(cmd)}", flush=True)
