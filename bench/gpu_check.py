@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from npp.train.config import DEFAULT_SCHEDULE
 
@@ -60,6 +60,7 @@ class Setup:
     rehearse: bool
     out: object = None
     rows: list = None
+    made: set = field(default_factory=set)  # a rehearsal's training runs already made (see `training`)
 
     @property
     def cuda(self) -> bool:
@@ -593,9 +594,15 @@ MORE_TRAIN_RUNS = (("GPT-B", 32, (4, 2, 1)), ("GPT-XXL", 8, (4, 2, 1)))
 
 
 def training(setup: Setup, runs) -> None:
-    """Training rows of (model, micro-batch, patch sides); a rehearsal's stand-ins make GPT-B's two micro-batches
-    the same run: each is made once."""
+    """Training rows of (model, micro-batch, patch sides). A rehearsal's stand-ins make GPT-B's two micro-batches
+    the same run, and every part's runs the same few: there each (stand-in, micro-batch) is made once, at every k
+    (its code paths are what a rehearsal checks, not its figures)."""
     for model, micro, sides in dict.fromkeys((m, b if setup.cuda else 2, s) for m, b, s in runs):
+        if not setup.cuda:
+            if (setup.name(model), micro) in setup.made:
+                continue
+            setup.made.add((setup.name(model), micro))
+            sides = (4, 2, 1)
         guarded(setup, lambda m=model, b=micro, s=sides: train_rows(setup, m, b, s), check="train",
                 model=setup.name(model), micro_batch=micro)
 

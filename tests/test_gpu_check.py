@@ -28,8 +28,10 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     order = list(dict.fromkeys(r["check"] for r in rows))
     assert order[:3] == ["sample", "launch", "train"]  # what a short session must not miss comes first
     train = [r for r in rows if r["check"] == "train"]
-    # train: GPT-B (one stand-in for mb 128 and 32) at k = 4, 1; xxl at k = 1; extras: both at 4, 2, 1
-    assert [r["k"] for r in train] == [4, 1, 1, 4, 2, 1, 4, 2, 1]
+    # a rehearsal makes each stand-in's run once, at every k: train's GPT-B (one stand-in for mb 128 and 32) and
+    # xxl's GPT-XXL; extras' runs are the same two stand-ins
+    assert [(r["model"], r["k"]) for r in train] == [("GPT-Nano", 4), ("GPT-Nano", 2), ("GPT-Nano", 1),
+                                                      ("GPT-Tiny", 4), ("GPT-Tiny", 2), ("GPT-Tiny", 1)]
     for r in train:
         assert r["npp_ms"] > 0 and r["plain_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["npp_vs_plain"] > 0
         assert r["device_syncs_per_step"] == 0  # DeepSpeed's timers are off (the CPU makes no other call)
