@@ -10,10 +10,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.npp-setup-stamp
 PYTEST_ARGS ?=
+# (Most integration tests wait on launches, servers and signals: 2 workers on 2 cores take about 0.6x the time.)
+#: test: pytest-xdist workers, each running whole test files (0: one process, for debugging)
+TEST_WORKERS ?= 2
+TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm branch branch-slurm compare-runs compare-runs-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare demo demo-compare
+.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm branch branch-slurm compare-runs compare-runs-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare reproduce reproduce-slurm demo demo-compare
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -77,6 +81,12 @@ BRANCH_EPOCHS ?=
 #: compare-runs: more `npp compare runs` flags, e.g. --per-class 50 --train-flags '--global-batch 256'
 COMPARE_FLAGS ?=
 
+# reproduce: `make reproduce MODEL=GPT-B SCHEDULE=npp NGPU=8` (`npp reproduce list` shows the releases)
+#: reproduce: samples, metrics and report of each release
+REPRODUCE_OUT ?= reproduce
+#: more `npp reproduce` flags, e.g. --num-samples 10000 (an override the report names)
+REPRODUCE_FLAGS ?=
+
 # sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
 #: the exported model to sample
 CKPT ?= $(RUN)/model.pt
@@ -126,6 +136,8 @@ COMPARE_RUNS_ARGS = --shards $(SHARDS) --vq $(VQ) --ref $(REF) $(call opt,--ince
   $(call opt,--schedules,$(if $(strip $(SCHEDULES)),"$(SCHEDULES)")) $(call opt,--branch-epochs,$(BRANCH_EPOCHS)) \
   $(call opt,--per-class,$(PER_CLASS)) $(call opt,--cfg-scale,$(CFG)) $(call opt,--experiment,$(EXPERIMENT)) \
   $(COMPARE_FLAGS)
+REPRODUCE_ARGS = --model $(or $(MODEL),GPT-B) --schedule $(or $(SCHEDULE),npp) --assets $(ASSETS_DIR) \
+  --out $(REPRODUCE_OUT) $(call opt,--experiment,$(EXPERIMENT)) $(REPRODUCE_FLAGS)
 SAMPLE_ARGS = --ckpt $(CKPT) --vq $(VQ) --out $(SAMPLES) $(call opt,--per-class,$(PER_CLASS)) \
   $(call opt,--cfg-scale,$(CFG)) $(call opt,--batch,$(SAMPLE_BATCH)) $(SAMPLE_FLAGS)
 
@@ -168,11 +180,11 @@ assets: setup  ## download LlamaGen's VQ tokenizer, ADM's reference batch, the F
 lint: setup  ## ruff with the rules chosen in pyproject.toml (pyflakes, pycodestyle, isort, pyupgrade, bugbear)
 	$(PY) -m ruff check npp tests bench
 
-test: setup lint  ## the linter, then the whole test suite (CPU only, slow integration tests included)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup lint  ## the linter, then the whole test suite (CPU only, slow integration tests included) [TEST_WORKERS PYTEST_ARGS]
+	$(PY) -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
 
-test-fast: setup  ## the suite without the slow integration tests
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: setup  ## the suite without the slow integration tests [TEST_WORKERS PYTEST_ARGS]
+	$(PY) -m pytest -m "not slow" $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py
@@ -256,6 +268,13 @@ eval: setup  ## FID/sFID/IS/precision/recall of SAMPLES against REF, logged into
 eval-ref: setup  ## reference statistics (REF_OUT) from real images of SHARDS' source, streamed [SHARDS REF_OUT REF_LIMIT INCEPTION EVAL_FLAGS]
 	$(VENV)/bin/npp eval ref --shards $(SHARDS) --out $(REF_OUT) $(call opt,--limit,$(REF_LIMIT)) --inception $(INCEPTION) \
 	  $(EVAL_FLAGS)
+
+reproduce: setup  ## a released GPT's published FID measured: fetch, sample 50k with the published settings (NGPU), evaluate, report [MODEL SCHEDULE=npp|ntp ASSETS_DIR REPRODUCE_OUT REPRODUCE_FLAGS NGPU]
+	$(VENV)/bin/npp reproduce $(REPRODUCE_ARGS) --nproc $(NGPU)
+
+reproduce-slurm: setup  ## the same as a SLURM sampling job (then eval) and a report job after it [reproduce's + NODES GPUS_PER_NODE SBATCH_FLAGS]
+	$(VENV)/bin/npp reproduce $(REPRODUCE_ARGS) --slurm --nproc $(GPUS_PER_NODE) --nodes $(NODES) \
+	  $(call opt,--sbatch-flags,$(if $(strip $(SBATCH_FLAGS)),"$(SBATCH_FLAGS)"))
 
 compare: setup  ## NPP vs the annealed NTP ends of every run of the experiment: ratios, equal-epoch differences, seeds, figure [EXPERIMENT]
 	$(VENV)/bin/npp compare --out compare $(call opt,--experiment,$(EXPERIMENT))

@@ -38,10 +38,10 @@ def test_a_stall_is_named_with_the_waiting_stack_and_the_silent_rank():
         stop.set()
 
     dog = ProgressWatchdog(0.4, rank=0, world_size=3, store=store, log=lines.append, exit=exit_, poll_s=0.05)
+    t0 = time.monotonic()  # before the start: the timeout counts from it
     dog.start(step=12)
-    t0 = time.time()
     waiting_in_a_collective(stop)  # the main thread blocks, as a rank does in an all-reduce with a stopped peer
-    assert exits == [STALLED] and 0.4 <= time.time() - t0 < 3
+    assert exits == [STALLED] and 0.4 <= time.monotonic() - t0 < 3
     line = lines[0]
     assert line.startswith(f"[npp train] rank 0 on {socket.gethostname()}: no optimizer step or save completed")
     assert "at step 12" in line and "waiting_in_a_collective" in line
