@@ -28,6 +28,7 @@ import fire  # noqa: E402
 
 from npp.app.demo import DemoConfig  # noqa: E402
 from npp.app.experiment import CompareRunsConfig  # noqa: E402
+from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
 from npp.pipeline.flags import as_fire_args, documented, parse_flags  # noqa: E402
@@ -459,6 +460,35 @@ class CompareRunsCommand(CompareRunsConfig, Command):
         compare_runs(plan)
 
 
+@documented
+@dataclass
+class ReproduceCommand(ReproduceConfig, Command):
+    """A released checkpoint's published FID, measured: fetch, sample with the published settings, evaluate,
+    print published against measured (flagged beyond the tolerance); `npp reproduce list` shows the releases."""
+
+    subcommands = ("list",)
+
+    def plan(self) -> ReproduceConfig:
+        self.validate()
+        return self
+
+    def execute(self, plan: ReproduceConfig) -> None:
+        from npp.app.reproduce import reproduce
+
+        reproduce(plan)
+
+    @staticmethod
+    def list(table: str = "") -> None:
+        """The releases npp reproduces (MODEL, SCHEDULE, published FID and guidance scale, asset, source).
+
+        Args:
+          table: a JSON table of releases instead of npp's
+        """
+        from npp.app.reproduce import release_lines
+
+        print("\n".join(release_lines(str(table))))
+
+
 class CompareCommands:
     """npp compare [--experiment E ...] | npp compare runs --shards ... (the whole experiment)"""
 
@@ -489,7 +519,8 @@ def assets(out: str = "ckpts", only: str = "", manifest: str = "", timeout: floa
 
     Args:
       out: directory the files go to
-      only: comma-separated asset names (default: all three)
+      only: comma-separated asset names (default: those three; the released GPTs that `npp reproduce` evaluates
+        are fetched when named: llamagen_c2i_B_256.pt, npp_c2i_L_256.pt, ...; `npp reproduce list` lists them)
       manifest: JSON {name: {url, sha256, size}} replacing sources (a mirror; NPP_ASSETS_URL sets a base URL)
       timeout: seconds a connection may stay silent
       progress: show a progress bar per file (--noprogress: none)
@@ -541,6 +572,7 @@ COMMANDS = {
     "sample": SampleCommand,
     "eval": EvalCommands(),
     "compare": CompareCommands(),
+    "reproduce": ReproduceCommand,
     "ui": ui,
     "demo": DemoCommand,
 }

@@ -35,7 +35,8 @@ class Asset:
     what: str
     sha256: str | None = None
     size: int | None = None
-    kind: str | None = None  # what the file must hold: "vq", "inception" (torch checkpoints), "reference" (.npz)
+    kind: str | None = None  # what the file must hold: "vq", "gpt", "inception" (torch checkpoints), "reference"
+    default: bool = True  # fetched by a plain `npp assets`; the released GPTs only when named (`npp reproduce`)
 
 
 ASSETS = {
@@ -53,6 +54,21 @@ ASSETS = {
               "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95_628_359, kind="inception"),
     )
 }
+
+# The released class-conditional 256-px GPTs `npp reproduce` evaluates (npp.eval.published holds their published
+# FIDs and settings). Both projects name their files c2i_B_256.pt etc., so npp's local names say whose they are.
+# Their hosts publish no checksum: the first download's SHA-256 is recorded in SHA256SUMS, as for the tokenizer.
+LLAMAGEN_HF = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+NPP_HF = "https://huggingface.co/pytttttt/LlamaGen-NPP/resolve/main/"
+ASSETS.update({
+    a.name: a
+    for a in (
+        *(Asset(f"llamagen_c2i_{s}_256.pt", f"{LLAMAGEN_HF}c2i_{s}_256.pt", f"LlamaGen's released GPT-{s} (256 px)",
+                kind="gpt", default=False) for s in ("B", "L")),
+        *(Asset(f"npp_c2i_{s}_256.pt", f"{NPP_HF}c2i_{s}_256.pt", f"the NPP authors' released GPT-{s} (256 px)",
+                kind="gpt", default=False) for s in ("B", "L", "XL", "XXL")),
+    )
+})
 
 COMMAND = "`make assets` (npp assets --out ckpts)"
 SUMS = "SHA256SUMS"
@@ -219,7 +235,8 @@ def download(asset: Asset, part: Path, timeout: float, progress: bool) -> None:
 
 def fetch_assets(out: str = "ckpts", names: list[str] | None = None, manifest: str = "",
                  timeout: float = 60.0, progress: bool = True) -> dict[str, str]:
-    """Every asset (or `names`) into `out`; returns {name: "present" | "downloaded"}."""
+    """Every default asset (or `names`, released GPTs included) into `out`; returns {name: "present" |
+    "downloaded"}."""
     table = asset_table(manifest)
     unknown = [n for n in names or [] if n not in table]
     if unknown:
@@ -229,7 +246,7 @@ def fetch_assets(out: str = "ckpts", names: list[str] | None = None, manifest: s
         raise UsageError(f"--out {root} is a file: pass the directory the assets go to (ckpts)")
     root.mkdir(parents=True, exist_ok=True)
     done = {}
-    for name in names or list(table):
+    for name in names or [n for n, a in table.items() if a.default]:
         done[name] = fetch_one(table[name], root, timeout, progress)
         print(f"{root / name}: {done[name]} ({table[name].what})", flush=True)
     return done
