@@ -241,7 +241,7 @@ class TrainCommand(TrainConfig, Command):
           epochs: the branch's epochs (one of the parent's --branch-epochs)
           out: the branch's run directory
           shards: the shard set, if it moved (default: the parent's)
-          run_name: MLflow run name (default: the --out directory's name)
+          run_name: MLflow run name (default: the model, NTP, its epochs and seed, and whose branch it is)
           tracking: log to MLflow (--notracking: not)
           log_every: steps between log lines (0: the parent's)
           ckpt_every: steps between checkpoints (0: the parent's)

@@ -93,7 +93,8 @@ class TrainConfig:
                                              "collective may wait) before the job ends naming the stalled rank, "
                                              "exit 3 (sbatch requeues it); sized for a GPT-XXL checkpoint save")
     experiment: str = flag("npp", "MLflow experiment")
-    run_name: str = flag("", "MLflow run name (default: the run directory's name)")
+    run_name: str = flag("", "MLflow run name (default: what defines the run, e.g. 'GPT-B NPP 4:0.25 2:0.25 1:0.5 "
+                             "300ep s0', 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)')")
     tracking: bool = flag(True, "log to MLflow (rank 0); --notracking turns it off")
     compile: str = flag("auto", "torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; "
                                 "on = any device", choices=("auto", "on", "off"))

@@ -27,11 +27,53 @@ def write_run_files(run: RunFolder, plan: TrainPlan, ds_config: dict, precision:
     return config, [str(run.config), str(run.ds_config)]
 
 
+# Step metrics that diagnose the machinery rather than the model: MLflow's charts list them under `diag/`, after
+# the results (loss, held-out loss, lr, FID).
+DIAG = "diag/"
+DIAGNOSTICS = ("log_s", "ckpt_s", "eval_s", "corrupt_shards", "bad_steps")
+
+
+def mlflow_names(metrics: dict, patch_side: int) -> dict:
+    """A log step's metrics as MLflow shows them: diagnostics under `diag/`, the FLOPs also in PFLOPs (an axis that
+    reads 1.2, not 1.2e15), and the loss also per patch side (`loss/k4`, `loss/k2`, `loss/k1`: NPP's stages as
+    separate series, not jumps of one; a k x k patch's loss sums k^2 targets' scale differently). metrics.jsonl and
+    the log line keep their names."""
+    named = {(DIAG + k if k in DIAGNOSTICS else k): v for k, v in metrics.items()}
+    named["train_pflops"] = metrics["train_flops"] / 1e15
+    named[f"loss/k{patch_side}"] = metrics["loss"]
+    return named
+
+
 def mlflow_params(config: dict) -> dict:
-    """The run's first identity as MLflow params (logged once, when the run is created; amendments are tags)."""
+    """The run's first identity as MLflow params (logged once, when the run is created; amendments are tags), and
+    what tells runs apart as short top-level params the runs table shows as columns (model, parameters,
+    schedule, epochs, global_batch, seed; a branch's parent and budget)."""
     keep = ("model_config", "parameters", "schedule", "schedule_steps", "total_steps", "steps_per_epoch",
             "shards_meta", "data_digest", "heldout", "branch")
-    return {"train": dict(config["first_identity"]), **{k: config[k] for k in keep if k in config}}
+    return {"train": dict(config["first_identity"]), **{k: config[k] for k in keep if k in config},
+            **column_params(config)}
+
+
+def column_params(config: dict) -> dict:
+    first = config["first_identity"]
+    columns = {"model": first.get("model"), "epochs": first.get("epochs"), "global_batch": first.get("global_batch"),
+               "seed": first.get("seed")}
+    branch = config.get("branch")
+    if branch:
+        columns.update(branch_parent=Path(branch["parent"]).name, branch_budget_epochs=first.get("epochs"))
+    return {k: v for k, v in columns.items() if v is not None}
+
+
+def default_run_name(config: dict) -> str:
+    """What defines the run, as its MLflow name: 'GPT-B NPP 4:0.25 2:0.25 1:0.5 300ep s0', 'GPT-B NTP 300ep s0',
+    a branch 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)'."""
+    first = config["first_identity"]
+    # no commas: `npp compare --runs` takes a comma list of names
+    kind = "NTP" if config["schedule"] == "1:1" else "NPP " + config["schedule"].replace(",", " ")
+    budget = f"{first['total_steps']} steps" if first.get("total_steps") else f"{first.get('epochs')}ep"
+    name = f"{first.get('model')} {kind} {budget} s{first.get('seed')}"
+    branch = config.get("branch")
+    return name + (f" (branch of {Path(branch['parent']).name})" if branch else "")
 
 
 def mlflow_tags(config: dict, plan: TrainPlan) -> dict:

@@ -286,8 +286,8 @@ class Tracker:
 
 
 def tag_exported_model(run: RunFolder, path: str, step: int) -> None:
-    """Record an export in the run's MLflow run (tags `exported_model`, `exported_step`), for `npp train export`
-    outside a training job; a tracking outage is a warning, never a failed export."""
+    """Record an export in the run's MLflow run (tags `exported_model`, `exported_step`) and as the run's logged
+    model, for `npp train export` outside a training job; a tracking outage is a warning, never a failed export."""
     run_id = run.mlflow_run_id()
     if not run_id:
         return
@@ -300,3 +300,31 @@ def tag_exported_model(run: RunFolder, path: str, step: int) -> None:
     except Exception as e:  # noqa: BLE001 - the export is written; MLflow is a record of it
         print(f"warning: MLflow at {tracking_uri()} did not take the export's tags ({type(e).__name__}); "
               f"the model is at {path}")
+        return
+    log_exported_model(run_id, path, step)
+
+
+def log_exported_model(run_id: str, path: str, step: int) -> str | None:
+    """The exported checkpoint as the run's model in MLflow 3 (the run's "Logged models", the experiment's
+    Models tab, registrable): an *external* model, recorded by reference (its path, SHA-256 left out: hashing
+    gigabytes is the export's job, not the record's), so MLflow copies no weights. Its params say what it is:
+    step, EMA or not, parameter count, schedule. Returns the model's id, or None when MLflow did not take
+    it (a warning: the file is written)."""
+    try:
+        import mlflow
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped, not read
+        params = {"step": str(step), "ema": str("ema" in ckpt).lower(), "path": os.path.abspath(path),
+                  "schedule": str((ckpt.get("train") or {}).get("schedule", "")),
+                  "parameters": str(sum(t.numel() for t in ckpt["model"].values()))}
+        mlflow.set_tracking_uri(tracking_uri())
+        experiment = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id
+        model = mlflow.create_external_model(name=f"model-step{step}", source_run_id=run_id, params=params,
+                                             tags={"npp.exported_model": os.path.abspath(path)},
+                                             model_type="npp-gpt", experiment_id=experiment)
+        return model.model_id
+    except Exception as e:  # noqa: BLE001 - the export is written; MLflow is a record of it
+        print(f"warning: MLflow at {tracking_uri()} did not take the model record ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160] if str(e) else ''}); the model is at {path}")
+        return None

@@ -33,11 +33,20 @@ from npp.train.heldout import HeldOutLoss
 from npp.train.mfu import peak_flops
 from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
-from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
+from npp.train.run_record import (
+    DIAG,
+    dataset_identity,
+    default_run_name,
+    describe_changes,
+    mlflow_names,
+    mlflow_params,
+    mlflow_tags,
+    write_run_files,
+)
 from npp.train.state import TrainState
 from npp.train.step import TrainStep, build_model_and_optimizer, check_no_stale_build, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
-from npp.train.tracking import Tracker
+from npp.train.tracking import Tracker, log_exported_model
 from npp.train.watchdog import ProgressWatchdog, default_store
 
 
@@ -165,7 +174,7 @@ class Trainer:
                                              default_store()))
         self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
         self.tracker.start(
-            self.cfg.experiment, self.cfg.run_name or self.run.path.name,
+            self.cfg.experiment, self.cfg.run_name or (default_run_name(config) if config else self.run.path.name),
             self.state.mlflow_run_id or self.run.mlflow_run_id(),
             params=mlflow_params(config) if config else {}, tags=mlflow_tags(config, self.plan) if config else {},
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
@@ -195,9 +204,11 @@ class Trainer:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
         if self.env.is_main:  # the model, where MLflow shows it: the run's tags
-            self.tracker.log({"exported_step": self.state.step}, self.state.step)
+            self.tracker.log({f"{DIAG}exported_step": self.state.step}, self.state.step)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
         self.tracker.finish()
+        if self.env.is_main and self.tracker.run_id:  # and as the run's model in MLflow, by reference
+            log_exported_model(self.tracker.run_id, exported, self.state.step)
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
         return {"step": self.state.step, "stopped": False, "exported": exported}
 
@@ -209,7 +220,7 @@ class Trainer:
         if self.env.is_main:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             self.tracker.tag(self.evals.protocol_tags(metrics))
-            metrics["train_flops"] = self.state.train_flops
+            metrics.update(train_flops=self.state.train_flops, train_pflops=self.state.train_flops / 1e15)
             self.tracker.log(metrics, self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -227,7 +238,7 @@ class Trainer:
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.state.train_flops,
                        epoch=self.state.step / max(1, self.plan.steps_per_epoch), bad_steps=self.bad.total)
         with self.progress.exclude("log"):
-            self.tracker.log(metrics, self.state.step)
+            self.tracker.log(mlflow_names(metrics, patch_side), self.state.step)
             self.progress.line(self.state.step, metrics, self._log)
 
     def _save(self) -> None:

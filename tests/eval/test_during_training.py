@@ -39,7 +39,7 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
     assert [m.step for m in fid] == [5, 10, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[5] < flops[10] < flops[12]
-    for key in ("curve/is_toynet", "curve/class_accuracy_toynet", "curve/eval_seconds"):
+    for key in ("curve/is_toynet", "curve/class_accuracy_toynet", "diag/eval_seconds"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [5, 10, 12], key
 
 

@@ -102,7 +102,8 @@ def test_a_branch_is_the_shorter_run_trained_from_scratch(heldout_shard_set, tmp
 
     client = mlflow.tracking.MlflowClient(run_env(tmp_path)["MLFLOW_TRACKING_URI"])
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("npp").experiment_id])}
-    own = runs["ntp4_branch"]
+    own = runs["GPT-Nano NTP 4ep s0 (branch of ntp5)"]  # what it is, by default
+    assert (own.data.params["branch_parent"], own.data.params["branch_budget_epochs"]) == ("ntp5", "4")
     assert own.info.run_id not in (runs["ntp5"].info.run_id, runs["ntp4"].info.run_id)  # a run of its own
     assert own.data.tags["npp.branch_parent"] == runs["ntp5"].info.run_id and own.data.tags["npp.branch_step"] == "13"
     assert own.data.params["train.epochs"] == "4" and own.info.status == "FINISHED"

@@ -66,6 +66,23 @@ def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, d
     history = client.get_metric_history(r.info.run_id, "loss")
     assert [h.step for h in history] == [4, 8, 12, 16, 20, 24]
     assert client.get_metric_history(r.info.run_id, "train_flops")[-1].value > 0
+    # as the UI shows it: a name and columns saying what the run is, the loss per patch side as three series,
+    # FLOPs on a readable axis, diagnostics apart
+    assert r.info.run_name == "GPT-Nano NPP 4:0.25 2:0.25 1:0.5 24 steps s0"
+    assert {k: r.data.params[k] for k in ("model", "seed", "global_batch")} == {
+        "model": "GPT-Nano", "seed": "0", "global_batch": r.data.params["train.global_batch"]}
+    assert {k: [h.step for h in client.get_metric_history(r.info.run_id, f"loss/k{k}")] for k in (4, 2, 1)} == {
+        4: [4], 2: [8, 12], 1: [16, 20, 24]}
+    pflops = client.get_metric_history(r.info.run_id, "train_pflops")[-1].value
+    assert pflops * 1e15 == pytest.approx(client.get_metric_history(r.info.run_id, "train_flops")[-1].value)
+    metric_keys = set(r.data.metrics)
+    assert {"diag/ckpt_s", "diag/bad_steps", "diag/corrupt_shards", "diag/exported_step"} <= metric_keys
+    assert not {"ckpt_s", "bad_steps", "corrupt_shards", "exported_step"} & metric_keys
+    # the exported model as the run's logged model, by reference (no weights copied into MLflow)
+    models = client.search_logged_models(experiment_ids=[r.info.experiment_id])
+    assert [(m.source_run_id, m.params["step"], m.params["path"]) for m in models] == [
+        (r.info.run_id, "24", r.data.tags["exported_model"])]
+    assert int(models[0].params["parameters"]) == sum(t.numel() for t in model.state_dict().values())
 
 
 @pytest.mark.slow
@@ -88,7 +105,8 @@ def test_corrupt_shards_are_survived_and_counted_over_all_ranks(shard_set, tmp_p
     warned = [int(r) for r in re.findall(r"rank (\d): warning: skipped corrupt shard \S+train-00000[36]\.tar", log)]
     assert set(warned) == {0, 1}, said  # both ranks met a corrupt shard
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    logged = mlflow.tracking.MlflowClient().get_metric_history((run / "mlflow_run_id").read_text(), "corrupt_shards")
+    logged = mlflow.tracking.MlflowClient().get_metric_history((run / "mlflow_run_id").read_text(),
+                                                           "diag/corrupt_shards")
     assert logged[-1].value == len(said) == len(warned) >= 3, said
 
 
