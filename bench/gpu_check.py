@@ -417,13 +417,13 @@ def sample_rows(setup: Setup, runs=SAMPLE_RUNS) -> None:
     from npp.models.gpt import GPT
 
     bandwidth = measured_bandwidth(setup)
-    seen: set = set()
     for model, batch, precision in runs:
         name = setup.name(model)
         batch = batch if setup.cuda else batch // 32
-        if not setup.cuda and (model, batch, precision) in seen:
-            continue  # a rehearsal's stand-in of a run already made
-        seen.add((model, batch, precision))
+        if not setup.cuda:  # a rehearsal makes each stand-in once per precision, whichever part asks first
+            if ("sample", model, precision) in setup.made:
+                continue
+            setup.made.add(("sample", model, precision))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
         def run(name=name, batch=batch, precision=precision, dtype=dtype):

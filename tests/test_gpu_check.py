@@ -45,7 +45,9 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
     sampling = [r for r in rows if r["check"] == "sample"]
-    assert [r["precision"] for r in sampling] == ["bf16", "bf16"] + ["bf16", "fp32"] * 2, sampling  # sample, extras
+    # the sample part's two models in bf16, then extras' in fp32 (a rehearsal makes each stand-in once per precision)
+    assert [(r["model"], r["precision"]) for r in sampling] == [("GPT-Nano", "bf16"), ("GPT-Tiny", "bf16"),
+                                                                 ("GPT-Nano", "fp32"), ("GPT-Tiny", "fp32")], sampling
     for r in sampling:
         assert r["images_per_s"] > 0 and r["cudagraph_skips"] == 0
         assert r["limit_whole_cache_images_per_s"] < r["limit_buckets_images_per_s"] < r["limit_prefix_images_per_s"]
