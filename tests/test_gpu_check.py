@@ -28,26 +28,23 @@ def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
     order = list(dict.fromkeys(r["check"] for r in rows))
     assert order[:3] == ["sample", "launch", "train"]  # what a short session must not miss comes first
     train = [r for r in rows if r["check"] == "train"]
-    # a rehearsal makes each stand-in's run once, at every k: train's GPT-B (one stand-in for mb 128 and 32) and
-    # xxl's GPT-XXL; extras' runs are the same two stand-ins
-    assert [(r["model"], r["k"]) for r in train] == [("GPT-Nano", 4), ("GPT-Nano", 2), ("GPT-Nano", 1),
-                                                      ("GPT-Tiny", 4), ("GPT-Tiny", 2), ("GPT-Tiny", 1)]
+    # a rehearsal makes its one stand-in's run once, at every k (GPT-B and GPT-XXL, every micro-batch)
+    assert [(r["model"], r["k"]) for r in train] == [("GPT-Nano", 4), ("GPT-Nano", 2), ("GPT-Nano", 1)]
     for r in train:
         assert r["npp_ms"] > 0 and r["plain_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["npp_vs_plain"] > 0
         assert r["device_syncs_per_step"] == 0  # DeepSpeed's timers are off (the CPU makes no other call)
     timers = [r for r in rows if r["check"] == "timers"]
     assert len(timers) == 1 and timers[0]["syncs_per_step_on"] > 0 and timers[0]["syncs_per_step_off"] == 0
     schedule = [r for r in rows if r["check"] == "schedule"]
-    assert len(schedule) == 4 and all(0 < r["flops_vs_ntp"] < 0.6 for r in schedule)
+    assert len(schedule) == 2 and all(0 < r["flops_vs_ntp"] < 0.6 for r in schedule)  # npp and plain, one model
     memory = [r for r in rows if r["check"] == "memory"]
     assert [r["activation_checkpointing"] for r in memory] == [False, True]
     engines = [r for r in rows if r["check"] == "engine"]
     assert engines and not [r for r in engines if "error" in r], engines
     assert {r["ds_config"] for r in engines} == {"ds_configs/zero3.json", "ds_configs/zero2.json"}
     sampling = [r for r in rows if r["check"] == "sample"]
-    # the sample part's two models in bf16, then extras' in fp32 (a rehearsal makes each stand-in once per precision)
-    assert [(r["model"], r["precision"]) for r in sampling] == [("GPT-Nano", "bf16"), ("GPT-Tiny", "bf16"),
-                                                                 ("GPT-Nano", "fp32"), ("GPT-Tiny", "fp32")], sampling
+    # the sample part in bf16, then extras' fp32 (a rehearsal makes its stand-in once per precision)
+    assert [(r["model"], r["precision"]) for r in sampling] == [("GPT-Nano", "bf16"), ("GPT-Nano", "fp32")], sampling
     for r in sampling:
         assert r["images_per_s"] > 0 and r["cudagraph_skips"] == 0
         assert r["limit_whole_cache_images_per_s"] < r["limit_buckets_images_per_s"] < r["limit_prefix_images_per_s"]
