@@ -156,20 +156,19 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	@# torch first: keep one that is already importable (a user's CUDA build).
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	else $(PIP) install -q --no-compile "$$(grep -E '^torch==' requirements.txt)"; fi
+	else $(PIP) install -q "$$(grep -E '^torch==' requirements.txt)"; fi
 	@$(PY) -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 7) else \
 	  f'torch {torch.__version__} is older than 2.7, the oldest npp runs with: load a newer one, or make setup without SYSTEM_SITE=1')"
 	@# deepspeed's setup.py imports torch: without isolation it sees ours instead of downloading a CUDA torch
 	@# into a build environment. DS_ACCELERATOR=cpu: its setup.py asks for nvcc when it sees CUDA (a GPU node
 	@# without a CUDA toolkit); DeepSpeed still picks the accelerator when it runs (nothing is compiled here).
-	DS_ACCELERATOR=cpu $(PIP) install -q --no-compile --no-build-isolation "$$(grep -E '^deepspeed==' requirements.txt)"
+	DS_ACCELERATOR=cpu $(PIP) install -q --no-build-isolation "$$(grep -E '^deepspeed==' requirements.txt)"
 	grep -vE '^(torch|deepspeed)==|^#|^$$' requirements.txt requirements-test.txt | cut -d: -f2 > $(VENV)/.npp-reqs.txt
-	@# --no-compile: no .pyc for every file of every package at install (Python writes them as modules are imported)
-	$(PIP) install -q --no-compile -r $(VENV)/.npp-reqs.txt
+	$(PIP) install -q -r $(VENV)/.npp-reqs.txt
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 
-demo: setup  ## the whole pipeline on the built-in toy set, CPU only (6.5 min after set-up on 2 idle cores at 0d54807; reruns reuse what is built)
+demo: setup  ## the whole pipeline on the built-in toy set, CPU only (minutes; README has the time measured; reruns reuse what is built)
 	$(VENV)/bin/npp demo --out demo_out
 
 demo-compare: setup  ## NPP vs NTP on the toy set, fairly: NTP with a branch at NPP's FLOPs, every end evaluated alike, compared

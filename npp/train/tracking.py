@@ -115,10 +115,11 @@ class Tracker:
         if self.enabled and self._thread is not None:
             self._queue.put(("tags", {k: str(v) for k, v in tags.items()}))
 
-    def finish(self, status: str = "FINISHED", wait_s: float | None = None) -> None:
-        """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S)."""
+    def finish(self, status: str = "FINISHED", wait_s: float | None = None) -> bool:
+        """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S); True
+        when everything was sent and the run ended (MLflow answers: more may be asked of it now)."""
         if not self.enabled or self._thread is None:
-            return
+            return False
         wait_s = float(os.environ.get("NPP_MLFLOW_DRAIN_S", 120)) if wait_s is None else wait_s
         self._queue.put(("end", status))
         self._closing = True
@@ -129,8 +130,10 @@ class Tracker:
             self._log(f"warning: MLflow at {tracking_uri()} is still unreachable after {wait_s:.0f} s: the last "
                       f"{self._queue.qsize()} queued record(s) stay in {where}; the next start of this run sends them "
                       f"(the MLflow run shows RUNNING until then)")
+        sent = not self._thread.is_alive()
         self._stop_monitor()
         self._thread = None
+        return sent
 
     # --- the sender thread ----------------------------------------------------------
     def _work(self) -> None:

@@ -206,8 +206,9 @@ class Trainer:
         if self.env.is_main:  # the model, where MLflow shows it: the run's tags
             self.tracker.log({f"{DIAG}exported_step": self.state.step}, self.state.step)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
-        self.tracker.finish()
-        if self.env.is_main and self.tracker.run_id:  # and as the run's model in MLflow, by reference
+        # the model as the run's model in MLflow, by reference: only when MLflow took everything else (an
+        # unreachable server would hold the job in MLflow's own retries; `npp train export` records it later)
+        if self.tracker.finish() and self.env.is_main and self.tracker.run_id:
             log_exported_model(self.tracker.run_id, exported, self.state.step)
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
         return {"step": self.state.step, "stopped": False, "exported": exported}
