@@ -175,8 +175,8 @@ class Experiment:
                 jobs.append(Job(run.name, "train", self.train_args(run, seed, schedule), run))
             for epochs in branches:
                 run = self.out / self.name("branch", seed, epochs=epochs)
-                jobs.append(Job(run.name, "branch", ["--from", str(ntp), "--epochs", str(epochs), "--out", str(run)],
-                                run, [ntp.name]))
+                jobs.append(Job(run.name, "branch", ["--from", str(ntp), "--epochs", str(epochs), "--out", str(run),
+                                                     "--run-name", run.name], run, [ntp.name]))  # compare names it
         for j in [j for j in jobs if j.kind in ("train", "branch")]:
             samples = j.run / "samples"
             args = ["--ckpt", str(j.run / "model.pt"), "--vq", c.vq, "--out", str(samples), "--per-class",

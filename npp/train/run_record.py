@@ -64,6 +64,11 @@ def column_params(config: dict) -> dict:
     return {k: v for k, v in columns.items() if v is not None}
 
 
+def run_name(given: str, config: dict, folder: str) -> str:
+    """--run-name, else what defines the run (a rank without the config: the folder's name)."""
+    return given or (default_run_name(config) if config else folder)
+
+
 def default_run_name(config: dict) -> str:
     """What defines the run, as its MLflow name: 'GPT-B NPP 4:0.25 2:0.25 1:0.5 300ep s0', 'GPT-B NTP 300ep s0',
     a branch 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)'."""

@@ -115,9 +115,11 @@ class Tracker:
         if self.enabled and self._thread is not None:
             self._queue.put(("tags", {k: str(v) for k, v in tags.items()}))
 
-    def finish(self, status: str = "FINISHED", wait_s: float | None = None) -> bool:
+    def finish(self, status: str = "FINISHED", wait_s: float | None = None, model: tuple | None = None) -> bool:
         """End the run with `status` once the queue is sent, waiting at most wait_s (NPP_MLFLOW_DRAIN_S); True
-        when everything was sent and the run ended (MLflow answers: more may be asked of it now)."""
+        when everything was sent and the run ended. `model` (path, step): the exported checkpoint, then logged
+        as the run's model (log_exported_model) only when MLflow took everything else: an unreachable server
+        would hold the job in MLflow's own retries (`npp train export` records it later)."""
         if not self.enabled or self._thread is None:
             return False
         wait_s = float(os.environ.get("NPP_MLFLOW_DRAIN_S", 120)) if wait_s is None else wait_s
@@ -133,6 +135,8 @@ class Tracker:
         sent = not self._thread.is_alive()
         self._stop_monitor()
         self._thread = None
+        if sent and model is not None and self.run_id:
+            log_exported_model(self.run_id, *model)
         return sent
 
     # --- the sender thread ----------------------------------------------------------

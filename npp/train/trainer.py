@@ -1,11 +1,10 @@
 """Stage 2: DeepSpeed ZeRO training with the Next Patch Prediction schedule.
 
-`Trainer(plan).train()` starts or resumes the run the plan describes (npp.train.plan: every
-input checked, everything resolved, before torch is imported), then loops `train_step` to
-the end of the budget. Decisions belong to components: when to sync, evaluate and save
-(cadence), the data streams (data_feed), evaluation with its RNG and EMA handling
-(eval_points), the run's files and MLflow record (run_record), checkpoints (checkpointing),
-non-finite steps (bad_steps), stop requests (stopping), records (progress), MLflow (tracking).
+`Trainer(plan).train()` starts or resumes the run the plan describes (npp.train.plan: every input checked,
+everything resolved, before torch is imported), then loops `train_step` to the end of the budget. Decisions
+belong to components: when to sync, evaluate and save (cadence), the data streams (data_feed), evaluation with
+its RNG and EMA handling (eval_points), the run's files and MLflow record (run_record), checkpoints
+(checkpointing), non-finite steps (bad_steps), stop requests (stopping), records (progress), MLflow (tracking).
 Every rank runs the same code under torchrun, the deepspeed launcher, srun, or alone.
 """
 
@@ -19,6 +18,7 @@ import torch
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
 from npp.train import checkpointing
+from npp.train import run_record as record
 from npp.train.bad_steps import BadSteps
 from npp.train.branching import own_mlflow_run_id, start_branch
 from npp.train.cadence import Cadence
@@ -33,20 +33,11 @@ from npp.train.heldout import HeldOutLoss
 from npp.train.mfu import peak_flops
 from npp.train.plan import TrainPlan, make_plan
 from npp.train.progress import Progress
-from npp.train.run_record import (
-    DIAG,
-    dataset_identity,
-    default_run_name,
-    describe_changes,
-    mlflow_names,
-    mlflow_params,
-    mlflow_tags,
-    write_run_files,
-)
+from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
 from npp.train.state import TrainState
 from npp.train.step import TrainStep, build_model_and_optimizer, check_no_stale_build, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
-from npp.train.tracking import Tracker, log_exported_model
+from npp.train.tracking import Tracker
 from npp.train.watchdog import ProgressWatchdog, default_store
 
 
@@ -174,7 +165,7 @@ class Trainer:
                                              default_store()))
         self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
         self.tracker.start(
-            self.cfg.experiment, self.cfg.run_name or (default_run_name(config) if config else self.run.path.name),
+            self.cfg.experiment, record.run_name(self.cfg.run_name, config, self.run.path.name),
             self.state.mlflow_run_id or self.run.mlflow_run_id(),
             params=mlflow_params(config) if config else {}, tags=mlflow_tags(config, self.plan) if config else {},
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
@@ -203,13 +194,10 @@ class Trainer:
     def _finish(self) -> dict:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
-        if self.env.is_main:  # the model, where MLflow shows it: the run's tags
-            self.tracker.log({f"{DIAG}exported_step": self.state.step}, self.state.step)
+        if self.env.is_main:  # the model, where MLflow shows it: the run's tags, and its logged model (by reference)
+            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
-        # the model as the run's model in MLflow, by reference: only when MLflow took everything else (an
-        # unreachable server would hold the job in MLflow's own retries; `npp train export` records it later)
-        if self.tracker.finish() and self.env.is_main and self.tracker.run_id:
-            log_exported_model(self.tracker.run_id, exported, self.state.step)
+        self.tracker.finish(model=(exported, self.state.step))
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
         return {"step": self.state.step, "stopped": False, "exported": exported}
 
@@ -239,7 +227,7 @@ class Trainer:
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.state.train_flops,
                        epoch=self.state.step / max(1, self.plan.steps_per_epoch), bad_steps=self.bad.total)
         with self.progress.exclude("log"):
-            self.tracker.log(mlflow_names(metrics, patch_side), self.state.step)
+            self.tracker.log(record.mlflow_names(metrics, patch_side), self.state.step)
             self.progress.line(self.state.step, metrics, self._log)
 
     def _save(self) -> None:
