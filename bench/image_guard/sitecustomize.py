@@ -4,16 +4,17 @@ CPU rehearsal of the GPU check fails where the GPU session would."""
 
 import importlib.abc
 import importlib.metadata
+import importlib.util
 import os
 import sys
 
 
 def _install() -> None:
+    # bench/gpu_image.py, loaded from its file: bench/ is scripts, not a package on the path
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.dirname(here))
-    import gpu_image  # bench/gpu_image.py
-
-    sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("gpu_image", os.path.join(os.path.dirname(here), "gpu_image.py"))
+    gpu_image = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_image)
     allowed = gpu_image.allowed()
     owners = importlib.metadata.packages_distributions()
 
