@@ -103,6 +103,7 @@ class Reproduction:
         self.ref = cfg.ref or str(assets / REF_ASSET)
         self.inception = "" if cfg.classifier else (cfg.inception or str(assets / INCEPTION_ASSET))
         self.samples = self.folder / "samples" / f"samples_cfg{self.settings['cfg_scale']:g}.npz"
+        self._run_id: str | None = None
 
     def needed_assets(self) -> list[str]:
         names = [self.release.asset]
@@ -173,6 +174,13 @@ class Reproduction:
         return next(iter(results.values()))
 
     def mlflow_run(self) -> str:
+        """The release's run for these samples (found or made once per command)."""
+        if self._run_id:
+            return self._run_id
+        self._run_id = self._find_or_create_run()
+        return self._run_id
+
+    def _find_or_create_run(self) -> str:
         import mlflow
 
         from npp.pipeline.mlflow_utils import mark_training_experiment, tracking_uri
