@@ -6,7 +6,10 @@ ImageNet's shape at 1/10 of its size, every ratio that matters kept: 1000 classe
 (~23 shards per worker and data epoch, as 1281 shards give on 8x7), micro-batch 32,
 global batch 256. Two shard layouts: the one `npp tokenize` writes (inputs dealt in a
 seeded permutation) and shards cut from the class-sorted list (other tools); each read
-one shard at a time (mix 1) and 16 at a time (the default). The batches are those the
+in data order 1 (runs begun before order 2: each loader worker its own shards) and in
+data order 2 (one order for the whole job, npp.pipeline.global_order), with one shard's
+samples mixed at a time (mix 1), 16 (the default) and, for order 2, 256 (in order 2 a
+larger --mix-shards costs page cache, not worker memory). The batches are those the
 real stream yields, replayed in-process (npp.pipeline.mixing).
 
     .venv/bin/python bench/class_mixing.py [--steps 40]
@@ -57,16 +60,17 @@ def main() -> None:
             t0 = time.perf_counter()
             paths = write_set(Path(tmp) / f"set{i}", order, labels)
             print(f"wrote {len(paths)} shards ({name}) in {time.perf_counter() - t0:.1f} s", flush=True)
-            for mix in (1, 16):
-                m = measure_mixing(paths, [len(o) for o in order], counts, mix_shards=mix, **shape)
-                rows.append((name, mix, m))
-                print(f"  mix {mix:>2}: micro-batch {m['micro']:.1f} / {m['micro_iid']:.1f} i.i.d. "
+            for data_order, mix in ((1, 1), (1, 16), (2, 1), (2, 16), (2, 256)):
+                m = measure_mixing(paths, [len(o) for o in order], counts, mix_shards=mix, order=data_order, **shape)
+                rows.append((name, data_order, mix, m))
+                print(f"  order {data_order}, mix {mix:>3}: micro-batch {m['micro']:.1f} / {m['micro_iid']:.1f} i.i.d. "
                       f"({m['micro'] / m['micro_iid']:.0%}), global batch {m['global']:.1f} / {m['global_iid']:.1f} "
                       f"({m['global'] / m['global_iid']:.0%})", flush=True)
-    print("\n| shards | open at once | classes / micro-batch of 32 | classes / global batch of 256 |")
-    print("|---|---|---|---|")
-    for name, mix, m in rows:
-        print(f"| {name} | {mix} | {m['micro']:.1f} ({m['micro'] / m['micro_iid']:.0%} of i.i.d. {m['micro_iid']:.1f}) "
+    print("\n| shards | data order | mixed at once | classes / micro-batch of 32 | classes / global batch of 256 |")
+    print("|---|---|---|---|---|")
+    for name, data_order, mix, m in rows:
+        print(f"| {name} | {data_order} | {mix} | {m['micro']:.1f} ({m['micro'] / m['micro_iid']:.0%} of i.i.d. "
+              f"{m['micro_iid']:.1f}) "
               f"| {m['global']:.1f} ({m['global'] / m['global_iid']:.0%} of i.i.d. {m['global_iid']:.1f}) |")
 
 

@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from npp.pipeline.global_stream import GlobalStream
 from npp.pipeline.stream import CodeStream
 
 
@@ -23,7 +24,7 @@ def iid_distinct(class_counts: dict[int, int], n: int) -> float:
     return float(np.sum(1.0 - (1.0 - p) ** n))
 
 
-def rank_batches(stream: CodeStream, workers: int, steps: int) -> list[np.ndarray]:
+def rank_batches(stream: CodeStream | GlobalStream, workers: int, steps: int) -> list[np.ndarray]:
     """The labels of a rank's first `steps` micro-batches, in the DataLoader's round-robin order."""
     its = [stream.iter_worker(w, max(1, workers)) for w in range(max(1, workers))]
     return [next(its[b % len(its)])["labels"] for b in range(steps)]
@@ -31,11 +32,13 @@ def rank_batches(stream: CodeStream, workers: int, steps: int) -> list[np.ndarra
 
 def measure_mixing(shards: list[str], shard_samples: list[int], class_counts: dict[int, int], *, world: int,
                    workers: int, micro_batch: int, steps: int, shuffle_buffer: int, mix_shards: int = 16,
-                   seed: int = 0) -> dict:
-    """Mean distinct classes per micro-batch and per global batch, and the i.i.d. expectations."""
+                   seed: int = 0, order: int = 2) -> dict:
+    """Mean distinct classes per micro-batch and per global batch, and the i.i.d. expectations, in data order
+    `order` (2: npp.pipeline.global_order; 1: npp.pipeline.stream's)."""
+    kind = GlobalStream if order >= 2 else CodeStream
     per_rank = [
-        rank_batches(CodeStream(shards, shard_samples, micro_batch, rank=r, world=world, seed=seed,
-                                shuffle_buffer=shuffle_buffer, num_workers=workers, mix_shards=mix_shards),
+        rank_batches(kind(shards, shard_samples, micro_batch, rank=r, world=world, seed=seed,
+                          shuffle_buffer=shuffle_buffer, num_workers=workers, mix_shards=mix_shards),
                      workers, steps)
         for r in range(world)
     ]

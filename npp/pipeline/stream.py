@@ -1,9 +1,9 @@
-"""Streaming VQ-code shards for training: fast, deterministic, resumable.
+"""Data order 1: the streams of runs begun before the layout-independent order
+(npp.pipeline.global_order, "data order 2", which new runs take); kept so that such a run
+resumes with the order it began with. Also the loader and device transfer both orders use.
 
-Why not `webdataset(...).decode()`: it reads ~2,500 samples/s per process, while a
-node of 8 GPUs training GPT-B eats ~16,000. Our samples are tiny fixed-shape
-uint16 arrays, so this reader parses the tar headers and the .npy header itself
-and takes each array as a view of the shard's bytes (≥ 100k samples/s per worker).
+Shards are read by npp.pipeline.tar_reader (≥ 100k samples/s per worker; webdataset's
+decoder ~2,500).
 
 Determinism and resume: the stream of each (rank, worker) is a pure function of
 (seed, rank, world size, worker count) — shard order per data epoch from
@@ -28,8 +28,6 @@ lists, where one shard holds one or two classes (see bench/class_mixing.py).
 
 from __future__ import annotations
 
-import ast
-import mmap
 import os
 from collections.abc import Iterator
 
@@ -38,113 +36,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from npp.errors import ConfigError
+from npp.pipeline.tar_reader import CorruptShardError, map_shard, parse_shard
 from npp.pipeline.workers import WorkerInit
 
-BLOCK = 512
-
-
-class CorruptShardError(ValueError):
-    pass
-
-
-_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
-
-
-def _npy_array(data: memoryview) -> np.ndarray:
-    """A .npy payload as an array viewing `data` (headers are cached: every sample has the same one)."""
-    if bytes(data[:6]) != b"\x93NUMPY":
-        raise CorruptShardError("not an .npy payload")
-    major = data[6]
-    hlen_size = 2 if major == 1 else 4
-    hlen = int.from_bytes(bytes(data[8 : 8 + hlen_size]), "little")
-    start = 8 + hlen_size + hlen
-    key = bytes(data[:start])
-    if key not in _NPY_CACHE:
-        header = ast.literal_eval(key[8 + hlen_size :].decode("latin1"))
-        if header.get("fortran_order"):
-            raise CorruptShardError("fortran-ordered arrays are not supported")
-        _NPY_CACHE[key] = (np.dtype(header["descr"]), tuple(header["shape"]), start)
-    dtype, shape, offset = _NPY_CACHE[key]
-    count = int(np.prod(shape))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\x00 ").strip()
-    return int(field, 8) if field else 0
-
-
-def _pax_path(records: bytes) -> str:
-    """The `path` of a pax extended header ("<len> path=<name>\\n" records), or ''."""
-    pos = 0
-    while pos < len(records):
-        space = records.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(records[pos:space])
-        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        pos += length
-    return ""
-
-
-def parse_shard(data: bytes) -> list[tuple[str, np.ndarray, int]]:
-    """(key, codes, label) of every complete sample in a tar of `<key>.codes.npy` + `<key>.cls` members."""
-    view = memoryview(data)
-    pos, n = 0, len(data)
-    long_name: str | None = None
-    samples: dict[str, list] = {}
-    order: list[str] = []
-    ended = False
-    while pos + BLOCK <= n:
-        header = view[pos : pos + BLOCK]
-        if not any(header):  # end-of-archive marker
-            ended = True
-            break
-        hb = bytes(header)
-        stored = _octal(hb[148:156])
-        computed = sum(hb[:148]) + 8 * 32 + sum(hb[156:])
-        if stored != computed:
-            raise CorruptShardError(f"bad tar header checksum at byte {pos}")
-        size = _octal(hb[124:136])
-        kind = hb[156:157]
-        name = long_name or hb[:100].split(b"\x00", 1)[0].decode("utf-8")
-        prefix = hb[345:500].split(b"\x00", 1)[0]
-        if prefix and not long_name and hb[257:262] == b"ustar":
-            name = prefix.decode("utf-8") + "/" + name
-        long_name = None
-        body_start = pos + BLOCK
-        body_end = body_start + size
-        if body_end > n:
-            raise CorruptShardError(f"member {name!r} runs past the end of the file (truncated shard)")
-        if kind == b"L":  # GNU long name for the next member
-            long_name = bytes(view[body_start:body_end]).split(b"\x00", 1)[0].decode("utf-8")
-        elif kind == b"x":  # POSIX (pax) extended header: its `path` record names the next member
-            long_name = _pax_path(bytes(view[body_start:body_end])) or None
-        elif kind in (b"0", b"\x00"):
-            key, _, ext = name.partition(".")
-            entry = samples.get(key)
-            if entry is None:
-                entry = samples[key] = [None, None]
-                order.append(key)
-            if ext == "codes.npy":
-                entry[0] = _npy_array(view[body_start:body_end])
-            elif ext == "cls":
-                entry[1] = int(bytes(view[body_start:body_end]))
-        pos = body_start + (size + BLOCK - 1) // BLOCK * BLOCK
-    if not ended:
-        raise CorruptShardError("no end-of-archive marker (truncated shard)")
-    return [(k, samples[k][0], samples[k][1]) for k in order if samples[k][0] is not None and samples[k][1] is not None]
-
-
-def map_shard(path: str) -> memoryview:
-    """A shard's bytes, memory-mapped read-only (an empty file is reported as corrupt)."""
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise CorruptShardError("empty file")
-        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-
+__all__ = ["CodeStream", "CorruptShardError", "assign_shards", "batch_to_device", "make_loader", "map_shard",
+           "next_untouched_epoch", "parse_shard", "shard_paths"]
 
 def assign_shards(
     num_shards: int, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int
@@ -314,8 +210,8 @@ def _keep(batch: dict) -> dict:
     return batch
 
 
-def make_loader(stream: CodeStream, workers: int, prefetch: int = 4) -> DataLoader:
-    """The DataLoader for a CodeStream: batches pass through as built (no collation, no tensor IPC).
+def make_loader(stream: IterableDataset, workers: int, prefetch: int = 4) -> DataLoader:
+    """The DataLoader for a CodeStream or GlobalStream: batches pass through as built (no collation, no tensor IPC).
 
     Workers ignore the stop signals and die with their rank (npp.pipeline.workers): a
     SIGTERM sent to every process of the job must reach the rank's save, not kill the

@@ -19,6 +19,7 @@ from pathlib import Path
 from npp.errors import UsageError
 from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
+from npp.pipeline.global_order import ORDER
 from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
@@ -56,6 +57,7 @@ class TrainPlan:
     eval_spec: EvalSpec | None
     workers: int  # loader workers per rank, resolved
     resume_tag: str | None  # the checkpoint this start resumes from
+    data_order: int = ORDER  # 2: npp.pipeline.global_order; 1: npp.pipeline.stream's, for runs begun before it
     heldout: list = field(default_factory=list)  # the held-out shards (--val-share of tokenize): val/loss_k1
     branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
     branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
@@ -193,7 +195,8 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                             "lower --global-batch")
     total = int(cfg.total_steps or cfg.epochs * steps_per_epoch)
     workers = auto_workers(int(cfg.workers), len(manifest), world)
-    if len(manifest) < world * workers:
+    order = data_order_of(saved, branch)
+    if order == 1 and len(manifest) < world * workers:
         raise TrainingError(
             f"{len(manifest)} shards cannot feed {world} ranks x {workers} loader workers (a rank or worker without "
             f"shards hangs the job): lower --workers to {max(1, len(manifest) // world)} or re-tokenize with a smaller "
@@ -203,7 +206,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                      stages=stages, steps_per_epoch=steps_per_epoch, total_steps=total,
                      warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
                      eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
-                     resume_tag=resume_tag(run, world))
+                     resume_tag=resume_tag(run, world), data_order=order)
     plan.heldout = heldout_shards(str(cfg.shards))
     plan.branch = (saved or {}).get("branch") or branch
     if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
@@ -228,6 +231,17 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
         plan.first_identity = saved.get("first_identity") or saved.get("identity") or {}
         plan.starts = saved.get("starts", [])
     return plan
+
+
+def data_order_of(saved: dict | None, branch: dict | None) -> int:
+    """The data order a start keeps: its run's (config.json; a run begun before orders were recorded has order
+    1), a new branch's parent's (the branch must see the parent's batches), else the current one."""
+    if saved is not None:
+        return int(saved.get("data_order", 1))
+    if branch is not None:
+        parent = RunFolder(branch["parent"])
+        return int(parent.read_config().get("data_order", 1)) if parent.config.exists() else ORDER
+    return ORDER
 
 
 def resume_tag_of(run: RunFolder, tag: str, world_size: int) -> str:
@@ -275,6 +289,7 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
         "total_steps": plan.total_steps,
         "steps_per_epoch": plan.steps_per_epoch,
         "world_size": plan.world_size,
+        "data_order": plan.data_order,
         "precision": precision,
         "ds_config_path": str(Path(plan.ds_path)),
         "shards_meta": {k: plan.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer",

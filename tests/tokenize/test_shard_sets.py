@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+from npp.pipeline.global_stream import GlobalStream
 from npp.pipeline.images import decode_image, make_views
 from npp.pipeline.shards import ShardSetError, iter_tar_samples, open_shard_sets, read_meta
 from npp.pipeline.sources import open_source, read_bytes
-from npp.pipeline.stream import CodeStream, shard_paths
+from npp.pipeline.stream import shard_paths
 from npp.tokenize.run import TokenizeConfig, tokenize
 from tests.helpers import save_small_vq as save_vq
 
@@ -46,7 +47,7 @@ def test_several_shard_sets_train_as_one_epoch(two_sets, monkeypatch):
     globbed, _ = open_shard_sets(f"{two_sets}/*")
     assert globbed["samples"] == 68 and globbed["sets"] == sorted(globbed["sets"])
     paths, counts = shard_paths("", manifest)
-    stream = CodeStream(paths, counts, batch_size=68, shuffle_buffer=10)
+    stream = GlobalStream(paths, counts, batch_size=68, shuffle_buffer=10)
     batch = next(stream.iter_worker(0, 1))
     assert batch["codes"].shape == (68, 64)  # one view of each sample, 2-view and 20-view alike
     # the trainer sizes its epoch from both sets

@@ -146,6 +146,7 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(shard_set, 
     assert conv.returncode == 0, conv.stderr[-3000:]
     log = launch(shard_set, run, tmp_path, nproc=after, **RUN)
     assert f"resuming at step {stopped}/24" in log and "data layout changed" in log
+    assert f"continuing at sample {stopped * 16} " in log  # data order 2: where the 16-sample steps left off
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 25))
     resumed = [r for r in records if r["step"] > stopped]

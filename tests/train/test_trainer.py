@@ -186,7 +186,6 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
 
 
 @pytest.mark.parametrize("flags,env,message", [
-    (["--workers", "9"], {"WORLD_SIZE": "2", "RANK": "0"}, "8 shards cannot feed 2 ranks x 9 loader workers"),
     (["--model", "GPT-Huge"], {}, "--model: 'GPT-Huge' is not one of GPT-B"),
     (["--schedule", "4:0.5,2:0.5"], {}, "must be 1 so the final model predicts token by token"),
     (["--global-batch", "17"], {"WORLD_SIZE": "2", "RANK": "0"}, "does not divide by world size 2"),
