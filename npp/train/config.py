@@ -79,7 +79,8 @@ class TrainConfig:
     workers: int = flag(-1, "DataLoader workers per rank; -1 = auto (SLURM's CPUs per rank - 1, else 4, at most "
                             "the shards per rank)")
     shuffle_buffer: int = flag(5000, "samples in each loader worker's shuffle buffer")
-    mix_shards: int = flag(16, "shards each loader worker reads at once, in a random order of their samples")
+    mix_shards: int = flag(-1, "shards whose samples are mixed at once, in a random order; -1: 256 (16 for a run "
+                                "begun in data order 1, where each loader worker reads its own)")
     log_every: int = flag(50, "steps between log lines and MLflow points")
     ckpt_every: int = flag(1000, "steps between checkpoints (also saved on SIGTERM/SIGUSR1, a STOP file and at the "
                                  "end)")

@@ -173,6 +173,9 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
     meta, manifest = open_shard_sets(str(cfg.shards))
     digest = data_digest(manifest)
     saved = run.read_config() if run.config.exists() else None
+    order = data_order_of(saved, branch)
+    if int(cfg.mix_shards) < 0:  # before the identity: the resolved number is what a run records
+        cfg.mix_shards = MIX_SHARDS[order]
     amended: dict = {}
     if saved is not None:  # the run's identity first: a changed --model must not be reported as a misfit
         now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
@@ -195,7 +198,6 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                             "lower --global-batch")
     total = int(cfg.total_steps or cfg.epochs * steps_per_epoch)
     workers = auto_workers(int(cfg.workers), len(manifest), world)
-    order = data_order_of(saved, branch)
     if order == 1 and len(manifest) < world * workers:
         raise TrainingError(
             f"{len(manifest)} shards cannot feed {world} ranks x {workers} loader workers (a rank or worker without "
@@ -231,6 +233,9 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
         plan.first_identity = saved.get("first_identity") or saved.get("identity") or {}
         plan.starts = saved.get("starts", [])
     return plan
+
+
+MIX_SHARDS = {1: 16, 2: 256}  # --mix-shards -1 per data order (bench/class_mixing.py: docs/reference.md)
 
 
 def data_order_of(saved: dict | None, branch: dict | None) -> int:
