@@ -185,6 +185,24 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
     assert t.plan.steps_per_epoch == 5 and t.total_steps == 15 and t.plan.warmup_steps == 5
 
 
+def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_rank):
+    """A new run takes data order 2 and --mix-shards -1 as 256; a run folder written before orders were recorded
+    (config.json without `data_order`, its flags holding the old default 16) resumes in order 1, not refused."""
+    from npp.train.plan import make_plan, run_files
+
+    cfg = dict(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16, epochs=3,
+               ds_config="ds_configs/zero2.json")
+    plan = make_plan(TrainConfig(**cfg))
+    assert plan.data_order == 2 and plan.cfg.mix_shards == 256
+    old = run_files(plan, {}, "0000000", "fp32")
+    del old["data_order"]
+    old["train"]["mix_shards"] = old["identity"]["mix_shards"] = 16
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(old))
+    again = make_plan(TrainConfig(**cfg))
+    assert again.data_order == 1 and again.cfg.mix_shards == 16
+
+
 @pytest.mark.parametrize("flags,env,message", [
     (["--model", "GPT-Huge"], {}, "--model: 'GPT-Huge' is not one of GPT-B"),
     (["--schedule", "4:0.5,2:0.5"], {}, "must be 1 so the final model predicts token by token"),
