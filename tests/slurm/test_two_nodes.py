@@ -2,8 +2,8 @@
 GPT-Nano, 2 processes per node): the multi-node path users take on day one.
 
 Each job runs from a fresh checkout with a bare `sbatch` typed on the cluster's login node (the
-controller's namespace). tests/slurm/instrument records, in every process of the job, the shards each
-rank is dealt per data epoch, every file torch.save writes and when each save returns; the job log and
+controller's namespace). tests/slurm/instrument records, in every process of the job, the run positions of
+every micro-batch each rank's loader builds, every file torch.save writes and when each save returns; the job log and
 the run folder say the rest. SLURM's default KillWait (30 s) is kept.
 """
 
@@ -44,26 +44,21 @@ def submit(checkout, cluster, tmp_path, shard_set, run, record):
                         PYTHONPATH=str(INSTRUMENT), NPP_TEST_RECORD=str(record))
 
 
-def check_data_and_files(run: Path, record: Path, log: str) -> None:
-    """World 4 over both nodes; every shard dealt to exactly one rank per data epoch; every file of every
-    checkpoint written once."""
+def check_data_and_files(run: Path, record: Path, log: str, steps: int = 40) -> None:
+    """World 4 over both nodes; each micro-batch built by the rank that data order 2 gives it, every sample of
+    the run's steps read, on both nodes; every file of every checkpoint written once."""
     assert "world 4, micro-batch 4" in log, log[-3000:]
     for start in log.split("npp train: ok:")[1:]:  # each start: 2 ranks on each node (c10d picks which)
         nodes = re.findall(r"node (node\d): ranks (\d)-(\d) of 4", start)
         assert sorted(h for h, _, _ in nodes) == ["node1", "node2"], nodes
         assert sorted((a, b) for _, a, b in nodes) == [("0", "1"), ("2", "3")], nodes
     ev = events(record)
-    dealt = collections.defaultdict(list)
-    for e in ev:
-        if e["kind"] == "shards":
-            dealt[e["epoch"]].append((e["data_rank"], e["worker"], e["host"], tuple(e["shards"])))
-    assert dealt, "no shard reading recorded"
-    for epoch, parts in dealt.items():
-        per_reader = {(r, w): s for r, w, _, s in parts}  # a requeued start deals the same epoch again alike
-        shards = [i for s in per_reader.values() for i in s]
-        assert sorted(shards) == list(range(8)), (epoch, per_reader)  # all 8 shards, each to one reader
-        assert {r for r, _ in per_reader} == {0, 1, 2, 3}
-        assert {h for _, _, h, _ in parts} == {"node1", "node2"}
+    built = [e for e in ev if e["kind"] == "batch"]
+    assert built, "no micro-batch recorded"
+    for e in built:  # rank r of 4 builds micro-batches at run positions (m·4 + r)·4
+        assert e["world"] == 4 and e["size"] == 4 and (e["start"] // 4) % 4 == e["data_rank"], e
+    assert set(range(0, steps * 16, 4)) <= {e["start"] for e in built}  # every sample of every step was read
+    assert {e["host"] for e in built} == {"node1", "node2"}
     saves = [e for e in ev if e["kind"] == "torch.save" and "/checkpoints/" in e["path"]]
     assert saves, "no checkpoint file recorded"
     counts = collections.Counter(e["path"] for e in saves)

@@ -1,9 +1,9 @@
 """Test instrumentation for the SLURM jobs of tests/slurm (on PYTHONPATH only when NPP_TEST_RECORD is set).
 
 Loaded into every Python process of a job, it records, one JSON line per event into NPP_TEST_RECORD/<host>-<pid>:
-the shards each loader worker of each rank is dealt per data epoch (npp.pipeline.stream.assign_shards, as
-called by the stream), every file torch.save writes, and when each rank's checkpoint save returns. It changes
-nothing the job computes; it only lets a test see, across nodes, what the job did, and (NPP_TEST_PIECE_DELAY,
+the run positions of every micro-batch a loader worker builds (npp.pipeline.global_stream.GlobalStream.batch_at),
+every file torch.save writes, and when each rank's checkpoint save returns. It changes nothing the job computes;
+it only lets a test see, across nodes, what the job did, and (NPP_TEST_PIECE_DELAY,
 NPP_TEST_SHARD_DELAY) makes a job's pieces or shards take longer, so that a test interrupts it midway on any
 machine instead of racing it; NPP_TEST_HOLD_AFTER_SAVE=STEP holds every rank after that step's checkpoint while
 the file NPP_TEST_HOLD_FILE exists (a test changes the world around a job at an exact step).
@@ -27,17 +27,15 @@ def record(kind: str, **fields) -> None:
         fh.write(json.dumps(line) + "\n")
 
 
-def _patch_stream(module) -> None:
-    original = module.assign_shards
+def _patch_global_stream(module) -> None:
+    original = module.GlobalStream.batch_at
 
-    def assign_shards(num_shards, epoch, seed, rank, world, worker, workers):
-        order = original(num_shards, epoch, seed, rank, world, worker, workers)
-        if sys._getframe(1).f_code.co_name == "_epoch_samples":  # the stream reading, not a count
-            record("shards", epoch=int(epoch), data_rank=int(rank), world=int(world), worker=int(worker),
-                   workers=int(workers), shards=[int(i) for i in order])
-        return order
+    def batch_at(self, start):
+        batch = original(self, start)
+        record("batch", start=int(start), size=int(self.batch_size), data_rank=int(self.rank), world=int(self.world))
+        return batch
 
-    module.assign_shards = assign_shards
+    module.GlobalStream.batch_at = batch_at
 
 
 def _patch_torch(module) -> None:
@@ -92,8 +90,9 @@ def _patch_shards(module) -> None:
         module.write_shard = _slowed(module.write_shard, delay)
 
 
-PATCHES = {"npp.pipeline.shards": _patch_shards, "numpy": _patch_numpy, "npp.pipeline.stream": _patch_stream,
-           "torch": _patch_torch, "npp.train.checkpointing": _patch_checkpointing}
+PATCHES = {"npp.pipeline.shards": _patch_shards, "numpy": _patch_numpy,
+           "npp.pipeline.global_stream": _patch_global_stream, "torch": _patch_torch,
+           "npp.train.checkpointing": _patch_checkpointing}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
