@@ -240,6 +240,23 @@ class TwoNodeCluster(Cluster):
         self._until(lambda: self.run("sinfo", "-h", "-N", "-o", "%t").stdout.split() == ["idle", "idle"], timeout,
                     "the two nodes did not come up idle")
 
+    def npp_processes(self, node: str) -> dict[int, dict]:
+        """npp's processes on `node` (torchrun, its ranks, their loader workers; not SLURM's daemons):
+        {pid: {"ppid", "rank", "cmd"}}, `rank` from the process's environment (None for torchrun)."""
+        out = {}
+        pids = subprocess.run(["ip", "netns", "pids", self.ns[node]], capture_output=True, text=True).stdout.split()
+        for pid in map(int, pids):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().decode(
+                    errors="replace").split("\0") if "=" in v)
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if " npp " in f" {cmd} " or "-m npp" in cmd:
+                out[pid] = {"ppid": ppid, "rank": env.get("RANK"), "cmd": cmd}
+        return out
+
     def stop(self) -> None:
         for ns in self.ns.values():  # job processes left in a node first, then the daemons
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()

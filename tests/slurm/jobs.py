@@ -59,7 +59,8 @@ def sbatch(checkout, cluster, env, *args):
     return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
 
-def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=False, sbatch_flags=None, **extra):
+def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=False, sbatch_flags=None, more_flags="",
+                 **extra):
     if via_make:
         return make(
             checkout,
@@ -71,11 +72,11 @@ def submit_train(checkout, slurm_cluster, tmp_path, shard_set, run, via_make=Fal
             MODEL="GPT-Nano",
             SCHEDULE="2:0.5,1:0.5",
             GLOBAL_BATCH=16,
-            TRAIN_FLAGS=TRAIN,
+            TRAIN_FLAGS=f"{TRAIN} {more_flags}".strip(),
             SBATCH_FLAGS=SBATCH,
         )
     env = job_env(tmp_path, slurm_cluster, SHARDS=str(shard_set), OUT=str(run), MODEL="GPT-Nano",
-                  SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH="16", EXTRA=TRAIN, **extra)
+                  SCHEDULE="2:0.5,1:0.5", GLOBAL_BATCH="16", EXTRA=f"{TRAIN} {more_flags}".strip(), **extra)
     return sbatch(checkout, slurm_cluster, env, *(sbatch_flags or SBATCH).split(), "slurm/train.sbatch")
 
 

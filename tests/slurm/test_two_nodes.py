@@ -8,8 +8,11 @@ the run folder say the rest. SLURM's default KillWait (30 s) is kept.
 """
 
 import collections
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -38,13 +41,34 @@ def events(record_dir: Path) -> list[dict]:
     return out
 
 
-def submit(checkout, cluster, tmp_path, shard_set, run, record):
+def submit(checkout, cluster, tmp_path, shard_set, run, record, more_flags=""):
     record.mkdir(exist_ok=True)
-    return submit_train(checkout, cluster, tmp_path, shard_set, run, sbatch_flags=TWO_NODES,
+    return submit_train(checkout, cluster, tmp_path, shard_set, run, sbatch_flags=TWO_NODES, more_flags=more_flags,
                         PYTHONPATH=str(INSTRUMENT), NPP_TEST_RECORD=str(record))
 
 
-def check_data_and_files(run: Path, record: Path, log: str, steps: int = 40) -> None:
+def lose_node(cluster, node: str) -> None:
+    """SIGKILL every npp process of `node` (torchrun, its ranks, their loader workers), frozen first so none
+    slips between listing and killing: the node is lost to the job, its slurmd stays up."""
+    procs = cluster.npp_processes(node)
+    assert len(procs) >= 3, procs  # torchrun and its 2 ranks at least
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def stall_a_rank(cluster, node: str) -> str:
+    """SIGSTOP one rank's main process on `node` (a GPU off the bus, a read that never returns); its RANK."""
+    procs = cluster.npp_processes(node)
+    ranks = {pid: p for pid, p in procs.items() if "torchrun" in procs.get(p["ppid"], {}).get("cmd", "")}
+    assert ranks, procs
+    pid = max(ranks, key=lambda q: int(ranks[q]["rank"]))
+    os.kill(pid, signal.SIGSTOP)
+    return ranks[pid]["rank"]
+
+
+def check_data_and_files(run: Path, record: Path, log: str) -> None:
     """World 4 over both nodes; each micro-batch built by the rank that data order 2 gives it, every sample of
     the run's steps read, on both nodes; every file of every checkpoint written once."""
     assert "world 4, micro-batch 4" in log, log[-3000:]
@@ -57,6 +81,7 @@ def check_data_and_files(run: Path, record: Path, log: str, steps: int = 40) -> 
     assert built, "no micro-batch recorded"
     for e in built:  # rank r of 4 builds micro-batches at run positions (m·4 + r)·4
         assert e["world"] == 4 and e["size"] == 4 and (e["start"] // 4) % 4 == e["data_rank"], e
+    steps = max(r["step"] for r in read_metrics(run))
     assert set(range(0, steps * 16, 4)) <= {e["start"] for e in built}  # every sample of every step was read
     assert {e["host"] for e in built} == {"node1", "node2"}
     saves = [e for e in ev if e["kind"] == "torch.save" and "/checkpoints/" in e["path"]]
@@ -80,40 +105,65 @@ def stop_seconds(record: Path, log: str, step: int) -> float:
     return float(closing.group(1)) - max(saved)
 
 
-def test_two_nodes_train_usr1_requeue_resume_and_finish_quietly(checkout, two_node_cluster, tmp_path, shard_set):
+STALL_TIMEOUT = 45  # --collective-timeout of the job whose rank is stopped
+
+
+def last_start(log: str) -> str:
+    return log.split("resuming at step")[-1]
+
+
+def checkpoint_step(run: Path) -> int:
+    return int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+
+
+def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, two_node_cluster, tmp_path, shard_set):
     """A 40-step job over two nodes: at step 10 the time-limit warning (USR1 to the batch script) -> every rank
     saves at the agreed step -> every process of both nodes exits within 5 s of the save (idle machine) ->
-    requeue -> the restart resumes there and finishes with a busy loop on every core; that normal end prints
-    no C++ trace or rendezvous error on either node."""
+    requeue -> the restart resumes there; past its next checkpoint node2 is lost (SIGKILL of every npp process
+    on it) -> the job fails and requeues itself (failure 1 of 3) -> the next restart resumes from that checkpoint
+    and finishes with a busy loop on every core; that normal end prints no C++ trace or rendezvous error."""
     run, record = tmp_path / "run", tmp_path / "record"
     job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
     wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
     two_node_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)
     release_requeued(two_node_cluster, job, 1)
-    with cpu_hogs():  # the restart trains and ends with every core busy: the end must still be quiet
+    wait_for(lambda: "resuming at step" in job_log(checkout, job), 300, "the restart to resume")
+    saved = int(re.search(r"checkpoint saved: step_0*(\d+); requeueing", job_log(checkout, job)).group(1))
+    kept = (saved // 8 + 1) * 8  # the restart's first checkpoint (--ckpt-every 8)
+    wait_for(lambda: len(read_metrics(run)) >= kept + 2, 300, f"the restart to pass step {kept}")
+    lose_node(two_node_cluster, "node2")
+    wait_for(lambda: "training failed (exit" in job_log(checkout, job), 180, "the job to fail without node2")
+    at_failure = checkpoint_step(run)
+    assert at_failure >= kept
+    release_requeued(two_node_cluster, job, 2)
+    with cpu_hogs():  # the last restart trains and ends with every core busy: the end must still be quiet
         info = two_node_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 400)
     log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{log[-4000:]}\n{info}"
-    saved = re.search(r"checkpoint saved: step_0*(\d+); requeueing", log)
-    assert saved and f"resuming at step {saved.group(1)}/40" in log, log[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", f"{log[-4000:]}\n{info}"
+    assert f"resuming at step {saved}/40" in log, log[-3000:]
+    assert "failure 1 of at most 3 in a row: requeueing" in log, log[-3000:]
+    assert f"resuming at step {at_failure}/40" in log.split("training failed")[1], log[-3000:]
     first_part = log.split("requeueing job")[0]
-    assert stop_seconds(record, first_part, int(saved.group(1))) <= 5.0, first_part[-3000:]
+    assert stop_seconds(record, first_part, saved) <= 5.0, first_part[-3000:]
     assert "training finished; checkpoint saved: step_000000040" in log
+    assert not (run / "failures.log").exists()  # a finished run forgets its failures
     assert_each_step_once(run)
     n_runs, steps = mlflow_runs_and_loss_steps(tmp_path, run)
     assert n_runs == 1 and steps == list(range(4, 41, 4))
     check_data_and_files(run, record, log)
-    end = log.split("resuming at step")[-1]
     for noise in ("Traceback", "TCPStore", "RendezvousConnectionError", "recvVector", "Exception raised from"):
-        assert noise not in end, end[-4000:]
+        assert noise not in last_start(log), last_start(log)[-4000:]
 
 
-def test_two_nodes_preempted_resumes_and_a_cancel_stays_cancelled(checkout, two_node_cluster, tmp_path, shard_set):
+def test_two_nodes_preempted_then_a_stalled_rank_and_a_cancel(checkout, two_node_cluster, tmp_path, shard_set):
     """With a busy loop on every core: `scontrol requeue` (TERM to every process on both nodes) -> save ->
-    resume at the saved step; then `scancel` of the resumed job -> it stays cancelled. Both closing lines are
-    written, well before SLURM's KillWait (30 s) would end the job."""
+    resume at the saved step, the closing line written well before SLURM's KillWait (30 s). Then one rank of
+    node2 stops (SIGSTOP): the other ranks' watchdogs name it and its host and end the job within
+    --collective-timeout + 60 s; the job requeues itself and resumes from a complete checkpoint. Then `scancel`
+    of that restart -> it stays cancelled."""
     run, record = tmp_path / "run", tmp_path / "record"
-    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
+    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record,
+                 more_flags=f"--collective-timeout {STALL_TIMEOUT}")
     with cpu_hogs():
         wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
         two_node_cluster.run("scontrol", "requeue", job, check=True)
@@ -124,15 +174,29 @@ def test_two_nodes_preempted_resumes_and_a_cancel_stays_cancelled(checkout, two_
         assert resumed >= 10 and f"checkpoint saved: step_{resumed:09d}" in log, log[-3000:]
         assert "after TERM" in log and "not requeueing" in log, log[-3000:]
         assert stop_seconds(record, log.split("after TERM")[0] + "after TERM", resumed) <= 20.0, log[-3000:]
-        wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
-        two_node_cluster.run("scancel", job, check=True)
-        two_node_cluster.wait_state(job, ("CANCELLED",), 120)
-        wait_for(lambda: job_log(checkout, job).count("not requeueing") == 2, 30, "the cancelled job's closing line")
+    wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
+    stopped_at = time.time()
+    rank = stall_a_rank(two_node_cluster, "node2")
+    wait_for(lambda: "training failed (exit" in job_log(checkout, job), STALL_TIMEOUT + 60, "the stall to end the job")
+    assert time.time() - stopped_at <= STALL_TIMEOUT + 60
+    log = job_log(checkout, job)
+    named = re.search(rf"\[npp train\] rank \d on node\d: no optimizer step or save completed for \d+ s "
+                      rf"\(--collective-timeout {STALL_TIMEOUT}\) at step \d+; stopped: [^\n]*rank {rank} on node2 "
+                      rf"\(silent", log)
+    assert named, log[-4000:]
+    at_failure = checkpoint_step(run)  # complete: a save cut short never becomes `latest`
+    release_requeued(two_node_cluster, job, 2)
+    wait_for(lambda: job_log(checkout, job).count("resuming at step") == 2, 300, "the restart after the stall")
+    assert f"resuming at step {at_failure}/40" in job_log(checkout, job).split("training failed")[1]
+    wait_for(lambda: len(read_metrics(run)) >= at_failure + 3, 300, "the restart to train")
+    two_node_cluster.run("scancel", job, check=True)
+    two_node_cluster.wait_state(job, ("CANCELLED",), 120)
+    wait_for(lambda: job_log(checkout, job).count("not requeueing") == 2, 30, "the cancelled job's closing line")
     time.sleep(5)
     info = two_node_cluster.job_state(job)
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "2", info
     log = job_log(checkout, job)
-    last = log.split("resuming at step")[-1]  # the cancelled restart claims only what `latest` shows
+    last = last_start(log)  # the cancelled restart claims only what `latest` shows
     latest = (run / "checkpoints" / "latest").read_text().strip()
     claims = (f"checkpoint saved: {latest}", f"no new checkpoint (latest is still {latest})")
     assert any(c in last for c in claims), last[-2000:]
