@@ -45,7 +45,7 @@ class Progress:
 
     def __init__(self, path: Path, is_main: bool, device: torch.device, log_every: int, total_steps: int,
                  corrupt_base: int = 0, clock: Callable[[], float] = time.perf_counter,
-                 flops_left: Callable[[int], float] | None = None):
+                 flops_left: Callable[[int], float] | None = None, hours_base: float = 0.0):
         self.path = Path(path)  # RUN/metrics.jsonl (npp.pipeline.runs.RunFolder.metrics)
         self.is_main, self.device = is_main, device
         self.log_every, self.total_steps = log_every, total_steps
@@ -57,6 +57,7 @@ class Progress:
         self.flops_left = flops_left  # step -> training FLOPs from that step to the end (all samples)
         self.started = clock()
         self.run_step_s = self.run_other_s = self.run_flops = 0.0  # this start's totals, for the ETA
+        self.hours_base = hours_base  # hours in training steps up to the checkpoint this start resumed from
         self.bar = None
         self.watchdog = None
         self._step = 0  # the last step recorded
@@ -157,7 +158,25 @@ class Progress:
         self.run_other_s += self.excluded["ckpt"] + self.excluded["eval"]
         self.run_flops += self.flops
         self._reset()
+        metrics["train_hours"] = self.train_hours()
         return metrics
+
+    def skipped_shards(self, batch: dict, rank: int) -> None:
+        """Say and count the shards the data stream skipped in a batch training takes (one line per shard, each
+        counted once: only the consumer of a batch knows it was used)."""
+        for shard in batch.get("skipped", ()):
+            print(f"[npp train] rank {rank}: warning: skipped corrupt shard {shard}", flush=True)
+        self.corrupt_local += batch["corrupt"]
+
+    def totals(self) -> tuple[int, float]:
+        """(corrupt shards of the job, training hours) for the checkpoint's state."""
+        return self.corrupt_total, self.train_hours()
+
+    def train_hours(self) -> float:
+        """Hours spent in training steps to this step, over every start (saves, evaluations, logging, restarts and
+        the steps redone after a failure not counted): what "hours of training" means beside train_flops."""
+        window = self.clock() - self.t0 - sum(self.excluded.values())
+        return self.hours_base + (self.run_step_s + max(0.0, window)) / 3600
 
     def eta_s(self, step: int) -> float | None:
         """Seconds to the end: the FLOPs left at this start's measured seconds per FLOP (steps, then checkpoints

@@ -22,6 +22,7 @@ class TrainState:
     step: int = 0  # optimizer steps applied
     micro_batches: int = 0  # micro-batches taken from this rank's stream since the run began
     train_flops: float = 0.0  # spent, applied or not
+    train_hours: float = 0.0  # in training steps, up to this step (npp.train.progress.Progress.train_hours)
     bad_steps: int = 0  # steps skipped for non-finite gradients, in all
     corrupt_shards: int = 0  # over all ranks and restarts
     mlflow_run_id: str | None = None

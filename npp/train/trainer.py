@@ -134,9 +134,7 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             batch = next(batches)
             self.state.micro_batches += 1
-            for shard in batch.get("skipped", ()):  # one line per shard the data stream skipped, each counted once
-                print(f"[npp train] rank {self.env.rank}: warning: skipped corrupt shard {shard}", flush=True)
-            self.progress.corrupt_local += batch["corrupt"]
+            self.progress.skipped_shards(batch, self.env.rank)
             yield batch_to_device(batch, self.device)
 
     # --- start, stop, finish ---------------------------------------------------------
@@ -158,8 +156,9 @@ class Trainer:
         self.state.data_base = self.feed.position(self.state, client is not None, self._log)
         self.bad = BadSteps(self.state.bad_steps, self.cfg.max_bad_steps)
         self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
-                                 corrupt_base=self.state.corrupt_shards, flops_left=lambda step: self.cfg.global_batch
-                                 * self.schedule.flops_left(step, self.stage_flops))
+                                 corrupt_base=self.state.corrupt_shards, hours_base=self.state.train_hours,
+                                 flops_left=lambda s: self.cfg.global_batch * self.schedule.flops_left(
+                                     s, self.stage_flops))
         self.progress.resume_at(self.state.step)
         self.progress.watch(ProgressWatchdog(self.cfg.collective_timeout, self.env.rank, self.env.world_size,
                                              default_store()))
@@ -195,7 +194,7 @@ class Trainer:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
         if self.env.is_main:  # the model, where MLflow shows it: the run's tags, and its logged model (by reference)
-            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step)
+            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step, training=False)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
         self.tracker.finish(model=(exported, self.state.step))
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
@@ -210,7 +209,7 @@ class Trainer:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             self.tracker.tag(self.evals.protocol_tags(metrics))
             metrics.update(train_flops=self.state.train_flops, train_pflops=self.state.train_flops / 1e15)
-            self.tracker.log(metrics, self.state.step)
+            self.tracker.log(metrics, self.state.step, training=False)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def _sync(self) -> bool:
@@ -233,7 +232,8 @@ class Trainer:
     def _save(self) -> None:
         self.progress.flush()  # every record up to the checkpoint's step is on disk before it
         self.progress.global_counters()  # a collective: every rank saves at the same step
-        self.state.bad_steps, self.state.corrupt_shards = self.bad.total, self.progress.corrupt_total
+        self.state.bad_steps = self.bad.total
+        self.state.corrupt_shards, self.state.train_hours = self.progress.totals()
         self.state.mlflow_run_id, self.state.world_size = self.tracker.run_id, self.env.world_size
         self.state.data_layout = self.feed.layout()
         checkpointing.save(self.engine, self.run, self.state.step, self.state.client_state(), self.env, self.ema,

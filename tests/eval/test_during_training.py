@@ -45,8 +45,11 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
 
 @pytest.mark.slow
 def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_assets, mlflow_server, monkeypatch):
-    """Through MLflow's REST API: a training experiment, the shard set as dataset input, FID against
-    train_flops, system metrics."""
+    """Through MLflow's REST API, what the UI shows: a training experiment, the shard set as dataset input, the
+    columns that say what the run is, the metric names (results first, diagnostics under diag/), FID against
+    train_flops, system metrics, the exported model as the run's logged model, and a Duration that is the
+    training's: the evaluation after the last step, and a later start with nothing left to train, do not
+    stretch it."""
     from tests.helpers import launch_cmd, run_env
 
     env = {**run_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server.url,
@@ -69,6 +72,35 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
     hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
+    fid_at = {m["step"]: m["timestamp"] for m in hist["metrics"]}
+    params = {p["key"]: p["value"] for p in got["data"]["params"]}
+    assert {k: params[k] for k in ("model", "schedule", "seed")} == {"model": "GPT-Nano", "schedule": "4:0.25,2:0.25,"
+                                                                     "1:0.5", "seed": "0"}
+    assert int(params["parameters"]) > 0 and params["global_batch"] == "16"
+    assert {"loss/k2", "loss/k1", "lr", "train_pflops", "train_hours", "diag/ckpt_s", "diag/log_s"} <= keys
+    assert not {"ckpt_s", "log_s", "bad_steps"} & keys
+    models = mlflow_server.post("/api/2.0/mlflow/logged-models/search",
+                                {"experiment_ids": [exp["experiment_id"]]})["models"]
+    assert [(m["info"]["source_run_id"], {p["key"]: p["value"] for p in m["data"]["params"]}["step"])
+            for m in models] == [(run_id, "12")]
+    # Duration: the run ends at its last training step's point; the evaluation at step 12 came after it
+    loss = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    hours = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train_hours")
+    assert [m["step"] for m in hours["metrics"]] == [4, 8, 12]
+    assert 0 < hours["metrics"][0]["value"] < hours["metrics"][-1]["value"] < 1
+    end = int(got["info"]["end_time"])
+    assert end == max(m["timestamp"] for m in loss) < fid_at[12], (end, fid_at)
+    # a later start of the finished run (as a rerun of the same command does) leaves its end where it was
+    from npp.pipeline.runs import RunFolder
+    from npp.train.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    again = Tracker(True, RunFolder(run))
+    again.start("npp", got["info"]["run_name"], run_id, params={}, tags={}, artifacts=[], system_metrics=False,
+                resume_step=12)
+    assert again.finish(wait_s=60)
+    info = mlflow_server.get("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"]
+    assert info["status"] == "FINISHED" and int(info["end_time"]) == end
 
 
 @pytest.mark.slow
