@@ -17,7 +17,7 @@ TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist load
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm branch branch-slurm compare-runs compare-runs-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare reproduce reproduce-slurm demo demo-compare
+.PHONY: help setup assets lint test test-fast bench gpu-check gpu-wheels clean-venv tokenize tokenize-slurm tokenize-finalize toy train train-slurm branch branch-slurm compare-runs compare-runs-slurm export ui sample sample-slurm eval eval-slurm eval-ref compare reproduce reproduce-slurm demo demo-compare ui-screenshots
 
 # Variables (`make help` lists them). Those left empty are not passed: npp's own default applies, so a default
 # changed in Python reaches make and sbatch runs too. The `#:` line above each is its meaning.
@@ -86,6 +86,12 @@ COMPARE_FLAGS ?=
 REPRODUCE_OUT ?= reproduce
 #: more `npp reproduce` flags, e.g. --num-samples 10000 (an override the report names)
 REPRODUCE_FLAGS ?=
+
+# ui-screenshots: `make ui-screenshots STORE=sqlite:///demo_out/mlflow.db` (needs chromium)
+#: ui-screenshots: the tracking store whose UI is shot
+STORE ?= $(MLFLOW_TRACKING_URI)
+#: ui-screenshots: where the PNGs go
+UI_SHOTS ?= docs/img
 
 # sample / eval: `make sample CKPT=runs/gpt-b-npp/model.pt VQ=ckpts/vq_ds16_c2i.pt CFG=2.0`
 #: the exported model to sample
@@ -281,6 +287,9 @@ compare: setup  ## NPP vs the annealed NTP ends of every run of the experiment: 
 
 ui: setup  ## the MLflow UI on 127.0.0.1:5000 for $(MLFLOW_TRACKING_URI); prints the URL of EXPERIMENT's training runs [EXPERIMENT]
 	$(VENV)/bin/npp ui $(call opt,--experiment,$(EXPERIMENT)) --host 127.0.0.1 --port 5000
+
+ui-screenshots: setup  ## headless-Chromium screenshots of the MLflow UI (runs table, charts, a run, the comparison) into UI_SHOTS [STORE EXPERIMENT]
+	$(PY) bench/ui_screenshots.py --store $(STORE) --experiment $(or $(EXPERIMENT),npp) --out $(UI_SHOTS)
 
 tokenize-finalize: setup  ## merge the manifests of an array run [OUT]
 	$(VENV)/bin/npp tokenize finalize --out $(OUT)

@@ -556,7 +556,8 @@ def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve
     else:
         urls = experiment_urls(base, exp.experiment_id)
         print(f"MLflow UI, experiment {experiment!r}:\n  training runs: {urls['runs']}\n"
-              f"  charts:        {urls['charts']}  (pick train_flops as the x-axis: FID against training compute)",
+              f"  charts:        {urls['charts']}  (pick train_pflops or train_hours as the x-axis: FID against "
+              "training compute)",
               flush=True)
     if serve and not remote:
         mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"

@@ -37,7 +37,7 @@ from npp.errors import ConfigError
 from npp.pipeline.eval_spec import PROTOCOL_TAG, protocol_differences
 from npp.pipeline.mlflow_utils import tracking_uri
 
-FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_cfg[0-9.]+)?$")
+FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_n[0-9]+)?(_cfg[0-9.]+)?$")  # curve/fid_toynet_n200: eval points
 HELDOUT = "val/loss_k1"
 # params that do not make two runs different experiments: what seed and name they have
 NOT_GROUPING = ("train.seed", "train.run_name", "train.experiment")

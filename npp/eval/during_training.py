@@ -13,10 +13,12 @@ addresses (see `_sampler`), and samples a bf16 copy of the weights (`SamplingCop
 `npp sample` does by default, so those caches are half the size they were in fp32. The train stage only sees a callable
 `(model, num_classes, device, rank, world) -> metrics` and does not import this stage.
 
-The metrics are named `curve/<metric>` (`curve/fid_toynet`; its cost `diag/eval_seconds`): a
-curve's points all come from the same small fixed sample set, while `npp eval` on a
-final checkpoint (usually 50,000 samples) logs plain `fid`; FID depends on the
-sample count, so the two must not share a series. MLflow's UI groups `curve/`.
+The metrics are named `curve/<metric>_n<samples>` (`curve/fid_toynet_n200`; its cost
+`diag/eval_seconds`): a curve's points all come from the same small fixed sample set, while
+`npp eval` on a final checkpoint (usually 50,000 samples) logs plain `fid`; FID depends on
+the sample count, so the two must not share a series, and MLflow's UI, which groups
+`curve/` and titles each chart by the name after it, must not show two charts both titled
+`fid_toynet`.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class TrainingEvaluator:
             return {}
         order = sorted(gathered)
         feats = {k: np.concatenate([gathered[p][k] for p in order]) for k in ("pool", "spatial", "logits")}
-        metrics = {f"{CURVE}{k}": v for k, v in metrics_from_features(self.net, feats, self.ref, labels).items()}
+        metrics = {curve_key(k, len(labels)): v for k, v in metrics_from_features(self.net, feats, self.ref,
+                                                                                   labels).items()}
         # what the evaluation cost and how many samples it had: diagnostics, not results (MLflow's UI lists them
         # under `diag/`, after the results)
         metrics.update({f"{DIAG}eval_seconds": time.time() - t0, f"{DIAG}eval_samples": float(len(labels))})
@@ -120,6 +123,11 @@ class TrainingEvaluator:
 
 CURVE = "curve/"
 DIAG = "diag/"
+
+
+def curve_key(metric: str, samples: int) -> str:
+    """An eval point's name for `metric` measured on `samples` samples (see the module's docstring)."""
+    return f"{CURVE}{metric}_n{samples}"
 
 
 def _gather(mine: dict, world: int) -> dict:

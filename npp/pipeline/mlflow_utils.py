@@ -63,6 +63,6 @@ def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) 
 
 def experiment_urls(base_url: str, experiment_id: str) -> dict[str, str]:
     """Where MLflow 3's UI shows an experiment's training runs: the runs table and the chart view (the x-axis,
-    e.g. train_flops for FID against compute, is chosen in the chart's settings: the URL cannot carry it)."""
+    e.g. train_pflops for FID against compute, is chosen in the chart's settings: the URL cannot carry it)."""
     runs = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
     return {"runs": runs, "charts": runs + "?compareRunsMode=CHART"}

@@ -35,11 +35,11 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.tracking.MlflowClient()
     run_id = (evald / "mlflow_run_id").read_text()
-    fid = client.get_metric_history(run_id, "curve/fid_toynet")
+    fid = client.get_metric_history(run_id, "curve/fid_toynet_n20")
     assert [m.step for m in fid] == [5, 10, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[5] < flops[10] < flops[12]
-    for key in ("curve/is_toynet", "curve/class_accuracy_toynet", "diag/eval_seconds"):
+    for key in ("curve/is_toynet_n20", "curve/class_accuracy_toynet_n20", "diag/eval_seconds"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [5, 10, 12], key
 
 
@@ -68,9 +68,9 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
     datasets = got["inputs"]["dataset_inputs"]
     assert len(datasets) == 1 and datasets[0]["dataset"]["name"] == shard_set.name and datasets[0]["dataset"]["digest"]
     keys = {m["key"] for m in got["data"]["metrics"]}
-    assert {"curve/fid_toynet", "train_flops", "loss"} <= keys
+    assert {"curve/fid_toynet_n20", "train_flops", "loss"} <= keys  # an eval point's FID names its 20 samples
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
-    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet")
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet_n20")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
     fid_at = {m["step"]: m["timestamp"] for m in hist["metrics"]}
     params = {p["key"]: p["value"] for p in got["data"]["params"]}
@@ -127,7 +127,7 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.tracking.MlflowClient()
     run_id = (run / "mlflow_run_id").read_text()
-    assert [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet_n20")] == [4, 8, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
     assert os.path.exists(run / "eval_watch.json")

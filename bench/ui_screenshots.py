@@ -1,0 +1,121 @@
+"""Screenshots of the MLflow UI as a person sees npp's runs: the runs table, the chart view, a training run's
+page and its model metrics, and the comparison run's page, for a person to look at (README's screenshot
+comes from here).
+
+It serves the UI for a tracking store (`mlflow server` on a free local port, as `make ui` does), finds the
+experiment's training runs and comparison run through the REST API, and has headless Chromium render each
+page (the UI is a JavaScript application: Chromium's virtual-time budget lets it fetch and draw before the
+shot). Chromium comes from the system (`apt-get install chromium`); nothing else is installed.
+
+    .venv/bin/python bench/ui_screenshots.py --store sqlite:///demo_out/mlflow.db --out docs/img
+    make ui-screenshots STORE=sqlite:///demo_out/mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from npp.pipeline.mlflow_utils import experiment_urls
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, path: str, payload: dict | None = None, **params) -> dict:
+    url = f"{base}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if data else "GET")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def serve(store: str, port: int, log: Path) -> subprocess.Popen:
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow server exited ({proc.returncode}); its log: {log}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"mlflow server did not answer on port {port} in 120 s; its log: {log}")
+
+
+def shoot(browser: str, url: str, out: Path, size: str, budget_ms: int) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={profile}", f"--window-size={size}", f"--virtual-time-budget={budget_ms}",
+                        f"--screenshot={out}", url], check=True, capture_output=True, timeout=180)
+    print(f"  {out}  <- {url}", flush=True)
+
+
+def pages(base: str, experiment: str) -> dict[str, str]:
+    """name -> URL: the runs table, the chart view, the first training run's page and model metrics, the
+    comparison run's page (when `npp compare` logged one)."""
+    exp = api(base, "experiments/get-by-name", experiment_name=experiment)["experiment"]
+    urls = experiment_urls(base, exp["experiment_id"])
+    runs = api(base, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 200})["runs"]
+    tags = [(r, {t["key"]: t["value"] for t in r["data"].get("tags", [])}) for r in runs]
+    training = [r for r, t in tags if "mlflow.parentRunId" not in t and t.get("npp.kind") != "comparison"
+                and any(p["key"] == "model" for p in r["data"].get("params", []))]
+    comparison = [r for r, t in tags if t.get("npp.kind") == "comparison"]
+    shown = {"runs": urls["runs"], "charts": urls["charts"]}
+    if training:
+        run = f"{urls['runs']}/{sorted(training, key=lambda r: r['info']['start_time'])[0]['info']['run_id']}"
+        shown.update(run=run, model_metrics=run + "/model-metrics")
+    if comparison:
+        shown["comparison"] = f"{urls['runs']}/{comparison[0]['info']['run_id']}/artifacts"
+    return shown
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    ap.add_argument("--experiment", default="npp")
+    ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--size", default="1600,1000", help="window width,height in pixels")
+    ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time each page gets to load and draw")
+    args = ap.parse_args()
+    browser = next((b for b in BROWSERS if shutil.which(b)), None)
+    if browser is None:
+        raise SystemExit("no headless browser found (chromium, google-chrome): `apt-get install chromium`")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = serve(args.store, port, Path(tmp) / "mlflow-server.log")
+        try:
+            base = f"http://127.0.0.1:{port}"
+            shown = pages(base, args.experiment)
+            print(f"MLflow UI of {args.store}, experiment {args.experiment!r}: {len(shown)} pages", flush=True)
+            for name, url in shown.items():
+                shoot(browser, url, out / f"mlflow_{name}.png", args.size, args.budget_ms)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
