@@ -17,24 +17,16 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from npp.pipeline.mlflow_utils import experiment_urls
+from npp.pipeline.mlflow_utils import experiment_urls, start_server, stop_server
+from npp.pipeline.ranks import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, payload: dict | None = None, **params) -> dict:
@@ -44,23 +36,6 @@ def api(base: str, path: str, payload: dict | None = None, **params) -> dict:
                                  method="POST" if data else "GET")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
-
-
-def serve(store: str, port: int, log: Path) -> subprocess.Popen:
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port",
-                             str(port), "--workers", "1"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited ({proc.returncode}); its log: {log}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"mlflow server did not answer on port {port} in 120 s; its log: {log}")
 
 
 def shoot(browser: str, url: str, out: Path, size: str, budget_ms: int) -> None:
@@ -104,8 +79,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = serve(args.store, port, Path(tmp) / "mlflow-server.log")
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "mlflow-server.log", "wb") as log:
+        try:
+            server = start_server(args.store, port, output=log)
+        except RuntimeError as e:
+            raise SystemExit(f"{e}; its log: {log.name}") from None
         try:
             base = f"http://127.0.0.1:{port}"
             shown = pages(base, args.experiment)
@@ -113,8 +91,7 @@ def main() -> None:
             for name, url in shown.items():
                 shoot(browser, url, out / f"mlflow_{name}.png", args.size, args.budget_ms)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_server(server)
 
 
 if __name__ == "__main__":

@@ -50,37 +50,20 @@ class MlflowServer:
         self.proc = None
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":
-        import os
-        import subprocess
-        import sys
-        import time
-        import urllib.request
+        from npp.pipeline.mlflow_utils import start_server
 
-        mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-        self.proc = subprocess.Popen(
-            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination",
-             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"mlflow server did not start in {timeout:.0f} s")
+        try:
+            self.proc = start_server(f"sqlite:///{self.root}/server.db", self.port, str(self.root / "artifacts"),
+                                     timeout=timeout)
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        return self
 
     def stop(self) -> None:
-        import os
-        import signal
+        from npp.pipeline.mlflow_utils import stop_server
 
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the whole server: gunicorn/uvicorn workers too
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
+            stop_server(self.proc)
             self.proc = None
 
     def get(self, path, **params):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -66,3 +71,31 @@ def experiment_urls(base_url: str, experiment_id: str) -> dict[str, str]:
     e.g. train_pflops for FID against compute, is chosen in the chart's settings: the URL cannot carry it)."""
     runs = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
     return {"runs": runs, "charts": runs + "?compareRunsMode=CHART"}
+
+
+def start_server(backend_uri: str, port: int, artifacts: str | None = None, output=subprocess.DEVNULL,
+                 timeout: float = 120.0) -> subprocess.Popen:
+    """`mlflow server` for a tracking store on 127.0.0.1:`port`, in a session of its own (`stop_server` ends its
+    workers too), returned once it answers /health; RuntimeError when it does not within `timeout` seconds."""
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow_bin, "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", *(["--artifacts-destination", artifacts] if artifacts else [])]
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow server for {backend_uri} did not answer on port {port} in {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill a `start_server` server: its whole session (gunicorn/uvicorn workers too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
