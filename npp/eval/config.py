@@ -25,7 +25,7 @@ class SampleConfig:
     temperature: float = flag(1.0, "sampling temperature")
     top_k: int = flag(0, "sample from the k most likely tokens (0 = all)")
     top_p: float = flag(1.0, "nucleus sampling mass (1 = all)")
-    cfg_interval: int = flag(-1, "guide only the first N tokens (-1 = all)")
+    cfg_interval: int = flag(-1, "guide only the first N + 2 tokens, as LlamaGen's sampler counts N (-1 = all)")
     seed: int = flag(0, "sample j has seed seed*1000003 + j: the same images for any batch or number of ranks")
     labels: str = flag("balanced", "balanced: --per-class of every class; random: --num-samples uniform labels",
                        choices=("balanced", "random"))

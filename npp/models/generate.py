@@ -2,8 +2,8 @@
 
 NPP changes training only: sampling is plain next-token (k = 1), as in LlamaGen.
 Guidance runs the conditional and the null-class rows in one batch and combines
-logits = uncond + (cond − uncond) · cfg_scale; `cfg_interval` switches guidance off
-after that many tokens (LlamaGen's option).
+logits = uncond + (cond − uncond) · cfg_scale; `cfg_interval` N (LlamaGen's option, counted as its
+sampler counts) guides the first N + 2 tokens only (the one the prefill draws, then N + 1).
 
 The token step is static: the KV cache is allocated once for the whole sequence, the
 position is a 0-d tensor, and the forward, guidance, temperature, top-k/top-p and the

@@ -47,10 +47,6 @@ def mark_training_experiment(name: str, artifact_location: str | None = None) ->
     return exp.experiment_id
 
 
-class TrackingUnreachable(Exception):
-    """MLflow did not answer; what could not be logged is named, with where it is kept."""
-
-
 def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) -> int:
     """Log the metrics at `step`, skipping every key that already has a point at that step (a rerun after a
     failed or interrupted logging adds nothing twice). Returns how many were sent."""

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from npp.errors import NppError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-
 
 class SourceError(NppError, ValueError):
     """The input cannot be used at all (checked before any work)."""

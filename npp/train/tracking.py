@@ -61,8 +61,6 @@ class Tracker:
         self._wake = threading.Event()
         self._closing = False
         self._down_since: float | None = None
-        self._outages = 0
-        self._sent = 0
         self._monitor = None
         self._client = None
         # per metric: the last step MLflow holds; nothing at or below it is sent again
@@ -175,7 +173,6 @@ class Tracker:
     def _outage(self, error: Exception) -> None:
         if self._down_since is None:
             self._down_since = time.time()
-            self._outages += 1
             first = str(error).splitlines()[0][:200] if str(error) else ""
             where = f"{self._outbox}" if self._outbox else "memory"
             self._log(f"warning: MLflow at {tracking_uri()} is unreachable ({type(error).__name__}: {first}); "
@@ -278,7 +275,6 @@ class Tracker:
             self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
             for k in fresh:
                 self.logged_through[k] = step
-            self._sent += 1
 
     def _start_monitor(self) -> None:
         """MLflow's system metrics (CPU, memory; GPU through NVML), sampled in its own thread. It stops itself

@@ -1,0 +1,85 @@
+"""The small contract modules the trainer leans on, each on its own: when the loop syncs, evaluates and saves
+(cadence), how non-finite steps are bounded (bad_steps), what a run is called and shows in MLflow (run_record),
+which checkpoints a run folder holds (RunFolder), and how a record file is written and cut back (files)."""
+
+import json
+
+import pytest
+
+from npp.pipeline.files import atomic_write_text, truncate_jsonl
+from npp.pipeline.runs import RunFolder, tag_for, tag_step
+from npp.train.bad_steps import BadSteps
+from npp.train.cadence import Cadence
+from npp.train.errors import TrainingError
+from npp.train.run_record import column_params, default_run_name, mlflow_names, run_name
+
+
+def test_cadence_is_a_function_of_the_step():
+    c = Cadence(total_steps=20, sync_every=3, log_every=4, ckpt_every=5, eval_every=8, keep_steps=frozenset({7}))
+    assert [s for s in range(1, 21) if c.ckpt_due(s)] == [5, 7, 10, 15]  # not at the end: the end saves anyway
+    assert [s for s in range(1, 21) if c.eval_due(s)] == [8, 16, 20]  # and the last step
+    synced = [s for s in range(1, 21) if c.sync_due(s)]
+    assert synced == [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 16, 18, 20]
+    assert c.sync_due(11, skipped=True)  # a skipped step is agreed on at once
+    quiet = Cadence(total_steps=20, sync_every=100, log_every=100, ckpt_every=100, eval_every=0)
+    assert [s for s in range(1, 21) if quiet.sync_due(s) or quiet.eval_due(s)] == [20]
+
+
+def test_bad_steps_are_counted_and_a_streak_stops_the_run():
+    said = []
+    bad = BadSteps(total=2, max_streak=3)
+    bad.skipped(10, lambda: "step_5", said.append)
+    bad.skipped(11, lambda: "step_5", said.append)
+    bad.applied()  # a good step ends the streak, not the count
+    bad.skipped(13, lambda: "step_5", said.append)
+    bad.skipped(14, lambda: "step_5", said.append)
+    assert bad.total == 6 and bad.streak == 2 and "2 in a row" in said[-1]
+    with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps at step 15.*step_5.*--allow-change lr"):
+        bad.skipped(15, lambda: "step_5", said.append)
+
+
+def config(schedule="4:0.25,2:0.25,1:0.5", **first):
+    return {"schedule": schedule,
+            "first_identity": {"model": "GPT-B", "epochs": 300, "global_batch": 256, "seed": 1, **first}}
+
+
+def test_a_run_is_named_and_tabled_by_what_defines_it():
+    assert default_run_name(config()) == "GPT-B NPP 4:0.25 2:0.25 1:0.5 300ep s1"  # no comma: --runs takes names
+    assert default_run_name(config("1:1")) == "GPT-B NTP 300ep s1"
+    assert default_run_name(config("1:1", total_steps=24)) == "GPT-B NTP 24 steps s1"
+    branch = {**config("1:1", epochs=173), "branch": {"parent": "/runs/gpt-b-ntp"}}
+    assert default_run_name(branch) == "GPT-B NTP 173ep s1 (branch of gpt-b-ntp)"
+    assert column_params(branch) == {"model": "GPT-B", "epochs": 173, "global_batch": 256, "seed": 1,
+                                     "branch_parent": "gpt-b-ntp", "branch_budget_epochs": 173}
+    assert run_name("mine", config(), "folder") == "mine" and run_name("", {}, "folder") == "folder"
+
+
+def test_mlflow_names_put_results_first_and_diagnostics_apart():
+    named = mlflow_names({"loss": 2.5, "train_flops": 3e15, "ckpt_s": 1.0, "corrupt_shards": 0, "lr": 1e-4}, 2)
+    assert named == {"loss": 2.5, "loss/k2": 2.5, "train_flops": 3e15, "train_pflops": 3.0, "diag/ckpt_s": 1.0,
+                     "diag/corrupt_shards": 0, "lr": 1e-4}
+
+
+def test_a_run_folder_knows_its_complete_checkpoints(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    assert run.latest_tag() is None and run.tags() == [] and run.complete_tags() == []
+    for step in (5, 10, 15):
+        run.tag_dir(tag_for(step)).mkdir(parents=True)
+    (run.checkpoints / (tag_for(20) + ".tmp")).mkdir()  # a save being written elsewhere: not a checkpoint
+    run.set_latest(tag_for(10))  # step 15's directory is a save still running, or one that failed
+    assert run.tags() == [tag_for(5), tag_for(10), tag_for(15)]
+    assert run.complete_tags() == [tag_for(5), tag_for(10)] and tag_step(run.latest_tag()) == 10
+    run.set_latest(tag_for(25))  # `latest` naming a directory that is gone counts as none
+    assert run.latest_tag() is None and run.complete_tags() == []
+    (run.tag_dir(tag_for(10)) / "client.json").write_text(json.dumps({"step": 10}))
+    assert run.client_state(tag_for(10)) == {"step": 10} and run.client_state(tag_for(5)) == {}
+
+
+def test_a_record_file_is_cut_back_to_a_step_and_a_line_cut_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    atomic_write_text(path, "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+                      + '{"step": 6, "lo')
+    assert truncate_jsonl(path, 3) == 3  # steps 4, 5 and the cut line
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert truncate_jsonl(tmp_path / "absent.jsonl", 3) == 0
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
