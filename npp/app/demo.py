@@ -282,7 +282,7 @@ class Demo:
 
             urls = experiment_urls("http://127.0.0.1:5000", exp)
             print(f"                then open {urls['runs']} (training runs) or {urls['charts']} (charts: pick "
-                  "train_flops as the x-axis)")
+                  "train_pflops as the x-axis)")
         if self.cfg.check_quality:
             ok = acc >= self.cfg.min_class_accuracy and fid < 0.5 * fid0
             verdict = "learned" if ok else "did NOT learn enough"
