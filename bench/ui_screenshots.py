@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from npp.pipeline.mlflow_utils import experiment_urls, start_server, stop_server
+from npp.pipeline.mlflow_utils import MODEL_TRAINING_VIEW, experiment_urls, start_server, stop_server
 from npp.pipeline.ranks import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -57,11 +57,12 @@ def pages(base: str, experiment: str) -> dict[str, str]:
                 and any(p["key"] == "model" for p in r["data"].get("params", []))]
     comparison = [r for r, t in tags if t.get("npp.kind") == "comparison"]
     shown = {"runs": urls["runs"], "charts": urls["charts"]}
+    view = f"?{MODEL_TRAINING_VIEW}"
     if training:
-        run = f"{urls['runs']}/{sorted(training, key=lambda r: r['info']['start_time'])[0]['info']['run_id']}"
-        shown.update(run=run, model_metrics=run + "/model-metrics")
+        run = urls["run"] + sorted(training, key=lambda r: r["info"]["start_time"])[0]["info"]["run_id"]
+        shown.update(run=run + view, model_metrics=run + "/model-metrics" + view)
     if comparison:
-        shown["comparison"] = f"{urls['runs']}/{comparison[0]['info']['run_id']}/artifacts"
+        shown["comparison"] = urls["run"] + comparison[0]["info"]["run_id"] + "/artifacts" + view
     return shown
 
 

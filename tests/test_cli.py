@@ -31,7 +31,7 @@ def test_gpu_check_refuses_cleanly_without_cuda():
 
 def test_ui_prints_the_url_of_the_experiments_training_runs(tmp_path):
     """MLflow 3's UI opens an experiment on its GenAI overview; `make ui` (npp ui) names the runs view and the chart
-    view, routes the installed MLflow UI has."""
+    view in the model-training view, with routes and a URL parameter the installed MLflow UI reads."""
     import glob
     import os
     import re
@@ -43,9 +43,11 @@ def test_ui_prints_the_url_of_the_experiments_training_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "npp", "ui", "--serve", "False"], capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs\n" in proc.stdout
-    assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs?compareRunsMode=CHART" in proc.stdout
+    runs = f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+    assert f"{runs}\n" in proc.stdout and f"{runs}&compareRunsMode=CHART" in proc.stdout
     js = os.path.join(os.path.dirname(mlflow.__file__), "server", "js", "build", "static", "js", "*.js")
     bundle = "".join(open(f, errors="replace").read() for f in glob.glob(js))
     assert '"/experiments/:experimentId/runs"' in bundle and re.search(r'"compareRunsMode"', bundle)
     assert re.search(r'CHART', bundle)
+    # the view is read from the URL's workflowType before the browser's stored choice (default "genai")
+    assert re.search(r'MACHINE_LEARNING="machine_learning"', bundle) and 'get("workflowType")' in bundle

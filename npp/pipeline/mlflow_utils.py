@@ -62,11 +62,18 @@ def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) 
     return len(fresh)
 
 
+# MLflow 3's UI shows an experiment in its GenAI view unless the URL (or what the browser last chose) says
+# `workflowType=machine_learning`; the URL wins over the browser's choice
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def experiment_urls(base_url: str, experiment_id: str) -> dict[str, str]:
-    """Where MLflow 3's UI shows an experiment's training runs: the runs table and the chart view (the x-axis,
-    e.g. train_pflops for FID against compute, is chosen in the chart's settings: the URL cannot carry it)."""
+    """Where MLflow 3's UI shows an experiment's training runs, in its model-training view: the runs table and the
+    chart view (the x-axis, e.g. train_pflops for FID against compute, is chosen in the chart's settings: the URL
+    cannot carry it), and the prefix of a run's page (`run` + RUN_ID + `?` + MODEL_TRAINING_VIEW)."""
     runs = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return {"runs": runs, "charts": runs + "?compareRunsMode=CHART"}
+    return {"runs": f"{runs}?{MODEL_TRAINING_VIEW}", "charts": f"{runs}?{MODEL_TRAINING_VIEW}&compareRunsMode=CHART",
+            "run": f"{runs}/"}
 
 
 def start_server(backend_uri: str, port: int, artifacts: str | None = None, output=subprocess.DEVNULL,
