@@ -62,7 +62,7 @@ def pages(base: str, experiment: str) -> dict[str, str]:
         run = urls["run"] + sorted(training, key=lambda r: r["info"]["start_time"])[0]["info"]["run_id"]
         shown.update(run=run + view, model_metrics=run + "/model-metrics" + view)
     if comparison:
-        shown["comparison"] = urls["run"] + comparison[0]["info"]["run_id"] + "/artifacts" + view
+        shown["comparison"] = urls["run"] + comparison[0]["info"]["run_id"] + "/artifacts/compare.png" + view
     return shown
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--experiment", default="npp")
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--size", default="1600,1000", help="window width,height in pixels")
-    ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time each page gets to load and draw")
+    ap.add_argument("--budget-ms", type=int, default=60000, help="virtual time each page gets to load and draw")
     args = ap.parse_args()
     browser = next((b for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
