@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 #: test: pytest-xdist workers, each running whole test files (0: one process, for debugging)
 TEST_WORKERS ?= 2
 TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+# one OpenMP/BLAS thread per worker (unless set): two workers' threads on two cores spin-wait on each other
+TEST_THREADS = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1})
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .DEFAULT_GOAL := help
@@ -187,10 +189,10 @@ lint: setup  ## ruff with the rules chosen in pyproject.toml (pyflakes, pycodest
 	$(PY) -m ruff check npp tests bench
 
 test: setup lint  ## the linter, then the whole test suite (CPU only, slow integration tests included) [TEST_WORKERS PYTEST_ARGS]
-	$(PY) -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
+	$(TEST_THREADS) $(PY) -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: setup  ## the suite without the slow integration tests [TEST_WORKERS PYTEST_ARGS]
-	$(PY) -m pytest -m "not slow" $(TEST_PARALLEL) $(PYTEST_ARGS)
+	$(TEST_THREADS) $(PY) -m pytest -m "not slow" $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 bench: setup  ## print the benchmark figures (see README)
 	$(PY) bench/npp_cost.py

@@ -10,6 +10,8 @@ readable sample stops training with the shards' names.
 
 from __future__ import annotations
 
+import errno
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +19,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from npp.pipeline.global_order import epoch_order
 from npp.pipeline.tar_reader import CorruptShardError, ShardIndex, index_shard, map_shard
+
+# Shards a loader worker keeps mapped at once: a map holds a file descriptor, and a worker reads from every shard of
+# the block in use (ImageNet has 1,282 shards; a process may have 1,024 descriptors). An index outlives its map.
+MAX_OPEN = 128
+# errors of the machine, not of the shard: training stops (and is requeued) rather than skip a sound shard forever
+TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EIO}
 
 
 class GlobalStream(IterableDataset):
@@ -39,6 +47,7 @@ class GlobalStream(IterableDataset):
         self.shuffle_buffer, self.mix_shards = max(1, shuffle_buffer), max(1, int(mix_shards))
         self.start_sample, self.num_workers = int(start_sample), num_workers
         self._index: dict[int, ShardIndex | str] = {}  # per process: a shard's index, or why it is unreadable
+        self._maps: OrderedDict[int, memoryview] = OrderedDict()  # the MAX_OPEN shards mapped most recently
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._first: dict[tuple[int, int], int] = {}  # (epoch, unreadable shard): its first position there
 
@@ -75,15 +84,31 @@ class GlobalStream(IterableDataset):
         if s not in self._index:
             path = self.shards[s]
             try:
-                index = index_shard(map_shard(path))
-            except (OSError, CorruptShardError, ValueError, UnicodeDecodeError) as e:
+                data = self._map(s)
+                index = index_shard(data)
+            except OSError as e:
+                if e.errno in TRANSIENT:
+                    raise
+                index = f"{path} ({e.strerror or type(e).__name__})"
+            except (CorruptShardError, ValueError, UnicodeDecodeError) as e:
                 index = f"{path} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
             else:
+                index.data = None  # the index outlives the map (`_map` maps the shard again when needed)
                 if len(index) < self.counts[s]:
                     index = (f"{path} (holds {len(index)} complete samples, its manifest says {self.counts[s]}: "
                              "re-tokenize it)")
             self._index[s] = index
         return self._index[s]
+
+    def _map(self, s: int) -> memoryview:
+        """Shard s's bytes, mapped; at most MAX_OPEN maps are kept (the least recently used is let go)."""
+        if s in self._maps:
+            self._maps.move_to_end(s)
+            return self._maps[s]
+        data = self._maps[s] = map_shard(self.shards[s])
+        while len(self._maps) > MAX_OPEN:
+            self._maps.popitem(last=False)  # closed once the last array viewing it is gone
+        return data
 
     def _reports(self, epoch: int, s: int, first: int, last: int) -> bool:
         """Whether positions [first, last) of `epoch` hold shard s's first position there (it is reported once)."""
@@ -94,7 +119,8 @@ class GlobalStream(IterableDataset):
 
     def batch_at(self, start: int) -> dict:
         """The micro-batch of run positions [start, start + batch_size)."""
-        codes, labels, bad, skipped = [], [], [], []
+        codes, labels, bad, skipped, reports = [], [], [], [], 0
+        seen: set[tuple[int, int]] = set()
         position = start
         while position < start + self.batch_size:
             epoch, offset = divmod(position, self.total)
@@ -107,11 +133,14 @@ class GlobalStream(IterableDataset):
                     bad.append(len(codes))
                     codes.append(None)
                     labels.append(-1)
-                    if self._reports(epoch, s, offset, stop) and index not in skipped:
-                        skipped.append(index)
+                    if self._reports(epoch, s, offset, stop) and (epoch, s) not in seen:
+                        seen.add((epoch, s))
+                        reports += 1  # once per data epoch, also when this batch spans two
+                        if index not in skipped:  # named once per batch
+                            skipped.append(index)
                     continue
                 k = int(numbers[offset + j] - self.offsets[s])
-                array = index.codes(k)
+                array = index.codes(k, self._map(s))
                 if array.ndim == 3:
                     array = array[min(array.shape[0] - 1, int(views[offset + j] * array.shape[0]))]
                 codes.append(array)
@@ -129,4 +158,4 @@ class GlobalStream(IterableDataset):
         # numpy, not tensors: small batches cross the worker pipe pickled ~5x faster than through torch's
         # shared-memory handles; `batch_to_device` converts.
         return {"codes": np.stack(codes).reshape(self.batch_size, -1), "labels": np.asarray(labels, np.int64),
-                "corrupt": len(skipped), "skipped": skipped}
+                "corrupt": reports, "skipped": skipped}

@@ -134,7 +134,7 @@ class ShardIndex:
     """Where each sample of one shard lies: `codes(i)` is a view of the mapped bytes, `labels[i]` its class.
     Every sample of a shard has one dtype and shape (npp tokenize writes them so; refused otherwise)."""
 
-    data: memoryview
+    data: memoryview | None  # the shard's bytes (None when the reader maps them itself: see `codes`)
     starts: np.ndarray  # int64: the byte where sample i's codes begin
     labels: np.ndarray  # int64
     dtype: np.dtype
@@ -143,9 +143,10 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def codes(self, i: int) -> np.ndarray:
-        return np.frombuffer(self.data, dtype=self.dtype, count=self.count, offset=int(self.starts[i])).reshape(
-            self.shape)
+    def codes(self, i: int, data: memoryview | None = None) -> np.ndarray:
+        """Sample i's codes, a view of `data` (the shard's bytes), else of the bytes it was indexed from."""
+        return np.frombuffer(self.data if data is None else data, dtype=self.dtype, count=self.count,
+                             offset=int(self.starts[i])).reshape(self.shape)
 
     @property
     def count(self) -> int:

@@ -68,6 +68,12 @@ class Progress:
         self.t0, self.steps, self.flops = self.clock(), 0, 0.0
         self.excluded = dict.fromkeys(self.EXCLUDED, 0.0)
 
+    def begin(self, batches):
+        """Start the first window's clock now, when the loop starts: the set-up before it (MLflow, the loader's
+        start, a checkpoint's load) is not step time, in `step_s` or in `train_hours`. Returns `batches`."""
+        self._reset()
+        return batches
+
     def watch(self, watchdog) -> None:
         """Report progress to a watchdog (npp.train.watchdog): every recorded step and completed save beats it, an
         evaluation pauses it; `unwatch` stops it."""

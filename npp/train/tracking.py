@@ -65,10 +65,10 @@ class Tracker:
         self._client = None
         # per metric: the last step MLflow holds; nothing at or below it is sent again
         self.logged_through: dict[str, int] = {}
-        # the run's Duration is its training: it ends at its last training step's point, not when an evaluation or
-        # an export after it (or a later start with nothing left to train) ends the run
-        self._last_step_ms: int | None = None  # when this start logged its last training step
-        self._ended_ms: int | None = None  # the end time of a finished run this start reattached to
+        # the run's Duration is its training: it ends at the time of the newest training-step point MLflow holds
+        # (a `loss`), not when an evaluation or export after it, or a later start with nothing left to train, ends
+        # it; points sent again from the outbox after a crash or an outage count with the time they were logged at
+        self._last_loss_ms: int | None = None
 
     # --- the training thread's side -------------------------------------------------
     def start(self, experiment: str, run_name: str, run_id: str | None, params: dict, tags: dict,
@@ -100,8 +100,7 @@ class Tracker:
         self._thread = threading.Thread(target=self._work, name="npp-mlflow", daemon=True)  # sends the queue
         self._thread.start()
 
-    def log(self, metrics: dict[str, float], step: int, training: bool = True) -> None:
-        """Queue a point (`training`: a training step's, which moves the run's end; an evaluation's does not)."""
+    def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self._thread is None:
             return
         # the time is the point's own, fixed here: a resend after a lost answer repeats it exactly, and MLflow's
@@ -112,8 +111,6 @@ class Tracker:
             with open(self._outbox, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         self._queue.put(("metrics", rec))
-        if training:
-            self._last_step_ms = rec["t"]
 
     def tag(self, tags: dict[str, str]) -> None:
         """Set tags on the run (the exported model's path, ...), in order with the metrics, never waiting."""
@@ -128,7 +125,7 @@ class Tracker:
         if not self.enabled or self._thread is None:
             return False
         wait_s = float(os.environ.get("NPP_MLFLOW_DRAIN_S", 120)) if wait_s is None else wait_s
-        self._queue.put(("end", (status, self._last_step_ms)))
+        self._queue.put(("end", status))
         self._closing = True
         self._wake.set()
         self._thread.join(timeout=wait_s)
@@ -190,9 +187,7 @@ class Tracker:
         elif kind == "end":
             if self.run_id is not None:
                 self._stop_monitor()
-                status, last_step_ms = item
-                ends = [t for t in (last_step_ms, self._ended_ms) if t is not None]
-                self._mlflow_client().set_terminated(self.run_id, status=status, end_time=max(ends) if ends else None)
+                self._mlflow_client().set_terminated(self.run_id, status=item, end_time=self._last_loss_ms)
 
     def _mlflow_client(self):
         if self._client is None:
@@ -233,7 +228,6 @@ class Tracker:
 
             run = client.get_run(self.run_id)
             if run.info.status != "RUNNING":
-                self._ended_ms = run.info.end_time
                 client.update_run(self.run_id, status="RUNNING")
             # tags say how this start runs (the mutable flags, world size, job): rewritten at every start, as
             # config.json is; the params (the run's identity) cannot change
@@ -244,8 +238,10 @@ class Tracker:
             # days: reading their histories would slow every restart, and we never log them
             for key in run.data.metrics:
                 if not key.startswith("system/"):
-                    self.logged_through[key] = max((m.step for m in client.get_metric_history(self.run_id, key)),
-                                                   default=-1)
+                    history = client.get_metric_history(self.run_id, key)
+                    self.logged_through[key] = max((m.step for m in history), default=-1)
+                    if key == "loss":
+                        self._last_loss_ms = max([m.timestamp for m in history] + [self._last_loss_ms or 0]) or None
             self._write_run_id()
         if a["system_metrics"]:
             self._start_monitor()
@@ -273,6 +269,8 @@ class Tracker:
         if fresh:
             t = rec.setdefault("t", int(time.time() * 1000))  # an outbox of an older npp has no time: one per point
             self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
+            if "loss" in fresh:  # a training step's point (an evaluation's has none)
+                self._last_loss_ms = max(t, self._last_loss_ms or 0)
             for k in fresh:
                 self.logged_through[k] = step
 

@@ -178,7 +178,7 @@ class Trainer:
                   f"{'compiled' if self.compiled else 'eager'}")
         batches = iter(self.feed.loader(self.state))
         checkpointing.restore_rng(self.state.rng, self.cfg.seed, self.env.rank, self.state.step)
-        return batches
+        return self.progress.begin(batches)
 
     def _stop_and_save(self) -> dict:
         reason = self.stop.reason()
@@ -194,7 +194,7 @@ class Trainer:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
         if self.env.is_main:  # the model, where MLflow shows it: the run's tags, and its logged model (by reference)
-            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step, training=False)
+            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
         self.tracker.finish(model=(exported, self.state.step))
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
@@ -209,7 +209,7 @@ class Trainer:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             self.tracker.tag(self.evals.protocol_tags(metrics))
             metrics.update(train_flops=self.state.train_flops, train_pflops=self.state.train_flops / 1e15)
-            self.tracker.log(metrics, self.state.step, training=False)
+            self.tracker.log(metrics, self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def _sync(self) -> bool:

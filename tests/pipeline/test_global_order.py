@@ -116,6 +116,9 @@ def test_an_unreadable_shard_is_replaced_inside_its_batch_and_reported_once(shar
     batches = [stream.batch_at(p) for p in positions]
     reports = [s for b in batches for s in b["skipped"]]
     assert sum(b["corrupt"] for b in batches) == 2 == len(reports)  # once in each data epoch
+    both = GlobalStream(paths, counts, 2 * EPOCH, seed=4, shuffle_buffer=9,
+                        mix_shards=2).batch_at(0)  # one batch: two data epochs
+    assert both["corrupt"] == 2 and len(both["skipped"]) == 1  # counted per epoch, named once
     assert all(r.startswith(f"{paths[1]} (bad tar header checksum") for r in reports)
     for clean, got in zip(sound, batches, strict=True):
         was, now = [int(r[0]) for r in clean["codes"]], [int(r[0]) for r in got["codes"]]
@@ -136,9 +139,42 @@ def test_a_batch_of_unreadable_samples_only_names_the_shards(shards):
 
 def test_a_shard_shorter_than_its_manifest_says_is_unreadable(shards):
     paths, counts = shards
-    stream = GlobalStream(paths, [10, 12, 10, 10, 10, 10], 72, seed=4)
+    stream = GlobalStream(paths, [10, 12, 10, 10, 10, 10], 62, seed=4)  # one data epoch
     batch = stream.batch_at(0)
     assert batch["skipped"] == [f"{paths[1]} (holds 10 complete samples, its manifest says 12: re-tokenize it)"]
+    assert batch["corrupt"] == 1
+
+
+def test_a_worker_keeps_few_shards_mapped_and_a_machine_error_is_not_a_corrupt_shard(shards, monkeypatch):
+    """Every index is kept, at most MAX_OPEN maps (each holds a file descriptor; ImageNet has more shards than a
+    process may open): the batches are the same. "Too many open files" or an I/O error stops the worker instead of
+    marking a sound shard unreadable for good; a missing file is an unreadable shard, reported."""
+    import errno
+
+    from npp.pipeline import global_stream
+
+    paths, counts = shards
+    whole = GlobalStream(paths, counts, 12, seed=4, mix_shards=2)
+    expected = [whole.batch_at(p)["codes"] for p in range(0, 2 * EPOCH, 12)]
+    monkeypatch.setattr(global_stream, "MAX_OPEN", 2)
+    few = GlobalStream(paths, counts, 12, seed=4, mix_shards=2)
+    for p, codes in zip(range(0, 2 * EPOCH, 12), expected, strict=True):
+        assert np.array_equal(few.batch_at(p)["codes"], codes)
+        assert len(few._maps) <= 2
+    assert len(few._index) == len(paths)
+
+    def no_descriptor(path):
+        raise OSError(errno.EMFILE, "Too many open files", path)
+
+    monkeypatch.setattr(global_stream, "map_shard", no_descriptor)
+    with pytest.raises(OSError, match="Too many open files"):
+        GlobalStream(paths, counts, 12, seed=4).batch_at(0)
+    monkeypatch.undo()
+    import os
+
+    os.remove(paths[2])
+    batch = GlobalStream(paths, counts, EPOCH, seed=4).batch_at(0)
+    assert batch["corrupt"] == 1 and batch["skipped"] == [f"{paths[2]} (No such file or directory)"]
 
 
 def test_the_trainer_resumes_at_the_run_position_on_another_layout(shards):
@@ -157,6 +193,11 @@ def test_the_trainer_resumes_at_the_run_position_on_another_layout(shards):
         assert base == {"epoch": 1, "micro_batches": 7, "samples": 84}
         assert bool(lines) == expect_log and (not lines or "continuing at sample 84 (data epoch 1)" in lines[0])
         lines.clear()
+    # a second change of layout: 3 more micro-batches of 2 x 6 since that start (36 samples), then 4 x 3
+    later = TrainState(micro_batches=10, data_base=dict(base), data_layout={"world_size": 2, "workers": 2,
+                                                                         "micro_batch": 6})
+    assert DataFeed("", manifest, 4, 9, 2, 3, 0, 4, 1).position(later, True, lines.append) == {
+        "epoch": 2, "micro_batches": 10, "samples": 120}
     state.data_base = base
     first = next(iter(feed.loader(state)))  # rank 1 of 2 x 6: positions 90-95 of the run
     stream = GlobalStream(paths, counts, 6, seed=4, shuffle_buffer=9, mix_shards=2)

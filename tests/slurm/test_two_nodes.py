@@ -58,6 +58,16 @@ def lose_node(cluster, node: str) -> None:
                 os.kill(pid, sig)
 
 
+def resume_node(cluster, node: str) -> None:
+    """Bring a node marked DOWN back: SLURM refuses RESUME while the failed job's steps are still completing
+    there, so ask until the node is idle."""
+    def back() -> bool:
+        cluster.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+        return cluster.run("sinfo", "-h", "-n", node, "-o", "%t").stdout.strip() == "idle"
+
+    wait_for(back, 120, f"{node} to come back after DOWN")
+
+
 def stall_a_rank(cluster, node: str) -> str:
     """SIGSTOP one rank's main process on `node` (a GPU off the bus, a read that never returns); its RANK."""
     procs = cluster.npp_processes(node)
@@ -83,6 +93,13 @@ def check_data_and_files(run: Path, record: Path, log: str) -> None:
         assert e["world"] == 4 and e["size"] == 4 and (e["start"] // 4) % 4 == e["data_rank"], e
     steps = max(r["step"] for r in read_metrics(run))
     assert set(range(0, steps * 16, 4)) <= {e["start"] for e in built}  # every sample of every step was read
+    # each start's loader begins where its checkpoint left off: rank r's first micro-batch at step x 16 + r x 4
+    starts = [0] + [int(x) for x in re.findall(r"resuming at step (\d+)/40", log)]
+    first = {}
+    for e in built:  # one loader worker per rank and start (WORKERS=1), a process of its own
+        key = (e["host"], e["pid"])
+        first[key] = min(first.get(key, (e["start"], e["data_rank"])), (e["start"], e["data_rank"]))
+    assert sorted(first.values()) == sorted((s * 16 + r * 4, r) for s in starts for r in range(4)), (starts, first)
     assert {e["host"] for e in built} == {"node1", "node2"}
     saves = [e for e in ev if e["kind"] == "torch.save" and "/checkpoints/" in e["path"]]
     assert saves, "no checkpoint file recorded"
@@ -120,8 +137,10 @@ def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, tw
     """A 40-step job over two nodes: at step 10 the time-limit warning (USR1 to the batch script) -> every rank
     saves at the agreed step -> every process of both nodes exits within 5 s of the save (idle machine) ->
     requeue -> the restart resumes there; past its next checkpoint node2 is lost (SIGKILL of every npp process
-    on it) -> the job fails and requeues itself (failure 1 of 3) -> the next restart resumes from that checkpoint
-    and finishes with a busy loop on every core; that normal end prints no C++ trace or rendezvous error."""
+    on it) -> the job fails and requeues itself (failure 1 of 3) -> the next restart resumes from that checkpoint;
+    then SLURM marks node2 DOWN -> SLURM requeues the job itself (--requeue) -> node2 back -> the last restart
+    resumes from the latest checkpoint and finishes with a busy loop on every core; that normal end prints no C++
+    trace or rendezvous error."""
     run, record = tmp_path / "run", tmp_path / "record"
     job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
     wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
@@ -136,10 +155,19 @@ def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, tw
     at_failure = checkpoint_step(run)
     assert at_failure >= kept
     release_requeued(two_node_cluster, job, 2)
+    wait_for(lambda: job_log(checkout, job).count("resuming at step") == 2, 300, "the restart after the lost node")
+    wait_for(lambda: len(read_metrics(run)) >= at_failure + 3, 300, "the restart to train")
+    # SLURM's own node failure: node2 marked DOWN -> SLURM ends and requeues the job (--requeue) -> node2 back
+    two_node_cluster.run("scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=npp-test", check=True)
+    wait_for(lambda: two_node_cluster.job_state(job).get("JobState") == "PENDING", 180, "SLURM to requeue the job")
+    at_down = checkpoint_step(run)
+    resume_node(two_node_cluster, "node2")
+    release_requeued(two_node_cluster, job, 3)
     with cpu_hogs():  # the last restart trains and ends with every core busy: the end must still be quiet
         info = two_node_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 400)
     log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", f"{log[-4000:]}\n{info}"
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", f"{log[-4000:]}\n{info}"
+    assert re.findall(r"resuming at step (\d+)/40", log) == [str(saved), str(at_failure), str(at_down)], log[-3000:]
     assert f"resuming at step {saved}/40" in log, log[-3000:]
     assert "failure 1 of at most 3 in a row: requeueing" in log, log[-3000:]
     assert f"resuming at step {at_failure}/40" in log.split("training failed")[1], log[-3000:]
@@ -177,9 +205,10 @@ def test_two_nodes_preempted_then_a_stalled_rank_and_a_cancel(checkout, two_node
     wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
     stopped_at = time.time()
     rank = stall_a_rank(two_node_cluster, "node2")
-    wait_for(lambda: "training failed (exit" in job_log(checkout, job), STALL_TIMEOUT + 60, "the stall to end the job")
-    assert time.time() - stopped_at <= STALL_TIMEOUT + 60
+    wait_for(lambda: "training failed (exit" in job_log(checkout, job), STALL_TIMEOUT + 180, "the stall to end the job")
     log = job_log(checkout, job)
+    failed = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) training failed \(exit", log).group(1)
+    assert time.mktime(time.strptime(failed, "%Y-%m-%d %H:%M:%S")) - stopped_at <= STALL_TIMEOUT + 60, log[-3000:]
     named = re.search(rf"\[npp train\] rank \d on node\d: no optimizer step or save completed for \d+ s "
                       rf"\(--collective-timeout {STALL_TIMEOUT}\) at step \d+; stopped: [^\n]*rank {rank} on node2 "
                       rf"\(silent", log)
