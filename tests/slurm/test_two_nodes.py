@@ -133,16 +133,20 @@ def checkpoint_step(run: Path) -> int:
     return int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
 
 
-def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, two_node_cluster, tmp_path, shard_set):
+def test_two_nodes_usr1_a_lost_node_a_down_node_a_hung_rank_and_a_quiet_end(checkout, two_node_cluster, tmp_path,
+                                                                            shard_set):
     """A 40-step job over two nodes: at step 10 the time-limit warning (USR1 to the batch script) -> every rank
     saves at the agreed step -> every process of both nodes exits within 5 s of the save (idle machine) ->
     requeue -> the restart resumes there; past its next checkpoint node2 is lost (SIGKILL of every npp process
     on it) -> the job fails and requeues itself (failure 1 of 3) -> the next restart resumes from that checkpoint;
-    then SLURM marks node2 DOWN -> SLURM requeues the job itself (--requeue) -> node2 back -> the last restart
-    resumes from the latest checkpoint and finishes with a busy loop on every core; that normal end prints no C++
-    trace or rendezvous error."""
+    then SLURM marks node2 DOWN -> SLURM requeues the job itself (--requeue) -> node2 back -> the restart resumes;
+    then one rank of node2 stops (SIGSTOP, --collective-timeout 45): the other ranks' watchdogs name it and node2
+    and end the job within the timeout + 60 s -> it requeues itself -> the last restart resumes from the latest
+    (complete) checkpoint and finishes with a busy loop on every core; that normal end prints no C++ trace or
+    rendezvous error."""
     run, record = tmp_path / "run", tmp_path / "record"
-    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
+    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record,
+                 more_flags=f"--collective-timeout {STALL_TIMEOUT}")
     wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
     two_node_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)
     release_requeued(two_node_cluster, job, 1)
@@ -163,11 +167,28 @@ def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, tw
     at_down = checkpoint_step(run)
     resume_node(two_node_cluster, "node2")
     release_requeued(two_node_cluster, job, 3)
+    wait_for(lambda: job_log(checkout, job).count("resuming at step") == 3, 300, "the restart after node2 DOWN")
+    wait_for(lambda: len(read_metrics(run)) >= at_down + 3, 300, "the restart to train")
+    # a hung rank: one rank of node2 stops; the other ranks' watchdogs name it and end the job
+    stopped_at = time.time()
+    rank = stall_a_rank(two_node_cluster, "node2")
+    wait_for(lambda: job_log(checkout, job).count("training failed (exit") == 2, STALL_TIMEOUT + 180,
+             "the stall to end the job")
+    log = job_log(checkout, job)
+    failed = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) training failed \(exit", log)[-1]
+    assert time.mktime(time.strptime(failed, "%Y-%m-%d %H:%M:%S")) - stopped_at <= STALL_TIMEOUT + 60, log[-3000:]
+    named = re.search(rf"\[npp train\] rank \d on node\d: no optimizer step or save completed for \d+ s "
+                      rf"\(--collective-timeout {STALL_TIMEOUT}\) at step \d+; stopped: [^\n]*rank {rank} on node2 "
+                      rf"\(silent", log)
+    assert named, log[-4000:]
+    at_stall = checkpoint_step(run)  # complete: a save cut short never becomes `latest`
+    release_requeued(two_node_cluster, job, 4)
     with cpu_hogs():  # the last restart trains and ends with every core busy: the end must still be quiet
         info = two_node_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 400)
     log = job_log(checkout, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", f"{log[-4000:]}\n{info}"
-    assert re.findall(r"resuming at step (\d+)/40", log) == [str(saved), str(at_failure), str(at_down)], log[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "4", f"{log[-4000:]}\n{info}"
+    assert re.findall(r"resuming at step (\d+)/40", log) == [str(x) for x in (saved, at_failure, at_down, at_stall)], \
+        log[-3000:]
     assert f"resuming at step {saved}/40" in log, log[-3000:]
     assert "failure 1 of at most 3 in a row: requeueing" in log, log[-3000:]
     assert f"resuming at step {at_failure}/40" in log.split("training failed")[1], log[-3000:]
@@ -183,15 +204,12 @@ def test_two_nodes_usr1_requeue_then_a_lost_node_and_finish_quietly(checkout, tw
         assert noise not in last_start(log), last_start(log)[-4000:]
 
 
-def test_two_nodes_preempted_then_a_stalled_rank_and_a_cancel(checkout, two_node_cluster, tmp_path, shard_set):
+def test_two_nodes_preempted_resumes_and_a_cancel_stays_cancelled(checkout, two_node_cluster, tmp_path, shard_set):
     """With a busy loop on every core: `scontrol requeue` (TERM to every process on both nodes) -> save ->
-    resume at the saved step, the closing line written well before SLURM's KillWait (30 s). Then one rank of
-    node2 stops (SIGSTOP): the other ranks' watchdogs name it and its host and end the job within
-    --collective-timeout + 60 s; the job requeues itself and resumes from a complete checkpoint. Then `scancel`
-    of that restart -> it stays cancelled."""
+    resume at the saved step; then `scancel` of the resumed job -> it stays cancelled. Both closing lines are
+    written, well before SLURM's KillWait (30 s) would end the job."""
     run, record = tmp_path / "run", tmp_path / "record"
-    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record,
-                 more_flags=f"--collective-timeout {STALL_TIMEOUT}")
+    job = submit(checkout, two_node_cluster, tmp_path, shard_set, run, record)
     with cpu_hogs():
         wait_for(lambda: len(read_metrics(run)) >= 10, 300, "training to reach step 10")
         two_node_cluster.run("scontrol", "requeue", job, check=True)
@@ -202,28 +220,13 @@ def test_two_nodes_preempted_then_a_stalled_rank_and_a_cancel(checkout, two_node
         assert resumed >= 10 and f"checkpoint saved: step_{resumed:09d}" in log, log[-3000:]
         assert "after TERM" in log and "not requeueing" in log, log[-3000:]
         assert stop_seconds(record, log.split("after TERM")[0] + "after TERM", resumed) <= 20.0, log[-3000:]
-    wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
-    stopped_at = time.time()
-    rank = stall_a_rank(two_node_cluster, "node2")
-    wait_for(lambda: "training failed (exit" in job_log(checkout, job), STALL_TIMEOUT + 180, "the stall to end the job")
-    log = job_log(checkout, job)
-    failed = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) training failed \(exit", log).group(1)
-    assert time.mktime(time.strptime(failed, "%Y-%m-%d %H:%M:%S")) - stopped_at <= STALL_TIMEOUT + 60, log[-3000:]
-    named = re.search(rf"\[npp train\] rank \d on node\d: no optimizer step or save completed for \d+ s "
-                      rf"\(--collective-timeout {STALL_TIMEOUT}\) at step \d+; stopped: [^\n]*rank {rank} on node2 "
-                      rf"\(silent", log)
-    assert named, log[-4000:]
-    at_failure = checkpoint_step(run)  # complete: a save cut short never becomes `latest`
-    release_requeued(two_node_cluster, job, 2)
-    wait_for(lambda: job_log(checkout, job).count("resuming at step") == 2, 300, "the restart after the stall")
-    assert f"resuming at step {at_failure}/40" in job_log(checkout, job).split("training failed")[1]
-    wait_for(lambda: len(read_metrics(run)) >= at_failure + 3, 300, "the restart to train")
-    two_node_cluster.run("scancel", job, check=True)
-    two_node_cluster.wait_state(job, ("CANCELLED",), 120)
-    wait_for(lambda: job_log(checkout, job).count("not requeueing") == 2, 30, "the cancelled job's closing line")
+        wait_for(lambda: len(read_metrics(run)) >= resumed + 3, 300, "the resumed job to train")
+        two_node_cluster.run("scancel", job, check=True)
+        two_node_cluster.wait_state(job, ("CANCELLED",), 120)
+        wait_for(lambda: job_log(checkout, job).count("not requeueing") == 2, 30, "the cancelled job's closing line")
     time.sleep(5)
     info = two_node_cluster.job_state(job)
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "2", info
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
     log = job_log(checkout, job)
     last = last_start(log)  # the cancelled restart claims only what `latest` shows
     latest = (run / "checkpoints" / "latest").read_text().strip()
