@@ -110,17 +110,16 @@ class GlobalStream(IterableDataset):
             self._maps.popitem(last=False)  # closed once the last array viewing it is gone
         return data
 
-    def _reports(self, epoch: int, s: int, first: int, last: int) -> bool:
-        """Whether positions [first, last) of `epoch` hold shard s's first position there (it is reported once)."""
+    def _is_first(self, epoch: int, s: int, offset: int) -> bool:
+        """Whether `offset` is shard s's first position in `epoch` (where an unreadable shard is reported)."""
         if (epoch, s) not in self._first:
             numbers, _ = self._order(epoch)
             self._first[(epoch, s)] = int(np.argmax((numbers >= self.offsets[s]) & (numbers < self.offsets[s + 1])))
-        return first <= self._first[(epoch, s)] < last
+        return self._first[(epoch, s)] == offset
 
     def batch_at(self, start: int) -> dict:
         """The micro-batch of run positions [start, start + batch_size)."""
         codes, labels, bad, skipped, reports = [], [], [], [], 0
-        seen: set[tuple[int, int]] = set()
         position = start
         while position < start + self.batch_size:
             epoch, offset = divmod(position, self.total)
@@ -133,8 +132,7 @@ class GlobalStream(IterableDataset):
                     bad.append(len(codes))
                     codes.append(None)
                     labels.append(-1)
-                    if self._reports(epoch, s, offset, stop) and (epoch, s) not in seen:
-                        seen.add((epoch, s))
+                    if self._is_first(epoch, s, offset + j):
                         reports += 1  # once per data epoch, also when this batch spans two
                         if index not in skipped:  # named once per batch
                             skipped.append(index)

@@ -78,7 +78,8 @@ class TrainConfig:
     seed: int = flag(0, "seed of weights, data order and dropout")
     workers: int = flag(-1, "DataLoader workers per rank; -1 = auto (SLURM's CPUs per rank - 1, else 4, at most "
                             "the shards per rank)")
-    shuffle_buffer: int = flag(5000, "samples in each loader worker's shuffle buffer")
+    shuffle_buffer: int = flag(5000, "samples in the shuffle buffer over the data order (order 1: each loader "
+                                     "worker's)")
     mix_shards: int = flag(-1, "shards whose samples are mixed at once, in a random order; -1: 256 (16 for a run "
                                 "begun in data order 1, where each loader worker reads its own)")
     log_every: int = flag(50, "steps between log lines and MLflow points")
@@ -172,6 +173,9 @@ class TrainConfig:
         need(float(self.collective_timeout) >= 10, f"--collective-timeout must be at least 10 s, got "
              f"{self.collective_timeout}")
         need(int(self.workers) >= -1, f"--workers must be >= 0 (or -1 for auto), got {self.workers}")
+        need(int(self.mix_shards) == -1 or int(self.mix_shards) >= 1,
+             f"--mix-shards must be at least 1 (or -1 for the data order's default), got {self.mix_shards}")
+        need(int(self.shuffle_buffer) >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         need(self.lr > 0 and self.end_lr >= 0, f"--lr must be > 0 and --end-lr >= 0, got {self.lr} and {self.end_lr}")
         need(0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), got {self.ema_decay}")
         for name in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):

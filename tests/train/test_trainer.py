@@ -223,6 +223,8 @@ def test_bad_runs_fail_before_anything_is_created(shard_set, tmp_path, flags, en
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--log-every", "0"], {}, "--log-every must be at least 1, got 0"),
+    (["--mix-shards=0"], {}, "--mix-shards must be at least 1 (or -1 for the data order's default), got 0"),
+    (["--shuffle-buffer", "0"], {}, "--shuffle-buffer must be at least 1, got 0"),
     (["--compile", "maybe"], {}, "--compile: 'maybe' is not one of auto, on, off"),
     (["--precision", "fp16"], {}, "--precision: 'fp16' is not one of auto, bf16-mixed, bf16, fp32"),
     (["--schedule", "3:0.5,1:0.5"], {}, "patch side 3 does not divide the 8x8 token grid"),
