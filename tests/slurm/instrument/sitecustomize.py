@@ -5,8 +5,8 @@ the run positions of every micro-batch a loader worker builds (npp.pipeline.glob
 every file torch.save writes, and when each rank's checkpoint save returns. It changes nothing the job computes;
 it only lets a test see, across nodes, what the job did, and (NPP_TEST_PIECE_DELAY,
 NPP_TEST_SHARD_DELAY) makes a job's pieces or shards take longer, so that a test interrupts it midway on any
-machine instead of racing it; NPP_TEST_HOLD_AFTER_SAVE=STEP holds every rank after that step's checkpoint while
-the file NPP_TEST_HOLD_FILE exists (a test changes the world around a job at an exact step).
+machine instead of racing it; NPP_TEST_HOLD_AFTER_SAVE=STEP (or `any`: every save) holds every rank after that
+step's checkpoint while the file NPP_TEST_HOLD_FILE exists (a test changes the world around a job at an exact step).
 """
 
 import importlib.abc
@@ -58,7 +58,7 @@ def _patch_checkpointing(module) -> None:
     def save(engine, run, step, *args, **kwargs):
         out = original(engine, run, step, *args, **kwargs)
         record("saved", step=int(step))
-        while hold_step == str(step) and os.path.exists(hold_file):  # held after that save until the test lets go
+        while hold_step in (str(step), "any") and os.path.exists(hold_file):  # held there until the test lets go
             time.sleep(0.01)
         return out
 
