@@ -224,6 +224,8 @@ tokenize-slurm: setup  ## the same as a SLURM array job, checked here first [ARR
 	TOKENIZE_ARGS="$(TOKENIZE_ARGS)" sbatch $(SBATCH_FLAGS) --array=$(ARRAY) slurm/tokenize.sbatch
 
 train: setup  ## train on SHARDS into RUN on this machine (NGPU processes); reruns resume [SHARDS RUN MODEL SCHEDULE EPOCHS GLOBAL_BATCH DS_CONFIG WORKERS TRAIN_FLAGS NGPU]
+	@# checked first, for NGPU ranks: a typo is one line, not npp's line and then torchrun's traceback
+	$(VENV)/bin/npp train check $(TRAIN_ARGS) --world-size $(NGPU)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp train $(TRAIN_ARGS)
 
 train-slurm: setup  ## the same on NODES nodes with SLURM (preemption: checkpoint + requeue), checked here first [NODES GPUS_PER_NODE SBATCH_FLAGS + train's]
@@ -253,6 +255,7 @@ export: setup  ## consolidated fp32 checkpoint of RUN (LlamaGen format) at RUN/m
 	$(VENV)/bin/npp train export --run $(RUN)
 
 sample: setup  ## class-balanced guided samples of CKPT (NGPU processes) into SAMPLES; reruns resume [CKPT VQ SAMPLES CFG PER_CLASS SAMPLE_BATCH SAMPLE_FLAGS NGPU]
+	$(VENV)/bin/npp sample check $(SAMPLE_ARGS)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NGPU) -m npp sample $(SAMPLE_ARGS)
 
 sample-slurm: setup  ## the same as a SLURM job on NODES nodes (requeues and resumes), then eval when REF is set [NODES GPUS_PER_NODE SBATCH_FLAGS EVAL_FLAGS + sample's]

@@ -53,15 +53,16 @@ def test_shrunken_demo_produces_consistent_artefacts(quiet_demo):
     client = mlflow.tracking.MlflowClient()
     run_id = (out / "runs" / "npp" / "mlflow_run_id").read_text()
     metrics = client.get_run(run_id).data.metrics
-    for key in ("loss", "train_flops", "fid_toynet", "is_toynet", "precision_toynet", "recall_toynet",
-                "class_accuracy_toynet", "val/loss_k1"):
+    for key in ("Results/loss", "Results/lr", "train_flops", "Results/fid_toynet", "is_toynet", "precision_toynet",
+                "recall_toynet", "class_accuracy_toynet", "Results/val_loss_k1"):
         assert key in metrics, key
     leaves = [k.rsplit("/", 1)[-1] for k in metrics]  # MLflow titles a chart by the name after the last "/"
     assert len(leaves) == len(set(leaves)), sorted(k for k in metrics if leaves.count(k.rsplit("/", 1)[-1]) > 1)
-    (curve_key,) = [k for k in metrics if k.startswith("curve/fid_toynet_n")]
+    (curve_key,) = [k for k in metrics if k.startswith("Results/fid_toynet_n")]
     curve = [m.step for m in client.get_metric_history(run_id, curve_key)]
     assert curve == [ckpt["steps"] // 2, ckpt["steps"]]  # FID during training at epochs 1 and 2
-    assert [m.step for m in client.get_metric_history(run_id, "fid_toynet")] == [ckpt["steps"]]  # the final eval
+    final = client.get_metric_history(run_id, "Results/fid_toynet")
+    assert [m.step for m in final] == [ckpt["steps"]]  # the final eval
     assert not (tmp_path / "mlruns").exists() and (out / "mlartifacts").is_dir()  # artifacts stay in the demo dir
     saved = json.loads((out / "demo_result.json").read_text())
     assert saved["untrained"]["metrics"]["fid_toynet"] > 0
@@ -97,7 +98,8 @@ def test_demo_numbers_do_not_depend_on_the_machine_being_busy(quiet_demo, tmp_pa
     for d in (quiet_dir / "demo", tmp_path / "busy"):
         mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
         run_id = (d / "runs" / "npp" / "mlflow_run_id").read_text()
-        curves.append([(m.step, m.value) for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")])
+        history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "Results/loss")
+        curves.append([(m.step, m.value) for m in history])
     assert curves[0] == curves[1]
 
 

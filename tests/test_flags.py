@@ -173,17 +173,50 @@ def test_every_parameter_of_a_function_command_has_a_meaning(name, fn):
             f"npp {name} --{p} has no meaning in its docstring"
 
 
-def test_help_shows_each_flag_with_its_meaning_and_default():
+def _every_command(table=None, words=()):
+    """Every command's words and what they reach, as `npp` resolves them (groups, classes, their subcommands)."""
+    from npp.app.cli import COMMANDS, _member
+    from npp.app.help import subcommand_names
+
+    table = COMMANDS if table is None else table
+    for name in subcommand_names(table):
+        target = _member(table, name)
+        yield [*words, name], target
+        yield from _every_command(target, [*words, name])
+
+
+def test_help_shows_each_flag_with_its_meaning_and_default(capsys):
     proc = subprocess.run([sys.executable, "-m", "npp", "train", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PAGER": "cat"}, timeout=60)
     text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    flat = " ".join(text.split())
     for f in dataclasses.fields(TrainCommand):
-        assert f"--{f.name}" in text or f.name.upper() in text, f.name
-        first_words = " ".join(f.metadata["help"].split()[:4])
-        assert first_words in " ".join(text.split()), (f.name, first_words)
-    assert "Default: 'GPT-B'" in text and "Default: 300" in text
-    for internal in ("to_dict", "validate", "execute", "eval_spec", "check_values"):
+        dashed = "--" + f.name.replace("_", "-")
+        assert re.search(rf"^  {dashed}[ \n]", text, re.M), f.name
+        assert " ".join(f.metadata["help"].split()[:4]) in flat, f.name
+    assert "--model GPT-B|GPT-L" in text and "(default GPT-B)" in flat and "(default 300)" in flat
+    assert "--ema / --noema" in text and "--compile auto|on|off" in text
+    for internal in ("to_dict", "validate", "execute", "eval_spec", "check_values", "subcommands", "INFO:",
+                     "--per_class", "-e,"):
         assert internal not in text
+    # fire's hint `npp train -- --help` and `-h` give the same page; every command has a page, each flag in it
+    # spelled as users type it, with a meaning
+    main(["train", "--", "--help"])
+    assert capsys.readouterr().out == proc.stdout
+    from npp.app.cli import _command
+    from npp.app.help import flags_of
+
+    for words, _ in _every_command():
+        main([*words, "-h"])
+        page = capsys.readouterr().out
+        assert page.startswith(f"usage: npp {' '.join(words)}"), words
+        for spec, meaning in flags_of(_command(words)[2]):
+            assert f"  {spec.dashed}" in page and meaning, (words, spec.name)
+            assert "_" not in spec.dashed, (words, spec.dashed)
+    main([])
+    top = capsys.readouterr().out
+    assert all(f"  npp {name}" in top for name in ("tokenize", "train", "sample", "eval", "compare", "demo")), top
 
 
 def test_version_names_the_commit(capsys):

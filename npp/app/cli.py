@@ -28,6 +28,7 @@ import fire  # noqa: E402
 
 from npp.app.demo import DemoConfig  # noqa: E402
 from npp.app.experiment import CompareRunsConfig  # noqa: E402
+from npp.app.help import render as render_help  # noqa: E402
 from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
@@ -216,8 +217,12 @@ class TrainCommand(TrainConfig, Command):
 
     def check(self, world_size: int = 0) -> None:
         """Check the flags and inputs of a run as its start would (no torch, nothing written), for a job of
-        --world-size ranks (default: this one's): the login-node check of `make train-slurm` and of
-        slurm/train.sbatch. Prints the plan."""
+        --world-size ranks (default: this one's): the login-node check of `make train`, `make train-slurm` and of
+        slurm/train.sbatch. Prints the plan.
+
+        Args:
+          world_size: the job's number of ranks (0: this process's WORLD_SIZE, else 1)
+        """
         plan = self.plan(world_size)
         print(f"npp train: ok: {plan.describe()}")
         for note in plan.notes:
@@ -503,7 +508,8 @@ class CompareCommands:
         Args:
           experiment: MLflow experiment of the runs
           out: directory of the table, the figure and comparison.json
-          metric: the FID to compare (default: the one with the most annealed ends)
+          metric: the FID to compare, as npp or the MLflow UI names it (fid, curve/fid_n200 or Results/fid_n200;
+            default: the one with the most annealed ends)
           runs: the runs to compare, comma-separated names or ids (default: every training run of the experiment)
         """
         from npp.eval.compare import compare as run_compare
@@ -623,17 +629,27 @@ def _flag_sources(parent: Any, obj: Any) -> list:
     return [obj]
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
-    """The command line with every flag checked against its declared type (npp.pipeline.flags) and
-    rewritten as the exact Python literal fire reads back; `--help` and fire's own flags pass as they are."""
-    own = argv.index("--") if "--" in argv else len(argv)
-    if any(a in ("--help", "-h") for a in argv[:own]):
-        return argv
-    words, obj, start = resolve(argv[:own])
+def _command(argv: list[str]) -> tuple[list[str], Any, list, int]:
+    """The command words, what they reach, what declares its flags, and the index of its first flag."""
+    words, obj, start = resolve(argv)
     parent: Any = COMMANDS
     for w in words[:-1]:
         parent = _member(parent, w)
-    sources = _flag_sources(parent if words else None, obj)
+    return words, obj, _flag_sources(parent if words else None, obj), start
+
+
+def help_text(argv: list[str]) -> str:
+    """`npp ... --help` (or `-h`, or after `--` as fire's hint spells it): rendered from the declarations the
+    flags are read against (npp.app.help), not by fire."""
+    words, obj, sources, _ = _command([a for a in argv if a not in ("--help", "-h", "--")])
+    return render_help(words, obj, sources, _member)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """The command line with every flag checked against its declared type (npp.pipeline.flags) and
+    rewritten as the exact Python literal fire reads back; fire's own flags (after `--`) pass as they are."""
+    own = argv.index("--") if "--" in argv else len(argv)
+    words, obj, sources, start = _command(argv[:own])
     if not sources:
         return argv
     values = parse_flags(sources, argv[start:own], " ".join(["npp", *words]))
@@ -664,6 +680,9 @@ def main(argv: list[str] | None = None) -> None:
         print(version())
         return
     try:
+        if "--help" in argv or "-h" in argv or not argv:
+            print(help_text(argv), end="")
+            return
         argv = normalize_argv(argv)
         fire.Fire(COMMANDS, command=argv, name="npp", serialize=run_command)
     except (NppError, FileNotFoundError) as e:

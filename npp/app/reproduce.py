@@ -238,12 +238,13 @@ class Reproduction:
         flag, and the record; a rerun logs no point twice."""
         import mlflow
 
+        from npp.pipeline.metric_names import for_mlflow, naming_of
         from npp.pipeline.mlflow_utils import log_metrics_once
 
         client, run = mlflow.tracking.MlflowClient(), self.mlflow_run()
-        log_metrics_once(client, run, {f"{fid_key}_published": record["published_fid"],
-                                       f"{fid_key}_difference": record["difference"],
-                                       f"{fid_key}_tolerance": record["tolerance"]}, 0)
+        beside = {f"{fid_key}_published": record["published_fid"], f"{fid_key}_difference": record["difference"],
+                  f"{fid_key}_tolerance": record["tolerance"]}  # under Results/ beside the FID, as `npp eval` logs it
+        log_metrics_once(client, run, for_mlflow(beside, naming_of(client.get_run(run).data.metrics)), 0)
         client.set_tag(run, "npp.reproduce.flagged", str(record["flagged"]).lower())
         client.log_artifact(run, str(self.folder / "reproduce.json"))
         client.set_terminated(run)

@@ -35,10 +35,12 @@ from pathlib import Path
 
 from npp.errors import ConfigError
 from npp.pipeline.eval_spec import PROTOCOL_TAG, protocol_differences
+from npp.pipeline.metric_names import HELDOUT, canonical
 from npp.pipeline.mlflow_utils import tracking_uri
 
+# in npp's own names (npp.pipeline.metric_names.canonical: a run's `Results/fid_toynet_n200` is read as
+# `curve/fid_toynet_n200`, so runs logged under either naming compare as one)
 FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_n[0-9]+)?(_cfg[0-9.]+)?$")  # curve/fid_toynet_n200: eval points
-HELDOUT = "val/loss_k1"
 # params that do not make two runs different experiments: what seed and name they have
 NOT_GROUPING = ("train.seed", "train.run_name", "train.experiment")
 # ...and what separates points of one frontier: the budget and the schedule
@@ -103,15 +105,15 @@ def collect(experiment: str, runs: list[str] | None = None) -> list[dict]:
         if runs and name not in runs and run_id not in runs:
             continue
         seen.update({name, run_id})
-        keys = [k for k in run.data.metrics if FID_KEY.match(k)] + [k for k in (HELDOUT,) if k in run.data.metrics]
+        keys = {canonical(k): k for k in run.data.metrics if FID_KEY.match(canonical(k)) or canonical(k) == HELDOUT}
         flops = client.get_metric_history(run_id, "train_flops")
         hours = training_hours(client.get_metric_history(run_id, "step_s"))
         total = int(params.get("total_steps") or max((m.step for m in flops), default=0))
         schedule = params.get("schedule", params.get("train.schedule", "?"))
         curves = {}
-        for key in keys:
+        for key, logged_as in keys.items():
             points = []
-            for step, value in sorted(_latest_per_step(client.get_metric_history(run_id, key)).items()):
+            for step, value in sorted(_latest_per_step(client.get_metric_history(run_id, logged_as)).items()):
                 f = _at_step(flops, step)
                 logged = [h for s, h in hours.items() if s <= step]
                 points.append({"step": step, "value": value, "pflops": f.value / 1e15 if f else None,
@@ -389,7 +391,7 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str | None = 
             runs: list[str] | None = None) -> dict:
     """The comparison (see the module's docstring); returns {"runs", "results"} and writes the files."""
     found = collect(experiment, runs)
-    metric = metric or default_metric(found)
+    metric = canonical(metric) if metric else default_metric(found)
     if metric is None:
         print(f"no annealed end evaluated in experiment {experiment!r}: run `npp eval` on the runs' final models "
               "(or train with --eval-every) first")

@@ -39,6 +39,7 @@ from npp.models.gpt import GPT
 from npp.pipeline.eval_spec import EvalSpec, fid_protocol
 from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
+from npp.pipeline.metric_names import CURVE, DIAG
 
 
 class SamplingCopy:
@@ -119,10 +120,6 @@ class TrainingEvaluator:
         metrics.update({f"{DIAG}eval_seconds": time.time() - t0, f"{DIAG}eval_samples": float(len(labels))})
         return metrics
 
-
-
-CURVE = "curve/"
-DIAG = "diag/"
 
 
 def curve_key(metric: str, samples: int) -> str:

@@ -182,6 +182,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     import mlflow
     from mlflow.entities import RunTag
 
+    from npp.pipeline.metric_names import for_mlflow, naming_of
     from npp.pipeline.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -194,14 +195,16 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     if standalone:
         exp = mark_training_experiment(experiment)
         run_id = _named_run(client, exp, f"eval {Path(next(iter(results))).stem}", parent=None)
-    exp = client.get_run(run_id).info.experiment_id
+    training = client.get_run(run_id)
+    exp = training.info.experiment_id
+    naming = naming_of(training.data.metrics)  # the FIDs where the run's charts show its results (Results/...)
     ref_sha = file_sha256(ref_path)
     for (path, metrics), record in zip(results.items(), records, strict=False):
         scale = record.get("cfg_scale")
         key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
         protocol = samples_protocol(record, ref_sha, net)
         keyed = {k + key_suffix: v for k, v in metrics.items()}
-        log_metrics_once(client, run_id, keyed, step)
+        log_metrics_once(client, run_id, for_mlflow(keyed, naming), step)
         if protocol is not None:  # what the FID depends on, beside it (npp.pipeline.eval_spec)
             client.log_batch(run_id, tags=[RunTag(PROTOCOL_TAG + k, json.dumps(protocol, sort_keys=True))
                                            for k in keyed if "fid" in k])
@@ -217,7 +220,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         for k, v in params.items():
             if k not in have:
                 client.log_param(nested, k, v)
-        log_metrics_once(client, nested, metrics, step)
+        log_metrics_once(client, nested, for_mlflow(metrics, naming), step)
         if grid.exists():
             client.log_artifact(nested, str(grid), artifact_path="samples")
             client.log_artifact(run_id, str(grid), artifact_path=f"samples/step_{step}")

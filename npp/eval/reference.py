@@ -9,7 +9,6 @@ has `arr_0` images and the same four statistics; its features are computed from 
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -20,7 +19,9 @@ from tqdm import tqdm
 from npp.errors import NppError
 from npp.eval.features import extract
 from npp.eval.metrics import gaussian_stats
+from npp.pipeline.files import atomic_path
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
+from npp.pipeline.shards import read_meta, source_path
 from npp.pipeline.sources import open_source, read_bytes
 
 
@@ -41,9 +42,8 @@ def load_npz(path: str, role: str) -> dict:
 
 def _reference_items(data: str | None, shards: str | None, image_size: int | None, limit: int):
     if shards:
-        meta = json.loads((Path(shards) / "meta.json").read_text())
-        # format 1 kept the path inside "source"; format 2 beside it (identity holds no paths)
-        data = meta.get("source_path") or meta["source"].get("path")
+        meta = read_meta(shards)
+        data = source_path(meta)
         image_size = image_size or meta["image_size"]
     if not data:
         raise EvalInputError("give --data DIR (images) or --shards DIR (a shard set, whose source images are used)")
@@ -111,9 +111,8 @@ def make_reference(net, images, out: str, max_features: int = 10000, source: str
         "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "features": keep.astype(np.float32),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **ref)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **ref)
     print(f"reference {out}: {count} images at {size}px through {net.name}")
     return ref
 

@@ -31,7 +31,7 @@ from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
 from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.devices import fast_matmul, pick_device, rank_and_world
-from npp.pipeline.files import atomic_write_text, file_sha256, npp_version
+from npp.pipeline.files import atomic_path, atomic_write_text, file_sha256, npp_version
 from npp.pipeline.images import to_uint8_images
 
 
@@ -216,9 +216,8 @@ class OverlappedDecode:
 
 
 def write_piece(pdir: Path, piece: int, images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = pdir / f".piece_{piece:06d}.tmp{os.getpid()}.npz"
-    np.savez(tmp, arr_0=images, labels=labels)
-    os.replace(tmp, pdir / f"piece_{piece:06d}.npz")
+    with atomic_path(pdir / f"piece_{piece:06d}.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=images, labels=labels)
 
 
 @contextlib.contextmanager
@@ -302,9 +301,8 @@ def merge(cfg: SampleConfig, scale: float, pieces: int, ckpt: dict, labels: np.n
     if not np.array_equal(got_labels, labels):
         raise ConfigError(f"pieces in {pdir} were made with other labels: delete {pdir} and sample again")
     target = samples_path(cfg.out, scale)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, arr_0=images, labels=got_labels)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=images, labels=got_labels)
     save_grid(images, got_labels, target.with_suffix(".png"), cfg.grid_classes, cfg.grid_per_class)
     seconds: dict = {}
     for path in pdir.glob("seconds_rank*.json"):  # what each rank spent, summed (a resumed run: its last start)

@@ -33,6 +33,7 @@ def watch(cfg: WatchConfig) -> list[int]:
     from npp.models.configs import GPTConfig
     from npp.models.gpt import GPT
     from npp.pipeline.devices import pick_device
+    from npp.pipeline.metric_names import for_mlflow
     from npp.pipeline.mlflow_utils import log_metrics_once, tracking_uri
     from npp.pipeline.runs import checkpoint_weights
 
@@ -41,7 +42,9 @@ def watch(cfg: WatchConfig) -> list[int]:
     if not run.config.exists() or run_id is None:
         raise EvalInputError(f"{cfg.run} is not a training run with an MLflow run (no {run.config.name} / "
                              f"{run.run_id_file.name}): pass --run RUN")
-    model_cfg = GPTConfig.from_dict(run.read_config()["model_config"])
+    config = run.read_config()
+    model_cfg = GPTConfig.from_dict(config["model_config"])
+    naming = int(config.get("mlflow_names", 1))  # as the trainer names the run's points (npp.pipeline.metric_names)
     evaluator = TrainingEvaluator(cfg)
     device = pick_device("auto")
     state = json.loads(run.eval_watch.read_text()) if run.eval_watch.exists() else {}
@@ -57,7 +60,8 @@ def watch(cfg: WatchConfig) -> list[int]:
         """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""
         for tag, rec in sorted(pending.items()):
             try:
-                log_metrics_once(mlflow.tracking.MlflowClient(), run_id, rec["metrics"], rec["step"])
+                log_metrics_once(mlflow.tracking.MlflowClient(), run_id, for_mlflow(rec["metrics"], naming),
+                                 rec["step"])
             except Exception as e:
                 print(f"eval watch: warning: MLflow at {tracking_uri()} did not take the metrics of {tag} "
                       f"({type(e).__name__}); kept in {run.eval_watch}, sent at the next try", flush=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -17,19 +19,37 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """A path to write `target`'s new content to, for writers that take a path (torch.save, np.savez, PIL,
+    pyarrow): on a clean exit the file is fsynced and renamed over `target`, so readers see the old content or
+    the new one, never a part, and a crash leaves the new content on disk or not at all; on an error the part is
+    removed. The part is hidden beside the target (same filesystem: an atomic rename), its name matching no
+    `*.tar`/`*.npz`/`*.png` scan; numpy writers take an open file (np.savez adds `.npz` to a bare path)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old content or the new one, never a part (temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Readers see the old content or the new one, never a part (atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """JSON as the shard set's files have it: indented, keys sorted, a final newline."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:

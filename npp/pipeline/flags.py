@@ -14,8 +14,9 @@ Anything refused is one `UsageError` line (exit 2). What passes is handed on to 
 Python literals (`--name=<repr>`), so fire builds the command with the typed values and the
 user's strings as typed.
 
-Meanings live in one place, the field's `flag(default, "meaning")`; `documented` writes them into
-the class docstring's `Args:` section, which is where fire's `--help` reads them.
+Meanings live in one place, the field's `flag(default, "meaning")` (a function's: its docstring's
+`Args:`); `--help` is rendered from these specs (npp.app.help), and `documented` also writes them into
+the class docstring's `Args:` section, for readers of the code and `help()`.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _optional_inner(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
-def _accepts(kind: Any) -> str:
+def accepts(kind: Any) -> str:
     inner, optional = _optional_inner(kind)
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     if _is_union(inner):
@@ -125,12 +126,12 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
     text = value if isinstance(value, str) else None
 
     def refuse(what: str | None = None) -> UsageError:
-        return UsageError(f"{command} {spec.dashed}: {value!r} is not {what or _accepts(spec.kind)}"
+        return UsageError(f"{command} {spec.dashed}: {value!r} is not {what or accepts(spec.kind)}"
                           + (f" ({spec.help})" if spec.help else ""))
 
     if optional and text is not None and text.strip().lower() in ("none", "null"):
         return None
-    if _is_switch(spec):  # auto | on | off, also spelled --name / --noname / true / false
+    if is_switch(spec):  # auto | on | off, also spelled --name / --noname / true / false
         word = "on" if value is True else "off" if value is False else str(value).strip().lower()
         word = "on" if word in TRUE_WORDS else "off" if word in FALSE_WORDS else word
         if word not in spec.choices:
@@ -171,12 +172,12 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
     return out
 
 
-def _is_bool(spec: FlagSpec) -> bool:
+def is_bool(spec: FlagSpec) -> bool:
     """A flag that may stand alone (`--ema`, `--noema`): a boolean, or a switch with on/off among its choices."""
-    return _optional_inner(spec.kind)[0] is bool or _is_switch(spec)
+    return _optional_inner(spec.kind)[0] is bool or is_switch(spec)
 
 
-def _is_switch(spec: FlagSpec) -> bool:
+def is_switch(spec: FlagSpec) -> bool:
     return bool(spec.choices) and {"on", "off"} <= set(spec.choices)
 
 
@@ -207,7 +208,7 @@ def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[
             if key not in specs and keyword.iskeyword(key) and key + "_" in specs:  # --from: a parameter `from_`
                 key += "_"
             spec = specs.get(key)
-            if spec is None and key.startswith("no") and key[2:] in specs and _is_bool(specs[key[2:]]) and not eq:
+            if spec is None and key.startswith("no") and key[2:] in specs and is_bool(specs[key[2:]]) and not eq:
                 values[key[2:]] = convert(specs[key[2:]], False, command)
                 i += 1
                 continue
@@ -217,17 +218,17 @@ def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[
             if eq:
                 value: Any = raw
                 i += 1
-            elif _is_bool(spec):
+            elif is_bool(spec):
                 nxt = args[i + 1] if i + 1 < len(args) else None
                 takes = nxt is not None and (nxt.strip().lower() in TRUE_WORDS + FALSE_WORDS
-                                             or (_is_switch(spec) and not nxt.startswith("-")))
+                                             or (is_switch(spec) and not nxt.startswith("-")))
                 if takes:
                     value, i = nxt, i + 2
                 else:
                     value, i = True, i + 1
             else:
                 if i + 1 >= len(args):
-                    raise UsageError(f"{command} {spec.dashed} needs a value ({_accepts(spec.kind)})")
+                    raise UsageError(f"{command} {spec.dashed} needs a value ({accepts(spec.kind)})")
                 value, i = args[i + 1], i + 2
             values[key] = convert(spec, value, command)
         else:

@@ -21,12 +21,11 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from npp.errors import NppError
-from npp.pipeline.files import atomic_write_bytes
+from npp.pipeline.files import atomic_write_bytes, atomic_write_json
 
 # 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
 FORMAT_VERSION = 2
@@ -41,10 +40,6 @@ class ShardSetError(NppError, ValueError):
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -147,6 +142,12 @@ def read_meta(out: str | os.PathLike) -> dict:
     if not path.exists():
         raise ShardSetError(f"{out} is not a shard set (no meta.json): run `npp tokenize run` first")
     return json.loads(path.read_text())
+
+
+def source_path(meta: dict) -> str | None:
+    """Where a shard set's images came from: format 1 kept the path inside "source", format 2 beside it (the
+    identity holds no paths)."""
+    return meta.get("source_path") or meta.get("source", {}).get("path")
 
 
 def check_or_write_meta(out: Path, meta: dict) -> None:

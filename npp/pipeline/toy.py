@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from npp.pipeline.files import atomic_path
+
 TOY_CLASSES = [
     "circle", "square", "triangle", "cross", "ring",
     "diamond", "hstripes", "vstripes", "checker", "dstripes",
@@ -87,9 +89,8 @@ def write_toy_dataset(out: str, per_class: int = 200, size: int = 48, seed: int 
                 path = folder / f"{name}_{i:05d}.png"
                 if not path.exists():
                     rng = np.random.default_rng([seed, cls, i])  # each image has its own stream
-                    tmp = path.with_name(f".{path.name}.tmp")  # hidden: scans skip it
-                    render(cls, size, rng).save(tmp, format="PNG")
-                    tmp.replace(path)
+                    with atomic_path(path) as tmp:  # hidden until whole: scans skip it
+                        render(cls, size, rng).save(tmp, format="PNG")
                     written += 1
                 bar.update(1)
     return written

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
 from npp.pipeline.devices import fast_matmul, pick_device
-from npp.pipeline.files import file_sha256
+from npp.pipeline.files import atomic_path, atomic_write_json, file_sha256
 from npp.pipeline.images import (
     ImageDecodeError,
     decode_image,
@@ -42,7 +42,6 @@ from npp.pipeline.shards import (
     VAL_SPLIT,
     Sample,
     ShardSetError,
-    atomic_write_json,
     check_or_write_meta,
     manifest_digest,
     read_meta,
@@ -340,6 +339,5 @@ def finalize(out_dir: str) -> dict:
 
 
 def _write_parquet(path: Path, table, pq) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

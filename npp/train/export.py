@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from npp.pipeline.files import atomic_path
 from npp.pipeline.runs import RunFolder, consolidated_state, tag_step
 
 
@@ -35,9 +36,8 @@ def export(run: str, tag: str | None = None, out: str | None = None) -> str:
         ckpt["ema"] = torch.load(folder.ema_file(tag), map_location="cpu", weights_only=True)["model"]
     target = Path(out) if out else folder.export_dir / f"model_{tag}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        torch.save(ckpt, tmp)
     if not out:
         tmp_link = folder.path / f"model.pt.tmp{os.getpid()}"
         tmp_link.unlink(missing_ok=True)

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from npp.pipeline.metric_names import HELDOUT
 from npp.pipeline.shards import iter_tar_samples
 from npp.train.distributed import all_sum
 
-METRIC = "val/loss_k1"
+METRIC = HELDOUT
 
 
 class HeldOutLoss:

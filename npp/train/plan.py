@@ -20,6 +20,7 @@ from npp.errors import UsageError
 from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.global_order import ORDER
+from npp.pipeline.metric_names import NAMING
 from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
@@ -58,6 +59,7 @@ class TrainPlan:
     workers: int  # loader workers per rank, resolved
     resume_tag: str | None  # the checkpoint this start resumes from
     data_order: int = ORDER  # 2: npp.pipeline.global_order; 1: npp.pipeline.stream's, for runs begun before it
+    mlflow_names: int = NAMING  # npp.pipeline.metric_names: 1 for runs begun before `Results/`
     heldout: list = field(default_factory=list)  # the held-out shards (--val-share of tokenize): val/loss_k1
     branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
     branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
@@ -208,7 +210,8 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                      stages=stages, steps_per_epoch=steps_per_epoch, total_steps=total,
                      warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
                      eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
-                     resume_tag=resume_tag(run, world), data_order=order)
+                     resume_tag=resume_tag(run, world), data_order=order,
+                     mlflow_names=NAMING if saved is None else int(saved.get("mlflow_names", 1)))
     plan.heldout = heldout_shards(str(cfg.shards))
     plan.branch = (saved or {}).get("branch") or branch
     if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
@@ -295,6 +298,7 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
         "steps_per_epoch": plan.steps_per_epoch,
         "world_size": plan.world_size,
         "data_order": plan.data_order,
+        "mlflow_names": plan.mlflow_names,
         "precision": precision,
         "ds_config_path": str(Path(plan.ds_path)),
         "shards_meta": {k: plan.meta[k] for k in ("grid", "codebook_size", "num_classes", "samples", "tokenizer",

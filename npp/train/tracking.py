@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npp.pipeline.files import truncate_jsonl
+from npp.pipeline.metric_names import is_training_loss
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.runs import RunFolder
 
@@ -240,7 +241,7 @@ class Tracker:
                 if not key.startswith("system/"):
                     history = client.get_metric_history(self.run_id, key)
                     self.logged_through[key] = max((m.step for m in history), default=-1)
-                    if key == "loss":
+                    if is_training_loss(key):
                         self._last_loss_ms = max([m.timestamp for m in history] + [self._last_loss_ms or 0]) or None
             self._write_run_id()
         if a["system_metrics"]:
@@ -269,7 +270,7 @@ class Tracker:
         if fresh:
             t = rec.setdefault("t", int(time.time() * 1000))  # an outbox of an older npp has no time: one per point
             self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
-            if "loss" in fresh:  # a training step's point (an evaluation's has none)
+            if any(map(is_training_loss, fresh)):  # a training step's point (an evaluation's has none)
                 self._last_loss_ms = max(t, self._last_loss_ms or 0)
             for k in fresh:
                 self.logged_through[k] = step

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from npp.pipeline.metric_names import DIAG, for_mlflow
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
 from npp.train import checkpointing
@@ -194,7 +195,7 @@ class Trainer:
         barrier()
         exported = export(str(self.run.path)) if self.env.is_main else None
         if self.env.is_main:  # the model, where MLflow shows it: the run's tags, and its logged model (by reference)
-            self.tracker.log({f"{record.DIAG}exported_step": self.state.step}, self.state.step)
+            self.tracker.log({f"{DIAG}exported_step": self.state.step}, self.state.step)
             self.tracker.tag({"exported_model": os.path.abspath(exported), "exported_step": self.state.step})
         self.tracker.finish(model=(exported, self.state.step))
         barrier()  # every rank leaves together: no node's launcher outlives the others' (a quiet end)
@@ -209,7 +210,7 @@ class Trainer:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             self.tracker.tag(self.evals.protocol_tags(metrics))
             metrics.update(train_flops=self.state.train_flops, train_pflops=self.state.train_flops / 1e15)
-            self.tracker.log(metrics, self.state.step)
+            self.tracker.log(for_mlflow(metrics, self.plan.mlflow_names), self.state.step)
             self._log(f"eval at step {self.state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def _sync(self) -> bool:
@@ -226,7 +227,7 @@ class Trainer:
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.state.train_flops,
                        epoch=self.state.step / max(1, self.plan.steps_per_epoch), bad_steps=self.bad.total)
         with self.progress.exclude("log"):
-            self.tracker.log(record.mlflow_names(metrics, patch_side), self.state.step)
+            self.tracker.log(record.mlflow_names(metrics, patch_side, self.plan.mlflow_names), self.state.step)
             self.progress.line(self.state.step, metrics, self._log)
 
     def _save(self) -> None:

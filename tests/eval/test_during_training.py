@@ -35,7 +35,7 @@ def test_eval_points_are_logged_against_flops_and_leave_training_unchanged(shard
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.tracking.MlflowClient()
     run_id = (evald / "mlflow_run_id").read_text()
-    fid = client.get_metric_history(run_id, "curve/fid_toynet_n20")
+    fid = client.get_metric_history(run_id, "Results/fid_toynet_n20")
     assert [m.step for m in fid] == [5, 10, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[5] < flops[10] < flops[12]
@@ -68,23 +68,23 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
     datasets = got["inputs"]["dataset_inputs"]
     assert len(datasets) == 1 and datasets[0]["dataset"]["name"] == shard_set.name and datasets[0]["dataset"]["digest"]
     keys = {m["key"] for m in got["data"]["metrics"]}
-    assert {"curve/fid_toynet_n20", "train_flops", "loss"} <= keys  # an eval point's FID names its 20 samples
+    assert {"Results/fid_toynet_n20", "train_flops", "Results/loss"} <= keys  # an eval point's FID: 20 samples
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
-    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="curve/fid_toynet_n20")
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="Results/fid_toynet_n20")
     assert sorted(m["step"] for m in hist["metrics"]) == [6, 12]
     fid_at = {m["step"]: m["timestamp"] for m in hist["metrics"]}
     params = {p["key"]: p["value"] for p in got["data"]["params"]}
     assert {k: params[k] for k in ("model", "schedule", "seed")} == {"model": "GPT-Nano", "schedule": "4:0.25,2:0.25,"
                                                                      "1:0.5", "seed": "0"}
     assert int(params["parameters"]) > 0 and params["global_batch"] == "16"
-    assert {"loss/k2", "loss/k1", "lr", "train_pflops", "train_hours", "diag/ckpt_s", "diag/log_s"} <= keys
+    assert {"loss/k2", "loss/k1", "Results/lr", "train_pflops", "train_hours", "diag/ckpt_s", "diag/log_s"} <= keys
     assert not {"ckpt_s", "log_s", "bad_steps"} & keys
     models = mlflow_server.post("/api/2.0/mlflow/logged-models/search",
                                 {"experiment_ids": [exp["experiment_id"]]})["models"]
     assert [(m["info"]["source_run_id"], {p["key"]: p["value"] for p in m["data"]["params"]}["step"])
             for m in models] == [(run_id, "12")]
     # Duration: the run ends at its last training step's point; the evaluation at step 12 came after it
-    loss = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    loss = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="Results/loss")["metrics"]
     hours = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train_hours")
     assert [m["step"] for m in hours["metrics"]] == [4, 8, 12]
     assert 0 < hours["metrics"][0]["value"] < hours["metrics"][-1]["value"] < 1
@@ -127,7 +127,7 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.tracking.MlflowClient()
     run_id = (run / "mlflow_run_id").read_text()
-    assert [m.step for m in client.get_metric_history(run_id, "curve/fid_toynet_n20")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "Results/fid_toynet_n20")] == [4, 8, 12]
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
     assert os.path.exists(run / "eval_watch.json")

@@ -123,7 +123,7 @@ def mlflow_runs_and_loss_steps(tmp_path, run):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    steps = [m.step for m in client.get_metric_history((run / "mlflow_run_id").read_text(), "loss")]
+    steps = [m.step for m in client.get_metric_history((run / "mlflow_run_id").read_text(), "Results/loss")]
     return len(runs), steps
 
 

@@ -108,10 +108,10 @@ def test_a_branch_is_the_shorter_run_trained_from_scratch(heldout_shard_set, tmp
     assert own.data.tags["npp.branch_parent"] == runs["ntp5"].info.run_id and own.data.tags["npp.branch_step"] == "13"
     assert own.data.params["train.epochs"] == "4" and own.info.status == "FINISHED"
     # its curve is the whole 4-epoch run's, and its FLOPs its budget's (the shared prefix counted)
-    assert [m.step for m in client.get_metric_history(own.info.run_id, "loss")] == [4, 8, 12, 16]
+    assert [m.step for m in client.get_metric_history(own.info.run_id, "Results/loss")] == [4, 8, 12, 16]
     assert own.data.metrics["train_flops"] == runs["ntp4"].data.metrics["train_flops"]
-    assert own.data.metrics["val/loss_k1"] == runs["ntp4"].data.metrics["val/loss_k1"]
-    assert [m.step for m in client.get_metric_history(runs["ntp5"].info.run_id, "val/loss_k1")] == [20]
+    assert own.data.metrics["Results/val_loss_k1"] == runs["ntp4"].data.metrics["Results/val_loss_k1"]
+    assert [m.step for m in client.get_metric_history(runs["ntp5"].info.run_id, "Results/val_loss_k1")] == [20]
 
     # a branch at a point the parent did not keep is refused, in one line
     again = subprocess.run(_branch_cmd(parent, tmp_path / "ntp3", 3, nproc=1), env=run_env(tmp_path),

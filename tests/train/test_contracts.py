@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from npp.pipeline.files import atomic_write_text, truncate_jsonl
+from npp.pipeline.files import atomic_path, atomic_write_text, truncate_jsonl
+from npp.pipeline.metric_names import canonical, for_mlflow, naming_of
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.train.bad_steps import BadSteps
 from npp.train.cadence import Cadence
@@ -55,9 +56,22 @@ def test_a_run_is_named_and_tabled_by_what_defines_it():
 
 
 def test_mlflow_names_put_results_first_and_diagnostics_apart():
-    named = mlflow_names({"loss": 2.5, "train_flops": 3e15, "ckpt_s": 1.0, "corrupt_shards": 0, "lr": 1e-4}, 2)
-    assert named == {"loss": 2.5, "loss/k2": 2.5, "train_flops": 3e15, "train_pflops": 3.0, "diag/ckpt_s": 1.0,
-                     "diag/corrupt_shards": 0, "lr": 1e-4}
+    step = {"loss": 2.5, "train_flops": 3e15, "ckpt_s": 1.0, "corrupt_shards": 0, "lr": 1e-4}
+    named = mlflow_names(step, 2)
+    assert named == {"Results/loss": 2.5, "loss/k2": 2.5, "train_flops": 3e15, "train_pflops": 3.0,
+                     "diag/ckpt_s": 1.0, "diag/corrupt_shards": 0, "Results/lr": 1e-4}
+    # MLflow's sections are the prefixes sorted by code point, the unprefixed last: the results come first
+    evals = {"curve/fid_toynet_n200": 50.0, "curve/is_toynet_n200": 6.0, "val/loss_k1": 1.4, "diag/eval_seconds": 3}
+    logged = {**named, **for_mlflow(evals), **for_mlflow({"fid_toynet": 48.0, "sfid": 9.0})}
+    sections = sorted({k.split("/")[0] for k in logged if "/" in k})
+    assert sections[0] == "Results" and sections[-1] == "loss"
+    assert {k for k in logged if k.startswith("Results/")} == {
+        "Results/loss", "Results/lr", "Results/val_loss_k1", "Results/fid_toynet_n200", "Results/fid_toynet"}
+    # npp compare and every reader take either naming as npp's own names; an older run keeps naming 1
+    assert {canonical(k) for k in logged} == set(step) - {"ckpt_s", "corrupt_shards"} | {
+        "diag/ckpt_s", "diag/corrupt_shards", "loss/k2", "train_pflops", *evals, "fid_toynet", "sfid"}
+    assert mlflow_names(step, 2, naming=1)["loss"] == 2.5 and for_mlflow(evals, 1) == evals
+    assert naming_of(["loss", "lr"]) == 1 and naming_of(["Results/loss"]) == naming_of([]) == 2
 
 
 def test_a_run_folder_knows_its_complete_checkpoints(tmp_path):
@@ -83,3 +97,20 @@ def test_a_record_file_is_cut_back_to_a_step_and_a_line_cut_by_a_kill_is_dropped
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert truncate_jsonl(tmp_path / "absent.jsonl", 3) == 0
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
+
+
+def test_every_writer_replaces_a_file_whole_or_not_at_all(tmp_path):
+    """npp.pipeline.files.atomic_path, behind every file npp writes (JSON, parquet, npz, PNG, torch.save): the
+    part is hidden from the scans that look for the target's kind, an error leaves the old file and no part, and
+    numpy writes through an open file (a bare path would get `.npz` added)."""
+    import numpy as np
+
+    target = tmp_path / "piece_000001.npz"
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=np.arange(3))
+        assert not list(tmp_path.glob("*.npz")) and tmp.name.startswith(".")  # not seen before it is whole
+    assert np.load(target)["arr_0"].tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert np.load(target)["arr_0"].tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == [target.name]

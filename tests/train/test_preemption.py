@@ -20,7 +20,7 @@ from tests.helpers import launch, launch_cmd, read_metrics, run_env, signal_job
 RUN = dict(total_steps=24, ckpt_every=5, log_every=4, schedule="2:0.5,1:0.5")
 
 
-def _mlflow_steps(tmp_path, run_id, key="loss"):
+def _mlflow_steps(tmp_path, run_id, key="Results/loss"):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")

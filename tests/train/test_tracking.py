@@ -52,7 +52,7 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(shard_set, tmp_path, ml
     run_id = (run / "mlflow_run_id").read_text().strip()
     got = mlflow_server.get("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert got["info"]["status"] == "FINISHED"
-    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="Results/loss")["metrics"]
     assert sorted(m["step"] for m in hist) == list(range(2, total + 1, 2))  # every log step, once
     outbox = [json.loads(line) for line in (run / "mlflow_outbox.jsonl").read_text().splitlines()]
     assert [r["step"] for r in outbox if "loss" in r["metrics"]] == list(range(2, total + 1, 2))

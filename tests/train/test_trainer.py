@@ -63,7 +63,7 @@ def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, d
     r = client.get_run((run / "mlflow_run_id").read_text())
     assert r.data.params["train.model"] == "GPT-Nano" and r.data.tags["world_size"] == "2"
     assert [h.value for h in client.get_metric_history(r.info.run_id, "patch_side")] == [4, 2, 2, 1, 1, 1]
-    history = client.get_metric_history(r.info.run_id, "loss")
+    history = client.get_metric_history(r.info.run_id, "Results/loss")
     assert [h.step for h in history] == [4, 8, 12, 16, 20, 24]
     assert client.get_metric_history(r.info.run_id, "train_flops")[-1].value > 0
     # as the UI shows it: a name and columns saying what the run is, the loss per patch side as three series,
@@ -78,6 +78,9 @@ def test_deepspeed_run_lowers_loss_switches_k_and_exports(shard_set, tmp_path, d
     metric_keys = set(r.data.metrics)
     assert {"diag/ckpt_s", "diag/bad_steps", "diag/corrupt_shards", "diag/exported_step"} <= metric_keys
     assert not {"ckpt_s", "bad_steps", "corrupt_shards", "exported_step"} & metric_keys
+    # the results open the charts: MLflow sorts its sections by prefix (code points) and puts unprefixed last
+    assert {"Results/loss", "Results/lr"} <= metric_keys and not {"loss", "lr"} & metric_keys
+    assert sorted({k.split("/")[0] for k in metric_keys if "/" in k})[0] == "Results"
     # the exported model as the run's logged model, by reference (no weights copied into MLflow)
     models = client.search_logged_models(experiment_ids=[r.info.experiment_id])
     assert [(m.source_run_id, m.params["step"], m.params["path"]) for m in models] == [
@@ -187,20 +190,22 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
 
 def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_rank):
     """A new run takes data order 2 and --mix-shards -1 as 256; a run folder written before orders were recorded
-    (config.json without `data_order`, its flags holding the old default 16) resumes in order 1, not refused."""
+    (config.json without `data_order`, its flags holding the old default 16) resumes in order 1, not refused; and
+    with the MLflow names it began with (no `mlflow_names`: `loss`, not `Results/loss`), so its charts go on."""
     from npp.train.plan import make_plan, run_files
 
     cfg = dict(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16, epochs=3,
                ds_config="ds_configs/zero2.json")
     plan = make_plan(TrainConfig(**cfg))
-    assert plan.data_order == 2 and plan.cfg.mix_shards == 256
+    assert plan.data_order == 2 and plan.cfg.mix_shards == 256 and plan.mlflow_names == 2
     old = run_files(plan, {}, "0000000", "fp32")
-    del old["data_order"]
+    assert old["mlflow_names"] == 2
+    del old["data_order"], old["mlflow_names"]
     old["train"]["mix_shards"] = old["identity"]["mix_shards"] = 16
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(old))
     again = make_plan(TrainConfig(**cfg))
-    assert again.data_order == 1 and again.cfg.mix_shards == 16
+    assert again.data_order == 1 and again.cfg.mix_shards == 16 and again.mlflow_names == 1
 
 
 @pytest.mark.parametrize("flags,env,message", [
