@@ -225,6 +225,20 @@ def test_version_names_the_commit(capsys):
     assert re.fullmatch(r"npp \d+\.\d+\.\d+ \(git ([0-9a-f]{40}|unknown)\)\n", out), out
 
 
+@pytest.mark.parametrize("target,variables,said", [
+    ("train", ["SHARDS={tmp}/none", "RUN={tmp}/run"], "is not a shard set (no meta.json)"),
+    ("sample", ["CKPT={tmp}/none.pt", "VQ={tmp}/vq.pt", "SAMPLES={tmp}/s"], "--ckpt {tmp}/none.pt does not exist"),
+])
+def test_make_train_and_sample_check_before_torchrun(tmp_path, target, variables, said):
+    """A bad input under `make train`/`make sample` is npp's one line, not that line and then torchrun's
+    ChildFailedError traceback (the -slurm targets check on the login node the same way)."""
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), target, "NGPU=2",
+                           *[v.format(tmp=tmp_path) for v in variables]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and said.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert "torchrun" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_make_help_lists_the_variables_of_each_target_with_defaults():
     proc = subprocess.run(["make", "-s", "-C", str(REPO), "help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
