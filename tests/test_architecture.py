@@ -69,3 +69,19 @@ def test_the_trainer_keeps_to_training():
 
     lines = (Path(__file__).resolve().parents[1] / "npp" / "train" / "trainer.py").read_text().count("\n")
     assert lines <= 250, lines
+
+
+def test_environment_knobs_are_read_in_one_place():
+    """npp.pipeline.environment reads every NPP_* variable (one default each); no other module reads one."""
+    import re
+
+    from npp.pipeline.environment import KNOBS
+
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "environment.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "environ" in line or "getenv" in line:
+                assert "NPP_" not in line, f"{path}:{number} reads a knob (ask npp.pipeline.environment): {line}"
+    named = {n for p in PACKAGE.rglob("*.py") for n in re.findall(r"\bNPP_[A-Z_]+\b", p.read_text())}
+    assert named - {"NPP_HF", "NPP_TEST_"} <= set(KNOBS), named - set(KNOBS)  # a URL constant; the tests' own

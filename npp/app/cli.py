@@ -32,6 +32,7 @@ from npp.app.help import render as render_help  # noqa: E402
 from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
+from npp.pipeline import environment  # noqa: E402
 from npp.pipeline.flags import as_fire_args, documented, parse_flags  # noqa: E402
 from npp.pipeline.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = normalize_argv(argv)
         fire.Fire(COMMANDS, command=argv, name="npp", serialize=run_command)
     except (NppError, FileNotFoundError) as e:
-        if os.environ.get("NPP_DEBUG"):
+        if environment.debug():
             raise
         # an error every rank of a job raises alike (a flag, a failed save) is said once, by rank 0
         said_by_all = isinstance(e, UsageError) or getattr(e, "all_ranks", False)

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from npp.pipeline.devices import exact_fp32, pick_device
+from npp.pipeline.environment import inception_weights
 from npp.pipeline.files import file_sha256
 
 
@@ -21,12 +22,10 @@ def load_feature_net(inception: str | None = None, classifier: str | None = None
 
         net, path = load_toynet(classifier), classifier
     else:
-        import os
-
         from npp.models.inception import load_inception
 
-        path = inception or os.environ.get("NPP_INCEPTION_WEIGHTS", "")
-        net = load_inception(inception)
+        path = inception or inception_weights()
+        net = load_inception(path)
     net.weights_sha256 = file_sha256(path)
     return net
 

@@ -224,8 +224,7 @@ def load_inception(path: str | None = None) -> FIDInception:
     """The FID Inception with the standard weights, read weights-only; a clear error if the file is missing."""
     from .checkpoint import CheckpointMismatchError, extract_state_dict, load_state_strict, read_checkpoint
 
-    path = path or os.environ.get("NPP_INCEPTION_WEIGHTS")
-    if not path:
+    if not path:  # the caller passes --inception or NPP_INCEPTION_WEIGHTS
         raise FileNotFoundError(WEIGHTS_HELP)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} do not exist. {WEIGHTS_HELP}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from npp.errors import UsageError
+from npp.pipeline.environment import assets_url
 from npp.pipeline.files import atomic_write_text, file_sha256
 
 
@@ -78,7 +79,7 @@ BLOCK = 1 << 20
 def asset_table(manifest: str = "", base_url: str | None = None) -> dict[str, Asset]:
     """The assets, with URLs (and checksums) from a manifest or a mirror when given."""
     table = dict(ASSETS)
-    base_url = os.environ.get("NPP_ASSETS_URL", "") if base_url is None else base_url
+    base_url = assets_url() if base_url is None else base_url
     if base_url:
         table = {n: replace(a, url=base_url.rstrip("/") + "/" + n) for n, a in table.items()}
     if manifest:

@@ -8,9 +8,9 @@ Figures: NVIDIA's datasheets, dense (no 2:4 sparsity) bf16 with fp32 accumulate.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from npp.pipeline import environment
 
 PEAK_BF16: list[tuple[str, float]] = [
     ("H200 NVL", 835e12),
@@ -30,8 +30,9 @@ def peak_for_name(name: str) -> float | None:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if "NPP_PEAK_FLOPS" in os.environ:
-        return float(os.environ["NPP_PEAK_FLOPS"])
+    given = environment.peak_flops()
+    if given is not None:
+        return given
     if device.type != "cuda":
         return None
     return peak_for_name(torch.cuda.get_device_name(device))

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from npp.pipeline.environment import mlflow_drain_s
 from npp.pipeline.files import truncate_jsonl
 from npp.pipeline.metric_names import is_training_loss
 from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
@@ -125,7 +126,7 @@ class Tracker:
         would hold the job in MLflow's own retries (`npp train export` records it later)."""
         if not self.enabled or self._thread is None:
             return False
-        wait_s = float(os.environ.get("NPP_MLFLOW_DRAIN_S", 120)) if wait_s is None else wait_s
+        wait_s = mlflow_drain_s() if wait_s is None else wait_s
         self._queue.put(("end", status))
         self._closing = True
         self._wake.set()

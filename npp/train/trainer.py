@@ -1,11 +1,11 @@
 """Stage 2: DeepSpeed ZeRO training with the Next Patch Prediction schedule.
 
 `Trainer(plan).train()` starts or resumes the run the plan describes (npp.train.plan: every input checked,
-everything resolved, before torch is imported), then loops `train_step` to the end of the budget. Decisions
-belong to components: when to sync, evaluate and save (cadence), the data streams (data_feed), evaluation with
-its RNG and EMA handling (eval_points), the run's files and MLflow record (run_record), checkpoints
-(checkpointing), non-finite steps (bad_steps), stop requests (stopping), records (progress), MLflow (tracking).
-Every rank runs the same code under torchrun, the deepspeed launcher, srun, or alone.
+everything resolved, before torch is imported), then loops `train_step` to the end of the budget. Decisions belong
+to components: when to sync, evaluate and save (cadence), the data streams (data_feed), evaluation with its RNG and
+EMA handling (eval_points), the run's files and MLflow record (run_record), checkpoints (checkpointing), non-finite
+steps (bad_steps), stop requests (stopping), records (progress), MLflow (tracking). Every rank runs the same code
+under torchrun, the deepspeed launcher, srun, or alone.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from npp.pipeline.environment import mlflow_drain_s
 from npp.pipeline.metric_names import DIAG, for_mlflow
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
@@ -23,7 +24,6 @@ from npp.train import run_record as record
 from npp.train.bad_steps import BadSteps
 from npp.train.branching import own_mlflow_run_id, start_branch
 from npp.train.cadence import Cadence
-from npp.train.config import TrainConfig
 from npp.train.data_feed import DataFeed
 from npp.train.distributed import DistEnv, barrier, init, read_env
 from npp.train.ds_config import resolve_precision
@@ -32,7 +32,7 @@ from npp.train.eval_points import EvalPoints
 from npp.train.export import export
 from npp.train.heldout import HeldOutLoss
 from npp.train.mfu import peak_flops
-from npp.train.plan import TrainPlan, make_plan
+from npp.train.plan import TrainPlan
 from npp.train.progress import Progress
 from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
 from npp.train.state import TrainState
@@ -43,10 +43,10 @@ from npp.train.watchdog import ProgressWatchdog, default_store
 
 
 class Trainer:
-    def __init__(self, plan: TrainPlan | TrainConfig, evaluator=None):
-        """`plan`: npp.train.plan.make_plan's (a TrainConfig is planned here); `evaluator`: a callable (model,
-        num_classes, device, rank, world) -> metrics at the eval points (the app's, npp.eval.during_training)."""
-        self.plan = plan if isinstance(plan, TrainPlan) else make_plan(plan)
+    def __init__(self, plan: TrainPlan, evaluator=None):
+        """`plan`: npp.train.plan.make_plan's; `evaluator`: a callable (model, num_classes, device, rank, world) ->
+        metrics at the eval points (the app's, npp.eval.during_training)."""
+        self.plan = plan
         self.cfg, self.model_cfg = self.plan.cfg, self.plan.model_cfg
         self.env: DistEnv = read_env()
         if self.env.world_size != self.plan.world_size:
@@ -59,8 +59,7 @@ class Trainer:
         self.cadence = Cadence(self.total_steps, self.cfg.sync_every, self.cfg.log_every, self.cfg.ckpt_every,
                                self.plan.eval_every, frozenset(self.plan.branch_steps.values()))
         if self.plan.eval_every and evaluator is None:
-            raise TrainingError("--eval-every needs an evaluator: run training through `npp train` (it builds one "
-                                "from --vq, --eval-ref and --inception/--classifier)")
+            raise TrainingError("--eval-every needs an evaluator: train through `npp train` (it builds one from --vq)")
         check_no_stale_build(self.ds_config)
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -187,7 +186,7 @@ class Trainer:
         self.stop.consume()
         self._log(f"stop requested ({reason}): saved step {self.state.step} in {self.run.checkpoints}, exiting 0 for "
                   "requeue")
-        self.tracker.finish("KILLED", wait_s=min(30.0, float(os.environ.get("NPP_MLFLOW_DRAIN_S", 30))))
+        self.tracker.finish("KILLED", wait_s=min(30.0, mlflow_drain_s()))  # gone before SLURM's KillWait (30 s)
         barrier()  # leave together, as at the end
         return {"step": self.state.step, "stopped": True}
 
@@ -245,7 +244,7 @@ class Trainer:
             print(f"[npp train] {msg}", flush=True)
 
 
-def train(plan: TrainPlan | TrainConfig, evaluator=None) -> bool:
+def train(plan: TrainPlan, evaluator=None) -> bool:
     """Train a GPT on a shard set with DeepSpeed and the NPP schedule; resumes from the run directory.
     True when it stopped on request (saved; a requeue resumes it), False when it reached the end."""
     return bool(Trainer(plan, evaluator).train().get("stopped"))

@@ -52,12 +52,13 @@ def test_several_shard_sets_train_as_one_epoch(two_sets, monkeypatch):
     assert batch["codes"].shape == (68, 64)  # one view of each sample, 2-view and 20-view alike
     # the trainer sizes its epoch from both sets
     from npp.train.config import TrainConfig
+    from npp.train.plan import make_plan
     from npp.train.trainer import Trainer
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    t = Trainer(TrainConfig(shards=f"{two_sets}/flip,{two_sets}/tencrop", out=str(two_sets / "run"),
-                            model="GPT-Nano", global_batch=16, epochs=2, ds_config="ds_configs/zero2.json"))
+    t = Trainer(make_plan(TrainConfig(shards=f"{two_sets}/flip,{two_sets}/tencrop", out=str(two_sets / "run"),
+                            model="GPT-Nano", global_batch=16, epochs=2, ds_config="ds_configs/zero2.json")))
     assert t.plan.steps_per_epoch == 68 // 16 and t.total_steps == 2 * (68 // 16)
 
 

@@ -19,12 +19,13 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     import torch, torch._dynamo
     from npp.train.config import TrainConfig
+    from npp.train.plan import make_plan
     from npp.train.trainer import Trainer
 
     cfg = TrainConfig(shards=sys.argv[1], out=sys.argv[2], model="GPT-Nano", global_batch=8, total_steps=9,
                       schedule="4:0.34,2:0.33,1:0.33", log_every=3, ckpt_every=100, workers=1, tracking=False,
                       warmup_epochs=0, compile="on", ds_config="ds_configs/zero2.json")
-    trainer = Trainer(cfg)
+    trainer = Trainer(make_plan(cfg))
     real_step, seen = trainer.train_step, []
 
     def train_step(batches, patch_side):

@@ -21,13 +21,14 @@ from tests.helpers import read_metrics, run_env
 POISON = textwrap.dedent('''
     import json, os, sys, torch, deepspeed
     from npp.train.config import TrainConfig
+    from npp.train.plan import make_plan
     from npp.train.trainer import Trainer
 
     shards, out, ds_config, precision, poison_rank = sys.argv[1:6]
     cfg = TrainConfig(shards=shards, out=out, model="GPT-Nano", global_batch=16, grad_accum=2, total_steps=20,
                       ckpt_every=3, log_every=4, workers=1, max_bad_steps=3, tracking=False, warmup_epochs=0,
                       ds_config=ds_config, precision=precision)
-    trainer = Trainer(cfg)
+    trainer = Trainer(make_plan(cfg))
     real_step = trainer.train_step
     state = {"forwards": 0, "poison_forward": None}
 
@@ -125,12 +126,13 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(shard_set, t
 CRASH = textwrap.dedent('''
     import sys
     from npp.train.config import TrainConfig
+    from npp.train.plan import make_plan
     from npp.train.trainer import Trainer
 
     cfg = TrainConfig(shards=sys.argv[1], out=sys.argv[2], model="GPT-Nano", global_batch=16, total_steps=40,
                       ckpt_every=100, log_every=4, workers=1, tracking=False, warmup_epochs=0,
                       ds_config="ds_configs/zero2.json")
-    trainer = Trainer(cfg)
+    trainer = Trainer(make_plan(cfg))
     real_step = trainer.train_step
 
     def crashing_step(batches, patch_side):

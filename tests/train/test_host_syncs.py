@@ -31,6 +31,7 @@ COUNT = textwrap.dedent('''
     import json, os, sys, torch
     from npp.train.config import TrainConfig
     from npp.train.stopping import StopRequest
+    from npp.train.plan import make_plan
     from npp.train.trainer import Trainer
 
     from deepspeed.accelerator import get_accelerator
@@ -40,7 +41,7 @@ COUNT = textwrap.dedent('''
     cfg = TrainConfig(shards=shards, out=out, model="GPT-Nano", global_batch=16, grad_accum=grad_accum, total_steps=20,
                       sync_every=5, log_every=10, ckpt_every=100, workers=1, tracking=False, warmup_epochs=0,
                       ds_config=ds, ema=True)
-    trainer = Trainer(cfg)
+    trainer = Trainer(make_plan(cfg))
     where = {"phase": "setup"}
     reads, syncs = [], []
 

@@ -14,6 +14,7 @@ from npp.pipeline.shards import load_manifest
 from npp.pipeline.stream import parse_shard
 from npp.train.config import TrainConfig
 from npp.train.ds_config import DeepSpeedConfigError
+from npp.train.plan import make_plan
 from npp.train.trainer import Trainer, TrainingError
 from tests.helpers import launch
 
@@ -127,21 +128,21 @@ def test_clear_errors_before_any_process_group(shard_set, tmp_path, monkeypatch,
     from npp.pipeline.shards import ShardSetError
 
     with pytest.raises(ShardSetError, match="no meta.json"):
-        Trainer(_cfg(tmp_path / "nowhere", tmp_path / "r"))
+        Trainer(make_plan(_cfg(tmp_path / "nowhere", tmp_path / "r")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DeepSpeedConfigError, match="bad.json is not valid JSON"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config=str(bad)))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config=str(bad))))
     with pytest.raises(DeepSpeedConfigError, match="does not exist"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config=str(tmp_path / "missing.json")))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config=str(tmp_path / "missing.json"))))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(DeepSpeedConfigError, match="does not divide by world size 3"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json"))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json")))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(UsageError, match="--precision must be one of auto, bf16-mixed, bf16, fp32"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", precision="fp16"))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", precision="fp16")))
     with pytest.raises(ValueError, match="does not divide the 8x8"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", schedule="3:0.5,1:0.5"))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", schedule="3:0.5,1:0.5")))
 
 
 @pytest.mark.parametrize("zero,bf16,precision,message", [
@@ -167,7 +168,7 @@ def test_configs_that_would_apply_non_finite_gradients_are_refused(tmp_path, zer
 @pytest.mark.parametrize("flag", ["sync_every", "log_every", "ckpt_every", "grad_accum", "max_bad_steps", "keep"])
 def test_step_counts_below_one_are_refused(shard_set, tmp_path, single_rank, flag):
     with pytest.raises(UsageError, match=f"--{flag.replace('_', '-')} must be at least 1, got 0"):
-        Trainer(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", **{flag: 0}))
+        Trainer(make_plan(_cfg(shard_set, tmp_path / "r", ds_config="ds_configs/zero2.json", **{flag: 0})))
 
 
 def test_shards_must_match_the_model(shard_set, tmp_path, single_rank):
@@ -178,12 +179,12 @@ def test_shards_must_match_the_model(shard_set, tmp_path, single_rank):
     other = gpt_config("GPT-Nano", vocab_size=128, block_size=256, num_classes=10)
     (run / "config.json").write_text(json.dumps({"model_config": other.to_dict()}))
     with pytest.raises(TrainingError, match="codebook size 64 vs model vocab_size 128; token grid"):
-        Trainer(_cfg(shard_set, run, ds_config="ds_configs/zero2.json"))
+        Trainer(make_plan(_cfg(shard_set, run, ds_config="ds_configs/zero2.json")))
 
 
 def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
-    t = Trainer(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
-                            epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1))
+    t = Trainer(make_plan(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
+                            epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1)))
     assert sum(m["samples"] for m in load_manifest(shard_set)) == 80
     assert t.plan.steps_per_epoch == 5 and t.total_steps == 15 and t.plan.warmup_steps == 5
 
@@ -192,7 +193,7 @@ def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_r
     """A new run takes data order 2 and --mix-shards -1 as 256; a run folder written before orders were recorded
     (config.json without `data_order`, its flags holding the old default 16) resumes in order 1, not refused; and
     with the MLflow names it began with (no `mlflow_names`: `loss`, not `Results/loss`), so its charts go on."""
-    from npp.train.plan import make_plan, run_files
+    from npp.train.plan import run_files
 
     cfg = dict(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16, epochs=3,
                ds_config="ds_configs/zero2.json")
