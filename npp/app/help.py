@@ -92,6 +92,8 @@ def _flag_line(spec: FlagSpec, meaning: str) -> list[str]:
         name = f"{spec.dashed} {metavar(spec)}"
     text = meaning or ""
     text = f"{text} ({_default(spec)})" if text else f"({_default(spec)})"
+    if spec.identity:
+        text += "; defines the run: fixed at its first start (--allow-change)"
     out = [f"  {name}"]
     out += textwrap.wrap(text, WIDTH, initial_indent="      ", subsequent_indent="      ")
     return out

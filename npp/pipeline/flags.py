@@ -37,9 +37,11 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
 
-def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None) -> Any:
-    """A config field with its meaning (shown by `--help`) and, optionally, the values it accepts."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None}
+def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None,
+         identity: bool = False) -> Any:
+    """A config field with its meaning (shown by `--help`) and, optionally, the values it accepts; `identity`:
+    the flag defines a run, fixed at its first start (npp.train.identity)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "identity": identity}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -66,6 +68,7 @@ class FlagSpec:
     default: Any  # inspect.Parameter.empty when required
     choices: tuple | None = None
     help: str = ""
+    identity: bool = False
 
     @property
     def required(self) -> bool:
@@ -93,7 +96,8 @@ def flag_specs(target: Callable) -> dict[str, FlagSpec]:
             continue
         f = fields.get(name)
         specs[name] = FlagSpec(name, hints.get(name, str if p.annotation is p.empty else p.annotation), p.default,
-                               f.metadata.get("choices") if f else None, f.metadata.get("help", "") if f else "")
+                               f.metadata.get("choices") if f else None, f.metadata.get("help", "") if f else "",
+                               bool(f.metadata.get("identity")) if f else False)
     return specs
 
 

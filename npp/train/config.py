@@ -41,47 +41,48 @@ class TrainConfig:
     shards: str = flag(help="shard-set directory written by `npp tokenize run`; several: 'A,B' or a glob (same "
                             "tokenizer)")
     out: str = flag(help="run directory: checkpoints, exported model, config.json, metrics.jsonl; a rerun resumes it")
-    model: str = flag("GPT-B", "model size (`npp models` lists them)", choices=tuple(GPT_SIZES))
+    model: str = flag("GPT-B", "model size (`npp models` lists them)", choices=tuple(GPT_SIZES), identity=True)
     schedule: str = flag(DEFAULT_SCHEDULE, "patch_side:share,... of the training budget; '1:1' is the next-token "
-                                           "baseline")
-    patch_levels: int = flag(0, ">0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule")
-    epoch_rate: float = flag(0.5, "the paper's stage boundary rate for --patch-levels")
-    epochs: int = flag(300, "passes over the shard set (the budget, with --global-batch)")
-    total_steps: int | None = flag(None, "optimizer steps in all (default: epochs x steps per epoch)")
-    global_batch: int = flag(256, "samples per optimizer step, all ranks together")
+                                           "baseline", identity=True)
+    patch_levels: int = flag(0, ">0: the paper's schedule (sides 2^(L-1)..1) instead of --schedule", identity=True)
+    epoch_rate: float = flag(0.5, "the paper's stage boundary rate for --patch-levels", identity=True)
+    epochs: int = flag(300, "passes over the shard set (the budget, with --global-batch)", identity=True)
+    total_steps: int | None = flag(None, "optimizer steps in all (default: epochs x steps per epoch)", identity=True)
+    global_batch: int = flag(256, "samples per optimizer step, all ranks together", identity=True)
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step (may change on resume)")
-    lr: float = flag(1e-4, "peak learning rate")
-    end_lr: float = flag(1e-5, "learning rate at the end of each stage's linear decay")
+    lr: float = flag(1e-4, "peak learning rate", identity=True)
+    end_lr: float = flag(1e-5, "learning rate at the end of each stage's linear decay", identity=True)
     warmup_epochs: float = flag(5.0, "linear warmup at the start of every stage, in epochs (paper appendix; "
-                                     "reference code: 1)")
-    decay_ratio: float = flag(0.2, "last share of each stage that decays linearly to --end-lr")
+                                     "reference code: 1)", identity=True)
+    decay_ratio: float = flag(0.2, "last share of each stage that decays linearly to --end-lr", identity=True)
     weight_decay: float = flag(0.05, "AdamW weight decay on matrices and embeddings (every tensor of 2 or more "
-                                          "dimensions), not on norms (LlamaGen's rule)")
-    beta1: float = flag(0.9, "AdamW beta1")
-    beta2: float = flag(0.95, "AdamW beta2")
-    grad_clip: float = flag(1.0, "global gradient-norm clip")
+                                          "dimensions), not on norms (LlamaGen's rule)", identity=True)
+    beta1: float = flag(0.9, "AdamW beta1", identity=True)
+    beta2: float = flag(0.95, "AdamW beta2", identity=True)
+    grad_clip: float = flag(1.0, "global gradient-norm clip", identity=True)
     precision: str = flag("auto", "auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed: fp32 weights, bf16 "
-                                  "autocast; bf16: DeepSpeed bf16", choices=("auto", "bf16-mixed", "bf16", "fp32"))
+                                  "autocast; bf16: DeepSpeed bf16", choices=("auto", "bf16-mixed", "bf16", "fp32"),
+                          identity=True)
     ds_config: str = flag(DEFAULT_DS_CONFIG, "DeepSpeed JSON (how to shard: ZeRO stage, buckets, offload), relative "
                                              "to the working directory or to npp's checkout")
     grad_comm: str = flag("auto", "dtype of the gradient reduction across ranks: auto = the DeepSpeed JSON's "
                                   "communication_data_type, else fp32; bf16 halves its bytes (rounds each reduced "
                                   "gradient to bf16)", choices=("auto", "fp32", "bf16"))
-    ema: bool = flag(False, "keep an exponential moving average of the weights (exported beside them)")
-    ema_decay: float = flag(0.9999, "EMA decay per step")
-    token_dropout: float = flag(0.1, "dropout on the input embeddings")
-    resid_dropout: float = flag(0.1, "dropout on attention outputs")
-    ffn_dropout: float = flag(0.1, "dropout in the feed-forward blocks")
-    attn_dropout: float = flag(0.1, "attention-probability dropout (paper appendix; reference code: 0)")
-    drop_path: float = flag(0.0, "stochastic depth rate of the last block (linear in depth)")
-    class_dropout: float = flag(0.1, "share of class labels replaced by the null class (for guidance)")
-    seed: int = flag(0, "seed of weights, data order and dropout")
+    ema: bool = flag(False, "keep an exponential moving average of the weights (exported beside them)", identity=True)
+    ema_decay: float = flag(0.9999, "EMA decay per step", identity=True)
+    token_dropout: float = flag(0.1, "dropout on the input embeddings", identity=True)
+    resid_dropout: float = flag(0.1, "dropout on attention outputs", identity=True)
+    ffn_dropout: float = flag(0.1, "dropout in the feed-forward blocks", identity=True)
+    attn_dropout: float = flag(0.1, "attention-probability dropout (paper appendix; reference code: 0)", identity=True)
+    drop_path: float = flag(0.0, "stochastic depth rate of the last block (linear in depth)", identity=True)
+    class_dropout: float = flag(0.1, "share of class labels replaced by the null class (for guidance)", identity=True)
+    seed: int = flag(0, "seed of weights, data order and dropout", identity=True)
     workers: int = flag(-1, "DataLoader workers per rank; -1 = auto (SLURM's CPUs per rank - 1, else 4, at most "
                             "the shards per rank)")
     shuffle_buffer: int = flag(5000, "samples in the shuffle buffer over the data order (order 1: each loader "
-                                     "worker's)")
+                                     "worker's)", identity=True)
     mix_shards: int = flag(-1, "shards whose samples are mixed at once, in a random order; -1: 256 (16 for a run "
-                                "begun in data order 1, where each loader worker reads its own)")
+                                "begun in data order 1, where each loader worker reads its own)", identity=True)
     log_every: int = flag(50, "steps between log lines and MLflow points")
     ckpt_every: int = flag(1000, "steps between checkpoints (also saved on SIGTERM/SIGUSR1, a STOP file and at the "
                                  "end)")
@@ -94,9 +95,9 @@ class TrainConfig:
     collective_timeout: float = flag(1800.0, "seconds a rank may go without an optimizer step or a save (and a "
                                              "collective may wait) before the job ends naming the stalled rank, "
                                              "exit 3 (sbatch requeues it); sized for a GPT-XXL checkpoint save")
-    experiment: str = flag("npp", "MLflow experiment")
+    experiment: str = flag("npp", "MLflow experiment", identity=True)
     run_name: str = flag("", "MLflow run name (default: what defines the run, e.g. 'GPT-B NPP 4:0.25 2:0.25 1:0.5 "
-                             "300ep s0', 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)')")
+                             "300ep s0', 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)')", identity=True)
     tracking: bool = flag(True, "log to MLflow (rank 0); --notracking turns it off")
     compile: str = flag("auto", "torch.compile each transformer block: auto = on CUDA; off (--nocompile) = eager; "
                                 "on = any device", choices=("auto", "on", "off"))

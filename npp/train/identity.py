@@ -2,8 +2,8 @@
 
 A resubmitted job with another `--model`, `--schedule` or `--lr` (a wrong `RUN=`, an edited
 `TRAIN_FLAGS`) must never resume a run and silently rewrite what it claims to be. Every flag of
-`npp train` is in exactly one of the two lists below (a test checks it), and this is the only
-place that says which:
+`npp train` is in exactly one of the two, declared with the flag itself (`flag(..., identity=True)` in
+npp.train.config, shown by `--help`):
 
 - IDENTITY: the flags that define what is trained and how (model, schedule, budget, optimizer, LR
   schedule, precision, data order, seed, the MLflow run it is logged in) plus the data identity
@@ -23,26 +23,14 @@ flags as tags that every start rewrites, so config.json and MLflow never disagre
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from npp.errors import UsageError
+from npp.train.config import TrainConfig
 
-IDENTITY = (
-    "model", "schedule", "patch_levels", "epoch_rate", "epochs", "total_steps", "global_batch",
-    "lr", "end_lr", "warmup_epochs", "decay_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-    "precision", "ema", "ema_decay",
-    "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout",
-    "seed", "shuffle_buffer", "mix_shards", "experiment", "run_name",
-)
-MUTABLE = (
-    "shards",  # the path may move; the data itself is fixed by its digest
-    "out", "grad_accum", "ds_config", "grad_comm", "workers", "log_every", "ckpt_every", "keep", "branch_epochs",
-    "max_bad_steps",
-    "sync_every", "collective_timeout",
-    "tracking", "compile", "activation_checkpointing", "allow_change",
-    "eval_every", "eval_every_epochs", "eval_per_class", "eval_cfg_scale", "eval_cfg", "eval_temperature",
-    "eval_top_k", "eval_batch", "eval_ref", "inception", "classifier", "vq",
-)
+IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity"))
+MUTABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("identity"))
 # Not flags, but as fixed as them: what the data is and how the checkpoint is partitioned.
 DERIVED = ("data_digest", "zero_stage")
 
