@@ -204,6 +204,7 @@ def test_help_shows_each_flag_with_its_meaning_and_default(capsys):
     # spelled as users type it, with a meaning
     main(["train", "--", "--help"])
     assert capsys.readouterr().out == proc.stdout
+    assert typed("train", "--shards", "s", "--out", "o", "--run-name", "-h")["run_name"] == "-h"  # a value
     from npp.app.cli import _command
     from npp.app.help import flags_of
 

@@ -33,7 +33,7 @@ from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
 from npp.pipeline import environment  # noqa: E402
-from npp.pipeline.flags import as_fire_args, documented, parse_flags  # noqa: E402
+from npp.pipeline.flags import as_fire_args, documented, flag_specs, is_bool, parse_flags  # noqa: E402
 from npp.pipeline.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
 from npp.train.config import TrainConfig  # noqa: E402
@@ -326,8 +326,8 @@ class SampleCommand(SampleConfig, Command):
         sample(plan)
 
     def check(self) -> None:
-        """Check the flags and inputs as a run would (no torch, nothing written): the login-node check of
-        `make sample-slurm` and of slurm/sample.sbatch."""
+        """Check the flags and inputs as a run would (no torch, nothing written): the first step of `make sample`
+        and the login-node check of `make sample-slurm` and of slurm/sample.sbatch."""
         self.plan()
         print(f"npp sample: ok ({self.ckpt} -> {self.out})")
 
@@ -639,10 +639,33 @@ def _command(argv: list[str]) -> tuple[list[str], Any, list, int]:
     return words, obj, _flag_sources(parent if words else None, obj), start
 
 
+HELP = ("--help", "-h")
+
+
+def wants_help(argv: list[str]) -> bool:
+    """No command, `--help` anywhere (after `--` too, as fire's own hint spells it: `npp train -- --help`), or
+    `-h` where a flag stands (not as a flag's value: `--run-name -h` names a run)."""
+    own = argv.index("--") if "--" in argv else len(argv)
+    if not argv or "--help" in argv or "-h" in argv[own + 1:]:
+        return True
+    _, _, sources, _ = _command([a for a in argv[:own] if a not in HELP])
+    specs = {name: spec for source in sources for name, spec in flag_specs(source).items()}
+    value_next = False
+    for word in argv[:own]:
+        if value_next:
+            value_next = False
+        elif word in HELP:
+            return True
+        elif word.startswith("--") and "=" not in word:
+            spec = specs.get(word[2:].replace("-", "_"))
+            value_next = spec is not None and not is_bool(spec)
+    return False
+
+
 def help_text(argv: list[str]) -> str:
     """`npp ... --help` (or `-h`, or after `--` as fire's hint spells it): rendered from the declarations the
     flags are read against (npp.app.help), not by fire."""
-    words, obj, sources, _ = _command([a for a in argv if a not in ("--help", "-h", "--")])
+    words, obj, sources, _ = _command([a for a in argv if a not in (*HELP, "--")])
     return render_help(words, obj, sources, _member)
 
 
@@ -681,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
         print(version())
         return
     try:
-        if "--help" in argv or "-h" in argv or not argv:
+        if wants_help(argv):
             print(help_text(argv), end="")
             return
         argv = normalize_argv(argv)

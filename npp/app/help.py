@@ -91,7 +91,8 @@ def _flag_line(spec: FlagSpec, meaning: str) -> list[str]:
     else:
         name = f"{spec.dashed} {metavar(spec)}"
     text = meaning or ""
-    text = f"{text} ({_default(spec)})" if text else f"({_default(spec)})"
+    if "default" not in text:
+        text = f"{text} ({_default(spec)})" if text else f"({_default(spec)})"
     if spec.identity:
         text += "; defines the run: fixed at its first start (--allow-change)"
     out = [f"  {name}"]

@@ -105,15 +105,19 @@ def collect(experiment: str, runs: list[str] | None = None) -> list[dict]:
         if runs and name not in runs and run_id not in runs:
             continue
         seen.update({name, run_id})
-        keys = {canonical(k): k for k in run.data.metrics if FID_KEY.match(canonical(k)) or canonical(k) == HELDOUT}
+        keys: dict[str, list[str]] = {}  # canonical -> every name it was logged under (a run of either naming)
+        for k in run.data.metrics:
+            if FID_KEY.match(canonical(k)) or canonical(k) == HELDOUT:
+                keys.setdefault(canonical(k), []).append(k)
         flops = client.get_metric_history(run_id, "train_flops")
         hours = training_hours(client.get_metric_history(run_id, "step_s"))
         total = int(params.get("total_steps") or max((m.step for m in flops), default=0))
         schedule = params.get("schedule", params.get("train.schedule", "?"))
         curves = {}
-        for key, logged_as in keys.items():
+        for key, names in keys.items():
             points = []
-            for step, value in sorted(_latest_per_step(client.get_metric_history(run_id, logged_as)).items()):
+            history = [m for name in names for m in client.get_metric_history(run_id, name)]
+            for step, value in sorted(_latest_per_step(history).items()):
                 f = _at_step(flops, step)
                 logged = [h for s, h in hours.items() if s <= step]
                 points.append({"step": step, "value": value, "pflops": f.value / 1e15 if f else None,
@@ -396,7 +400,7 @@ def compare(experiment: str = "npp", out: str = "compare", metric: str | None = 
         print(f"no annealed end evaluated in experiment {experiment!r}: run `npp eval` on the runs' final models "
               "(or train with --eval-every) first")
         return {"runs": found, "results": []}
-    keys = [metric] + [HELDOUT] * any(end_point(r, HELDOUT) for r in found)
+    keys = [metric] + [HELDOUT] * (metric != HELDOUT and any(end_point(r, HELDOUT) for r in found))
     results = [comparisons(found, k) for k in keys]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def canonical(key: str) -> str:
 def naming_of(metric_keys) -> int:
     """The naming of a run from the metrics it holds (for `npp eval`, which logs into a training run it did not
     start): 2 once anything is under `Results/`, 1 for a run with metrics and none there, else the current."""
-    keys = list(metric_keys)
+    keys = [k for k in metric_keys if not k.startswith("system/")]  # MLflow's own: no naming
     if not keys or any(k.startswith(RESULTS) for k in keys):
         return NAMING
     return 1

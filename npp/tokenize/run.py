@@ -190,8 +190,9 @@ def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
     mine = [i for i in range(len(planned)) if i % world == rank]
     todo = [i for i in mine if read_part(out, names[i]) is None]
     for split in {cfg.split, VAL_SPLIT}:
-        for stale in out.glob(f"{split}-*.tar.tmp*"):  # leftovers of a killed run
-            stale.unlink(missing_ok=True)
+        for pattern in (f".{split}-*.tar.tmp*", f"{split}-*.tar.tmp*"):  # a killed run's parts (an older npp's)
+            for stale in out.glob(pattern):
+                stale.unlink(missing_ok=True)
     entries = read_order(source, shards, todo, meta["views"]["views"] * grid[0] * grid[1] * 2)
     held = f" + {meta['val']['num_shards']} held-out ({meta['val']['inputs']} inputs)" if meta.get("val") else ""
     print(

@@ -5,7 +5,8 @@ appendix and its code differ (warmup epochs, attention dropout) the paper wins.
 `check_values()` refuses values that cannot work; everything that needs a file (the DeepSpeed
 JSON, the shard set, the run folder) is checked by npp.train.plan, which turns a config into
 the resolved plan the trainer runs. Which flags define a run and which may change on resume
-is said once, in npp.train.identity. This module imports nothing heavy.
+is said once, on each flag here (`identity=True`), and applied by npp.train.identity. This module
+imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
                      warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
                      eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
                      resume_tag=resume_tag(run, world), data_order=order,
-                     mlflow_names=NAMING if saved is None else int(saved.get("mlflow_names", 1)))
+                     mlflow_names=mlflow_names_of(saved, branch))
     plan.heldout = heldout_shards(str(cfg.shards))
     plan.branch = (saved or {}).get("branch") or branch
     if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
@@ -250,6 +250,18 @@ def data_order_of(saved: dict | None, branch: dict | None) -> int:
         parent = RunFolder(branch["parent"])
         return int(parent.read_config().get("data_order", 1)) if parent.config.exists() else ORDER
     return ORDER
+
+
+def mlflow_names_of(saved: dict | None, branch: dict | None) -> int:
+    """The MLflow names a start logs under (npp.pipeline.metric_names): its run's (none recorded: a run begun
+    before them, naming 1), a new branch's parent's (its MLflow run holds the parent's points up to the branch
+    step, under the parent's names), else the current naming."""
+    if saved is not None:
+        return int(saved.get("mlflow_names", 1))
+    if branch is not None:
+        parent = RunFolder(branch["parent"])
+        return int(parent.read_config().get("mlflow_names", 1)) if parent.config.exists() else NAMING
+    return NAMING
 
 
 def resume_tag_of(run: RunFolder, tag: str, world_size: int) -> str:

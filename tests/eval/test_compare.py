@@ -19,8 +19,10 @@ def _run(client, exp, name, schedule, epochs, seed, curve, total, model="GPT-B",
     """A training run as the trainer and `npp eval` log it: identity params, train_flops and step_s at log steps,
     FID (curve: {step: (PFLOPs, fid)}) and the held-out loss, the protocol tag beside the FID. Seed 1's runs
     under today's MLflow names (`Results/fid`, `Results/val_loss_k1`), the others under the names of runs begun
-    before them (`fid`, `val/loss_k1`): one comparison takes both."""
+    before them (`fid`, `val/loss_k1`), seed 0's branches both (a branch of a run begun before: its parent's
+    points under the old names, its end under the new): one comparison takes them all."""
     naming = 2 if str(seed) == "1" else 1
+    last = max(curve)
     run = client.create_run(exp, run_name=name, tags={"npp.branch_parent": branch_of} if branch_of else {}).info.run_id
     for k, v in {"schedule": schedule, "total_steps": total, "train.model": model, "train.schedule": schedule,
                  "train.epochs": epochs, "train.seed": seed, "train.run_name": name, "train.lr": 1e-4}.items():
@@ -30,8 +32,9 @@ def _run(client, exp, name, schedule, epochs, seed, curve, total, model="GPT-B",
     for step, (pflops, fid) in curve.items():
         client.log_metric(run, "train_flops", pflops * 1e15, step=step)
         client.log_metric(run, "step_s", step_s, step=step)
-        client.log_metric(run, to_mlflow("fid", naming), fid, step=step)
-        client.log_metric(run, to_mlflow("val/loss_k1", naming), fid / 10, step=step)
+        named = 2 if branch_of and step == last else naming
+        client.log_metric(run, to_mlflow("fid", named), fid, step=step)
+        client.log_metric(run, to_mlflow("val/loss_k1", named), fid / 10, step=step)
     client.set_terminated(run)
     return run
 

@@ -204,12 +204,19 @@ def test_the_trainer_resumes_at_the_run_position_on_another_layout(shards):
     assert np.array_equal(first["codes"], stream.batch_at(90)["codes"])
 
 
-def test_a_run_keeps_the_data_order_it_began_with(tmp_path):
+def test_a_run_keeps_the_data_order_and_mlflow_names_it_began_with(tmp_path):
     """Runs begun before data order 2 (config.json without `data_order`) resume with order 1; a branch takes its
-    parent's order; a new run takes order 2."""
+    parent's order; a new run takes order 2. The MLflow names (npp.pipeline.metric_names) alike: a branch's run
+    holds its parent's points up to the branch step, so it keeps the parent's names."""
     import json
 
-    from npp.train.plan import data_order_of
+    from npp.train.plan import data_order_of, mlflow_names_of
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"train": {}}))
+    assert mlflow_names_of({"train": {}}, None) == 1 and mlflow_names_of(None, {"parent": str(old)}) == 1
+    assert mlflow_names_of({"mlflow_names": 2}, None) == mlflow_names_of(None, None) == 2
 
     parent = tmp_path / "parent"
     parent.mkdir()

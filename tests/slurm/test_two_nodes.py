@@ -163,6 +163,7 @@ def test_two_nodes_usr1_a_lost_node_a_down_node_a_hung_rank_and_a_quiet_end(chec
 
     held_after(8)
     two_node_cluster.run("scancel", "--signal=USR1", "--batch", job, check=True)
+    wait_for(lambda: (run / "STOP").exists(), 60, "the batch script to ask for the stop")  # before the next sync
     hold.unlink()
     requeue_held(1)
     wait_for(lambda: "resuming at step" in job_log(checkout, job), 300, "the restart to resume")

@@ -106,11 +106,12 @@ def test_resume_after_partial_loss(toy_tree, vq_path, tmp_path):
     ref = shard_bytes(out)
     (out / "train-000002.tar").unlink()
     (out / ".parts" / "train-000001.tar.json").unlink()
-    (out / "train-000003.tar.tmp123").write_bytes(b"half a shard")
+    (out / ".train-000003.tar.tmp123").write_bytes(b"half a shard")  # a killed writer's part (atomic_path)
+    (out / "train-000004.tar.tmp456").write_bytes(b"half a shard")  # and one of an older npp's
     again = run(toy_tree, vq_path, out)
     assert again["inputs_this_run"] == 16
     assert shard_bytes(out) == ref
-    assert not list(out.glob("*.tmp*"))
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*"))
 
 
 @pytest.mark.slow
