@@ -33,6 +33,7 @@ def watch(cfg: WatchConfig) -> list[int]:
     from npp.models.configs import GPTConfig
     from npp.models.gpt import GPT
     from npp.pipeline.devices import pick_device
+    from npp.pipeline.eval_spec import PROTOCOL_TAG
     from npp.pipeline.metric_names import for_mlflow
     from npp.pipeline.mlflow_utils import log_metrics_once, tracking_uri
     from npp.pipeline.runs import checkpoint_weights
@@ -60,8 +61,10 @@ def watch(cfg: WatchConfig) -> list[int]:
         """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""
         for tag, rec in sorted(pending.items()):
             try:
-                log_metrics_once(mlflow.tracking.MlflowClient(), run_id, for_mlflow(rec["metrics"], naming),
-                                 rec["step"])
+                client = mlflow.tracking.MlflowClient()
+                log_metrics_once(client, run_id, for_mlflow(rec["metrics"], naming), rec["step"])
+                for key, value in rec.get("tags", {}).items():  # the FIDs' protocol, as the trainer tags its own
+                    client.set_tag(run_id, key, value)
             except Exception as e:
                 print(f"eval watch: warning: MLflow at {tracking_uri()} did not take the metrics of {tag} "
                       f"({type(e).__name__}); kept in {run.eval_watch}, sent at the next try", flush=True)
@@ -82,7 +85,9 @@ def watch(cfg: WatchConfig) -> list[int]:
             if flops is not None:
                 metrics["train_flops"] = float(flops)
             print(f"eval watch {tag}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-            pending[tag] = {"step": step, "metrics": metrics}  # kept before it is sent: never computed twice
+            protocol = json.dumps(evaluator.protocol, sort_keys=True)  # what `npp compare` matches FIDs by
+            pending[tag] = {"step": step, "metrics": metrics,  # kept before it is sent: never computed twice
+                            "tags": {PROTOCOL_TAG + k: protocol for k in metrics if "fid" in k}}
             save_state()
             evaluated.append(step)
             send_pending()

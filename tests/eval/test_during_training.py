@@ -1,5 +1,7 @@
 """FID during training: logged at the eval points beside train_flops, without changing what training does."""
 
+import json
+
 import pytest
 
 from tests.helpers import launch, read_metrics
@@ -128,6 +130,8 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     client = mlflow.tracking.MlflowClient()
     run_id = (run / "mlflow_run_id").read_text()
     assert [m.step for m in client.get_metric_history(run_id, "Results/fid_toynet_n20")] == [4, 8, 12]
+    protocol = json.loads(client.get_run(run_id).data.tags["npp.protocol.curve/fid_toynet_n20"])
+    assert protocol["per_class"] == 2 and protocol["feature_net"] == "toynet"  # compared like with like
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
     assert os.path.exists(run / "eval_watch.json")
