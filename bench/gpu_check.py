@@ -335,8 +335,8 @@ def launch_rows(setup: Setup, workdir: str) -> None:
     import torch
 
     from npp.models.vq import VQModel, vq_config
-    from npp.pipeline.ranks import free_port
     from npp.pipeline.toy import write_toy_dataset
+    from npp.runtime.ranks import free_port
     from npp.tokenize.run import TokenizeConfig, tokenize
 
     root = os.path.join(workdir, "launch")
@@ -644,7 +644,7 @@ def main(argv=None) -> int:
         print("gpu-check: no CUDA device here; nothing was run (this check needs one NVIDIA GPU; "
               "--rehearse runs the same code on the CPU with tiny models)")
         return 0
-    from npp.pipeline.devices import fast_matmul
+    from npp.runtime.devices import fast_matmul
     from npp.train.distributed import init, read_env
 
     device = init(read_env())  # a world of one on a free local port, as a plain `npp train` gets

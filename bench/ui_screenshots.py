@@ -23,8 +23,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from npp.pipeline.mlflow_utils import MODEL_TRAINING_VIEW, experiment_urls, start_server, stop_server
-from npp.pipeline.ranks import free_port
+from npp.runtime.mlflow_utils import MODEL_TRAINING_VIEW, experiment_urls, start_server, stop_server
+from npp.runtime.ranks import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 

@@ -43,14 +43,14 @@ class MlflowServer:
     port and store (a tracking server restarted for maintenance)."""
 
     def __init__(self, root):
-        from npp.pipeline.ranks import free_port
+        from npp.runtime.ranks import free_port
 
         self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":
-        from npp.pipeline.mlflow_utils import start_server
+        from npp.runtime.mlflow_utils import start_server
 
         try:
             self.proc = start_server(f"sqlite:///{self.root}/server.db", self.port, str(self.root / "artifacts"),
@@ -60,7 +60,7 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        from npp.pipeline.mlflow_utils import stop_server
+        from npp.runtime.mlflow_utils import stop_server
 
         if self.proc is not None:
             stop_server(self.proc)
@@ -126,7 +126,7 @@ def rank_results(tmp_path, name: str, text: str, nproc: int = 2, timeout: int = 
     The ranks leave together and close their process group, as `npp train` ends with a barrier: a rank that exits
     while its peer's gloo threads still talk to it was killed by `terminate called without an active
     exception` (SIGABRT) once in CI, at the end of the bf16 gradient-reduction script (not reproduced in 12 reruns)."""
-    from npp.pipeline.ranks import free_port
+    from npp.runtime.ranks import free_port
 
     script = tmp_path / name
     script.write_text(text + RANKS_LEAVE_TOGETHER)

@@ -1,6 +1,7 @@
 """The dependency direction of docs/architecture.md, read off the code (every import, at any depth of a module).
 
-models and pipeline import no stage; a stage (tokenize, train, eval) imports no other stage and not the app;
+runtime imports nothing of npp but its errors; models and pipeline import no stage; a stage (tokenize, train, eval)
+imports no other stage and not the app;
 only the app (and `python -m npp`) imports several stages.
 """
 
@@ -42,16 +43,17 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_stages_import_only_models_pipeline_and_errors():
+def test_stages_import_only_models_pipeline_runtime_and_errors():
     graph = _graph()
     for stage in STAGES:
-        assert graph[stage] <= {"models", "pipeline", "errors"}, (stage, graph[stage])
+        assert graph[stage] <= {"models", "pipeline", "runtime", "errors"}, (stage, graph[stage])
 
 
 def test_models_and_pipeline_import_no_stage_and_only_the_app_imports_stages():
     graph = _graph()
     assert graph["models"] <= {"errors"}, graph["models"]
-    assert graph["pipeline"] <= {"errors", "models"}, graph["pipeline"]
+    assert graph["runtime"] <= {"errors"}, graph["runtime"]  # services that know nothing of npp's data
+    assert graph["pipeline"] <= {"errors", "models", "runtime"}, graph["pipeline"]
     importers_of_app = {owner for owner, deps in graph.items() if "app" in deps}
     assert importers_of_app <= {"__main__"}, importers_of_app
     several = {owner for owner, deps in graph.items() if len(deps & STAGES) > 1}
@@ -72,16 +74,16 @@ def test_the_trainer_keeps_to_training():
 
 
 def test_environment_knobs_are_read_in_one_place():
-    """npp.pipeline.environment reads every NPP_* variable (one default each); no other module reads one."""
+    """npp.runtime.environment reads every NPP_* variable (one default each); no other module reads one."""
     import re
 
-    from npp.pipeline.environment import KNOBS
+    from npp.runtime.environment import KNOBS
 
     for path in PACKAGE.rglob("*.py"):
         if path.name == "environment.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "environ" in line or "getenv" in line:
-                assert "NPP_" not in line, f"{path}:{number} reads a knob (ask npp.pipeline.environment): {line}"
+                assert "NPP_" not in line, f"{path}:{number} reads a knob (ask npp.runtime.environment): {line}"
     named = {n for p in PACKAGE.rglob("*.py") for n in re.findall(r"\bNPP_[A-Z_]+\b", p.read_text())}
     assert named - {"NPP_HF", "NPP_TEST_"} <= set(KNOBS), named - set(KNOBS)  # a URL constant; the tests' own

@@ -62,7 +62,7 @@ def test_booleans_read_as_typed(words, value):
 
 def test_a_value_that_fails_its_check_is_refused_not_kept_half_converted():
     """`convert` once kept float('inf') (and int(2.5) == 2) after the check that refused it had raised."""
-    from npp.pipeline.flags import convert, flag_specs
+    from npp.runtime.flags import convert, flag_specs
     from npp.train.config import TrainConfig
 
     specs = flag_specs(TrainConfig)

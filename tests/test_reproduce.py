@@ -14,8 +14,8 @@ from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
 from npp.eval.published import RELEASES, load_table, tolerance
 from npp.eval.reference import make_reference, real_images
-from npp.pipeline.files import file_sha256
 from npp.pipeline.toy import write_toy_dataset
+from npp.runtime.files import file_sha256
 from tests.helpers import make_gpt, save_small_vq
 from tests.pipeline.test_assets import Files, server  # noqa: F401 - the local mirror fixture
 

@@ -32,9 +32,9 @@ from npp.app.help import render as render_help  # noqa: E402
 from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
-from npp.pipeline import environment  # noqa: E402
-from npp.pipeline.flags import as_fire_args, documented, flag_specs, is_bool, parse_flags  # noqa: E402
-from npp.pipeline.ranks import is_rank_zero  # noqa: E402
+from npp.runtime import environment  # noqa: E402
+from npp.runtime.flags import as_fire_args, documented, flag_specs, is_bool, parse_flags  # noqa: E402
+from npp.runtime.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
 from npp.train.config import TrainConfig  # noqa: E402
 
@@ -552,7 +552,7 @@ def ui(experiment: str = "npp", host: str = "127.0.0.1", port: int = 5000, serve
 
     import mlflow
 
-    from npp.pipeline.mlflow_utils import experiment_urls, tracking_uri
+    from npp.runtime.mlflow_utils import experiment_urls, tracking_uri
 
     uri = tracking_uri()
     remote = uri.startswith(("http://", "https://"))
@@ -670,7 +670,7 @@ def help_text(argv: list[str]) -> str:
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
-    """The command line with every flag checked against its declared type (npp.pipeline.flags) and
+    """The command line with every flag checked against its declared type (npp.runtime.flags) and
     rewritten as the exact Python literal fire reads back; fire's own flags (after `--`) pass as they are."""
     own = argv.index("--") if "--" in argv else len(argv)
     words, obj, sources, start = _command(argv[:own])
@@ -684,7 +684,7 @@ def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
-    from npp.pipeline.files import git_commit
+    from npp.runtime.files import git_commit
 
     try:
         number = package_version("npp")

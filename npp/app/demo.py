@@ -23,8 +23,8 @@ from pathlib import Path
 
 from npp.app.launch import torchrun_train_cmd
 from npp.errors import NppError, UsageError
-from npp.pipeline.flags import documented, flag
 from npp.pipeline.runs import RunFolder
+from npp.runtime.flags import documented, flag
 from npp.train.config import DEFAULT_DS_CONFIG, DEFAULT_SCHEDULE
 
 
@@ -132,7 +132,7 @@ class Demo:
         # artifacts under the demo's directory (a sqlite store would put them in ./mlruns of the cwd)
         import mlflow
 
-        from npp.pipeline.mlflow_utils import mark_training_experiment
+        from npp.runtime.mlflow_utils import mark_training_experiment
 
         mlflow.set_tracking_uri(self.mlflow_uri)
         mark_training_experiment("npp-demo", artifact_location=(self.out / "mlartifacts").as_uri())
@@ -278,7 +278,7 @@ class Demo:
         print(f"  MLflow UI:    make ui MLFLOW_TRACKING_URI={self.mlflow_uri} EXPERIMENT=npp-demo")
         exp = self._experiment_id()
         if exp is not None:
-            from npp.pipeline.mlflow_utils import experiment_urls
+            from npp.runtime.mlflow_utils import experiment_urls
 
             urls = experiment_urls("http://127.0.0.1:5000", exp)
             print(f"                then open {urls['runs']} (training runs) or {urls['charts']} (charts: pick "
@@ -337,8 +337,8 @@ class Demo:
 
 
 def _flags_of(args: list[str]) -> dict:
-    """An `npp train` command line back into typed TrainConfig fields (npp.pipeline.flags)."""
-    from npp.pipeline.flags import parse_flags
+    """An `npp train` command line back into typed TrainConfig fields (npp.runtime.flags)."""
+    from npp.runtime.flags import parse_flags
     from npp.train.config import TrainConfig
 
     return parse_flags([TrainConfig], args, "npp train")

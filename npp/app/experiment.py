@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npp.errors import NppError, UsageError
-from npp.pipeline.flags import documented, flag
-from npp.pipeline.ranks import free_port
+from npp.runtime.flags import documented, flag
+from npp.runtime.ranks import free_port
 from npp.train.config import DEFAULT_SCHEDULE
 
 

@@ -2,7 +2,7 @@
 
 The flags a command takes, their types, defaults, choices and meanings are declared once (a config
 dataclass's `flag(default, "meaning")` fields, or a function's parameters with its docstring's `Args:`),
-and npp.pipeline.flags reads the command line against them. Help is written from the same specs, so it
+and npp.runtime.flags reads the command line against them. Help is written from the same specs, so it
 names every flag as users type it (`--per-class`, `--noema`), with what it accepts and its default, and
 nothing else: fire's own help screen (kept out) invents one-letter flags npp refuses, lists internal
 groups, and suggests `npp train -- --help`, which is answered here too.
@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from typing import Any
 
-from npp.pipeline.flags import FlagSpec, accepts, flag_specs, is_bool, is_switch
+from npp.runtime.flags import FlagSpec, accepts, flag_specs, is_bool, is_switch
 
 WIDTH = 100
 
@@ -26,9 +26,9 @@ ABOUT = ("npp: class-conditional autoregressive image generators trained with Ne
 
 def first_paragraph(obj: Any) -> str:
     """What a command does: its docstring up to `Args:` (a class's: the config's own words); a group of
-    commands (a dict) has none of its own."""
+    commands (a dict) says which commands it holds."""
     if isinstance(obj, dict):
-        return ""
+        return "Commands: " + ", ".join(obj) + "." if obj else ""
     doc = inspect.cleandoc(getattr(obj, "__doc__", "") or "")
     return doc.split("\nArgs:")[0].strip()
 
@@ -120,7 +120,7 @@ def render(words: list[str], obj: Any, sources: list, member) -> str:
     command = " ".join(["npp", *words])
     described = sources[-1] if sources else obj
     lines = []
-    about = first_paragraph(described if sources else obj) or (ABOUT if not words else "")
+    about = first_paragraph(described if sources else obj) if words else ABOUT
     subs = subcommand_names(obj)
     usage = f"usage: {command}" + (" COMMAND" if isinstance(obj, dict) else "")
     flags = flags_of(sources)

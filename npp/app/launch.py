@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from npp.pipeline.ranks import free_port
+from npp.runtime.ranks import free_port
 
 
 def train_flags(flags: dict) -> list[str]:

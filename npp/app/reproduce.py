@@ -24,8 +24,8 @@ from pathlib import Path
 
 from npp.errors import UsageError
 from npp.eval.published import Release, as_record, find_release, load_table, tolerance
-from npp.pipeline.flags import documented, flag
-from npp.pipeline.ranks import free_port
+from npp.runtime.flags import documented, flag
+from npp.runtime.ranks import free_port
 
 # The assets a published FID is measured with (npp.pipeline.assets' names).
 VQ_ASSET, REF_ASSET, INCEPTION_ASSET = ("vq_ds16_c2i.pt", "VIRTUAL_imagenet256_labeled.npz",
@@ -183,7 +183,7 @@ class Reproduction:
     def _find_or_create_run(self) -> str:
         import mlflow
 
-        from npp.pipeline.mlflow_utils import mark_training_experiment, tracking_uri
+        from npp.runtime.mlflow_utils import mark_training_experiment, tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         client = mlflow.tracking.MlflowClient()
@@ -238,8 +238,8 @@ class Reproduction:
         flag, and the record; a rerun logs no point twice."""
         import mlflow
 
-        from npp.pipeline.metric_names import for_mlflow, naming_of
-        from npp.pipeline.mlflow_utils import log_metrics_once
+        from npp.runtime.metric_names import for_mlflow, naming_of
+        from npp.runtime.mlflow_utils import log_metrics_once
 
         client, run = mlflow.tracking.MlflowClient(), self.mlflow_run()
         beside = {f"{fid_key}_published": record["published_fid"], f"{fid_key}_difference": record["difference"],

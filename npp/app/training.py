@@ -18,6 +18,6 @@ def train_with_evaluation(plan) -> None:
 
         evaluator = TrainingEvaluator(plan.eval_spec)
     train(plan, evaluator)
-    from npp.pipeline.workers import exit_now
+    from npp.runtime.workers import exit_now
 
     exit_now(0)  # saved, stopped or finished: exit 0 (a stop exits 0 for the requeue) without the teardown

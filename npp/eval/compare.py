@@ -35,10 +35,10 @@ from pathlib import Path
 
 from npp.errors import ConfigError
 from npp.pipeline.eval_spec import PROTOCOL_TAG, protocol_differences
-from npp.pipeline.metric_names import HELDOUT, canonical
-from npp.pipeline.mlflow_utils import tracking_uri
+from npp.runtime.metric_names import HELDOUT, canonical
+from npp.runtime.mlflow_utils import tracking_uri
 
-# in npp's own names (npp.pipeline.metric_names.canonical: a run's `Results/fid_toynet_n200` is read as
+# in npp's own names (npp.runtime.metric_names.canonical: a run's `Results/fid_toynet_n200` is read as
 # `curve/fid_toynet_n200`, so runs logged under either naming compare as one)
 FID_KEY = re.compile(r"^(curve/)?fid(_[a-z]+)?(_n[0-9]+)?(_cfg[0-9.]+)?$")  # curve/fid_toynet_n200: eval points
 # params that do not make two runs different experiments: what seed and name they have

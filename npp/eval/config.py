@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
-from npp.pipeline.flags import documented, flag
+from npp.runtime.flags import documented, flag
 
 
 @documented

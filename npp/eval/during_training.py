@@ -37,9 +37,9 @@ from npp.models.checkpoint import load_vq
 from npp.models.generate import Sampler
 from npp.models.gpt import GPT
 from npp.pipeline.eval_spec import EvalSpec, fid_protocol
-from npp.pipeline.files import file_sha256
 from npp.pipeline.images import to_uint8_images
-from npp.pipeline.metric_names import CURVE, DIAG
+from npp.runtime.files import file_sha256
+from npp.runtime.metric_names import CURVE, DIAG
 
 
 class SamplingCopy:

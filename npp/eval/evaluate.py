@@ -20,8 +20,8 @@ from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import EvalInputError, load_npz, reference_for
 from npp.pipeline.eval_spec import PROTOCOL_TAG, fid_protocol
-from npp.pipeline.files import atomic_write_text, file_sha256, npp_version
 from npp.pipeline.runs import RunFolder
+from npp.runtime.files import atomic_write_text, file_sha256, npp_version
 
 
 def sample_files(samples: str) -> list[str]:
@@ -103,7 +103,7 @@ def evaluate(
         try:
             log_to_mlflow(results, ref, net, run_id, ckpt, experiment)
         except Exception as e:  # the metrics are computed and kept: losing them to a tracking outage is not an option
-            from npp.pipeline.mlflow_utils import tracking_uri
+            from npp.runtime.mlflow_utils import tracking_uri
 
             kept = ", ".join(str(_cache_path(f)) for f in results)
             raise EvalInputError(
@@ -182,8 +182,8 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     import mlflow
     from mlflow.entities import RunTag
 
-    from npp.pipeline.metric_names import for_mlflow, naming_of
-    from npp.pipeline.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
+    from npp.runtime.metric_names import for_mlflow, naming_of
+    from npp.runtime.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.tracking.MlflowClient()

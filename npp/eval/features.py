@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from npp.pipeline.devices import exact_fp32, pick_device
-from npp.pipeline.environment import inception_weights
-from npp.pipeline.files import file_sha256
+from npp.runtime.devices import exact_fp32, pick_device
+from npp.runtime.environment import inception_weights
+from npp.runtime.files import file_sha256
 
 
 def load_feature_net(inception: str | None = None, classifier: str | None = None):

@@ -19,10 +19,10 @@ from tqdm import tqdm
 from npp.errors import NppError
 from npp.eval.features import extract
 from npp.eval.metrics import gaussian_stats
-from npp.pipeline.files import atomic_path
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
 from npp.pipeline.shards import read_meta, source_path
 from npp.pipeline.sources import open_source, read_bytes
+from npp.runtime.files import atomic_path
 
 
 class EvalInputError(NppError, ValueError):

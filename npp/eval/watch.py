@@ -15,8 +15,8 @@ import time
 
 from npp.eval.config import WatchConfig
 from npp.eval.reference import EvalInputError
-from npp.pipeline.files import atomic_write_text
 from npp.pipeline.runs import RunFolder, tag_step
+from npp.runtime.files import atomic_write_text
 
 
 def evaluable_tags(run: RunFolder) -> list[str]:
@@ -32,11 +32,11 @@ def watch(cfg: WatchConfig) -> list[int]:
     from npp.eval.during_training import TrainingEvaluator
     from npp.models.configs import GPTConfig
     from npp.models.gpt import GPT
-    from npp.pipeline.devices import pick_device
     from npp.pipeline.eval_spec import PROTOCOL_TAG
-    from npp.pipeline.metric_names import for_mlflow
-    from npp.pipeline.mlflow_utils import log_metrics_once, tracking_uri
     from npp.pipeline.runs import checkpoint_weights
+    from npp.runtime.devices import pick_device
+    from npp.runtime.metric_names import for_mlflow
+    from npp.runtime.mlflow_utils import log_metrics_once, tracking_uri
 
     run = RunFolder(cfg.run)
     run_id = run.mlflow_run_id()
@@ -45,7 +45,7 @@ def watch(cfg: WatchConfig) -> list[int]:
                              f"{run.run_id_file.name}): pass --run RUN")
     config = run.read_config()
     model_cfg = GPTConfig.from_dict(config["model_config"])
-    naming = int(config.get("mlflow_names", 1))  # as the trainer names the run's points (npp.pipeline.metric_names)
+    naming = int(config.get("mlflow_names", 1))  # as the trainer names the run's points (npp.runtime.metric_names)
     evaluator = TrainingEvaluator(cfg)
     device = pick_device("auto")
     state = json.loads(run.eval_watch.read_text()) if run.eval_watch.exists() else {}

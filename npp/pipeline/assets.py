@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from npp.errors import UsageError
-from npp.pipeline.environment import assets_url
-from npp.pipeline.files import atomic_write_text, file_sha256
+from npp.runtime.environment import assets_url
+from npp.runtime.files import atomic_write_text, file_sha256
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from npp.errors import UsageError
-from npp.pipeline.flags import documented, flag
+from npp.runtime.flags import documented, flag
 
 
 @documented

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from npp.pipeline.files import atomic_write_text
+from npp.runtime.files import atomic_write_text
 
 TAG_PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from npp.errors import NppError
-from npp.pipeline.files import atomic_write_bytes, atomic_write_json
+from npp.runtime.files import atomic_write_bytes, atomic_write_json
 
 # 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
 FORMAT_VERSION = 2

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from npp.errors import ConfigError
 from npp.pipeline.tar_reader import CorruptShardError, map_shard, parse_shard
-from npp.pipeline.workers import WorkerInit
+from npp.runtime.workers import WorkerInit
 
 __all__ = ["CodeStream", "CorruptShardError", "assign_shards", "batch_to_device", "make_loader", "map_shard",
            "next_untouched_epoch", "parse_shard", "shard_paths"]
@@ -213,7 +213,7 @@ def _keep(batch: dict) -> dict:
 def make_loader(stream: IterableDataset, workers: int, prefetch: int = 4) -> DataLoader:
     """The DataLoader for a CodeStream or GlobalStream: batches pass through as built (no collation, no tensor IPC).
 
-    Workers ignore the stop signals and die with their rank (npp.pipeline.workers): a
+    Workers ignore the stop signals and die with their rank (npp.runtime.workers): a
     SIGTERM sent to every process of the job must reach the rank's save, not kill the
     DataLoader under it.
     """

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from npp.pipeline.files import atomic_path
+from npp.runtime.files import atomic_path
 
 TOY_CLASSES = [
     "circle", "square", "triangle", "cross", "ring",

@@ -25,8 +25,6 @@ from tqdm import tqdm
 
 from npp.errors import ConfigError
 from npp.models.checkpoint import load_vq
-from npp.pipeline.devices import fast_matmul, pick_device
-from npp.pipeline.files import atomic_path, atomic_write_json, file_sha256
 from npp.pipeline.images import (
     ImageDecodeError,
     decode_image,
@@ -35,7 +33,6 @@ from npp.pipeline.images import (
     make_views,
     to_model_input,
 )
-from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.shards import (
     FORMAT_VERSION,
     VAL_MANIFEST,
@@ -50,7 +47,10 @@ from npp.pipeline.shards import (
     write_shard,
 )
 from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
-from npp.pipeline.workers import WorkerInit
+from npp.runtime.devices import fast_matmul, pick_device
+from npp.runtime.files import atomic_path, atomic_write_json, file_sha256
+from npp.runtime.ranks import rank_and_world
+from npp.runtime.workers import WorkerInit
 from npp.tokenize.config import TokenizeConfig, auto_workers
 
 __all__ = ["TokenizeConfig", "tokenize", "finalize", "resolve_rank", "shard_assignment"]
@@ -64,7 +64,7 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit flags, else the job's ranks (torchrun, srun), else a SLURM array task, else a single process."""
     if rank is not None or world_size is not None:
         r, w = int(rank or 0), int(world_size or 1)
-    elif rank_and_world()[1] > 1:  # torchrun or srun (npp.pipeline.ranks)
+    elif rank_and_world()[1] > 1:  # torchrun or srun (npp.runtime.ranks)
         r, w = rank_and_world()
     elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
         # array ids may start at any offset (--array=1-8): rank is the position in the array

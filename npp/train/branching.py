@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 from npp.errors import UsageError
-from npp.pipeline.files import atomic_write_text
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
+from npp.runtime.files import atomic_write_text
 from npp.train.config import TrainConfig
 from npp.train.schedule import branch_points, parse_schedule
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
-from npp.pipeline.flags import documented, flag
+from npp.runtime.flags import documented, flag
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from npp.pipeline.devices import pick_device
-from npp.pipeline.ranks import free_port, local_rank, rank_and_world
+from npp.runtime.devices import pick_device
+from npp.runtime.ranks import free_port, local_rank, rank_and_world
 from npp.train.errors import TrainingError
 
 
@@ -35,7 +35,7 @@ class DistEnv:
 
 
 def read_env() -> DistEnv:
-    """This rank (npp.pipeline.ranks), with the variables torch.distributed needs set: srun's are mapped to
+    """This rank (npp.runtime.ranks), with the variables torch.distributed needs set: srun's are mapped to
     torchrun's names, a world of one gets a free local port."""
     env = os.environ
     rank, world = rank_and_world()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from npp.pipeline.files import atomic_path
 from npp.pipeline.runs import RunFolder, consolidated_state, tag_step
+from npp.runtime.files import atomic_path
 
 
 def export(run: str, tag: str | None = None, out: str | None = None) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from npp.pipeline.metric_names import HELDOUT
 from npp.pipeline.shards import iter_tar_samples
+from npp.runtime.metric_names import HELDOUT
 from npp.train.distributed import all_sum
 
 METRIC = HELDOUT

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from npp.pipeline import environment
+from npp.runtime import environment
 
 PEAK_BF16: list[tuple[str, float]] = [
     ("H200 NVL", 835e12),

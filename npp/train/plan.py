@@ -20,10 +20,10 @@ from npp.errors import UsageError
 from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.global_order import ORDER
-from npp.pipeline.metric_names import NAMING
-from npp.pipeline.ranks import rank_and_world
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
+from npp.runtime.metric_names import NAMING
+from npp.runtime.ranks import rank_and_world
 from npp.train.config import TrainConfig
 from npp.train.ds_config import (
     check_ds_json,
@@ -59,7 +59,7 @@ class TrainPlan:
     workers: int  # loader workers per rank, resolved
     resume_tag: str | None  # the checkpoint this start resumes from
     data_order: int = ORDER  # 2: npp.pipeline.global_order; 1: npp.pipeline.stream's, for runs begun before it
-    mlflow_names: int = NAMING  # npp.pipeline.metric_names: 1 for runs begun before `Results/`
+    mlflow_names: int = NAMING  # npp.runtime.metric_names: 1 for runs begun before `Results/`
     heldout: list = field(default_factory=list)  # the held-out shards (--val-share of tokenize): val/loss_k1
     branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
     branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
@@ -253,7 +253,7 @@ def data_order_of(saved: dict | None, branch: dict | None) -> int:
 
 
 def mlflow_names_of(saved: dict | None, branch: dict | None) -> int:
-    """The MLflow names a start logs under (npp.pipeline.metric_names): its run's (none recorded: a run begun
+    """The MLflow names a start logs under (npp.runtime.metric_names): its run's (none recorded: a run begun
     before them, naming 1), a new branch's parent's (its MLflow run holds the parent's points up to the branch
     step, under the parent's names), else the current naming."""
     if saved is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from npp.pipeline.files import truncate_jsonl
+from npp.runtime.files import truncate_jsonl
 from npp.train.distributed import all_sum
 
 

@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from npp.pipeline.files import atomic_write_text, git_commit
-from npp.pipeline.metric_names import DIAG, NAMING, for_mlflow
 from npp.pipeline.runs import RunFolder
+from npp.runtime.files import atomic_write_text, git_commit
+from npp.runtime.metric_names import DIAG, NAMING, for_mlflow
 from npp.train.identity import MUTABLE
 from npp.train.plan import TrainPlan, run_files
 
@@ -29,13 +29,13 @@ def write_run_files(run: RunFolder, plan: TrainPlan, ds_config: dict, precision:
 
 
 # Step metrics that diagnose the machinery rather than the model: MLflow's charts list them under `diag/`, after
-# the results (npp.pipeline.metric_names).
+# the results (npp.runtime.metric_names).
 DIAGNOSTICS = ("log_s", "ckpt_s", "eval_s", "corrupt_shards", "bad_steps")
 
 
 def mlflow_names(metrics: dict, patch_side: int, naming: int = NAMING) -> dict:
     """A log step's metrics as MLflow shows them: the results first (`Results/loss`, `Results/lr` in naming 2,
-    npp.pipeline.metric_names), diagnostics under `diag/`, the FLOPs also in PFLOPs (an axis that reads 1.2, not
+    npp.runtime.metric_names), diagnostics under `diag/`, the FLOPs also in PFLOPs (an axis that reads 1.2, not
     1.2e15), and the loss also per patch side (`loss/k4`, `loss/k2`, `loss/k1`: NPP's stages as separate series,
     not jumps of one; a k x k patch's loss sums k^2 targets' scale differently). metrics.jsonl and the log line
     keep their names."""

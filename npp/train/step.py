@@ -25,7 +25,7 @@ import torch
 
 from npp.models.configs import GPTConfig, count_parameters
 from npp.models.gpt import GPT, configure_optimizer_groups
-from npp.pipeline.devices import fast_matmul
+from npp.runtime.devices import fast_matmul
 from npp.train.config import TrainConfig, compile_setting
 from npp.train.ema import EMA, PartitionedEMA, make_ema
 

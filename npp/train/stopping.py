@@ -7,7 +7,7 @@ one all-reduce that someone asked to stop, save, and exit 0 so the job can reque
 The ranks look at sync points only (every --sync-every steps, see Trainer): the
 all-reduce makes the host wait for the device, which per step would cost NPP's
 short k=4 steps much of their speed; a stop is therefore honoured within that many steps.
-The loader workers ignore these signals (npp.pipeline.workers) so they cannot take
+The loader workers ignore these signals (npp.runtime.workers) so they cannot take
 the DataLoader down before the save. Only rank 0 looks for the file (a `stat` per
 step from every rank is real load on a shared filesystem); the agreement spreads it.
 A stop is consumed: the file is removed once the checkpoint is written, so the

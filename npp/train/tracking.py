@@ -35,11 +35,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from npp.pipeline.environment import mlflow_drain_s
-from npp.pipeline.files import truncate_jsonl
-from npp.pipeline.metric_names import is_training_loss
-from npp.pipeline.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 from npp.pipeline.runs import RunFolder
+from npp.runtime.environment import mlflow_drain_s
+from npp.runtime.files import truncate_jsonl
+from npp.runtime.metric_names import is_training_loss
+from npp.runtime.mlflow_utils import flatten, mark_training_experiment, tracking_uri
 
 CREATE_TAG = "npp.create_token"  # set on the run at creation: finds it again when create_run's answer was lost
 

@@ -15,10 +15,10 @@ import os
 import numpy as np
 import torch
 
-from npp.pipeline.environment import mlflow_drain_s
-from npp.pipeline.metric_names import DIAG, for_mlflow
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
+from npp.runtime.environment import mlflow_drain_s
+from npp.runtime.metric_names import DIAG, for_mlflow
 from npp.train import checkpointing
 from npp.train import run_record as record
 from npp.train.bad_steps import BadSteps

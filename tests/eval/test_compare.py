@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from npp.eval.compare import compare, frontier_cost
-from npp.pipeline.metric_names import to_mlflow
+from npp.runtime.metric_names import to_mlflow
 
 PROTOCOL = {"per_class": 100, "labels": "balanced", "cfg_scale": 2.0, "cfg_interval": -1, "temperature": 0.6,
             "top_k": 0, "top_p": 1.0, "reference_sha256": "ab12", "feature_net": "toynet", "feature_net_sha256": "cd"}

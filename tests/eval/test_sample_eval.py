@@ -165,7 +165,7 @@ def test_eval_keeps_its_metrics_through_a_tracking_outage_and_logs_each_once(set
     """MLflow does not answer: the metrics are kept and the error names where; the rerun computes nothing again
     and logs them; a third run adds no point twice."""
     from npp.eval import evaluate as evaluate_module
-    from npp.pipeline.ranks import free_port
+    from npp.runtime.ranks import free_port
 
     out = tmp_path / "s"
     sample(_cfg(setup, out))

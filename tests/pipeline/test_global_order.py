@@ -206,7 +206,7 @@ def test_the_trainer_resumes_at_the_run_position_on_another_layout(shards):
 
 def test_a_run_keeps_the_data_order_and_mlflow_names_it_began_with(tmp_path):
     """Runs begun before data order 2 (config.json without `data_order`) resume with order 1; a branch takes its
-    parent's order; a new run takes order 2. The MLflow names (npp.pipeline.metric_names) alike: a branch's run
+    parent's order; a new run takes order 2. The MLflow names (npp.runtime.metric_names) alike: a branch's run
     holds its parent's points up to the branch step, so it keeps the parent's names."""
     import json
 

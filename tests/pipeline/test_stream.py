@@ -161,7 +161,7 @@ raise RuntimeError("a rank fails with its DataLoader alive")
 
 
 def test_a_rank_that_fails_with_live_loader_workers_exits(tmp_path):
-    """Workers ignore SIGTERM (see npp.pipeline.workers); multiprocessing's exit hook terminates them with SIGTERM and
+    """Workers ignore SIGTERM (see npp.runtime.workers); multiprocessing's exit hook terminates them with SIGTERM and
     joins: without our own hook the failed rank hangs forever."""
     import subprocess
     import sys

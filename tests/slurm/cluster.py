@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from npp.pipeline.ranks import free_port
+from npp.runtime.ranks import free_port
 
 PACKAGES = "slurmd slurmctld slurm-client munge"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from npp.pipeline.files import atomic_path, atomic_write_text, truncate_jsonl
-from npp.pipeline.metric_names import canonical, for_mlflow, naming_of
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
+from npp.runtime.files import atomic_path, atomic_write_text, truncate_jsonl
+from npp.runtime.metric_names import canonical, for_mlflow, naming_of
 from npp.train.bad_steps import BadSteps
 from npp.train.cadence import Cadence
 from npp.train.errors import TrainingError
@@ -100,7 +100,7 @@ def test_a_record_file_is_cut_back_to_a_step_and_a_line_cut_by_a_kill_is_dropped
 
 
 def test_every_writer_replaces_a_file_whole_or_not_at_all(tmp_path):
-    """npp.pipeline.files.atomic_path, behind every file npp writes (JSON, parquet, npz, PNG, torch.save): the
+    """npp.runtime.files.atomic_path, behind every file npp writes (JSON, parquet, npz, PNG, torch.save): the
     part is hidden from the scans that look for the target's kind, an error leaves the old file and no part, and
     numpy writes through an open file (a bare path would get `.npz` added)."""
     import numpy as np

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from npp.models import gpt_config
-from npp.pipeline.ranks import free_port
+from npp.runtime.ranks import free_port
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA
 from npp.train.step import build_model_and_optimizer

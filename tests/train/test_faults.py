@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from npp.pipeline.ranks import free_port
+from npp.runtime.ranks import free_port
 from tests.helpers import read_metrics, run_env
 
 POISON = textwrap.dedent('''
@@ -148,7 +148,7 @@ CRASH = textwrap.dedent('''
 @pytest.mark.slow
 def test_a_rank_that_crashes_ends_the_job(shard_set, tmp_path):
     """An uncaught error on one rank, loader workers alive: the job fails at once instead of hanging to its time
-    limit (the workers ignore SIGTERM, which multiprocessing's exit hook relied on; see npp.pipeline.workers)."""
+    limit (the workers ignore SIGTERM, which multiprocessing's exit hook relied on; see npp.runtime.workers)."""
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -77,7 +77,7 @@ class _LosesAnswers:
         import threading
         import urllib.parse
 
-        from npp.pipeline.ranks import free_port
+        from npp.runtime.ranks import free_port
 
         up = urllib.parse.urlsplit(upstream)
         hop = self

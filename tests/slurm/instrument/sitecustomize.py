@@ -80,7 +80,7 @@ def _patch_numpy(module) -> None:
     """NPP_TEST_PIECE_DELAY: each sample piece takes that much longer."""
     delay = float(os.environ.get("NPP_TEST_PIECE_DELAY", 0) or 0)
     if delay:
-        # npp writes through an open file (npp.pipeline.files.atomic_path): its name says which piece
+        # npp writes through an open file (npp.runtime.files.atomic_path): its name says which piece
         module.savez = _slowed(module.savez, delay,
                                lambda file, *a: ".piece_" in os.fspath(getattr(file, "name", file)))
 

@@ -7,7 +7,7 @@ import deepspeed  # imported before any test patches CUDA: DeepSpeed picks its a
 import pytest
 import torch
 
-from npp.pipeline import devices
+from npp.runtime import devices
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_srun_with_one_gpu_per_task_binds_the_process_group_to_the_gpu_npp_uses(
                                          ("2.10.0a0+git1234", True), ("1.13.1", False)])
 def test_a_torch_older_than_the_minimum_is_refused_in_one_line(version, ok):
     from npp.errors import ConfigError
-    from npp.pipeline.devices import check_torch
+    from npp.runtime.devices import check_torch
 
     if ok:
         check_torch(version)
