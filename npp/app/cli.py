@@ -157,7 +157,8 @@ def fit_vq(data: str, out: str, preset: str = "VQ-toy", image_size: int = 32, ma
     """
     from npp.tokenize.fit_vq import fit_vq
 
-    fit_vq(str(data), str(out), preset, image_size, minutes, max_steps, batch, lr, seed)
+    fit_vq(str(data), str(out), preset=preset, image_size=image_size, max_steps=max_steps, minutes=minutes,
+           batch=batch, lr=lr, seed=seed)
 
 
 def finalize(out: str) -> None:
