@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
-from npp.runtime.flags import documented, flag
+from npp.runtime.flags import documented, flag, need
 
 
 @documented
@@ -42,10 +42,6 @@ class SampleConfig:
     def validate(self) -> None:
         """Refuse flags and inputs that cannot work, before torch is imported."""
         from npp.pipeline.inputs import check_gpt_checkpoint, check_vq_checkpoint
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
 
         need(int(self.per_class) >= 1 or self.labels == "random", f"--per-class must be >= 1, got {self.per_class}")
         need(int(self.batch) >= 0, f"--batch must be >= 0 (0 = auto), got {self.batch}")

@@ -37,6 +37,12 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
 
+def need(ok: bool, message: str) -> None:
+    """A config's check of a value: refused in one line (exit 2) when not `ok`."""
+    if not ok:
+        raise UsageError(message)
+
+
 def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None,
          identity: bool = False) -> Any:
     """A config field with its meaning (shown by `--help`) and, optionally, the values it accepts; `identity`:

@@ -43,6 +43,13 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 @functools.cache
+def slurm_workers(processes_per_node: int = 1) -> int | None:
+    """Loader or decoder processes for each of `processes_per_node` processes: the CPUs SLURM gives them, less one
+    for the process itself (at least 1); None outside SLURM (the caller's default applies)."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
+    return max(1, cpus // max(1, processes_per_node) - 1) if cpus else None
+
+
 def kill_workers_at_exit() -> None:
     """In the parent: at interpreter exit, SIGKILL the daemonic children (loader workers) still alive.
 

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 
 from npp.errors import UsageError
-from npp.runtime.flags import documented, flag
+from npp.runtime.flags import documented, flag, need
+from npp.runtime.workers import slurm_workers
 
 
 @documented
@@ -45,10 +46,6 @@ class TokenizeConfig:
         """Refuse flag values that cannot work, naming the flag and the fix (no torch needed)."""
         from npp.pipeline.images import crop_ranges
         from npp.pipeline.inputs import check_vq_checkpoint
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
 
         need(isinstance(self.samples_per_shard, int) and self.samples_per_shard >= 1,
              f"--samples-per-shard must be a whole number >= 1 (got {self.samples_per_shard!r}); 1000 suits ImageNet")
@@ -86,5 +83,4 @@ def auto_workers(requested: int) -> int:
     """--workers -1: one per CPU SLURM gives the task, less one for the encoder loop; 4 elsewhere."""
     if requested >= 0:
         return requested
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
-    return max(1, cpus - 1) if cpus else 4
+    return slurm_workers() or 4

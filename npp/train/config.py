@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
-from npp.runtime.flags import documented, flag
+from npp.runtime.flags import documented, flag, need
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
@@ -160,10 +160,6 @@ class TrainConfig:
 
     def check_values(self) -> None:
         """Refuse values that cannot work, naming the flag and the fix (no file is read)."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
-
         need(bool(self.shards), "--shards is empty: pass the shard-set directory (`npp tokenize run --out`)")
         need(bool(self.out), "--out is empty: pass the run directory")
         for name in ("log_every", "ckpt_every", "sync_every", "grad_accum", "max_bad_steps", "keep", "global_batch",

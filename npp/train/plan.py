@@ -24,6 +24,7 @@ from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
 from npp.runtime.metric_names import NAMING
 from npp.runtime.ranks import rank_and_world
+from npp.runtime.workers import slurm_workers
 from npp.train.config import TrainConfig
 from npp.train.ds_config import (
     check_ds_json,
@@ -118,9 +119,8 @@ def auto_workers(requested: int, shards: int, world_size: int) -> int:
     shards each rank owns (a worker without shards hangs the job)."""
     if requested >= 0:
         return requested
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0) or 1
-    wanted = max(1, min(8, cpus // per_node - 1)) if cpus else 4
+    from_slurm = slurm_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0) or 1)
+    wanted = min(8, from_slurm) if from_slurm else 4
     return max(1, min(wanted, shards // max(1, world_size)))
 
 
