@@ -55,7 +55,7 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(shard_set, tmp_path, ml
     hist = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="Results/loss")["metrics"]
     assert sorted(m["step"] for m in hist) == list(range(2, total + 1, 2))  # every log step, once
     outbox = [json.loads(line) for line in (run / "mlflow_outbox.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in outbox if "loss" in r["metrics"]] == list(range(2, total + 1, 2))
+    assert [r["step"] for r in outbox if "Results/loss" in r["metrics"]] == list(range(2, total + 1, 2))
 
 
 def _metrics_batch(path: str, body: dict) -> bool:
