@@ -122,7 +122,7 @@ def stop_seconds(record: Path, log: str, step: int) -> float:
     return float(closing.group(1)) - max(saved)
 
 
-STALL_TIMEOUT = 45  # --collective-timeout of the job whose rank is stopped
+STALL_TIMEOUT = 30  # --collective-timeout of the job whose rank is stopped (its process group waits 90 s)
 
 
 def last_start(log: str) -> str:
@@ -141,7 +141,7 @@ def test_two_nodes_usr1_a_lost_node_a_down_node_a_hung_rank_and_a_quiet_end(chec
     save -> requeue -> the restart resumes there; held after step 16's checkpoint, node2 is lost (SIGKILL of every
     npp process on it) -> the job fails and requeues itself (failure 1 of 3) -> the next restart resumes from 16;
     held after 24, SLURM marks node2 DOWN -> SLURM requeues the job itself (--requeue) -> node2 back -> the restart
-    resumes from 24; held after 32, one rank of node2 stops (SIGSTOP, --collective-timeout 45) and the others go on:
+    resumes from 24; held after 32, one rank of node2 stops (SIGSTOP, --collective-timeout 30) and the others go on:
     their watchdogs name it and node2 and end the job (their line comes before the failure: the watchdog ended
     it, not the process group's own timeout 60 s later, which would name nobody; no wall-clock bound a loaded
     machine could miss) -> it requeues itself -> the last restart resumes from 32 and finishes with a busy loop

@@ -70,10 +70,10 @@ def test_steps_and_saves_keep_it_quiet_and_an_evaluation_pauses_it():
 @pytest.mark.slow
 def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp_path):
     """2 ranks under torchrun, --collective-timeout 10: SIGSTOP rank 1 mid-run (a GPU off the bus, a stuck read).
-    Rank 0's watchdog ends rank 0 within the timeout (plus its poll), naming rank 1, its host and where rank 0
-    waits; no checkpoint is left half-written (latest names a complete one). What torchrun then does (it ends
-    the other ranks, after its own teardown timeouts, a stopped one with SIGKILL) is torchrun's: done here at
-    once."""
+    Rank 0's watchdog ends rank 0 after the timeout, before the process group's own would, naming rank 1, its
+    host and where rank 0 waits; no checkpoint is left half-written (latest names a complete one). What torchrun
+    then does (it ends the other ranks after its own teardown timeouts, a stopped one with SIGKILL) is
+    torchrun's: done here at once."""
     import os
     import signal
     import subprocess
@@ -98,7 +98,9 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp
                 open(f"/proc/{rank[0]}/stat").read().split()[2] != "Z":
             time.sleep(0.2)
         ended = time.time() - t0  # rank 0 left: torchrun (srun --kill-on-bad-exit on SLURM) ends the rest
-        assert ended < 10 + 15, ended
+        # before the process group's own timeout (10 + 60 s) could: the watchdog ended it (its line, below), with
+        # room for a loaded machine (a tighter wall-clock bound would fail there, not here)
+        assert ended < 60, ended
         signal_tree(proc.pid, signal.SIGKILL)  # torchrun would: here at once, not after its teardown's timeouts
         out, _ = proc.communicate(timeout=60)
     finally:
