@@ -682,16 +682,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
+    from npp.runtime.files import npp_version
 
-    from npp.runtime.files import git_commit
-
-    try:
-        number = package_version("npp")
-    except PackageNotFoundError:
-        number = "unknown"
-    return f"npp {number} (git {git_commit()})"
+    return f"npp {npp_version()}"
 
 
 def main(argv: list[str] | None = None) -> None:

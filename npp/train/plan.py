@@ -241,27 +241,26 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
 MIX_SHARDS = {1: 16, 2: 256}  # --mix-shards -1 per data order (bench/class_mixing.py: docs/reference.md)
 
 
-def data_order_of(saved: dict | None, branch: dict | None) -> int:
-    """The data order a start keeps: its run's (config.json; a run begun before orders were recorded has order
-    1), a new branch's parent's (the branch must see the parent's batches), else the current one."""
+def kept_version(key: str, current: int, saved: dict | None, branch: dict | None) -> int:
+    """A versioned behaviour a run keeps for its life (config.json `key`): its run's (a run begun before the
+    key was recorded has version 1), a new branch's parent's, else the current one."""
     if saved is not None:
-        return int(saved.get("data_order", 1))
+        return int(saved.get(key, 1))
     if branch is not None:
         parent = RunFolder(branch["parent"])
-        return int(parent.read_config().get("data_order", 1)) if parent.config.exists() else ORDER
-    return ORDER
+        return int(parent.read_config().get(key, 1)) if parent.config.exists() else current
+    return current
+
+
+def data_order_of(saved: dict | None, branch: dict | None) -> int:
+    """The data order a start keeps (a branch must see its parent's batches)."""
+    return kept_version("data_order", ORDER, saved, branch)
 
 
 def mlflow_names_of(saved: dict | None, branch: dict | None) -> int:
-    """The MLflow names a start logs under (npp.runtime.metric_names): its run's (none recorded: a run begun
-    before them, naming 1), a new branch's parent's (its MLflow run holds the parent's points up to the branch
-    step, under the parent's names), else the current naming."""
-    if saved is not None:
-        return int(saved.get("mlflow_names", 1))
-    if branch is not None:
-        parent = RunFolder(branch["parent"])
-        return int(parent.read_config().get("mlflow_names", 1)) if parent.config.exists() else NAMING
-    return NAMING
+    """The MLflow names a start logs under (npp.runtime.metric_names); a branch's MLflow run holds its parent's
+    points up to the branch step, under the parent's names."""
+    return kept_version("mlflow_names", NAMING, saved, branch)
 
 
 def resume_tag_of(run: RunFolder, tag: str, world_size: int) -> str:
