@@ -215,6 +215,10 @@ def test_help_shows_each_flag_with_its_meaning_and_default(capsys):
         for spec, meaning in flags_of(_command(words)[2]):
             assert f"  {spec.dashed}" in page and meaning, (words, spec.name)
             assert "_" not in spec.dashed, (words, spec.dashed)
+    main(["tokenize"])  # a group without one of its commands: what it holds, not fire's screen
+    assert capsys.readouterr().out.startswith("usage: npp tokenize COMMAND")
+    main(["eval", "--samples", "--help"])  # --help anywhere asks for help
+    assert capsys.readouterr().out.startswith("usage: npp eval")
     main([])
     top = capsys.readouterr().out
     assert all(f"  npp {name}" in top for name in ("tokenize", "train", "sample", "eval", "compare", "demo")), top

@@ -33,7 +33,7 @@ from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
 from npp.runtime import environment  # noqa: E402
-from npp.runtime.flags import as_fire_args, documented, flag_specs, is_bool, parse_flags  # noqa: E402
+from npp.runtime.flags import HelpRequested, as_fire_args, documented, parse_flags  # noqa: E402
 from npp.runtime.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
 from npp.train.config import TrainConfig  # noqa: E402
@@ -643,26 +643,6 @@ def _command(argv: list[str]) -> tuple[list[str], Any, list, int]:
 HELP = ("--help", "-h")
 
 
-def wants_help(argv: list[str]) -> bool:
-    """No command, `--help` anywhere (after `--` too, as fire's own hint spells it: `npp train -- --help`), or
-    `-h` where a flag stands (not as a flag's value: `--run-name -h` names a run)."""
-    own = argv.index("--") if "--" in argv else len(argv)
-    if not argv or "--help" in argv or "-h" in argv[own + 1:]:
-        return True
-    _, _, sources, _ = _command([a for a in argv[:own] if a not in HELP])
-    specs = {name: spec for source in sources for name, spec in flag_specs(source).items()}
-    value_next = False
-    for word in argv[:own]:
-        if value_next:
-            value_next = False
-        elif word in HELP:
-            return True
-        elif word.startswith("--") and "=" not in word:
-            spec = specs.get(word[2:].replace("-", "_"))
-            value_next = spec is not None and not is_bool(spec)
-    return False
-
-
 def help_text(argv: list[str]) -> str:
     """`npp ... --help` (or `-h`, or after `--` as fire's hint spells it): rendered from the declarations the
     flags are read against (npp.app.help), not by fire."""
@@ -672,11 +652,15 @@ def help_text(argv: list[str]) -> str:
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """The command line with every flag checked against its declared type (npp.runtime.flags) and
-    rewritten as the exact Python literal fire reads back; fire's own flags (after `--`) pass as they are."""
+    rewritten as the exact Python literal fire reads back; fire's own flags (after `--`) pass as they are.
+    HelpRequested: no command, a help word among the flags (npp.runtime.flags.parse_flags) or after `--`
+    (fire's own hint: `npp train -- --help`), or a group of commands without one of them."""
     own = argv.index("--") if "--" in argv else len(argv)
+    if not argv or any(a in HELP for a in argv[own + 1:]):
+        raise HelpRequested
     words, obj, sources, start = _command(argv[:own])
-    if not sources:
-        return argv
+    if not sources:  # a group of commands (`npp tokenize`): what it holds
+        raise HelpRequested
     values = parse_flags(sources, argv[start:own], " ".join(["npp", *words]))
     return words + as_fire_args(values) + argv[own:]
 
@@ -698,10 +682,11 @@ def main(argv: list[str] | None = None) -> None:
         print(version())
         return
     try:
-        if wants_help(argv):
+        try:
+            argv = normalize_argv(argv)
+        except HelpRequested:
             print(help_text(argv), end="")
             return
-        argv = normalize_argv(argv)
         fire.Fire(COMMANDS, command=argv, name="npp", serialize=run_command)
     except (NppError, FileNotFoundError) as e:
         if environment.debug():

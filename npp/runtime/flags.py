@@ -196,13 +196,20 @@ def _closest(word: str, known: list[str]) -> str:
     return f"; did you mean --{match[0].replace('_', '-')}?" if match else ""
 
 
+class HelpRequested(Exception):
+    """`--help` anywhere among a command's words, or `-h` where a flag stands (as a flag's value, `-h` is a value:
+    `--run-name -h`): the caller shows the command's help instead of running it."""
+
+
 def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[str, Any]:
     """The typed values of the flags in `args` for the command whose flags `sources` declare (a config
     class or function, plus a method's own parameters); only those given; refuses unknown or bad ones.
 
     `args` are the words after the command's name (up to a lone `--`, fire's own flags). Positional
-    words fill the required flags in order, as fire does.
+    words fill the required flags in order, as fire does. Raises HelpRequested for a help word.
     """
+    if "--help" in args:
+        raise HelpRequested
     specs: dict[str, FlagSpec] = {}
     for source in sources:
         specs.update(flag_specs(source))
@@ -212,6 +219,8 @@ def parse_flags(sources: list[Callable], args: list[str], command: str) -> dict[
     i = 0
     while i < len(args):
         tok = args[i]
+        if tok == "-h":
+            raise HelpRequested
         if tok.startswith("-") and not _is_number(tok):
             name, eq, raw = tok.lstrip("-").partition("=")
             key = name.replace("-", "_")
