@@ -33,7 +33,7 @@ from npp.app.reproduce import ReproduceConfig  # noqa: E402
 from npp.errors import NppError, UsageError  # noqa: E402
 from npp.eval.config import SampleConfig, WatchConfig  # noqa: E402
 from npp.runtime import environment  # noqa: E402
-from npp.runtime.flags import HelpRequested, as_fire_args, documented, parse_flags  # noqa: E402
+from npp.runtime.flags import HELP_WORDS, HelpRequested, as_fire_args, documented, parse_flags  # noqa: E402
 from npp.runtime.ranks import is_rank_zero  # noqa: E402
 from npp.tokenize.config import TokenizeConfig  # noqa: E402
 from npp.train.config import TrainConfig  # noqa: E402
@@ -640,13 +640,10 @@ def _command(argv: list[str]) -> tuple[list[str], Any, list, int]:
     return words, obj, _flag_sources(parent if words else None, obj), start
 
 
-HELP = ("--help", "-h")
-
-
 def help_text(argv: list[str]) -> str:
     """`npp ... --help` (or `-h`, or after `--` as fire's hint spells it): rendered from the declarations the
     flags are read against (npp.app.help), not by fire."""
-    words, obj, sources, _ = _command([a for a in argv if a not in (*HELP, "--")])
+    words, obj, sources, _ = _command([a for a in argv if a not in (*HELP_WORDS, "--")])
     return render_help(words, obj, sources, _member)
 
 
@@ -656,7 +653,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     HelpRequested: no command, a help word among the flags (npp.runtime.flags.parse_flags) or after `--`
     (fire's own hint: `npp train -- --help`), or a group of commands without one of them."""
     own = argv.index("--") if "--" in argv else len(argv)
-    if not argv or any(a in HELP for a in argv[own + 1:]):
+    if not argv or any(a in HELP_WORDS for a in argv[own + 1:]):
         raise HelpRequested
     words, obj, sources, start = _command(argv[:own])
     if not sources:  # a group of commands (`npp tokenize`): what it holds

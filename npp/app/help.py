@@ -120,7 +120,7 @@ def render(words: list[str], obj: Any, sources: list, member) -> str:
     command = " ".join(["npp", *words])
     described = sources[-1] if sources else obj
     lines = []
-    about = first_paragraph(described if sources else obj) if words else ABOUT
+    about = ABOUT if not words else "" if isinstance(obj, dict) else first_paragraph(described if sources else obj)
     subs = subcommand_names(obj)
     usage = f"usage: {command}" + (" COMMAND" if isinstance(obj, dict) else "")
     flags = flags_of(sources)

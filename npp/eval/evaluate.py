@@ -19,7 +19,7 @@ import numpy as np
 from npp.eval.features import extract, load_feature_net, metric_suffix
 from npp.eval.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from npp.eval.reference import EvalInputError, load_npz, reference_for
-from npp.pipeline.eval_spec import PROTOCOL_TAG, fid_protocol
+from npp.pipeline.eval_spec import fid_protocol, protocol_tags
 from npp.pipeline.runs import RunFolder
 from npp.runtime.files import atomic_write_text, file_sha256, npp_version
 
@@ -205,9 +205,9 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         protocol = samples_protocol(record, ref_sha, net)
         keyed = {k + key_suffix: v for k, v in metrics.items()}
         log_metrics_once(client, run_id, for_mlflow(keyed, naming), step)
-        if protocol is not None:  # what the FID depends on, beside it (npp.pipeline.eval_spec)
-            client.log_batch(run_id, tags=[RunTag(PROTOCOL_TAG + k, json.dumps(protocol, sort_keys=True))
-                                           for k in keyed if "fid" in k])
+        tags = protocol_tags(protocol, keyed)  # what the FID depends on, beside it (npp.pipeline.eval_spec)
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         grid = Path(path).with_suffix(".png")
         nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
         params = flatten({

@@ -28,11 +28,12 @@ def watch(cfg: WatchConfig) -> list[int]:
     """Evaluate every not-yet-evaluated complete checkpoint of the run; unless --once keep watching until the
     run has exported its final model. Returns the steps evaluated by this call."""
     import mlflow
+    from mlflow.entities import RunTag
 
     from npp.eval.during_training import TrainingEvaluator
     from npp.models.configs import GPTConfig
     from npp.models.gpt import GPT
-    from npp.pipeline.eval_spec import PROTOCOL_TAG
+    from npp.pipeline.eval_spec import protocol_tags
     from npp.pipeline.runs import checkpoint_weights
     from npp.runtime.devices import pick_device
     from npp.runtime.metric_names import for_mlflow
@@ -51,6 +52,7 @@ def watch(cfg: WatchConfig) -> list[int]:
     state = json.loads(run.eval_watch.read_text()) if run.eval_watch.exists() else {}
     done, pending = set(state.get("done", [])), dict(state.get("pending", {}))
     mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.tracking.MlflowClient()
     evaluated = []
     model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
 
@@ -61,10 +63,9 @@ def watch(cfg: WatchConfig) -> list[int]:
         """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""
         for tag, rec in sorted(pending.items()):
             try:
-                client = mlflow.tracking.MlflowClient()
                 log_metrics_once(client, run_id, for_mlflow(rec["metrics"], naming), rec["step"])
-                for key, value in rec.get("tags", {}).items():  # the FIDs' protocol, as the trainer tags its own
-                    client.set_tag(run_id, key, value)
+                if rec.get("tags"):  # the FIDs' protocol, as the trainer tags its own
+                    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
             except Exception as e:
                 print(f"eval watch: warning: MLflow at {tracking_uri()} did not take the metrics of {tag} "
                       f"({type(e).__name__}); kept in {run.eval_watch}, sent at the next try", flush=True)
@@ -85,9 +86,8 @@ def watch(cfg: WatchConfig) -> list[int]:
             if flops is not None:
                 metrics["train_flops"] = float(flops)
             print(f"eval watch {tag}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-            protocol = json.dumps(evaluator.protocol, sort_keys=True)  # what `npp compare` matches FIDs by
             pending[tag] = {"step": step, "metrics": metrics,  # kept before it is sent: never computed twice
-                            "tags": {PROTOCOL_TAG + k: protocol for k in metrics if "fid" in k}}
+                            "tags": protocol_tags(evaluator.protocol, metrics)}
             save_state()
             evaluated.append(step)
             send_pending()

@@ -9,6 +9,7 @@ that are the run's own (`--vq`, `--inception`, `--classifier`). The train stage 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -56,6 +57,15 @@ class EvalSpec:
 # same protocol): as the training run's tag `npp.protocol.<metric>` (JSON), and as params of `npp eval`'s nested
 # run. `npp compare` compares only FIDs whose protocols are equal and names what differs otherwise.
 PROTOCOL_TAG = "npp.protocol."
+
+
+def protocol_tags(protocol: dict | None, metrics) -> dict[str, str]:
+    """The protocol as the tag beside each FID among `metrics` (their names, npp's own: `npp compare` matches
+    FIDs by these tags); none without a protocol."""
+    if not protocol:
+        return {}
+    value = json.dumps(protocol, sort_keys=True)
+    return {PROTOCOL_TAG + k: value for k in metrics if "fid" in k}
 PROTOCOL_FIELDS = ("per_class", "labels", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
                    "reference_sha256", "feature_net", "feature_net_sha256")
 

@@ -52,7 +52,8 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | No
 
 
 def documented(cls: type) -> type:
-    """Append an `Args:` section, built from the fields' meanings, to a dataclass's docstring (fire shows it)."""
+    """Append an `Args:` section, built from the fields' meanings, to a dataclass's docstring (for `help()` and
+    readers of the code; `npp ... --help` reads the fields themselves, npp.app.help)."""
     lines = []
     for f in dataclasses.fields(cls):
         text = f.metadata.get("help", "")
@@ -194,6 +195,9 @@ def is_switch(spec: FlagSpec) -> bool:
 def _closest(word: str, known: list[str]) -> str:
     match = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
     return f"; did you mean --{match[0].replace('_', '-')}?" if match else ""
+
+
+HELP_WORDS = ("--help", "-h")
 
 
 class HelpRequested(Exception):

@@ -42,7 +42,6 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-@functools.cache
 def slurm_workers(processes_per_node: int = 1) -> int | None:
     """Loader or decoder processes for each of `processes_per_node` processes: the CPUs SLURM gives them, less one
     for the process itself (at least 1); None outside SLURM (the caller's default applies)."""
@@ -50,6 +49,7 @@ def slurm_workers(processes_per_node: int = 1) -> int | None:
     return max(1, cpus // max(1, processes_per_node) - 1) if cpus else None
 
 
+@functools.cache
 def kill_workers_at_exit() -> None:
     """In the parent: at interpreter exit, SIGKILL the daemonic children (loader workers) still alive.
 

@@ -7,12 +7,10 @@ The evaluator itself is the eval stage's (npp.eval.during_training), handed in b
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from npp.models.gpt import GPT
-from npp.pipeline.eval_spec import PROTOCOL_TAG
+from npp.pipeline.eval_spec import protocol_tags
 from npp.train import checkpointing
 from npp.train.ema import PartitionedEMA
 from npp.train.heldout import METRIC as HELDOUT_METRIC
@@ -44,10 +42,7 @@ class EvalPoints:
 
     def protocol_tags(self, metrics: dict) -> dict:
         """The evaluator's protocol (npp.pipeline.eval_spec) as the tag of each FID it returned."""
-        protocol = getattr(self.evaluator, "protocol", None)
-        if not protocol:
-            return {}
-        return {PROTOCOL_TAG + k: json.dumps(protocol, sort_keys=True) for k in metrics if "fid" in k}
+        return protocol_tags(getattr(self.evaluator, "protocol", None), metrics)
 
     def _sampling_model(self, engine, ema):
         if ema is None:

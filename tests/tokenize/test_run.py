@@ -111,7 +111,7 @@ def test_resume_after_partial_loss(toy_tree, vq_path, tmp_path):
     again = run(toy_tree, vq_path, out)
     assert again["inputs_this_run"] == 16
     assert shard_bytes(out) == ref
-    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*"))
+    assert not list(out.glob("*.tmp*"))  # pathlib's * matches the hidden part too
 
 
 @pytest.mark.slow

@@ -114,3 +114,26 @@ def test_every_writer_replaces_a_file_whole_or_not_at_all(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert np.load(target)["arr_0"].tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_worker_counts_follow_slurm_each_time_and_the_exit_hook_is_registered_once(monkeypatch):
+    """One formula (npp.runtime.workers.slurm_workers) for tokenize and train, read afresh (a cached reading
+    would keep the first job's CPU count); the hook that ends loader workers at exit is registered once."""
+    from npp.runtime import workers
+    from npp.tokenize.config import auto_workers as tokenize_workers
+    from npp.train.plan import auto_workers as train_workers
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "9")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert tokenize_workers(-1) == 8 and train_workers(-1, 100, 2) == 3 and train_workers(-1, 4, 2) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert tokenize_workers(-1) == 2 and train_workers(-1, 100, 2) == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert tokenize_workers(-1) == 4 and train_workers(-1, 100, 2) == 4 and tokenize_workers(3) == 3
+    registered = []
+    monkeypatch.setattr(workers.atexit, "register", registered.append)
+    workers.kill_workers_at_exit.cache_clear()
+    workers.kill_workers_at_exit()
+    workers.kill_workers_at_exit()
+    assert len(registered) == 1
+    workers.kill_workers_at_exit.cache_clear()  # the next caller registers the real hook
