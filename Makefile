@@ -10,9 +10,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.npp-setup-stamp
 PYTEST_ARGS ?=
-# (Most integration tests wait on launches, servers and signals: 2 workers on 2 cores take about 0.6x the time.)
+# (Most integration tests wait on launches, servers, signals and SLURM: with 2 workers on 2 cores the cores were
+# busy 1.43 of 2 on average; 3 workers took 0.80x the time of 2, docs/testing.md.)
 #: test: pytest-xdist workers, each running whole test files (0: one process, for debugging)
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # one OpenMP/BLAS thread per worker (unless set): two workers' threads on two cores spin-wait on each other
 TEST_THREADS = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1})

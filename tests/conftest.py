@@ -6,6 +6,30 @@ import pytest
 
 from tests.helpers import MlflowServer, make_gpt, save_small_vq
 
+# The files that take longest (seconds of test time with `pytest --durations=0`, 2 workers, at c302a13), longest
+# first. `make test` hands whole files to its xdist workers in collection order; started last, one of these would
+# leave the other workers idle at the end. The order changes only how long the suite takes, never a result.
+LONGEST_FILES = (
+    "tests/slurm/test_two_nodes.py",  # 313
+    "tests/train/test_preemption.py",  # 246
+    "tests/train/test_ema.py",  # 176 (the first JIT build of DeepSpeed's cpu_adam op)
+    "tests/test_demo.py",  # 162
+    "tests/eval/test_during_training.py",  # 130
+    "tests/train/test_tracking.py",  # 112
+    "tests/test_gpu_check.py",  # 107
+    "tests/slurm/test_sample_jobs.py",  # 91
+    "tests/slurm/test_cluster.py",  # 90
+    "tests/slurm/test_sbatch_stubbed.py",  # 82
+    "tests/train/test_disk_full.py",  # 76
+    "tests/train/test_compiled_step.py",  # 12 warm, 123 with a cold inductor cache (CI)
+)
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first (LONGEST_FILES), every other file after them in its usual order."""
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture
 def gpt():

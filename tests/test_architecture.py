@@ -87,3 +87,12 @@ def test_environment_knobs_are_read_in_one_place():
                 assert "NPP_" not in line, f"{path}:{number} reads a knob (ask npp.runtime.environment): {line}"
     named = {n for p in PACKAGE.rglob("*.py") for n in re.findall(r"\bNPP_[A-Z_]+\b", p.read_text())}
     assert named - {"NPP_HF", "NPP_TEST_"} <= set(KNOBS), named - set(KNOBS)  # a URL constant; the tests' own
+
+
+def test_the_longest_files_listed_for_the_test_order_exist():
+    """tests/conftest.py's LONGEST_FILES orders the suite's files for the xdist workers: a file renamed or removed
+    there would drop out of the order unseen."""
+    from tests.conftest import LONGEST_FILES
+
+    missing = [path for path in LONGEST_FILES if not (Path(__file__).parent.parent / path).is_file()]
+    assert not missing, missing

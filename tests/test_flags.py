@@ -185,6 +185,54 @@ def _every_command(table=None, words=()):
         yield from _every_command(target, [*words, name])
 
 
+# Words users may type as values: numbers of every shape, text that reads as another type, quotes, commas, `=`.
+_VALUE_WORDS = ("true", "false", "on", "off", "auto", "none", "-3", "0", "1_000", "1000000000000", "0.1", "-2.5e-7",
+                "1e300", "1e3", "2024", "a,b", "1.5,2.0", " x y ", "'q\"", "--x", "-h", "[1]", "{}", "True", "", "ü",
+                "=", "a=b", "runs/gpt b")
+
+
+def test_fire_reads_back_exactly_the_values_npp_typed():
+    """fire dispatches (docs/architecture.md): it is handed the typed values as Python literals and reads them
+    again. That second read must give back each value and its type, for every flag of every command and every
+    kind of word a user may type as its value."""
+    import fire
+
+    from npp.app.cli import _command
+    from npp.runtime.flags import convert, flag_specs, parse_flags
+
+    def fire_reads(**values):
+        return values
+
+    checked = 0
+    for words, _ in _every_command():
+        _, _, sources, _ = _command(words)
+        specs = {name: spec for source in sources for name, spec in flag_specs(source).items()}
+        if not specs:
+            continue
+        accepted = {}
+        for name, spec in specs.items():
+            pool = [*_VALUE_WORDS, *(str(c) for c in spec.choices or ())]
+            accepted[name] = [w for w in pool if _converts(convert, spec, w)]
+            assert accepted[name], (words, name)
+        for i in range(max(len(a) for a in accepted.values())):
+            argv = [f"{specs[n].dashed}={a[i % len(a)]}" for n, a in accepted.items()]
+            typed_values = parse_flags(sources, argv, "npp " + " ".join(words))
+            handed = normalize_argv([*words, *argv])[len(words):]
+            got = fire.Fire(fire_reads, command=handed, name="npp", serialize=lambda _: None)
+            assert got == typed_values, (words, argv)
+            assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in typed_values.items()}, words
+            checked += len(argv)
+    assert checked > 1000
+
+
+def _converts(convert, spec, word) -> bool:
+    try:
+        convert(spec, word, "npp")
+        return True
+    except UsageError:
+        return False
+
+
 def test_help_shows_each_flag_with_its_meaning_and_default(capsys):
     proc = subprocess.run([sys.executable, "-m", "npp", "train", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PAGER": "cat"}, timeout=60)

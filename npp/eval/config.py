@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
 from npp.runtime.flags import documented, flag, need
 
@@ -71,8 +70,7 @@ class WatchConfig(EvalSpec):
     once: bool = flag(False, "evaluate what is there now, then stop")
 
     def validate(self) -> None:
-        if not self.run:
-            raise UsageError("npp eval watch needs --run RUN (the training run's folder)")
-        if not os.path.isdir(self.run) or not os.path.exists(os.path.join(self.run, "config.json")):
-            raise UsageError(f"--run {self.run} is not a training run folder (no config.json): pass npp train's --out")
+        need(bool(self.run), "npp eval watch needs --run RUN (the training run's folder)")
+        need(os.path.isdir(self.run) and os.path.exists(os.path.join(self.run, "config.json")),
+             f"--run {self.run} is not a training run folder (no config.json): pass npp train's --out")
         super().validate()

@@ -31,8 +31,9 @@ from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
 from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.images import to_uint8_images
-from npp.runtime.devices import fast_matmul, pick_device, rank_and_world
+from npp.runtime.devices import fast_matmul, pick_device
 from npp.runtime.files import atomic_path, atomic_write_text, file_sha256, npp_version
+from npp.runtime.ranks import rank_and_world
 
 
 def cfg_scales(value) -> list[float]:

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from npp.runtime.ranks import local_rank, rank_and_world  # noqa: F401 (rank_and_world: for the stages' use)
+from npp.runtime.ranks import local_rank
 
 # The oldest torch npp runs with: 2.7 renamed torch._dynamo.config.cache_size_limit to recompile_limit, which the
 # compiled blocks and the sampler's graph raise; a cluster's kept torch (make setup SYSTEM_SITE=1) may be older.
