@@ -239,12 +239,13 @@ class Reproduction:
         import mlflow
 
         from npp.runtime.metric_names import for_mlflow, naming_of
-        from npp.runtime.mlflow_utils import log_metrics_once
+        from npp.runtime.outbox import Delivery
 
         client, run = mlflow.tracking.MlflowClient(), self.mlflow_run()
         beside = {f"{fid_key}_published": record["published_fid"], f"{fid_key}_difference": record["difference"],
                   f"{fid_key}_tolerance": record["tolerance"]}  # under Results/ beside the FID, as `npp eval` logs it
-        log_metrics_once(client, run, for_mlflow(beside, naming_of(client.get_run(run).data.metrics)), 0)
+        naming = naming_of(client.get_run(run).data.metrics)
+        Delivery(client, run).send({"step": 0, "metrics": for_mlflow(beside, naming)})
         client.set_tag(run, "npp.reproduce.flagged", str(record["flagged"]).lower())
         client.log_artifact(run, str(self.folder / "reproduce.json"))
         client.set_terminated(run)

@@ -32,12 +32,13 @@ from npp.eval.evaluate import metrics_from_features
 from npp.eval.features import extract, load_feature_net
 from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.eval.reference import reference_for
-from npp.eval.sample import DECODE_CHUNK, sample_precision
+from npp.eval.sample import DECODE_CHUNK
 from npp.models.checkpoint import load_vq
 from npp.models.generate import Sampler
 from npp.models.gpt import GPT
 from npp.pipeline.eval_spec import EvalSpec, fid_protocol
 from npp.pipeline.images import to_uint8_images
+from npp.runtime import settings
 from npp.runtime.files import file_sha256
 from npp.runtime.metric_names import CURVE, DIAG
 
@@ -54,7 +55,8 @@ class SamplingCopy:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        if sample_precision(self.precision, device) != "bf16" or next(model.parameters()).dtype == torch.bfloat16:
+        bf16 = settings.precision(self.precision, device.type == "cuda", training=False) == "bf16"
+        if not bf16 or next(model.parameters()).dtype == torch.bfloat16:
             return model
         if self.copy is None or self.copy.config != model.config:
             self.copy = GPT(model.config).to(device=device, dtype=torch.bfloat16).eval()

@@ -180,10 +180,10 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     """Into the training run at the checkpoint's step, plus a nested run per samples file. Idempotent: a rerun
     after an interrupted logging reuses the nested runs made and sends no metric point twice."""
     import mlflow
-    from mlflow.entities import RunTag
 
     from npp.runtime.metric_names import for_mlflow, naming_of
-    from npp.runtime.mlflow_utils import flatten, log_metrics_once, mark_training_experiment, tracking_uri
+    from npp.runtime.mlflow_utils import flatten, mark_training_experiment, tracking_uri
+    from npp.runtime.outbox import Delivery
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.tracking.MlflowClient()
@@ -204,10 +204,9 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
         protocol = samples_protocol(record, ref_sha, net)
         keyed = {k + key_suffix: v for k, v in metrics.items()}
-        log_metrics_once(client, run_id, for_mlflow(keyed, naming), step)
-        tags = protocol_tags(protocol, keyed)  # what the FID depends on, beside it (npp.pipeline.eval_spec)
-        if tags:
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        # what the FID depends on, tagged beside it (npp.pipeline.eval_spec); each point once (npp.runtime.outbox)
+        Delivery(client, run_id).send({"step": step, "metrics": for_mlflow(keyed, naming),
+                                       "tags": protocol_tags(protocol, keyed)})
         grid = Path(path).with_suffix(".png")
         nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
         params = flatten({
@@ -220,7 +219,7 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
         for k, v in params.items():
             if k not in have:
                 client.log_param(nested, k, v)
-        log_metrics_once(client, nested, for_mlflow(metrics, naming), step)
+        Delivery(client, nested).send({"step": step, "metrics": for_mlflow(metrics, naming)})
         if grid.exists():
             client.log_artifact(nested, str(grid), artifact_path="samples")
             client.log_artifact(run_id, str(grid), artifact_path=f"samples/step_{step}")

@@ -31,6 +31,7 @@ from npp.models.checkpoint import load_gpt, load_vq
 from npp.models.generate import Sampler, kv_cache_bytes
 from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.images import to_uint8_images
+from npp.runtime import settings
 from npp.runtime.devices import fast_matmul, pick_device
 from npp.runtime.files import atomic_path, atomic_write_text, file_sha256, npp_version
 from npp.runtime.ranks import rank_and_world
@@ -91,32 +92,13 @@ def auto_batch(config, dtype: torch.dtype, guidance: bool, device: torch.device,
     return batch if batch < 8 else batch - batch % 8
 
 
-def sample_precision(value: str, device: torch.device) -> str:
-    """--precision auto: bf16 on CUDA (half the KV cache's bytes, and decoding is bound by reading it), fp32 on CPU
-    (where bf16 matmuls are slow, and the tests compare exact tokens)."""
-    if value == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return value
-
-
-def compile_flag(value) -> bool | None:
-    """--compile auto | on | off (fire gives True/False for --compile/--nocompile); None means auto."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    if text in ("true", "on", "1", "yes"):
-        return True
-    if text in ("false", "off", "0", "no", ""):
-        return False
-    raise ConfigError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
-
-
 def sample(cfg: SampleConfig) -> list[str]:
     """Generate (or finish) the samples of every cfg scale; returns the merged .npz paths made here."""
     device = pick_device(cfg.device)  # this rank's GPU under torchrun/srun
-    cfg = replace(cfg, precision=sample_precision(cfg.precision, device))  # the record says what ran
+    # the record says what ran
+    cfg = replace(cfg, precision=settings.precision(cfg.precision, device.type == "cuda", training=False))
     fast_matmul(device)
-    compile_step = compile_flag(cfg.compile)
+    compile_step = None if settings.switch(cfg.compile) == "auto" else settings.switched_on(cfg.compile, auto=False)
     model, ckpt = load_gpt(cfg.ckpt, use_ema=cfg.ema)
     vq, _ = load_vq(cfg.vq)
     mc = model.config

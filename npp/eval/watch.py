@@ -5,7 +5,8 @@ For users who do not want sampling inside a GPU allocation: the same evaluation 
 class-balanced labels and seeds), on each new complete checkpoint once, logged into the
 run's MLflow run at the checkpoint's step beside its training FLOPs. It reads the run
 folder through its contract (npp.pipeline.runs), not through the train stage. Resumable:
-the evaluated tags, and metrics MLflow has not taken yet, are kept in RUN/eval_watch.json.
+each checkpoint's metrics are kept in RUN/eval_watch.jsonl (npp.runtime.outbox) before they are
+sent, so none is computed twice and MLflow gets each point once, whenever it answers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from npp.eval.config import WatchConfig
 from npp.eval.reference import EvalInputError
 from npp.pipeline.runs import RunFolder, tag_step
-from npp.runtime.files import atomic_write_text
+from npp.runtime.outbox import Delivery, Outbox
 
 
 def evaluable_tags(run: RunFolder) -> list[str]:
@@ -28,7 +29,6 @@ def watch(cfg: WatchConfig) -> list[int]:
     """Evaluate every not-yet-evaluated complete checkpoint of the run; unless --once keep watching until the
     run has exported its final model. Returns the steps evaluated by this call."""
     import mlflow
-    from mlflow.entities import RunTag
 
     from npp.eval.during_training import TrainingEvaluator
     from npp.models.configs import GPTConfig
@@ -37,7 +37,7 @@ def watch(cfg: WatchConfig) -> list[int]:
     from npp.pipeline.runs import checkpoint_weights
     from npp.runtime.devices import pick_device
     from npp.runtime.metric_names import for_mlflow
-    from npp.runtime.mlflow_utils import log_metrics_once, tracking_uri
+    from npp.runtime.mlflow_utils import tracking_uri
 
     run = RunFolder(cfg.run)
     run_id = run.mlflow_run_id()
@@ -49,52 +49,60 @@ def watch(cfg: WatchConfig) -> list[int]:
     naming = int(config.get("mlflow_names", 1))  # as the trainer names the run's points (npp.runtime.metric_names)
     evaluator = TrainingEvaluator(cfg)
     device = pick_device("auto")
-    state = json.loads(run.eval_watch.read_text()) if run.eval_watch.exists() else {}
-    done, pending = set(state.get("done", [])), dict(state.get("pending", {}))
+    outbox = Outbox(run.eval_watch)
+    _take_over_the_state_before(run, outbox)
     mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.tracking.MlflowClient()
+    delivery = Delivery(mlflow.tracking.MlflowClient(), run_id)
     evaluated = []
     model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
 
-    def save_state():
-        atomic_write_text(run.eval_watch, json.dumps({"done": sorted(done), "pending": pending}))
-
-    def send_pending():
-        """Metrics computed but not yet in MLflow (it did not answer): sent once it does, each point once."""
-        for tag, rec in sorted(pending.items()):
-            try:
-                log_metrics_once(client, run_id, for_mlflow(rec["metrics"], naming), rec["step"])
-                if rec.get("tags"):  # the FIDs' protocol, as the trainer tags its own
-                    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
-            except Exception as e:
-                print(f"eval watch: warning: MLflow at {tracking_uri()} did not take the metrics of {tag} "
-                      f"({type(e).__name__}); kept in {run.eval_watch}, sent at the next try", flush=True)
-                return
-            del pending[tag]
-            done.add(tag)
-            save_state()
+    def send_outbox() -> bool:
+        """Every kept record whose points MLflow lacks, sent (each point once); False when it did not answer."""
+        try:
+            for rec in outbox.records():
+                delivery.send(rec, rename=lambda metrics: for_mlflow(metrics, naming))
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure of the tracking side: the records stay for the next try
+            print(f"eval watch: warning: MLflow at {tracking_uri()} did not take every evaluation "
+                  f"({type(e).__name__}); they are kept in {run.eval_watch}, sent at the next try", flush=True)
+            return False
 
     while True:
-        send_pending()
-        for tag in [t for t in evaluable_tags(run) if t not in done and t not in pending]:
+        sent = send_outbox()
+        done = {rec["checkpoint"] for rec in outbox.records()}  # evaluated: kept, so never computed twice
+        for tag in [t for t in evaluable_tags(run) if t not in done]:
             if not run.tag_dir(tag).is_dir():  # pruned meanwhile (--keep)
                 continue
             model.load_state_dict(checkpoint_weights(run, tag, ema=cfg.ema))
-            step = tag_step(tag)
             metrics = evaluator(model, model_cfg.num_classes, device, 0, 1)
             flops = run.client_state(tag).get("train_flops")
             if flops is not None:
                 metrics["train_flops"] = float(flops)
             print(f"eval watch {tag}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-            pending[tag] = {"step": step, "metrics": metrics,  # kept before it is sent: never computed twice
-                            "tags": protocol_tags(evaluator.protocol, metrics)}
-            save_state()
-            evaluated.append(step)
-            send_pending()
+            # kept before it is sent; its tags say the FIDs' protocol, as the trainer tags its own
+            outbox.append(tag_step(tag), metrics, protocol_tags(evaluator.protocol, metrics), checkpoint=tag)
+            evaluated.append(tag_step(tag))
+            sent = send_outbox()
+        done = {rec["checkpoint"] for rec in outbox.records()}
         finished = run.model.exists() and not [t for t in evaluable_tags(run) if t not in done]
         if cfg.once or finished:
-            if pending:
-                raise EvalInputError(f"MLflow at {tracking_uri()} did not take the metrics of {sorted(pending)}; they "
-                                     f"are kept in {run.eval_watch}: rerun the same command when it answers")
+            if not sent:
+                raise EvalInputError(f"MLflow at {tracking_uri()} did not take every evaluation; they are kept in "
+                                     f"{run.eval_watch}: rerun the same command when it answers")
             return evaluated
         time.sleep(cfg.interval)
+
+
+def _take_over_the_state_before(run: RunFolder, outbox: Outbox) -> None:
+    """A run watched by an npp before the outbox: its evaluated tags and pending metrics go into the outbox
+    (a tag it had sent as an empty record, so it is not evaluated again), then its file is removed."""
+    old = run.eval_watch_before
+    if not old.exists():
+        return
+    state = json.loads(old.read_text())
+    pending = state.get("pending", {})
+    for tag in sorted(set(state.get("done", [])) - set(pending)):
+        outbox.append(tag_step(tag), {}, checkpoint=tag)
+    for tag, rec in sorted(pending.items()):
+        outbox.append(rec["step"], rec["metrics"], rec.get("tags"), checkpoint=tag)
+    old.unlink()

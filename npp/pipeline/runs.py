@@ -3,8 +3,8 @@
 The trainer writes it; a resumed start, `npp train export` / `convert`, `npp eval watch` and
 `npp eval` read it. Each of them goes through `RunFolder`, so a file is named once and a
 checkpoint is "complete" by one rule: `checkpoints/latest` names it (written last,
-atomically). Torch-free except `consolidated_state`, which gathers a checkpoint's weights
-(DeepSpeed's zero_to_fp32 for ZeRO partitions).
+atomically). Torch-free except `checkpoint_weights`; DeepSpeed's own files inside a checkpoint
+are known to npp.pipeline.deepspeed_checkpoint only.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from npp.pipeline import deepspeed_checkpoint
 from npp.runtime.files import atomic_write_text
 
 TAG_PREFIX = "step_"
@@ -68,6 +69,12 @@ class RunFolder:
 
     @property
     def eval_watch(self) -> Path:
+        """`npp eval watch`'s outbox (npp.runtime.outbox): each checkpoint's metrics, kept before they are sent."""
+        return self.path / "eval_watch.jsonl"
+
+    @property
+    def eval_watch_before(self) -> Path:
+        """What `npp eval watch` kept before its outbox ({"done": [tags], "pending": {tag: record}}), read once."""
         return self.path / "eval_watch.json"
 
     @property
@@ -121,8 +128,7 @@ class RunFolder:
 
     def is_universal(self, tag: str) -> bool:
         """A checkpoint converted by `npp train convert` (DeepSpeed's universal format, any world size)."""
-        d = self.tag_dir(tag)
-        return (d / "zero").is_dir() and not list(d.glob("*optim_states.pt"))
+        return deepspeed_checkpoint.is_universal(self.tag_dir(tag))
 
     def saved_world_size(self, tag: str) -> int:
         return len(list(self.tag_dir(tag).glob("rng_rank*.pt")))
@@ -133,27 +139,10 @@ class RunFolder:
         return json.loads(path.read_text()) if path.exists() else {}
 
 
-def consolidated_state(run: RunFolder, tag: str) -> dict:
-    """A checkpoint's full fp32 weights with LlamaGen's names: ZeRO partitions gathered by DeepSpeed's
-    zero_to_fp32; without ZeRO the module states file holds them."""
-    import torch
-
-    from npp.models.checkpoint import strip_prefixes
-
-    tag_dir = run.tag_dir(tag)
-    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
-    else:  # our own file: DeepSpeed's module states pickle
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float().clone() for k, v in strip_prefixes(state).items()}
-
-
 def checkpoint_weights(run: RunFolder, tag: str, ema: bool = True) -> dict:
     """The weights to sample a checkpoint with: its EMA when saved and asked for, else the consolidated model."""
     import torch
 
     if ema and run.ema_file(tag).exists():
         return torch.load(run.ema_file(tag), map_location="cpu", weights_only=True)["model"]
-    return consolidated_state(run, tag)
+    return deepspeed_checkpoint.consolidated_state(run.checkpoints, tag)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,31 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path | str) -> Iterator[Path]:
+    """A folder to build `target`'s new content in (`TARGET.tmp`, emptied first: a killed build's leftovers go),
+    put in `target`'s place on a clean exit, removed on an error: readers find the old folder or the whole new
+    one. (A folder cannot replace another in one rename: between the two renames `target` is briefly absent;
+    callers make it visible through a pointer written afterwards, such as `checkpoints/latest`.)"""
+    target = Path(target)
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_symlink(points_to: str, link: Path) -> None:
+    """`link` -> `points_to`, replacing a previous link in one rename (readers never find it missing)."""
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(points_to, tmp)
+    os.replace(tmp, link)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

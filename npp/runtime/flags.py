@@ -32,9 +32,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from npp.errors import UsageError
-
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
+from npp.runtime.settings import FALSE_WORDS, TRUE_WORDS, switch
 
 
 def need(ok: bool, message: str) -> None:
@@ -142,9 +140,11 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
 
     if optional and text is not None and text.strip().lower() in ("none", "null"):
         return None
-    if is_switch(spec):  # auto | on | off, also spelled --name / --noname / true / false
-        word = "on" if value is True else "off" if value is False else str(value).strip().lower()
-        word = "on" if word in TRUE_WORDS else "off" if word in FALSE_WORDS else word
+    if is_switch(spec):  # auto | on | off, also spelled --name / --noname / true / false (npp.runtime.settings)
+        try:
+            word = switch(value, spec.dashed)
+        except UsageError:
+            word = None
         if word not in spec.choices:
             raise refuse("one of " + ", ".join(map(str, spec.choices)))
         return word

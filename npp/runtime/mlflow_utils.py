@@ -47,21 +47,6 @@ def mark_training_experiment(name: str, artifact_location: str | None = None) ->
     return exp.experiment_id
 
 
-def log_metrics_once(client, run_id: str, metrics: dict[str, float], step: int) -> int:
-    """Log the metrics at `step`, skipping every key that already has a point at that step (a rerun after a
-    failed or interrupted logging adds nothing twice). Returns how many were sent."""
-    from mlflow.entities import Metric
-
-    fresh = {k: float(v) for k, v in metrics.items()
-             if not any(m.step == step for m in client.get_metric_history(run_id, k))}
-    if fresh:
-        import time
-
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
-    return len(fresh)
-
-
 # MLflow 3's UI shows an experiment in its GenAI view unless the URL (or what the browser last chose) says
 # `workflowType=machine_learning`; the URL wins over the browser's choice
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from npp.errors import UsageError
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
-from npp.runtime.files import atomic_write_text
+from npp.runtime.files import atomic_write_text, staged_dir
 from npp.train.config import TrainConfig
 from npp.train.schedule import branch_points, parse_schedule
 
@@ -155,11 +155,8 @@ def prepare_branch_folder(out: RunFolder, record: dict, log=print) -> None:
     parent = RunFolder(record["parent"])
     tag, step = record["tag"], int(record["step"])
     out.checkpoints.mkdir(parents=True, exist_ok=True)
-    staging = out.checkpoints / f"{tag}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(parent.tag_dir(tag), staging, copy_function=_link_or_copy)
-    shutil.rmtree(out.tag_dir(tag), ignore_errors=True)
-    os.replace(staging, out.tag_dir(tag))
+    with staged_dir(out.tag_dir(tag)) as staging:
+        shutil.copytree(parent.tag_dir(tag), staging, copy_function=_link_or_copy)
     for src, dst in ((parent.metrics, out.metrics), (parent.outbox, out.outbox)):
         atomic_write_text(dst, "".join(line + "\n" for line in _records_through(src, step)))
     out.set_latest(tag)

@@ -16,22 +16,11 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
+from npp.runtime import settings
 from npp.runtime.flags import documented, flag, need
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
-
-
-def compile_setting(value) -> str:
-    """--compile as one of auto | on | off (also True/False from in-process callers)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("true", "on", "1", "yes"):
-        return "on"
-    if text in ("false", "off", "0", "no", "none", ""):
-        return "off"
-    raise UsageError(f"--compile must be auto, on or off (or --nocompile), got {value!r}")
 
 
 @documented
@@ -179,11 +168,9 @@ class TrainConfig:
         for name in ("token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path", "class_dropout"):
             value = getattr(self, name)
             need(0 <= value < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
-        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}
-        need(self.precision in choices["precision"],
-             f"--precision must be one of {', '.join(choices['precision'])}; got {self.precision!r}")
+        settings.precision(self.precision, cuda=False, training=True)  # a word it knows (resolved by the plan)
         need(self.model in GPT_SIZES, f"--model {self.model!r} is not a model size: one of {', '.join(GPT_SIZES)}")
-        compile_setting(self.compile)
+        settings.switch(self.compile)
         need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
         need(int(self.patch_levels) >= 0, f"--patch-levels must be >= 0, got {self.patch_levels}")
         self.branch_epoch_list()

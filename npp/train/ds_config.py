@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from npp.errors import NppError
+from npp.runtime.settings import TRAINING_PRECISIONS
 
 # Keys npp sets from its flags; a value for them in the JSON file is replaced (and said so).
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -79,27 +80,6 @@ def replaced_keys(ds: dict) -> list[str]:
     return found
 
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
-
-
-def resolve_precision(precision: str, cuda: bool) -> str:
-    """auto: bf16-mixed on CUDA (LlamaGen's recipe), fp32 on CPU. Called once per run; the result goes to
-    the DeepSpeed config, the model, the EMA and the benches (npp.train.step says how each uses it).
-
-    bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's forward runs
-    under bf16 autocast, opened inside the module (see npp.train.step). bf16: DeepSpeed's
-    bf16 mode (bf16 weights and activations, fp32 master weights in the optimizer), with
-    fp32 gradient accumulation unless the DeepSpeed JSON sets `data_types.grad_accum_dtype`.
-    Both reduce gradients in fp32 unless `--grad-comm bf16` (or the JSON's
-    `communication_data_type`) says otherwise. Both run on CPU too (the tests use that).
-    """
-    if precision == "auto":
-        return "bf16-mixed" if cuda else "fp32"
-    if precision not in PRECISIONS:
-        raise DeepSpeedConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    return precision
-
-
 def check_skips_non_finite(ds: dict, stage: int, precision: str, path: str) -> None:
     """Refuse DeepSpeed configurations that would apply an update with non-finite gradients, or that DeepSpeed
     refuses only after start-up. `precision` may be "auto" (bf16-mixed on CUDA, fp32 on CPU: neither is bf16).
@@ -158,8 +138,8 @@ def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch
     "auto"); the gradient reduction's dtype (`grad_comm`: auto keeps the JSON's `communication_data_type`, else
     fp32); bucket sizes from the model's `params` where the JSON sets none; on CPU no reduce-scatter (gloo has
     none) and no offload."""
-    if precision not in PRECISIONS:
-        raise DeepSpeedConfigError(f"device_ds_config takes a resolved precision ({', '.join(PRECISIONS)}), "
+    if precision not in TRAINING_PRECISIONS:
+        raise DeepSpeedConfigError(f"device_ds_config takes a resolved precision ({', '.join(TRAINING_PRECISIONS)}), "
                                    f"got {precision!r}")
     ds = copy.deepcopy(ds_json)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -199,8 +179,8 @@ def device_ds_config(ds_json: dict, *, micro: int, grad_accum: int, global_batch
 
 def build_ds_config(cfg, world_size: int, cuda: bool, precision: str, params: int | None = None) -> dict:
     """The DeepSpeed config of a train config (anything with its fields) outside `npp train`'s plan: benches,
-    standalone steps, tests. `precision` is the resolved one (resolve_precision), never "auto"; `params`: the
-    model's parameter count (bucket sizes)."""
+    standalone steps, tests. `precision` is the resolved one (npp.runtime.settings.precision), never "auto";
+    `params`: the model's parameter count (bucket sizes)."""
     path = resolve_ds_path(cfg.ds_config)
     ds = load_ds_json(path)
     check_ds_json(ds, path, precision, cfg.ema)

@@ -3,7 +3,7 @@
 `{"model": state_dict, "ema"?: state_dict, "config": GPTConfig dict, "steps": int, "train": {...}}`
 with LlamaGen's parameter names, so `npp sample`, LlamaGen's and NPP's sampling
 scripts all load it. ZeRO-1/2/3 partitions are gathered by DeepSpeed's zero_to_fp32
-(npp.pipeline.runs.consolidated_state).
+(npp.pipeline.deepspeed_checkpoint.consolidated_state).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from npp.pipeline.runs import RunFolder, consolidated_state, tag_step
-from npp.runtime.files import atomic_path
+from npp.pipeline.deepspeed_checkpoint import consolidated_state
+from npp.pipeline.runs import RunFolder, tag_step
+from npp.runtime.files import atomic_path, atomic_symlink
 
 
 def export(run: str, tag: str | None = None, out: str | None = None) -> str:
@@ -26,7 +27,7 @@ def export(run: str, tag: str | None = None, out: str | None = None) -> str:
                                 "--tag")
     config = folder.read_config()
     ckpt = {
-        "model": consolidated_state(folder, tag),
+        "model": consolidated_state(folder.checkpoints, tag),
         "config": config["model_config"],
         "steps": tag_step(tag),
         "train": {"schedule": config["schedule"], "run": str(folder.path.resolve()), "tag": tag,
@@ -39,10 +40,7 @@ def export(run: str, tag: str | None = None, out: str | None = None) -> str:
     with atomic_path(target) as tmp:
         torch.save(ckpt, tmp)
     if not out:
-        tmp_link = folder.path / f"model.pt.tmp{os.getpid()}"
-        tmp_link.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(target, folder.path), tmp_link)
-        os.replace(tmp_link, folder.model)
+        atomic_symlink(os.path.relpath(target, folder.path), folder.model)
     n = sum(v.numel() for v in ckpt["model"].values())
     print(f"exported {tag} of {folder.path} ({n:,} parameters) to {target}")
     return str(target)

@@ -6,8 +6,8 @@ and eval steps): reading a loss per step would stall the host until the GPU caug
 up, and at k=4 a GPT-B micro-step is about a millisecond of GPU work. A resumed run redoes the
 steps between its checkpoint and the interruption, so on resume the file is cut
 back to the checkpoint's step first; MLflow keeps points it already has (its
-history cannot be edited), so the tracker logs nothing at or below the last step
-it already holds (see Tracker.start). Since resume is exact the redone values equal
+history cannot be edited), so the tracker sends no point of a metric at a step it
+already holds (npp.runtime.outbox). Since resume is exact the redone values equal
 the ones kept. Counters that mean something for the whole job (corrupt shards) are
 summed over ranks at each log step, in the same collective as the loss.
 

@@ -5,7 +5,7 @@ builds AdamW over the parameters there; `start_engine` hands both to
 `deepspeed.initialize`, builds the EMA from the weights DeepSpeed trains and compiles
 the blocks; `TrainStep` takes one optimizer step of grad_accum micro-batches.
 
-Precision (resolved once, `npp.train.ds_config.resolve_precision`, and handed to each part):
+Precision (resolved once, `npp.runtime.settings.precision`, and handed to each part):
 - bf16-mixed: fp32 weights, optimizer and gradient all-reduce; the model's own forward
   runs under bf16 autocast (`GPT.autocast_dtype`). The autocast is opened inside the
   module because DeepSpeed 0.19's `engine.forward` runs the module under
@@ -25,8 +25,9 @@ import torch
 
 from npp.models.configs import GPTConfig, count_parameters
 from npp.models.gpt import GPT, configure_optimizer_groups
+from npp.runtime import settings
 from npp.runtime.devices import fast_matmul
-from npp.train.config import TrainConfig, compile_setting
+from npp.train.config import TrainConfig
 from npp.train.ema import EMA, PartitionedEMA, make_ema
 
 
@@ -50,10 +51,8 @@ def check_no_stale_build(ds_config: dict) -> None:
 def compiles(value, device: torch.device, zero_stage: int) -> bool:
     """auto: compile on CUDA; on: on any device (the CPU tests); off: eager. Never under ZeRO-3, whose
     parameter-gathering hooks run around every submodule (DeepSpeed compiles those through its own backend)."""
-    setting = compile_setting(value)
-    if zero_stage == 3:
-        return False
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    on = settings.switched_on(value, auto=device.type == "cuda")
+    return on and zero_stage != 3
 
 
 def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, precision: str,
@@ -125,9 +124,9 @@ def standalone_step(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device
     """npp's step outside a run (gpu-check, benches, tests), in the process group's world: the DeepSpeed config, model,
     optimizer, engine, EMA and compiled blocks exactly as the trainer builds them. The process group must
     exist (npp.train.distributed.init). `step.engine.destroy()` frees DeepSpeed's hooks and buffers."""
-    from npp.train.ds_config import build_ds_config, resolve_precision
+    from npp.train.ds_config import build_ds_config
 
-    precision = resolve_precision(cfg.precision, device.type == "cuda")
+    precision = settings.precision(cfg.precision, device.type == "cuda", training=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     ds = build_ds_config(cfg, world, device.type == "cuda", precision, params=count_parameters(model_cfg))
     torch.manual_seed(seed)

@@ -9,9 +9,10 @@ training never waits for it. When the server is back it sends what it missed. At
 end the run is ended with its real status (FINISHED, KILLED for a stop, FAILED) after
 waiting a bounded time (`NPP_MLFLOW_DRAIN_S`, 120 s) for the queue to drain; what is
 still unsent then stays in the outbox, and the next start of the run sends it: every
-start replays the outbox, and MLflow gets nothing at or below the last step it already
-holds for a metric, so each step's point appears once, also across resumes and
-outages. The outbox is cut back to the checkpoint's step on resume, like metrics.jsonl.
+start replays the outbox, and MLflow gets no point of a metric at a step it already holds
+(npp.runtime.outbox: the one outbox and rule of `npp eval watch` and `npp eval` too), so each
+step's point appears once, also across resumes and outages. The outbox is cut back to the
+checkpoint's step on resume, like metrics.jsonl.
 
 An answer lost after the server did the work (it went down between storing and
 answering) doubles nothing: a point is sent again with the time it was logged at,
@@ -33,20 +34,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from npp.pipeline.runs import RunFolder
 from npp.runtime.environment import mlflow_drain_s
-from npp.runtime.files import truncate_jsonl
 from npp.runtime.metric_names import is_training_loss
 from npp.runtime.mlflow_utils import flatten, mark_training_experiment, tracking_uri
+from npp.runtime.outbox import Delivery, Outbox, now_ms
 
 CREATE_TAG = "npp.create_token"  # set on the run at creation: finds it again when create_run's answer was lost
-
-
-def read_outbox(path: Path) -> list[dict]:
-    """The outbox's records ({"step", "t" (ms, when logged), "metrics"}), in the order they were logged."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 class Tracker:
@@ -55,7 +50,7 @@ class Tracker:
     def __init__(self, enabled: bool, run: RunFolder | None = None, log: Callable[[str], None] = print):
         self.enabled = enabled
         self.run = run
-        self._outbox = run.outbox if run is not None else None
+        self._outbox = Outbox(run.outbox) if run is not None else None
         self.run_id: str | None = None
         self._log = log
         self._queue: queue.Queue = queue.Queue()
@@ -65,8 +60,7 @@ class Tracker:
         self._down_since: float | None = None
         self._monitor = None
         self._client = None
-        # per metric: the last step MLflow holds; nothing at or below it is sent again
-        self.logged_through: dict[str, int] = {}
+        self._delivery: Delivery | None = None  # what the MLflow run holds, per metric (npp.runtime.outbox)
         # the run's Duration is its training: it ends at the time of the newest training-step point MLflow holds
         # (a `loss`), not when an evaluation or export after it, or a later start with nothing left to train, ends
         # it; points sent again from the outbox after a crash or an outage count with the time they were logged at
@@ -96,8 +90,8 @@ class Tracker:
             self._outage(e)
             self._queue.put(("open", None))  # the sender creates or reattaches it when the server answers
         if self._outbox is not None:
-            truncate_jsonl(self._outbox, resume_step)  # the steps after the checkpoint are redone
-            for rec in read_outbox(self._outbox):  # the backfill: points an earlier start could not send
+            self._outbox.cut_after(resume_step)  # the steps after the checkpoint are redone
+            for rec in self._outbox.records():  # the backfill: points an earlier start could not send
                 self._queue.put(("metrics", rec))
         self._thread = threading.Thread(target=self._work, name="npp-mlflow", daemon=True)  # sends the queue
         self._thread.start()
@@ -108,10 +102,10 @@ class Tracker:
         # the time is the point's own, fixed here: a resend after a lost answer repeats it exactly, and MLflow's
         # store keeps one row per (key, step, time, value), so the point is not doubled (and its wall time is
         # when it was logged, not when an outage ended)
-        rec = {"step": int(step), "t": int(time.time() * 1000), "metrics": {k: float(v) for k, v in metrics.items()}}
         if self._outbox is not None:
-            with open(self._outbox, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            rec = self._outbox.append(step, metrics)
+        else:
+            rec = {"step": int(step), "t": now_ms(), "metrics": {k: float(v) for k, v in metrics.items()}}
         self._queue.put(("metrics", rec))
 
     def tag(self, tags: dict[str, str]) -> None:
@@ -213,6 +207,7 @@ class Tracker:
                 tags = {**a["tags"], CREATE_TAG: self._create_token}
                 self.run_id = client.create_run(exp, run_name=a["run_name"], tags=tags).info.run_id
             self._write_run_id()
+            self._delivery = Delivery(client, self.run_id, held={})  # a new run holds nothing
         if not self._created:
             items = list(flatten(a["params"]).items())
             for i in range(0, len(items), 100):  # the API takes at most 100 params per call
@@ -238,12 +233,14 @@ class Tracker:
                 client.log_artifact(self.run_id, path)
             # MLflow's own system/ metrics are sampled in time, not steps, and hold thousands of points after
             # days: reading their histories would slow every restart, and we never log them
+            held = {}
             for key in run.data.metrics:
                 if not key.startswith("system/"):
                     history = client.get_metric_history(self.run_id, key)
-                    self.logged_through[key] = max((m.step for m in history), default=-1)
+                    held[key] = {m.step for m in history}
                     if is_training_loss(key):
                         self._last_loss_ms = max([m.timestamp for m in history] + [self._last_loss_ms or 0]) or None
+            self._delivery = Delivery(client, self.run_id, held=held)
             self._write_run_id()
         if a["system_metrics"]:
             self._start_monitor()
@@ -262,19 +259,11 @@ class Tracker:
             self.run.write_mlflow_run_id(self.run_id)
 
     def _send(self, rec: dict) -> None:
-        from mlflow.entities import Metric
-
-        if self.run_id is None:
+        if self._delivery is None:
             raise RuntimeError("the MLflow run is not open yet")
-        step = rec["step"]
-        fresh = {k: v for k, v in rec["metrics"].items() if step > self.logged_through.get(k, -1)}
-        if fresh:
-            t = rec.setdefault("t", int(time.time() * 1000))  # an outbox of an older npp has no time: one per point
-            self._mlflow_client().log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
-            if any(map(is_training_loss, fresh)):  # a training step's point (an evaluation's has none)
-                self._last_loss_ms = max(t, self._last_loss_ms or 0)
-            for k in fresh:
-                self.logged_through[k] = step
+        fresh = self._delivery.send(rec)  # each point once (npp.runtime.outbox's rule)
+        if any(map(is_training_loss, fresh)):  # a training step's point (an evaluation's has none)
+            self._last_loss_ms = max(rec["t"], self._last_loss_ms or 0)
 
     def _start_monitor(self) -> None:
         """MLflow's system metrics (CPU, memory; GPU through NVML), sampled in its own thread. It stops itself

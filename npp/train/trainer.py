@@ -17,6 +17,7 @@ import torch
 
 from npp.pipeline.runs import RunFolder, tag_for
 from npp.pipeline.stream import batch_to_device
+from npp.runtime import settings
 from npp.runtime.environment import mlflow_drain_s
 from npp.runtime.metric_names import DIAG, for_mlflow
 from npp.train import checkpointing
@@ -26,7 +27,6 @@ from npp.train.branching import own_mlflow_run_id, start_branch
 from npp.train.cadence import Cadence
 from npp.train.data_feed import DataFeed
 from npp.train.distributed import DistEnv, barrier, init, read_env
-from npp.train.ds_config import resolve_precision
 from npp.train.errors import TrainingError
 from npp.train.eval_points import EvalPoints
 from npp.train.export import export
@@ -52,7 +52,7 @@ class Trainer:
         if self.env.world_size != self.plan.world_size:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
         self.run, self._evaluator, cuda = RunFolder(self.cfg.out), evaluator, torch.cuda.is_available()
-        self.precision = resolve_precision(self.cfg.precision, cuda)
+        self.precision = settings.precision(self.cfg.precision, cuda, training=True)
         self.ds_config = self.plan.device_ds_config(self.precision, cuda)
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
@@ -160,8 +160,6 @@ class Trainer:
                                  flops_left=lambda s: self.cfg.global_batch * self.schedule.flops_left(
                                      s, self.stage_flops))
         self.progress.resume_at(self.state.step)
-        self.progress.watch(ProgressWatchdog(self.cfg.collective_timeout, self.env.rank, self.env.world_size,
-                                             default_store()))
         self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
         self.tracker.start(
             self.cfg.experiment, record.run_name(self.cfg.run_name, config, self.run.path.name),
@@ -170,6 +168,12 @@ class Trainer:
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
         self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
+        # The watchdog watches training, from when every rank is past its start-up: rank 0 alone creates the MLflow
+        # run (a new store's migrations, a server slow to answer), and the other ranks, already waiting in the
+        # first step, would count that time as a stall
+        barrier()
+        self.progress.watch(ProgressWatchdog(self.cfg.collective_timeout, self.env.rank, self.env.world_size,
+                                             default_store()))
         for line in [f"note: {n}" for n in self.plan.notes] + [describe_changes(self.plan)] * bool(self.plan.changes):
             self._log(line)
         self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "

@@ -11,12 +11,11 @@ The data position is rebased by the trainer (see Trainer._data_position).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
 from npp.pipeline.runs import UNIVERSAL_SUFFIX, RunFolder
+from npp.runtime.files import staged_dir
 from npp.train.errors import TrainingError
 
 
@@ -30,17 +29,14 @@ def convert(run: str) -> str:
         print(f"{folder.tag_dir(tag)} is already a universal checkpoint: start the run on any number of ranks")
         return tag
     out = folder.tag_dir(f"{tag}{UNIVERSAL_SUFFIX}")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder.tag_dir(tag)),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
-           "--num_merge_workers", "2"]
     print(f"converting {folder.tag_dir(tag)} (saved by {folder.saved_world_size(tag)} ranks) to {out}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise TrainingError(f"ds_to_universal failed on {folder.tag_dir(tag)}:\n{proc.stderr[-3000:]}")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with staged_dir(out) as staging:  # `latest` names it only once whole
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(folder.tag_dir(tag)), "--output_folder", str(staging), "--inject_missing_state",
+                               "--num_extract_workers", "2", "--num_merge_workers", "2"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TrainingError(f"ds_to_universal failed on {folder.tag_dir(tag)}:\n{proc.stderr[-3000:]}")
     folder.set_latest(out.name)
     print(f"{out.name} is now latest: rerun the same training command with any number of ranks")
     return out.name

@@ -107,7 +107,6 @@ def test_a_training_run_as_the_mlflow_server_shows_it(shard_set, tmp_path, eval_
 
 @pytest.mark.slow
 def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_set, tmp_path, eval_assets):
-    import os
     import subprocess
     import sys
 
@@ -134,7 +133,8 @@ def test_eval_watch_evaluates_each_checkpoint_once_into_the_training_run(shard_s
     assert protocol["per_class"] == 2 and protocol["feature_net"] == "toynet"  # compared like with like
     flops = {m.step: m.value for m in client.get_metric_history(run_id, "train_flops")}
     assert flops[4] < flops[8] < flops[12]
-    assert os.path.exists(run / "eval_watch.json")
+    kept = [json.loads(line) for line in (run / "eval_watch.jsonl").read_text().splitlines()]  # its outbox
+    assert [(r["checkpoint"], r["step"]) for r in kept] == [(f"step_{s:09d}", s) for s in (4, 8, 12)]
 
 
 def test_eval_points_sample_a_bf16_copy_on_cuda_refreshed_in_place():

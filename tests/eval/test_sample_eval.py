@@ -153,12 +153,22 @@ def test_ranks_agree_on_the_smallest_auto_batch_and_a_resumed_start_keeps_it(tmp
     assert agree_batch(out, 128) == 24  # a resumed start on another GPU cuts the pieces as before
 
 
-def test_sampling_precision_is_bf16_on_cuda_by_default():
-    from npp.eval.sample import sample_precision
+def test_one_precision_and_one_switch_for_training_and_sampling():
+    """npp.runtime.settings: auto is bf16 for sampling and bf16-mixed for training on CUDA, fp32 on the CPU; the
+    sampler has no bf16-mixed; --compile's auto | on | off reads words and bools alike."""
+    from npp.errors import UsageError
+    from npp.runtime.settings import precision, switch, switched_on
 
-    assert sample_precision("auto", torch.device("cuda", 0)) == "bf16"
-    assert sample_precision("auto", torch.device("cpu")) == "fp32"
-    assert sample_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    assert precision("auto", cuda=True, training=False) == "bf16"
+    assert precision("auto", cuda=True, training=True) == "bf16-mixed"
+    assert precision("auto", cuda=False, training=False) == precision("auto", cuda=False, training=True) == "fp32"
+    assert precision("fp32", cuda=True, training=False) == "fp32"
+    with pytest.raises(UsageError, match="--precision must be one of auto, bf16, fp32; got 'bf16-mixed'"):
+        precision("bf16-mixed", cuda=True, training=False)
+    assert [switch(v) for v in (True, False, "auto", "ON", "no")] == ["on", "off", "auto", "on", "off"]
+    assert switched_on("auto", auto=True) and not switched_on("off", auto=True) and switched_on(True, auto=False)
+    with pytest.raises(UsageError, match="--compile must be auto, on or off"):
+        switch("sometimes")
 
 
 def test_eval_keeps_its_metrics_through_a_tracking_outage_and_logs_each_once(setup, tmp_path, monkeypatch):

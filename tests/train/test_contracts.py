@@ -3,11 +3,12 @@
 which checkpoints a run folder holds (RunFolder), and how a record file is written and cut back (files)."""
 
 import json
+import os
 
 import pytest
 
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
-from npp.runtime.files import atomic_path, atomic_write_text, truncate_jsonl
+from npp.runtime.files import atomic_path, atomic_symlink, atomic_write_text, staged_dir, truncate_jsonl
 from npp.runtime.metric_names import canonical, for_mlflow, naming_of
 from npp.train.bad_steps import BadSteps
 from npp.train.cadence import Cadence
@@ -114,6 +115,32 @@ def test_every_writer_replaces_a_file_whole_or_not_at_all(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert np.load(target)["arr_0"].tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_folder_is_replaced_whole_and_a_link_in_one_rename(tmp_path):
+    """staged_dir (a branch's checkpoint, a universal conversion): built beside the target, a failed build leaves
+    the old folder and no staging, a killed build's leftovers are cleared by the next; atomic_symlink (RUN/model.pt)
+    moves a link without a moment when it is missing."""
+    target = tmp_path / "step_000000004"
+    with staged_dir(target) as staging:
+        staging.mkdir()
+        (staging / "a").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(target) as staging:
+        staging.mkdir()
+        (staging / "a").write_text("new, half")
+        raise RuntimeError("ds_to_universal failed")
+    assert (target / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    (tmp_path / "step_000000004.tmp").mkdir()  # left by a killed build
+    (tmp_path / "step_000000004.tmp" / "stale").write_text("x")
+    with staged_dir(target) as staging:
+        staging.mkdir()
+        (staging / "b").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    link = tmp_path / "model.pt"
+    for name in ("model_1.pt", "model_2.pt"):
+        atomic_symlink(name, link)
+        assert os.readlink(link) == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", target.name]
 
 
 def test_worker_counts_follow_slurm_each_time_and_the_exit_hook_is_registered_once(monkeypatch):

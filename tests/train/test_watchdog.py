@@ -73,7 +73,11 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp
     Rank 0's watchdog ends rank 0 after the timeout, before the process group's own would, naming rank 1, its
     host and where rank 0 waits; no checkpoint is left half-written (latest names a complete one). What torchrun
     then does (it ends the other ranks after its own teardown timeouts, a stopped one with SIGKILL) is
-    torchrun's: done here at once."""
+    torchrun's: done here at once.
+
+    The tracking server takes 12 s to fail rank 0's first request (it accepts and never answers), longer than the
+    timeout: start-up is not training, and must not be taken for a stall (CI, on a loaded machine: rank 0 created a
+    new MLflow store while rank 1's watchdog counted, and ended the job)."""
     import os
     import signal
     import subprocess
@@ -82,13 +86,19 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp
     from tests.helpers import launch_cmd, read_metrics, run_env, signal_tree
 
     run = tmp_path / "run"
+    silent = socket.socket()  # a tracking server that accepts and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    env = {**run_env(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "12", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     proc = subprocess.Popen(launch_cmd(shard_set, run, 2, total_steps=5000, ckpt_every=20, log_every=10,
                                        collective_timeout=10, schedule="1:1"),
-                            env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
         while len(read_metrics(run)) < 25 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0][-4000:]  # not ended by a watchdog during start-up
         ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                 text=True).stdout.split()]
         rank = {int(open(f"/proc/{p}/environ").read().split("\0RANK=")[1].split("\0")[0]): p for p in ranks}
@@ -104,8 +114,10 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_is_named(shard_set, tmp
         signal_tree(proc.pid, signal.SIGKILL)  # torchrun would: here at once, not after its teardown's timeouts
         out, _ = proc.communicate(timeout=60)
     finally:
+        silent.close()
         if proc.poll() is None:
             proc.kill()
+    assert "MLflow at http://127.0.0.1" in out and "is unreachable" in out  # the slow start happened
     line = next(x for x in out.splitlines() if "no optimizer step or save completed" in x)
     assert line.startswith(f"[npp train] rank 0 on {socket.gethostname()}") and "--collective-timeout 10" in line
     assert f"stopped: rank 1 on {socket.gethostname()}" in line and "Waiting in: " in line and "exiting 3" in line
