@@ -34,7 +34,7 @@ from npp.eval.pieces import balanced_labels, pieces_of_rank
 from npp.eval.reference import reference_for
 from npp.eval.sample import DECODE_CHUNK
 from npp.models.checkpoint import load_vq
-from npp.models.generate import Sampler
+from npp.models.generate import Sampler, guides
 from npp.models.gpt import GPT
 from npp.pipeline.eval_spec import EvalSpec, fid_protocol
 from npp.pipeline.images import to_uint8_images
@@ -87,7 +87,7 @@ class TrainingEvaluator:
         if kept is not None and kept.model is model:
             return kept
         spec = self.spec
-        sampler = Sampler(model, spec.batch, spec.cfg_scale != 1.0, spec.temperature, spec.top_k, compile=self.compile)
+        sampler = Sampler(model, spec.batch, guides(spec.cfg_scale), spec.temperature, spec.top_k, compile=self.compile)
         self._kept = sampler
         return sampler
 

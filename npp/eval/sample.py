@@ -28,7 +28,7 @@ from npp.errors import ConfigError
 from npp.eval.config import SampleConfig
 from npp.eval.pieces import balanced_labels, count_pieces, pieces_of_rank
 from npp.models.checkpoint import load_gpt, load_vq
-from npp.models.generate import Sampler, kv_cache_bytes
+from npp.models.generate import Sampler, guides, kv_cache_bytes
 from npp.models.vq import decode_bytes_per_image
 from npp.pipeline.images import to_uint8_images
 from npp.runtime import settings
@@ -38,6 +38,7 @@ from npp.runtime.ranks import rank_and_world
 
 
 def cfg_scales(value) -> list[float]:
+    """--cfg-scale as the scales to sample: one number, or a sweep written `1.5,2.0` (or a list in-process)."""
     if isinstance(value, (list, tuple)):
         return [float(v) for v in value]
     return [float(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
@@ -114,7 +115,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     rank, world = rank_and_world()
     out = Path(cfg.out)
     decode_bytes = DECODE_CHUNK * decode_bytes_per_image(vq.config, mc.grid, next(vq.parameters()).dtype)
-    batch = cfg.batch or agree_batch(out, auto_batch(mc, dtype, any(s != 1.0 for s in scales), device, len(labels),
+    batch = cfg.batch or agree_batch(out, auto_batch(mc, dtype, any(map(guides, scales)), device, len(labels),
                                                      decode_bytes=decode_bytes))
     pieces = count_pieces(len(labels), batch)
     made = []
@@ -123,7 +124,7 @@ def sample(cfg: SampleConfig) -> list[str]:
         pdir = scale_dir(out, scale)
         pdir.mkdir(parents=True, exist_ok=True)
         check_piece_layout(pdir, batch, cfg)
-        guided = scale != 1.0
+        guided = guides(scale)
         todo = [(p, ids) for p, ids in pieces_of_rank(len(labels), batch, rank, world)
                 if not (pdir / f"piece_{p:06d}.npz").exists()]
         if todo and guided not in samplers:

@@ -65,6 +65,12 @@ def draw(logits: torch.Tensor, u: torch.Tensor, temperature, top_k: int = 0, top
     return below.clamp(max=logits.shape[-1] - 1)
 
 
+def guides(cfg_scale: float) -> bool:
+    """Whether a classifier-free guidance scale guides: any scale but 1 (LlamaGen ignores scales below 1; here 0
+    samples from the null class alone). 1 runs no unconditional rows at all: exactly unguided sampling."""
+    return float(cfg_scale) != 1.0
+
+
 def guide(logits: torch.Tensor, cfg_scale, guided=True) -> torch.Tensor:
     """Combine the stacked [cond; uncond] halves into the guided logits (`guided` may be a bool tensor)."""
     cond, uncond = logits.chunk(2, dim=0)
@@ -164,7 +170,7 @@ class Sampler:
         n_real = labels.shape[0]
         if n_real > self.batch:
             raise ValueError(f"{n_real} labels for a sampler of batch {self.batch}")
-        if self.guidance != (cfg_scale != 1.0):
+        if self.guidance != guides(cfg_scale):
             raise ValueError("this sampler was built for " + ("guided" if self.guidance else "unguided") + " sampling")
         rows, cols = self.model.config.grid
         noise = sample_noise(n_real, self.n_tokens, seed, sample_ids)
@@ -219,13 +225,11 @@ def generate(
 ):
     """Sample full token grids (B, rows, cols) for class labels (B,) with a Sampler made for this call.
 
-    cfg_scale = 1 runs no unconditional rows at all, so it is exactly unguided
-    sampling. Unlike LlamaGen, which ignores scales below 1, any scale != 1 guides
-    (0 samples from the null class alone). A fixed seed fixes the tokens (see the module
+    Whether `cfg_scale` guides is `guides(cfg_scale)`. A fixed seed fixes the tokens (see the module
     docstring). With return_logits, also returns the (B, rows·cols, V) logits each token was
     drawn from. For many batches build one `Sampler` and call its `generate`.
     """
-    sampler = Sampler(model, labels.shape[0], cfg_scale != 1.0, temperature, top_k, top_p, cfg_interval, compile)
+    sampler = Sampler(model, labels.shape[0], guides(cfg_scale), temperature, top_k, top_p, cfg_interval, compile)
     return sampler.generate(labels, cfg_scale, seed, sample_ids, return_logits)
 
 
