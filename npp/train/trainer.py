@@ -39,7 +39,7 @@ from npp.train.state import TrainState
 from npp.train.step import TrainStep, build_model_and_optimizer, check_no_stale_build, offloads_optimizer, start_engine
 from npp.train.stopping import StopRequest
 from npp.train.tracking import Tracker
-from npp.train.watchdog import ProgressWatchdog, default_store
+from npp.train.watchdog import ProgressWatchdog
 
 
 class Trainer:
@@ -168,12 +168,8 @@ class Trainer:
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
         self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
-        # The watchdog watches training, from when every rank is past its start-up: rank 0 alone creates the MLflow
-        # run (a new store's migrations, a server slow to answer), and the other ranks, already waiting in the
-        # first step, would count that time as a stall
-        barrier()
-        self.progress.watch(ProgressWatchdog(self.cfg.collective_timeout, self.env.rank, self.env.world_size,
-                                             default_store()))
+        barrier()  # every rank past start-up (rank 0 alone made the MLflow run): the watchdog watches training only
+        self.progress.watch(ProgressWatchdog.of_job(self.cfg.collective_timeout, self.env.rank, self.env.world_size))
         for line in [f"note: {n}" for n in self.plan.notes] + [describe_changes(self.plan)] * bool(self.plan.changes):
             self._log(line)
         self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "

@@ -58,6 +58,13 @@ class ProgressWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def of_job(cls, timeout_s: float, rank: int, world_size: int) -> ProgressWatchdog:
+        """The trainer's: started once every rank is past its start-up (rank 0 alone creates the MLflow run: a new
+        store's migrations, a server slow to answer, which the ranks already waiting in the first step would
+        otherwise count as a stall), reporting peers through the process group's store."""
+        return cls(timeout_s, rank, world_size, default_store())
+
     def start(self, step: int) -> None:
         self.beat(step)
         self._thread = threading.Thread(target=self._run, name="npp-watchdog", daemon=True)
