@@ -69,7 +69,7 @@ def watch(cfg: WatchConfig) -> list[int]:
 
     while True:
         sent = send_outbox()
-        done = {rec["checkpoint"] for rec in outbox.records()}  # evaluated: kept, so never computed twice
+        done = {rec.get("checkpoint") for rec in outbox.records()}  # evaluated: kept, so never computed twice
         for tag in [t for t in evaluable_tags(run) if t not in done]:
             if not run.tag_dir(tag).is_dir():  # pruned meanwhile (--keep)
                 continue
@@ -83,7 +83,7 @@ def watch(cfg: WatchConfig) -> list[int]:
             outbox.append(tag_step(tag), metrics, protocol_tags(evaluator.protocol, metrics), checkpoint=tag)
             evaluated.append(tag_step(tag))
             sent = send_outbox()
-        done = {rec["checkpoint"] for rec in outbox.records()}
+        done = {rec.get("checkpoint") for rec in outbox.records()}
         finished = run.model.exists() and not [t for t in evaluable_tags(run) if t not in done]
         if cfg.once or finished:
             if not sent:

@@ -49,10 +49,11 @@ def staged_dir(target: Path | str) -> Iterator[Path]:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         yield staging
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)  # should this fail, the whole new folder stays at TARGET.tmp
 
 
 def atomic_symlink(points_to: str, link: Path) -> None:

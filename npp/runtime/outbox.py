@@ -47,9 +47,17 @@ class Outbox:
         return rec
 
     def records(self) -> list[dict]:
+        """The whole records; a line cut by a crash mid-append is not one (its point is made again: the trainer
+        redoes its step from the checkpoint, eval watch evaluates that checkpoint again)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [rec for rec in out if isinstance(rec, dict) and "step" in rec and "metrics" in rec]
 
     def cut_after(self, step: int) -> None:
         """Drop the records after `step` (a resume redoes those steps, and logs them again)."""
@@ -65,7 +73,6 @@ class Delivery:
         self.client, self.run_id = client, run_id
         self._complete = held is not None
         self._held: dict[str, set[int]] = {k: set(v) for k, v in (held or {}).items()}
-        self._tags: dict[str, str] = {}
 
     def holds(self, key: str, step: int) -> bool:
         """Whether the run has a point of `key` at `step`. Without a complete `held`, a step not seen yet reads
@@ -76,8 +83,10 @@ class Delivery:
         return step in steps
 
     def send(self, rec: dict, rename=None) -> dict[str, float]:
-        """The record's points MLflow lacks, sent in one batch with the record's own time (then its tags);
-        returns them. `rename`: the keys as MLflow shows them (npp.runtime.metric_names.for_mlflow)."""
+        """The record's points MLflow lacks, sent with the record's own time and with its tags in one request;
+        returns them. A record whose points MLflow holds sends nothing, its tags included, so a replay never
+        resets a tag another writer has set since. `rename`: the keys as MLflow shows them
+        (npp.runtime.metric_names.for_mlflow)."""
         from mlflow.entities import Metric, RunTag
 
         step = int(rec["step"])
@@ -85,11 +94,8 @@ class Delivery:
         fresh = {k: float(v) for k, v in metrics.items() if not self.holds(k, step)}
         t = rec.setdefault("t", now_ms())  # a record of an older npp has no time: one per point
         if fresh:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()])
+            tags = [RunTag(k, str(v)) for k, v in (rec.get("tags") or {}).items()]
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, step) for k, v in fresh.items()], tags=tags)
             for k in fresh:
                 self._held[k].add(step)
-        tags = {k: str(v) for k, v in (rec.get("tags") or {}).items() if self._tags.get(k) != str(v)}
-        if tags:  # a tag is a value, set again harmlessly; sent once per process
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            self._tags.update(tags)
         return fresh

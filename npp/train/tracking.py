@@ -206,8 +206,8 @@ class Tracker:
                 self._create_token = self._create_token or uuid.uuid4().hex
                 tags = {**a["tags"], CREATE_TAG: self._create_token}
                 self.run_id = client.create_run(exp, run_name=a["run_name"], tags=tags).info.run_id
-            self._write_run_id()
             self._delivery = Delivery(client, self.run_id, held={})  # a new run holds nothing
+            self._write_run_id()
         if not self._created:
             items = list(flatten(a["params"]).items())
             for i in range(0, len(items), 100):  # the API takes at most 100 params per call

@@ -31,12 +31,16 @@ def test_the_outbox_keeps_records_in_order_and_is_cut_back_to_a_step(tmp_path):
         assert rec["t"] > 0 and rec["checkpoint"] == f"c{step}"
     box.cut_after(2)  # a resume from step 2 redoes 3 and 4
     assert [(r["step"], r.get("tags")) for r in box.records()] == [(1, None), (2, {"npp.protocol": "p"})]
+    with open(box.path, "a") as fh:
+        fh.write('{"step": 3, "t"' + "\0" * 8)  # a line cut by a crash mid-append
+    assert [r["step"] for r in box.records()] == [1, 2]  # not a record: its point is made again
 
 
 def test_each_point_once_at_its_own_step_across_processes(tmp_path, store):
     """A point is sent unless the run holds that key at that step: an earlier step after a later one arrives (a
     rule of "nothing at or below the newest step" would drop it), a record sent again adds nothing, and a new
-    process (a Delivery that reads the history) sends nothing twice; tags are sent once per process."""
+    process (a Delivery that reads the history) sends nothing twice; a record's tags go with its points, so a
+    replay does not reset a tag set since."""
     client, run_id = store
     box = Outbox(tmp_path / "outbox.jsonl")
     first = Delivery(client, run_id)
@@ -48,6 +52,9 @@ def test_each_point_once_at_its_own_step_across_processes(tmp_path, store):
     assert [again.send(rec) for rec in box.records()] == [{}, {}]
     assert _steps(client, run_id, "fid") == [4, 6]
     assert client.get_run(run_id).data.tags["npp.protocol.fid"] == "p"
+    client.set_tag(run_id, "npp.protocol.fid", "q")  # `npp eval` logged a FID with another protocol since
+    assert [Delivery(client, run_id).send(rec) for rec in box.records()] == [{}, {}]  # a later start's replay
+    assert client.get_run(run_id).data.tags["npp.protocol.fid"] == "q"
     client.log_metric(run_id, "fid", 8.0, step=8)  # another writer (the trainer, beside eval watch), meanwhile
     assert again.send({"step": 8, "metrics": {"fid": 8.0}}) == {}
     assert _steps(client, run_id, "fid") == [4, 6, 8]
