@@ -199,14 +199,14 @@ def log_to_mlflow(results: dict, ref_path: str, net, run_id: str | None, ckpt: s
     exp = training.info.experiment_id
     naming = naming_of(training.data.metrics)  # the FIDs where the run's charts show its results (Results/...)
     ref_sha = file_sha256(ref_path)
+    training_run = Delivery(client, run_id)  # one per run: each key's history read once, not once per file
     for (path, metrics), record in zip(results.items(), records, strict=False):
         scale = record.get("cfg_scale")
         key_suffix = f"_cfg{scale:g}" if sweep and scale is not None else ""
         protocol = samples_protocol(record, ref_sha, net)
         keyed = {k + key_suffix: v for k, v in metrics.items()}
         # what the FID depends on, tagged beside it (npp.pipeline.eval_spec); each point once (npp.runtime.outbox)
-        Delivery(client, run_id).send({"step": step, "metrics": for_mlflow(keyed, naming),
-                                       "tags": protocol_tags(protocol, keyed)})
+        training_run.send({"step": step, "metrics": for_mlflow(keyed, naming), "tags": protocol_tags(protocol, keyed)})
         grid = Path(path).with_suffix(".png")
         nested = _named_run(client, exp, f"eval step {step} cfg {scale}", parent=run_id)
         params = flatten({

@@ -99,7 +99,8 @@ def sample(cfg: SampleConfig) -> list[str]:
     # the record says what ran
     cfg = replace(cfg, precision=settings.precision(cfg.precision, device.type == "cuda", training=False))
     fast_matmul(device)
-    compile_step = None if settings.switch(cfg.compile) == "auto" else settings.switched_on(cfg.compile, auto=False)
+    switch = settings.switch(cfg.compile)
+    compile_step = None if switch == "auto" else switch == "on"  # None: the sampler decides by the device
     model, ckpt = load_gpt(cfg.ckpt, use_ema=cfg.ema)
     vq, _ = load_vq(cfg.vq)
     mc = model.config

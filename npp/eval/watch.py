@@ -56,10 +56,12 @@ def watch(cfg: WatchConfig) -> list[int]:
     evaluated = []
     model = GPT(model_cfg).to(device).eval()  # one model, reloaded per checkpoint: the evaluator's sampler stays
 
+    records = outbox.records()  # this process is the outbox's one writer: read once, then kept up to date here
+
     def send_outbox() -> bool:
         """Every kept record whose points MLflow lacks, sent (each point once); False when it did not answer."""
         try:
-            for rec in outbox.records():
+            for rec in records:
                 delivery.send(rec, rename=lambda metrics: for_mlflow(metrics, naming))
             return True
         except Exception as e:  # noqa: BLE001 - any failure of the tracking side: the records stay for the next try
@@ -69,7 +71,7 @@ def watch(cfg: WatchConfig) -> list[int]:
 
     while True:
         sent = send_outbox()
-        done = {rec.get("checkpoint") for rec in outbox.records()}  # evaluated: kept, so never computed twice
+        done = {rec.get("checkpoint") for rec in records}  # evaluated: kept, so never computed twice
         for tag in [t for t in evaluable_tags(run) if t not in done]:
             if not run.tag_dir(tag).is_dir():  # pruned meanwhile (--keep)
                 continue
@@ -80,10 +82,11 @@ def watch(cfg: WatchConfig) -> list[int]:
                 metrics["train_flops"] = float(flops)
             print(f"eval watch {tag}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
             # kept before it is sent; its tags say the FIDs' protocol, as the trainer tags its own
-            outbox.append(tag_step(tag), metrics, protocol_tags(evaluator.protocol, metrics), checkpoint=tag)
+            records.append(outbox.append(tag_step(tag), metrics, protocol_tags(evaluator.protocol, metrics),
+                                         checkpoint=tag))
+            done.add(tag)
             evaluated.append(tag_step(tag))
             sent = send_outbox()
-        done = {rec.get("checkpoint") for rec in outbox.records()}
         finished = run.model.exists() and not [t for t in evaluable_tags(run) if t not in done]
         if cfg.once or finished:
             if not sent:
