@@ -141,7 +141,7 @@ class Demo:
 
     # --- data, tokenizer, references (reused when present) --------------------------
     def prepare(self) -> None:
-        from npp.pipeline.shards import read_meta
+        from npp.pipeline.shards import finished_meta
         from npp.pipeline.toy import write_toy_dataset
 
         c = self.cfg
@@ -159,10 +159,8 @@ class Demo:
         self.timings["vq"] = time.time() - t
 
         t = _step(f"3/6 tokenize -> WebDataset shards in {self.shards}")
-        meta = None
-        if (self.shards / "meta.json").exists():
-            meta = read_meta(self.shards)
-        if meta and meta.get("complete"):
+        meta = finished_meta(self.shards)
+        if meta:
             print(f"reusing {self.shards} ({meta['samples']} samples)")
         else:
             from npp.tokenize.run import TokenizeConfig, tokenize

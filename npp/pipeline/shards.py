@@ -25,13 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from npp.errors import NppError
-from npp.runtime.files import atomic_write_bytes, atomic_write_json
+from npp.runtime.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 # 2: inputs dealt to shards in a seeded permutation, keys with a path hash, no empty shards
 FORMAT_VERSION = 2
 PARTS_DIR = ".parts"
 VAL_SPLIT = "val"  # the held-out split's shard prefix (`npp tokenize run --val-share`)
+META = "meta.json"
+MANIFEST = "manifest.parquet"
 VAL_MANIFEST = "val_manifest.parquet"
+FAILURES = "failures.parquet"
 
 
 class ShardSetError(NppError, ValueError):
@@ -137,8 +140,22 @@ IDENTITY_FIELDS = ("format_version", "tokenizer", "image_size", "grid", "views",
                    "samples_per_shard", "split", "val")
 
 
+def is_shard_set(path: str | os.PathLike) -> bool:
+    """Whether a directory holds a shard set, finished or not (a run folder or an image tree does not)."""
+    return (Path(path) / META).exists() or (Path(path) / MANIFEST).exists()
+
+
+def finished_meta(out: str | os.PathLike) -> dict | None:
+    """The meta of a finalized shard set, or None for a directory that holds none (yet)."""
+    path = Path(out) / META
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    return meta if meta.get("complete") else None
+
+
 def read_meta(out: str | os.PathLike) -> dict:
-    path = Path(out) / "meta.json"
+    path = Path(out) / META
     if not path.exists():
         raise ShardSetError(f"{out} is not a shard set (no meta.json): run `npp tokenize run` first")
     return json.loads(path.read_text())
@@ -152,7 +169,7 @@ def source_path(meta: dict) -> str | None:
 
 def check_or_write_meta(out: Path, meta: dict) -> None:
     """Write meta.json for a new set; for an existing one, refuse if it was made differently."""
-    path = out / "meta.json"
+    path = out / META
     if path.exists():
         old = json.loads(path.read_text())
         diffs = [f for f in IDENTITY_FIELDS if old.get(f) != meta.get(f)]
@@ -167,18 +184,40 @@ def check_or_write_meta(out: Path, meta: dict) -> None:
     atomic_write_json(path, meta)
 
 
+def write_finished_set(out: Path, meta: dict, manifest: list[dict], val_manifest: list[dict] | None,
+                       failures: list[dict]) -> None:
+    """The files that make a shard set finished: its manifests, its failures and, last, its meta with
+    `complete` (a set whose meta says complete has every other file). `val_manifest`: None for a set made
+    without a held-out split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(name: str, rows: list[dict], schema) -> None:
+        with atomic_path(out / name) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+
+    shard_schema = pa.schema([("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
+                              ("sha256", pa.string())])
+    write(MANIFEST, manifest, shard_schema)
+    if val_manifest is not None:
+        write(VAL_MANIFEST, val_manifest, shard_schema)
+    write(FAILURES, failures, pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                                         ("shard", pa.string())]))
+    atomic_write_json(out / META, {**meta, "complete": True})
+
+
 def manifest_digest(rows: list[dict]) -> str:
     """The content of a list of shards: a digest of their sha256s, in order."""
     return hashlib.sha256("".join(m["sha256"] for m in rows).encode()).hexdigest()[:16]
 
 
-def load_manifest(out: str | os.PathLike, name: str = "manifest.parquet") -> list[dict]:
+def load_manifest(out: str | os.PathLike, name: str = MANIFEST) -> list[dict]:
     import pyarrow.parquet as pq
 
     path = Path(out) / name
     if not path.exists():
         raise ShardSetError(
-            f"{out} has no manifest.parquet: the tokenize run is incomplete, run `npp tokenize finalize`"
+            f"{out} has no {name}: the tokenize run is incomplete, run `npp tokenize finalize`"
         )
     return pq.read_table(path).to_pylist()
 
@@ -192,7 +231,7 @@ def resolve_shard_dirs(spec: str) -> list[str]:
         if not part:
             continue
         if any(c in part for c in "*?["):
-            found = sorted(d for d in glob.glob(part) if (Path(d) / "meta.json").exists())
+            found = sorted(d for d in glob.glob(part) if (Path(d) / META).exists())
             if not found:
                 raise ShardSetError(f"--shards pattern {part!r} matches no shard set (no directory with meta.json)")
             dirs += found

@@ -35,7 +35,6 @@ from npp.pipeline.images import (
 )
 from npp.pipeline.shards import (
     FORMAT_VERSION,
-    VAL_MANIFEST,
     VAL_SPLIT,
     Sample,
     ShardSetError,
@@ -44,11 +43,12 @@ from npp.pipeline.shards import (
     read_meta,
     read_part,
     shard_name,
+    write_finished_set,
     write_shard,
 )
 from npp.pipeline.sources import ImageSource, SourceItem, listing_sha256, open_source, read_bytes
 from npp.runtime.devices import fast_matmul, pick_device
-from npp.runtime.files import atomic_path, atomic_write_json, file_sha256
+from npp.runtime.files import file_sha256
 from npp.runtime.ranks import rank_and_world
 from npp.runtime.workers import WorkerInit
 from npp.tokenize.config import TokenizeConfig, auto_workers
@@ -289,9 +289,6 @@ def _flush(out: Path, name: str, state: dict, rank: int) -> None:
 
 def finalize(out_dir: str) -> dict:
     """Merge every shard's part record into manifest.parquet, failures.parquet and the final meta.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     meta = read_meta(out)
     names = [shard_name(meta["split"], i) for i in range(meta["num_shards"])]
@@ -318,19 +315,13 @@ def finalize(out_dir: str) -> dict:
             f"{out}: encoded {encoded} + held out {held} + failed {len(failures)} != {inputs} inputs; delete {out} "
             "and rerun"
         )
-    schema = pa.schema([("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
-    _write_parquet(out / "manifest.parquet", pa.Table.from_pylist(manifest, schema=schema), pq)
     if val_names:
-        _write_parquet(out / VAL_MANIFEST, pa.Table.from_pylist(val_manifest, schema=schema), pq)
         meta.update({"val_samples": held, "val_shards": len(val_manifest),  # beside "val", the plan (identity)
                      "val_digest": manifest_digest(val_manifest)})
-    _write_parquet(out / "failures.parquet", pa.Table.from_pylist(failures, schema=pa.schema(
-        [("key", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("shard", pa.string())])), pq)
-    meta.update({"samples": encoded, "failures": len(failures), "complete": True, "shards": len(manifest),
-                 "empty_shards": empty})
+    meta.update({"samples": encoded, "failures": len(failures), "shards": len(manifest), "empty_shards": empty})
     if empty:  # the brace pattern would name missing files: readers take the list from manifest.parquet
         meta["shard_pattern"] = None
-    atomic_write_json(out / "meta.json", meta)
+    write_finished_set(out, meta, manifest, val_manifest if val_names else None, failures)
     if empty:
         print(f"{len(empty)} shard(s) had no readable input and were not written: {', '.join(empty[:5])}")
     print(f"shard set {out}: {encoded} samples in {len(manifest)} shards"
@@ -338,7 +329,3 @@ def finalize(out_dir: str) -> dict:
           + f", {len(failures)} failures (encoded {encoded + held} + failed {len(failures)} = {inputs} inputs)")
     return {"samples": encoded, "failures": len(failures), "shards": len(names)}
 
-
-def _write_parquet(path: Path, table, pq) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)

@@ -27,16 +27,16 @@ class EvalPoints:
         """An eval point of --eval-every, or the last step when there is a held-out loss to measure."""
         return cadence.eval_due(step) or (self.heldout is not None and step == cadence.total_steps)
 
-    def __call__(self, engine, ema, sample: bool = True) -> dict:
+    def __call__(self, module, ema, sample: bool = True) -> dict:
         """Every rank samples its pieces (when `sample`) and scores its share of the held-out set; the metrics
-        (rank 0's) of the model now."""
+        (rank 0's) of the model now. `module`: the trained model (the engine's), `ema` its average or None."""
         rng = checkpointing.rng_state()
         metrics = {}
         if sample and self.evaluator is not None:
-            metrics = self.evaluator(self._sampling_model(engine, ema), self.model_cfg.num_classes, self.device,
+            metrics = self.evaluator(self._sampling_model(module, ema), self.model_cfg.num_classes, self.device,
                                      self.rank, self.world_size)
         if self.heldout is not None:
-            metrics[HELDOUT_METRIC] = self.heldout(engine.module)[0]
+            metrics[HELDOUT_METRIC] = self.heldout(module)[0]
         checkpointing.set_rng_state(rng)
         return metrics if self.rank == 0 else {}
 
@@ -44,9 +44,9 @@ class EvalPoints:
         """The evaluator's protocol (npp.pipeline.eval_spec) as the tag of each FID it returned."""
         return protocol_tags(getattr(self.evaluator, "protocol", None), metrics)
 
-    def _sampling_model(self, engine, ema):
+    def _sampling_model(self, module, ema):
         if ema is None:
-            return engine.module
+            return module
         if isinstance(ema, PartitionedEMA):  # partitioned over the ranks: gathered into a whole model on every rank,
             return ema.full_model(self.model_cfg, self.device)  # dropped after the point (the sampler keeps a copy)
         if self.world_size == 1:

@@ -21,7 +21,7 @@ from npp.models.configs import GPTConfig, count_parameters, gpt_config
 from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.global_order import ORDER
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
-from npp.pipeline.shards import heldout_shards, manifest_digest, open_shard_sets
+from npp.pipeline.shards import heldout_shards, is_shard_set, manifest_digest, open_shard_sets
 from npp.runtime.metric_names import NAMING
 from npp.runtime.ranks import rank_and_world
 from npp.runtime.workers import slurm_workers
@@ -129,7 +129,7 @@ def check_run_folder(run: RunFolder) -> None:
     path = run.path
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file: pass a directory for the run (a new one starts a run)")
-    if (path / "meta.json").exists() or (path / "manifest.parquet").exists():
+    if is_shard_set(path):
         raise UsageError(f"--out {path} is a shard set: pass a run directory (e.g. runs/NAME), not --shards' folder")
 
 

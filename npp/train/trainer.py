@@ -204,7 +204,7 @@ class Trainer:
     def _evaluate(self) -> None:
         """FID & co of the model now (the EMA when there is one) and the held-out loss, logged at this step beside
         train_flops (and the held-out loss in metrics.jsonl)."""
-        metrics = self.evals(self.engine, self.ema, sample=self.cadence.eval_due(self.state.step))
+        metrics = self.evals(self.engine.module, self.ema, sample=self.cadence.eval_due(self.state.step))
         if self.env.is_main:
             self.progress.note(self.state.step, {k: v for k, v in metrics.items() if k == HeldOutLoss.METRIC})
             self.tracker.tag(self.evals.protocol_tags(metrics))

@@ -164,3 +164,39 @@ def test_worker_counts_follow_slurm_each_time_and_the_exit_hook_is_registered_on
     workers.kill_workers_at_exit()
     assert len(registered) == 1
     workers.kill_workers_at_exit.cache_clear()  # the next caller registers the real hook
+
+
+def test_config_json_and_mlflow_hold_one_record_of_a_start(tmp_path, shard_set):
+    """run_record writes config.json and MLflow's params and tags from the same plan: the identity as params (once),
+    how this start runs as tags (every start), an amendment named with the checkpoint it was made from."""
+    import dataclasses
+
+    from npp.train.config import TrainConfig
+    from npp.train.identity import MUTABLE
+    from npp.train.plan import make_plan
+    from npp.train.run_record import dataset_identity, describe_changes, mlflow_params, mlflow_tags, write_run_files
+
+    run = RunFolder(tmp_path / "r")
+    plan = make_plan(TrainConfig(shards=str(shard_set), out=str(run.path), model="GPT-Nano", global_batch=16,
+                                 epochs=2, seed=4), world_size=1)
+    config, paths = write_run_files(run, plan, {"zero_optimization": {"stage": 2}}, "fp32")
+    assert json.loads(run.config.read_text()) == json.loads(json.dumps(config, default=str))
+    assert paths == [str(run.config), str(run.ds_config)] and json.loads(run.ds_config.read_text())["zero_optimization"]
+    params = mlflow_params(config)
+    assert params["train"] == config["first_identity"] == plan.identity and params["data_digest"] == plan.data_digest
+    assert {k: params[k] for k in ("model", "epochs", "global_batch", "seed")} == {
+        "model": "GPT-Nano", "epochs": 2, "global_batch": 16, "seed": 4}
+    tags = mlflow_tags(config, plan)
+    assert {k for k in tags if k.startswith("flag.")} == {f"flag.{k}" for k in MUTABLE}
+    assert (tags["world_size"], tags["zero_stage"], tags["precision"], tags["schedule"]) == (
+        "1", "2", "fp32", "4:0.25,2:0.25,1:0.5")
+    assert not any(k.startswith(("amended.", "npp.branch")) for k in tags)
+    assert dataset_identity(plan) == {"name": "shards", "digest": plan.data_digest, "source": str(shard_set)}
+
+    resumed = dataclasses.replace(plan, resume_tag="step_000000010", starts=config["starts"],
+                                  changes={"log_every": (10, 5)}, amended={"lr": (1e-4, 2e-4)})
+    again = write_run_files(run, resumed, {}, "fp32")[0]
+    assert [s["resume_tag"] for s in again["starts"]] == [None, "step_000000010"]
+    assert again["first_identity"] == config["first_identity"]  # params never change; the amendment is a tag
+    assert mlflow_tags(again, resumed)["amended.lr"] == "0.0001 -> 0.0002 from step_000000010"
+    assert describe_changes(resumed) == "flags changed since the last start (allowed on resume): --log-every 10 -> 5"
