@@ -29,11 +29,10 @@ class DataFeed:
         self.order = order
 
     @classmethod
-    def of(cls, plan, rank: int, world_size: int) -> DataFeed:
-        """The streams of a training plan (npp.train.plan.TrainPlan) for this rank."""
-        c = plan.cfg
-        return cls(c.shards, plan.manifest, c.seed, c.shuffle_buffer, c.mix_shards, plan.micro_batch, rank,
-                   world_size, plan.workers, plan.data_order)
+    def of(cls, feed, rank: int, world_size: int) -> DataFeed:
+        """The streams of a training plan's feed (npp.train.plan.FeedSettings) for this rank."""
+        return cls(feed.shards, list(feed.manifest), feed.seed, feed.shuffle_buffer, feed.mix_shards, feed.micro_batch,
+                   rank, world_size, feed.workers, feed.order)
 
     def layout(self) -> dict:
         return {"world_size": self.world_size, "workers": max(1, self.workers), "micro_batch": self.micro_batch}

@@ -22,9 +22,11 @@ from npp.pipeline.eval_spec import EvalSpec
 from npp.pipeline.global_order import ORDER
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.pipeline.shards import heldout_shards, is_shard_set, manifest_digest, open_shard_sets
+from npp.runtime import settings
 from npp.runtime.metric_names import NAMING
 from npp.runtime.ranks import rank_and_world
 from npp.runtime.workers import slurm_workers
+from npp.train.cadence import Cadence
 from npp.train.config import TrainConfig
 from npp.train.ds_config import (
     check_ds_json,
@@ -39,58 +41,138 @@ from npp.train.identity import check_same_run, identity_of, mutable_changes
 from npp.train.schedule import PatchSchedule, Stage, branch_points, format_schedule, paper_schedule, parse_schedule
 
 
-@dataclass
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its learning-rate curve (npp.train.step builds the one, the trainer's scheduler follows the other)."""
+
+    lr: float
+    end_lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int  # at the start of every stage
+    decay_ratio: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> OptimizerSettings:
+        return cls(float(cfg.lr), float(cfg.end_lr), (float(cfg.beta1), float(cfg.beta2)), float(cfg.weight_decay),
+                   int(round(float(cfg.warmup_epochs) * max(1, steps_per_epoch))), float(cfg.decay_ratio))
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the model is built and stepped (npp.train.step): the precision as the flag names it (auto is resolved for
+    the device when the process starts: the plan is made before torch), compiled blocks, recompute, the EMA."""
+
+    precision: str
+    compile: str  # auto | on | off (npp.runtime.settings)
+    activation_checkpointing: bool
+    ema: bool
+    ema_decay: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> EngineSettings:
+        return cls(str(cfg.precision), settings.switch(cfg.compile), bool(cfg.activation_checkpointing),
+                   bool(cfg.ema), float(cfg.ema_decay))
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    """The data streams of every rank (npp.train.data_feed)."""
+
+    shards: str
+    manifest: tuple  # rows of the shard set(s)' manifests, with `path`
+    seed: int
+    shuffle_buffer: int
+    mix_shards: int  # resolved for the data order
+    micro_batch: int
+    workers: int  # loader workers per rank, resolved
+    order: int  # 2: npp.pipeline.global_order; 1: npp.pipeline.stream's, for runs begun before it
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The optimizer step's batch and the loop's bounds."""
+
+    global_batch: int
+    grad_accum: int
+    grad_clip: float
+    grad_comm: str
+    max_bad_steps: int
+    collective_timeout: float  # seconds: the watchdog's and the process group's
+    keep: int  # checkpoints kept
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    enabled: bool
+    experiment: str
+    run_name: str  # "": the run's default name (npp.train.run_record)
+
+
+@dataclass(frozen=True)
 class TrainPlan:
-    cfg: TrainConfig
+    """Everything a start runs, resolved and checked (make_plan); frozen: nothing decides again after it. The flags
+    themselves are kept only as the run's record (config.json, MLflow's params and tags, the identity); what the
+    trainer consumes are the typed parts below them."""
+
+    flags: dict  # the flags as resolved (the record: config.json's "train"); nothing reads a setting from it
+    identity: dict  # the run-defining values of this start (npp.train.identity)
+    out: str  # the run folder
+    model: str  # the model size's name
+    seed: int  # weights, dropout, data order, eval samples: every seed derives from it
     world_size: int
     ds_path: str  # the DeepSpeed JSON, resolved
     ds_json: dict  # as loaded and checked (device settings are added at start: npp.train.ds_config)
     zero_stage: int
-    micro_batch: int
     meta: dict  # the shard set(s)' combined meta.json
-    manifest: list[dict]
     data_digest: str  # the shards' content: a digest of every shard's sha256
     model_cfg: GPTConfig
-    stages: list[Stage]
+    stages: tuple[Stage, ...]
     steps_per_epoch: int
     total_steps: int
-    warmup_steps: int
-    eval_every: int  # 0: no evaluation during training
-    eval_spec: EvalSpec | None
-    workers: int  # loader workers per rank, resolved
+    cadence: Cadence  # when the loop syncs, logs, saves and evaluates
+    optimizer: OptimizerSettings
+    engine: EngineSettings
+    feed: FeedSettings
+    loop: LoopSettings
+    tracking: TrackingSettings
+    eval_spec: EvalSpec | None  # what the eval points sample and measure; None: no evaluation during training
     resume_tag: str | None  # the checkpoint this start resumes from
-    data_order: int = ORDER  # 2: npp.pipeline.global_order; 1: npp.pipeline.stream's, for runs begun before it
     mlflow_names: int = NAMING  # npp.runtime.metric_names: 1 for runs begun before `Results/`
-    heldout: list = field(default_factory=list)  # the held-out shards (--val-share of tokenize): val/loss_k1
+    heldout: tuple = ()  # the held-out shards (--val-share of tokenize): val/loss_k1
     branch_steps: dict = field(default_factory=dict)  # --branch-epochs: {E': the step whose checkpoint is kept}
     branch: dict | None = None  # a branch run's record (npp.train.branching): parent, step, tag, epochs
     prepare_branch: bool = False  # this start first puts the parent's checkpoint into the run folder
     changes: dict = field(default_factory=dict)  # MUTABLE flags changed since the last start: {flag: (was, now)}
     amended: dict = field(default_factory=dict)  # defining flags changed on purpose (--allow-change)
     first_identity: dict = field(default_factory=dict)  # the identity of the run's first start
-    starts: list = field(default_factory=list)  # config.json's record of the earlier starts
-    notes: list[str] = field(default_factory=list)  # what the plan decided that a user should read
+    starts: tuple = ()  # config.json's record of the earlier starts
+    notes: tuple[str, ...] = ()  # what the plan decided that a user should read
 
     @property
     def schedule(self) -> PatchSchedule:
-        return PatchSchedule(self.stages, self.total_steps)
+        return PatchSchedule(list(self.stages), self.total_steps)
 
     @property
-    def identity(self) -> dict:
-        return identity_of(self.cfg.to_dict(), {"data_digest": self.data_digest, "zero_stage": self.zero_stage})
+    def micro_batch(self) -> int:
+        return self.feed.micro_batch
+
+    @property
+    def data_order(self) -> int:
+        return self.feed.order
 
     def device_ds_config(self, precision: str, cuda: bool) -> dict:
         """The DeepSpeed config this start hands to deepspeed.initialize (npp.train.ds_config.device_ds_config)."""
-        c = self.cfg
-        return device_ds_config(self.ds_json, micro=self.micro_batch, grad_accum=c.grad_accum,
-                                global_batch=c.global_batch, grad_clip=c.grad_clip, precision=precision, cuda=cuda,
-                                grad_comm=c.grad_comm, params=count_parameters(self.model_cfg))
+        loop = self.loop
+        return device_ds_config(self.ds_json, micro=self.micro_batch, grad_accum=loop.grad_accum,
+                                global_batch=loop.global_batch, grad_clip=loop.grad_clip, precision=precision,
+                                cuda=cuda, grad_comm=loop.grad_comm, params=count_parameters(self.model_cfg))
 
     def describe(self) -> str:
-        return (f"{self.cfg.model} on {self.meta['samples']} samples ({len(self.manifest)} shards), schedule "
-                f"{format_schedule(self.stages)}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), world "
-                f"{self.world_size} x micro-batch {self.micro_batch} x grad-accum {self.cfg.grad_accum}, ZeRO-"
-                f"{self.zero_stage} ({self.ds_path}), {self.workers} loader workers per rank"
+        return (f"{self.model} on {self.meta['samples']} samples ({len(self.feed.manifest)} shards), schedule "
+                f"{format_schedule(list(self.stages))}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), "
+                f"world {self.world_size} x micro-batch {self.micro_batch} x grad-accum {self.loop.grad_accum}, ZeRO-"
+                f"{self.zero_stage} ({self.ds_path}), {self.feed.workers} loader workers per rank"
                 + (f", resumes {self.resume_tag}" if self.resume_tag else ", a new run"))
 
 
@@ -176,13 +258,13 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
     digest = data_digest(manifest)
     saved = run.read_config() if run.config.exists() else None
     order = data_order_of(saved, branch)
-    if int(cfg.mix_shards) < 0:  # before the identity: the resolved number is what a run records
-        cfg.mix_shards = MIX_SHARDS[order]
+    # the resolved number is what a run records (its identity): the flags as the plan resolved them
+    flags = {**cfg.to_dict(), "mix_shards": int(cfg.mix_shards) if int(cfg.mix_shards) >= 0 else MIX_SHARDS[order]}
+    identity = identity_of(flags, {"data_digest": digest, "zero_stage": stage})
     amended: dict = {}
     if saved is not None:  # the run's identity first: a changed --model must not be reported as a misfit
-        now = identity_of(cfg.to_dict(), {"data_digest": digest, "zero_stage": stage})
         allowed = tuple(k.strip().replace("-", "_") for k in str(cfg.allow_change).split(",") if k.strip())
-        amended = check_same_run(saved.get("identity") or _legacy_identity(saved), now, str(run.path), allowed)
+        amended = check_same_run(saved.get("identity") or _legacy_identity(saved), identity, str(run.path), allowed)
     model_cfg = model_config_for(cfg, meta, saved)
     check_meta_matches(model_cfg, meta, cfg.shards)
     stages = (paper_schedule(int(cfg.patch_levels), float(cfg.epoch_rate), int(cfg.epochs)) if cfg.patch_levels
@@ -205,37 +287,43 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
             f"{len(manifest)} shards cannot feed {world} ranks x {workers} loader workers (a rank or worker without "
             f"shards hangs the job): lower --workers to {max(1, len(manifest) // world)} or re-tokenize with a smaller "
             f"--samples-per-shard so there are at least {world * workers} shards")
-    plan = TrainPlan(cfg=cfg, world_size=world, ds_path=ds_path, ds_json=ds_json, zero_stage=stage, micro_batch=micro,
-                     meta=meta, manifest=manifest, data_digest=digest, model_cfg=model_cfg,
-                     stages=stages, steps_per_epoch=steps_per_epoch, total_steps=total,
-                     warmup_steps=int(round(cfg.warmup_epochs * max(1, steps_per_epoch))),
-                     eval_every=cfg.eval_interval(steps_per_epoch), eval_spec=spec, workers=workers,
-                     resume_tag=resume_tag(run, world), data_order=order,
-                     mlflow_names=mlflow_names_of(saved, branch))
-    plan.heldout = heldout_shards(str(cfg.shards))
-    plan.branch = (saved or {}).get("branch") or branch
-    if plan.branch and plan.resume_tag is None:  # a new branch (or one whose preparation was cut short)
+    resume = resume_tag(run, world)
+    branch = (saved or {}).get("branch") or branch
+    prepare_branch = False
+    if branch and resume is None:  # a new branch (or one whose preparation was cut short)
         from npp.train.branching import check_branch_checkpoint
 
-        parent = RunFolder(plan.branch["parent"])
-        check_branch_checkpoint(parent, plan.branch)
-        plan.resume_tag, plan.prepare_branch = resume_tag_of(parent, plan.branch["tag"], world), True
+        parent = RunFolder(branch["parent"])
+        check_branch_checkpoint(parent, branch)
+        resume, prepare_branch = resume_tag_of(parent, branch["tag"], world), True
     if cfg.branch_epoch_list() and cfg.total_steps is not None:
         raise UsageError("--branch-epochs needs an epoch budget: drop --total-steps (a branch is a run of fewer "
                          "epochs)")
-    plan.branch_steps = branch_points(stages, int(cfg.epochs), steps_per_epoch, plan.warmup_steps,
-                                      float(cfg.decay_ratio), cfg.branch_epoch_list())
-    check_branch_points_ahead(run, plan.branch_steps, plan.resume_tag)
+    optimizer = OptimizerSettings.of(cfg, steps_per_epoch)
+    branch_steps = branch_points(stages, int(cfg.epochs), steps_per_epoch, optimizer.warmup_steps,
+                                 optimizer.decay_ratio, cfg.branch_epoch_list())
+    check_branch_points_ahead(run, branch_steps, resume)
     replaced = replaced_keys(ds_json)
-    if replaced:
-        plan.notes.append(f"{ds_path}: {', '.join(replaced)} replaced by npp's flags (--global-batch, --grad-accum, "
-                          "--grad-clip, --precision)")
-    if saved is not None:
-        plan.changes = mutable_changes(saved.get("train", {}), cfg.to_dict())
-        plan.amended = amended
-        plan.first_identity = saved.get("first_identity") or saved.get("identity") or {}
-        plan.starts = saved.get("starts", [])
-    return plan
+    notes = [f"{ds_path}: {', '.join(replaced)} replaced by npp's flags (--global-batch, --grad-accum, --grad-clip, "
+             "--precision)"] if replaced else []
+    eval_every = cfg.eval_interval(steps_per_epoch)
+    return TrainPlan(
+        flags=flags, identity=identity, out=str(cfg.out), model=str(cfg.model), seed=int(cfg.seed), world_size=world,
+        ds_path=ds_path, ds_json=ds_json, zero_stage=stage, meta=meta, data_digest=digest, model_cfg=model_cfg,
+        stages=tuple(stages), steps_per_epoch=steps_per_epoch, total_steps=total,
+        cadence=Cadence(total, int(cfg.sync_every), int(cfg.log_every), int(cfg.ckpt_every), eval_every,
+                        frozenset(branch_steps.values())),
+        optimizer=optimizer, engine=EngineSettings.of(cfg),
+        feed=FeedSettings(str(cfg.shards), tuple(manifest), int(cfg.seed), int(cfg.shuffle_buffer),
+                          flags["mix_shards"], micro, workers, order),
+        loop=LoopSettings(int(cfg.global_batch), int(cfg.grad_accum), float(cfg.grad_clip), str(cfg.grad_comm),
+                          int(cfg.max_bad_steps), float(cfg.collective_timeout), int(cfg.keep)),
+        tracking=TrackingSettings(bool(cfg.tracking), str(cfg.experiment), str(cfg.run_name)),
+        eval_spec=spec, resume_tag=resume, mlflow_names=mlflow_names_of(saved, branch),
+        heldout=tuple(heldout_shards(str(cfg.shards))), branch_steps=branch_steps, branch=branch,
+        prepare_branch=prepare_branch, changes=mutable_changes(saved.get("train", {}), flags) if saved else {},
+        amended=amended, first_identity=(saved.get("first_identity") or saved.get("identity") or {}) if saved else {},
+        starts=tuple(saved.get("starts", [])) if saved else (), notes=tuple(notes))
 
 
 MIX_SHARDS = {1: 16, 2: 256}  # --mix-shards -1 per data order (bench/class_mixing.py: docs/reference.md)
@@ -293,22 +381,23 @@ def _legacy_identity(saved: dict) -> dict:
 def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str) -> dict:
     """config.json's content for this start: the run's identity, the flags, the resolved plan, and the list of
     starts with the mutable flags each changed (the first start's entry has none)."""
-    starts = plan.starts + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size, "workers": plan.workers,
+    starts = list(plan.starts) + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size,
+                                   "workers": plan.feed.workers,
                              "micro_batch": plan.micro_batch, "git_commit": git_commit,
                         "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
                         "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
     return {
         "identity": plan.identity,
         "first_identity": plan.first_identity or plan.identity,  # what MLflow's params hold
-        "train": plan.cfg.to_dict(),
+        "train": plan.flags,
         "model_config": plan.model_cfg.to_dict(),
         "parameters": count_parameters(plan.model_cfg),
-        "schedule": format_schedule(plan.stages),
+        "schedule": format_schedule(list(plan.stages)),
         "schedule_steps": [[s.patch_side, s.start, s.end] for s in plan.schedule.spans],
         "total_steps": plan.total_steps,
         "steps_per_epoch": plan.steps_per_epoch,
         "world_size": plan.world_size,
-        "data_order": plan.data_order,
+        "data_order": plan.feed.order,
         "mlflow_names": plan.mlflow_names,
         "precision": precision,
         "ds_config_path": str(Path(plan.ds_path)),
@@ -316,7 +405,7 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
                                                   "sets") if k in plan.meta},
         "data_digest": plan.data_digest,
         **({"heldout": {"samples": plan.meta.get("val_samples", 0), "shards": len(plan.heldout),
-                        "digest": data_digest(plan.heldout)}} if plan.heldout else {}),
+                        "digest": data_digest(list(plan.heldout))}} if plan.heldout else {}),
         "git_commit": git_commit,
         "starts": starts,
         **({"branch_points": {str(e): s for e, s in plan.branch_steps.items()}} if plan.branch_steps else {}),

@@ -104,7 +104,7 @@ def mlflow_tags(config: dict, plan: TrainPlan) -> dict:
 
 def dataset_identity(plan: TrainPlan) -> dict:
     """The shard set(s) as MLflow sees a dataset: name, a digest of every shard's sha256, where it lives."""
-    sets = plan.meta.get("sets") or [plan.cfg.shards]
+    sets = plan.meta.get("sets") or [plan.feed.shards]
     return {"name": ",".join(Path(s).name for s in sets), "digest": plan.data_digest,
             "source": os.path.abspath(sets[0])}
 

@@ -29,6 +29,7 @@ from npp.runtime import settings
 from npp.runtime.devices import fast_matmul
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA, PartitionedEMA, make_ema
+from npp.train.plan import EngineSettings, OptimizerSettings
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
@@ -55,8 +56,8 @@ def compiles(value, device: torch.device, zero_stage: int) -> bool:
     return on and zero_stage != 3
 
 
-def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device, precision: str,
-                              offload: bool = False):
+def build_model_and_optimizer(model_cfg: GPTConfig, engine: EngineSettings, optim: OptimizerSettings,
+                              device: torch.device, precision: str, offload: bool = False):
     """The GPT on its device, then AdamW over its parameters there.
 
     The optimizer is built after the move: a fused AdamW over CPU parameters fails on
@@ -65,19 +66,19 @@ def build_model_and_optimizer(model_cfg: GPTConfig, cfg: TrainConfig, device: to
     (`zero_force_ds_cpu_optimizer`): DeepSpeedCPUAdam in AdamW mode, same groups.
     """
     model = GPT(model_cfg).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    model.activation_checkpointing = engine.activation_checkpointing
     model.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
-    groups = configure_optimizer_groups(model, cfg.weight_decay)
+    groups = configure_optimizer_groups(model, optim.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return model, DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+        return model, DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, adamw_mode=True)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=device.type == "cuda")
     return model, optimizer
 
 
-def start_engine(model: GPT, optimizer, ds_config: dict, cfg: TrainConfig, precision: str, device: torch.device,
-                 keep_ema: bool, scheduler=None):
+def start_engine(model: GPT, optimizer, ds_config: dict, settings: EngineSettings, precision: str,
+                 device: torch.device, keep_ema: bool, scheduler=None):
     """deepspeed.initialize, then the EMA (partitioned over the ranks under ZeRO-1/2, else held by the rank
     `keep_ema` says), then the compiled blocks.
 
@@ -88,8 +89,9 @@ def start_engine(model: GPT, optimizer, ds_config: dict, cfg: TrainConfig, preci
 
     fast_matmul(device)  # TF32 for fp32 matmuls on CUDA
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    ema = make_ema(engine, cfg.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if cfg.ema else None
-    compiled = compiles(cfg.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
+    ema = (make_ema(engine, settings.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if settings.ema
+           else None)
+    compiled = compiles(settings.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
     if compiled:
         engine.module.compile_blocks()
     return engine, ema, compiled
@@ -130,6 +132,14 @@ def standalone_step(model_cfg: GPTConfig, cfg: TrainConfig, device: torch.device
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     ds = build_ds_config(cfg, world, device.type == "cuda", precision, params=count_parameters(model_cfg))
     torch.manual_seed(seed)
-    model, optimizer = build_model_and_optimizer(model_cfg, cfg, device, precision, offload=offloads_optimizer(ds))
-    engine, ema, _ = start_engine(model, optimizer, ds, cfg, precision, device, keep_ema=True)
+    engine_settings, optim = settings_of(cfg)
+    model, optimizer = build_model_and_optimizer(model_cfg, engine_settings, optim, device, precision,
+                                                 offload=offloads_optimizer(ds))
+    engine, ema, _ = start_engine(model, optimizer, ds, engine_settings, precision, device, keep_ema=True)
     return TrainStep(engine, ema)
+
+
+def settings_of(cfg: TrainConfig) -> tuple[EngineSettings, OptimizerSettings]:
+    """The engine's and the optimizer's settings of a config, as a training plan makes them (warmup aside: a step
+    outside a run has no schedule), for a step built outside a run."""
+    return EngineSettings.of(cfg), OptimizerSettings.of(cfg, steps_per_epoch=1)

@@ -24,7 +24,6 @@ from npp.train import checkpointing
 from npp.train import run_record as record
 from npp.train.bad_steps import BadSteps
 from npp.train.branching import own_mlflow_run_id, start_branch
-from npp.train.cadence import Cadence
 from npp.train.data_feed import DataFeed
 from npp.train.distributed import DistEnv, barrier, init, read_env
 from npp.train.errors import TrainingError
@@ -46,42 +45,42 @@ class Trainer:
     def __init__(self, plan: TrainPlan, evaluator=None):
         """`plan`: npp.train.plan.make_plan's; `evaluator`: a callable (model, num_classes, device, rank, world) ->
         metrics at the eval points (the app's, npp.eval.during_training)."""
-        self.plan = plan
-        self.cfg, self.model_cfg = self.plan.cfg, self.plan.model_cfg
+        self.plan, self.model_cfg, self.loop = plan, plan.model_cfg, plan.loop
         self.env: DistEnv = read_env()
         if self.env.world_size != self.plan.world_size:
             raise TrainingError(f"planned for {self.plan.world_size} ranks, started on {self.env.world_size}")
-        self.run, self._evaluator, cuda = RunFolder(self.cfg.out), evaluator, torch.cuda.is_available()
-        self.precision = settings.precision(self.cfg.precision, cuda, training=True)
+        self.run, self._evaluator, cuda = RunFolder(self.plan.out), evaluator, torch.cuda.is_available()
+        self.precision = settings.precision(self.plan.engine.precision, cuda, training=True)
         self.ds_config = self.plan.device_ds_config(self.precision, cuda)
         self.total_steps, self.schedule = self.plan.total_steps, self.plan.schedule
         self.stage_flops = self.schedule.flops_per_sample(self.model_cfg)  # per sample, per stage
-        self.cadence = Cadence(self.total_steps, self.cfg.sync_every, self.cfg.log_every, self.cfg.ckpt_every,
-                               self.plan.eval_every, frozenset(self.plan.branch_steps.values()))
-        if self.plan.eval_every and evaluator is None:
+        if self.cadence.eval_every and evaluator is None:
             raise TrainingError("--eval-every needs an evaluator: train through `npp train` (it builds one from --vq)")
         check_no_stale_build(self.ds_config)
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.feed = DataFeed.of(self.plan, self.env.rank, self.env.world_size)
+        self.feed = DataFeed.of(self.plan.feed, self.env.rank, self.env.world_size)
         self.last_lr = 0.0  # the rate of the step in flight
 
     step = property(lambda self: self.state.step, doc="Optimizer steps applied (the resumable state's).")
+    cadence = property(lambda self: self.plan.cadence, doc="When the loop syncs, logs, saves and evaluates.")
 
     def _lr_factor(self, step: int) -> float:
-        c = self.cfg
-        return self.schedule.lr_at(step, c.lr, c.end_lr, self.plan.warmup_steps, c.decay_ratio) / c.lr
+        o = self.plan.optimizer
+        return self.schedule.lr_at(step, o.lr, o.end_lr, o.warmup_steps, o.decay_ratio) / o.lr
 
     def _build(self) -> None:
-        self.device = init(self.env, self.cfg.collective_timeout)
-        torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
-        model, optimizer = build_model_and_optimizer(self.model_cfg, self.cfg, self.device, self.precision,
+        self.device, seed = init(self.env, self.loop.collective_timeout), self.plan.seed
+        torch.manual_seed(seed)  # same initial weights on every rank
+        model, optimizer = build_model_and_optimizer(self.model_cfg, self.plan.engine, self.plan.optimizer,
+                                                     self.device, self.precision,
                                                      offload=offloads_optimizer(self.ds_config))
-        torch.manual_seed(self.cfg.seed * 1000 + self.env.rank)  # different dropout per rank
-        np.random.seed(self.cfg.seed * 1000 + self.env.rank)
+        torch.manual_seed(seed * 1000 + self.env.rank)  # different dropout per rank
+        np.random.seed(seed * 1000 + self.env.rank)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.engine, self.ema, self.compiled = start_engine(model, optimizer, self.ds_config, self.cfg, self.precision,
-                                                            self.device, keep_ema=self.env.is_main, scheduler=scheduler)
+        self.engine, self.ema, self.compiled = start_engine(model, optimizer, self.ds_config, self.plan.engine,
+                                                            self.precision, self.device, keep_ema=self.env.is_main,
+                                                            scheduler=scheduler)
         self.step_fn = TrainStep(self.engine, self.ema)
         self.evals = EvalPoints(self._evaluator, self.model_cfg, self.device, self.env.rank, self.env.world_size,
                                 HeldOutLoss.of(self.plan.heldout, self.env, self.plan.micro_batch, self.device))
@@ -98,7 +97,7 @@ class Trainer:
                     stage = span.index
                     self._log(f"stage {stage}: patch side k={span.patch_side} for steps [{span.start}, {span.end})")
                 loss = self.train_step(batches, span.patch_side)
-                flops = self.cfg.global_batch * self.stage_flops[span.index]
+                flops = self.loop.global_batch * self.stage_flops[span.index]
                 self.state.train_flops += flops  # spent, applied or not
                 if loss is None:  # DeepSpeed skipped the update: a gradient was not finite
                     self.bad.skipped(self.state.step + 1, lambda: f"{self.run.latest_tag()} in {self.run.checkpoints}",
@@ -131,7 +130,7 @@ class Trainer:
 
     def _micro_batches(self, batches):
         """The next grad_accum batches on the device, counted (resume position) as they are taken."""
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.loop.grad_accum):
             batch = next(batches)
             self.state.micro_batches += 1
             self.progress.skipped_shards(batch, self.env.rank)
@@ -154,30 +153,31 @@ class Trainer:
         self.state = TrainState.from_client_state(client, rng)
         self.state.mlflow_run_id = own_mlflow_run_id(self.plan.branch, self.state)
         self.state.data_base = self.feed.position(self.state, client is not None, self._log)
-        self.bad = BadSteps(self.state.bad_steps, self.cfg.max_bad_steps)
-        self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cfg.log_every, self.total_steps,
-                                 corrupt_base=self.state.corrupt_shards, hours_base=self.state.train_hours,
-                                 flops_left=lambda s: self.cfg.global_batch * self.schedule.flops_left(
-                                     s, self.stage_flops))
+        self.bad = BadSteps(self.state.bad_steps, self.loop.max_bad_steps)
+        self.progress = Progress(self.run.metrics, self.env.is_main, self.device, self.cadence.log_every,
+                                 self.total_steps, corrupt_base=self.state.corrupt_shards,
+                                 hours_base=self.state.train_hours, flops_left=lambda s: self.loop.global_batch
+                                 * self.schedule.flops_left(s, self.stage_flops))
         self.progress.resume_at(self.state.step)
-        self.tracker = Tracker(self.env.is_main and self.cfg.tracking, self.run, self._log)
+        tracking = self.plan.tracking
+        self.tracker = Tracker(self.env.is_main and tracking.enabled, self.run, self._log)
         self.tracker.start(
-            self.cfg.experiment, record.run_name(self.cfg.run_name, config, self.run.path.name),
+            tracking.experiment, record.run_name(tracking.run_name, config, self.run.path.name),
             self.state.mlflow_run_id or self.run.mlflow_run_id(),
             params=mlflow_params(config) if config else {}, tags=mlflow_tags(config, self.plan) if config else {},
             artifacts=artifacts, dataset=dataset_identity(self.plan) if config else None, resume_step=self.state.step)
         self.stop = StopRequest(self.run.stop_file, self.env.is_main)
         self.stop.install()
         barrier()  # every rank past start-up (rank 0 alone made the MLflow run): the watchdog watches training only
-        self.progress.watch(ProgressWatchdog.of_job(self.cfg.collective_timeout, self.env.rank, self.env.world_size))
+        self.progress.watch(ProgressWatchdog.of_job(self.loop.collective_timeout, self.env.rank, self.env.world_size))
         for line in [f"note: {n}" for n in self.plan.notes] + [describe_changes(self.plan)] * bool(self.plan.changes):
             self._log(line)
         self._log(f"{'resuming at' if self.state.step else 'starting'} step {self.state.step}/{self.total_steps}; "
                   f"{self.schedule.describe()}; world {self.env.world_size}, micro-batch {self.plan.micro_batch}, "
-                  f"{self.plan.workers} loader workers; precision {self.precision}, blocks "
+                  f"{self.plan.feed.workers} loader workers; precision {self.precision}, blocks "
                   f"{'compiled' if self.compiled else 'eager'}")
         batches = iter(self.feed.loader(self.state))
-        checkpointing.restore_rng(self.state.rng, self.cfg.seed, self.env.rank, self.state.step)
+        checkpointing.restore_rng(self.state.rng, self.plan.seed, self.env.rank, self.state.step)
         return self.progress.begin(batches)
 
     def _stop_and_save(self) -> dict:
@@ -221,7 +221,7 @@ class Trainer:
         if not self.progress.record(self.state.step, loss, patch_side, self.last_lr, flops):
             return
         h, w = self.model_cfg.grid
-        metrics = self.progress.window_metrics(self.env.world_size, self.cfg.global_batch, h * w,
+        metrics = self.progress.window_metrics(self.env.world_size, self.loop.global_batch, h * w,
                                                peak_flops(self.device), self.engine.get_global_grad_norm())
         metrics.update(lr=self.last_lr, patch_side=patch_side, train_flops=self.state.train_flops,
                        epoch=self.state.step / max(1, self.plan.steps_per_epoch), bad_steps=self.bad.total)
@@ -237,7 +237,7 @@ class Trainer:
         self.state.mlflow_run_id, self.state.world_size = self.tracker.run_id, self.env.world_size
         self.state.data_layout = self.feed.layout()
         checkpointing.save(self.engine, self.run, self.state.step, self.state.client_state(), self.env, self.ema,
-                           self.cfg.keep, frozenset(map(tag_for, self.cadence.keep_steps)))
+                           self.loop.keep, frozenset(map(tag_for, self.cadence.keep_steps)))
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:

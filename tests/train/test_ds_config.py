@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent('''
     from npp.train.config import TrainConfig
     from npp.train.distributed import init, read_env
     from npp.train.ds_config import build_ds_config
-    from npp.train.step import TrainStep, build_model_and_optimizer, start_engine
+    from npp.train.step import TrainStep, build_model_and_optimizer, settings_of, start_engine
 
     env = read_env()
     device = init(env)
@@ -67,8 +67,8 @@ SCRIPT = textwrap.dedent('''
         # all-reduce per destination rank, which gloo runs too
         ds["zero_optimization"]["reduce_scatter"] = True
         torch.manual_seed(0)
-        model, opt = build_model_and_optimizer(model_cfg, cfg, device, "bf16-mixed")
-        engine, _, _ = start_engine(model, opt, ds, cfg, "bf16-mixed", device, keep_ema=False)
+        model, opt = build_model_and_optimizer(model_cfg, *settings_of(cfg), device, "bf16-mixed")
+        engine, _, _ = start_engine(model, opt, ds, settings_of(cfg)[0], "bf16-mixed", device, keep_ema=False)
         reduced = []
         for name in ("allreduce_no_retain", "allreduce_and_scatter", "gradient_reduction_w_predivide"):
             real = getattr(engine.optimizer, name)

@@ -12,7 +12,7 @@ from npp.models import gpt_config
 from npp.runtime.ranks import free_port
 from npp.train.config import TrainConfig
 from npp.train.ema import EMA
-from npp.train.step import build_model_and_optimizer
+from npp.train.step import build_model_and_optimizer, settings_of
 from tests.helpers import launch, launch_cmd, rank_results, read_metrics, run_env
 
 META = torch.device("meta")  # a device that is not the CPU: whatever is built on the CPU by mistake shows
@@ -35,13 +35,13 @@ def test_optimizer_is_built_over_parameters_already_on_the_device(monkeypatch):
             super().__init__(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
-    model, opt = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META, "fp32")
+    model, opt = build_model_and_optimizer(_model_cfg(), *settings_of(TrainConfig(shards="s", out="o")), META, "fp32")
     assert isinstance(opt, Recording) and seen["devices"] == {META}
     assert seen["fused"] is False  # fused only for CUDA
 
 
 def test_ema_lives_on_the_device_of_the_module_and_only_where_kept():
-    model, _ = build_model_and_optimizer(_model_cfg(), TrainConfig(shards="s", out="o"), META, "fp32")
+    model, _ = build_model_and_optimizer(_model_cfg(), *settings_of(TrainConfig(shards="s", out="o")), META, "fp32")
     ema = EMA(model, 0.99)
     assert {p.device for p in ema.model.parameters()} == {META}
     assert all(p.dtype == torch.float32 for p in ema.model.parameters())
@@ -60,7 +60,7 @@ PARTITIONED = textwrap.dedent('''
     from npp.train.distributed import init, read_env
     from npp.train.ds_config import build_ds_config
     from npp.train.ema import EMA, PartitionedEMA
-    from npp.train.step import TrainStep, build_model_and_optimizer, start_engine
+    from npp.train.step import TrainStep, build_model_and_optimizer, settings_of, start_engine
 
     env = read_env()
     device = init(env)
@@ -71,8 +71,8 @@ PARTITIONED = textwrap.dedent('''
                           ema_decay=0.5, ds_config=f"ds_configs/{zero}.json", compile="off")
         ds = build_ds_config(cfg, env.world_size, False, precision, params=1000)
         torch.manual_seed(0)
-        model, opt = build_model_and_optimizer(model_cfg, cfg, device, precision)
-        engine, ema, _ = start_engine(model, opt, ds, cfg, precision, device, keep_ema=True)
+        model, opt = build_model_and_optimizer(model_cfg, *settings_of(cfg), device, precision)
+        engine, ema, _ = start_engine(model, opt, ds, settings_of(cfg)[0], precision, device, keep_ema=True)
         assert isinstance(ema, PartitionedEMA), type(ema)
         whole = EMA(engine.module, 0.5, keep=True, master_weights=precision != "bf16")  # the rank-0 keeper, on all
         held = sum(t.numel() for t in ema._parts)
@@ -160,7 +160,7 @@ def test_zero3_offload_config_initializes_and_steps_with_deepspeeds_cpu_adam(mon
     ds = build_ds_config(cfg, 1, cuda=True, precision="bf16")  # what a GPU run gets
     assert offloads_optimizer(ds) and ds["zero_optimization"]["stage"] == 3
     ds["zero_optimization"]["reduce_scatter"] = False  # gloo has no reduce_scatter (NCCL does)
-    model, opt = build_model_and_optimizer(_model_cfg(), cfg, torch.device("cpu"), "bf16", offload=True)
+    model, opt = build_model_and_optimizer(_model_cfg(), *settings_of(cfg), torch.device("cpu"), "bf16", offload=True)
     assert isinstance(opt, DeepSpeedCPUAdam)
     skip_jit_shm_op()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -186,7 +186,7 @@ def test_manifest_counts_drive_the_epoch(shard_set, tmp_path, single_rank):
     t = Trainer(make_plan(TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16,
                             epochs=3, ds_config="ds_configs/zero2.json", warmup_epochs=1)))
     assert sum(m["samples"] for m in load_manifest(shard_set)) == 80
-    assert t.plan.steps_per_epoch == 5 and t.total_steps == 15 and t.plan.warmup_steps == 5
+    assert t.plan.steps_per_epoch == 5 and t.total_steps == 15 and t.plan.optimizer.warmup_steps == 5
 
 
 def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_rank):
@@ -198,7 +198,7 @@ def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_r
     cfg = dict(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16, epochs=3,
                ds_config="ds_configs/zero2.json")
     plan = make_plan(TrainConfig(**cfg))
-    assert plan.data_order == 2 and plan.cfg.mix_shards == 256 and plan.mlflow_names == 2
+    assert plan.data_order == 2 and plan.feed.mix_shards == 256 and plan.mlflow_names == 2
     old = run_files(plan, {}, "0000000", "fp32")
     assert old["mlflow_names"] == 2
     del old["data_order"], old["mlflow_names"]
@@ -206,7 +206,7 @@ def test_a_run_begun_in_data_order_1_resumes_in_it(shard_set, tmp_path, single_r
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(old))
     again = make_plan(TrainConfig(**cfg))
-    assert again.data_order == 1 and again.cfg.mix_shards == 16 and again.mlflow_names == 1
+    assert again.data_order == 1 and again.feed.mix_shards == 16 and again.mlflow_names == 1
 
 
 @pytest.mark.parametrize("flags,env,message", [
