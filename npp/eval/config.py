@@ -38,6 +38,13 @@ class SampleConfig:
     compile: str = flag("auto", "the token step compiled and captured as a CUDA graph: auto = on CUDA; off = eager",
                         choices=("auto", "on", "off"))
 
+    def scales(self) -> list[float]:
+        """--cfg-scale as the scales to sample, the one place it is read: one number, or a sweep written `1.5,2.0`
+        (or a list in-process). ValueError: a word that is not a number."""
+        if isinstance(self.cfg_scale, (list, tuple)):
+            return [float(v) for v in self.cfg_scale]
+        return [float(v) for v in str(self.cfg_scale).strip("[]() ").split(",") if v.strip()]
+
     def validate(self) -> None:
         """Refuse flags and inputs that cannot work, before torch is imported."""
         from npp.pipeline.inputs import check_gpt_checkpoint, check_vq_checkpoint
@@ -49,7 +56,7 @@ class SampleConfig:
         need(self.device in ("auto", "cpu") or str(self.device).startswith("cuda"),
              f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         try:
-            scales = [float(v) for v in str(self.cfg_scale).strip("[]() ").split(",") if v.strip()]
+            scales = self.scales()
         except ValueError:
             scales = []
         need(bool(scales), f"--cfg-scale {self.cfg_scale!r}: give a number or a comma list such as 1.5,2.0")

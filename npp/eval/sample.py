@@ -37,13 +37,6 @@ from npp.runtime.files import atomic_path, atomic_write_text, file_sha256, npp_v
 from npp.runtime.ranks import rank_and_world
 
 
-def cfg_scales(value) -> list[float]:
-    """--cfg-scale as the scales to sample: one number, or a sweep written `1.5,2.0` (or a list in-process)."""
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    return [float(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
-
-
 def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
     if cfg.labels == "balanced":
         return balanced_labels(num_classes, cfg.per_class)
@@ -111,7 +104,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     if cfg.precision == "bf16":  # weights and the KV cache in bf16: half the cache (GPT-XXL, batch 64, CFG: 9.7 GB)
         model = model.to(torch.bfloat16)
     labels = sample_labels(cfg, mc.num_classes)
-    scales = cfg_scales(cfg.cfg_scale)
+    scales = cfg.scales()
     dtype = next(model.parameters()).dtype
     rank, world = rank_and_world()
     out = Path(cfg.out)

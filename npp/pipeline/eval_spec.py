@@ -3,8 +3,9 @@ and `npp eval watch` (torch-free: flags are checked before torch is imported).
 
 `npp eval watch` takes these names as they are (`--ref`, `--cfg-scale`, `--per-class` ...); `npp train` takes
 them with an `eval-` prefix (`--eval-ref`, `--eval-cfg-scale`, `--eval-per-class` ...), except the three files
-that are the run's own (`--vq`, `--inception`, `--classifier`). The train stage builds one with
-`TrainConfig.eval_spec()`, the eval stage evaluates it (npp.eval.during_training); neither imports the other.
+that are the run's own (`--vq`, `--inception`, `--classifier`): its flags are these fields, declared here once
+(npp.runtime.flags.flag_of). The train stage builds one with `TrainConfig.eval_spec()`, the eval stage evaluates it
+(npp.eval.during_training); neither imports the other.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.runtime.flags import documented, flag
+
+# `npp train` spells these without its `eval-` prefix: they are the run's own files (its tokenizer, its feature net).
+RUN_FILES = ("vq", "inception", "classifier")
 
 
 @documented
@@ -36,7 +40,7 @@ class EvalSpec:
     def validate(self, prefix: str = "") -> None:
         """The inputs exist; `prefix` is how the command spells the flags (`eval-` for npp train)."""
         def flag(name: str) -> str:
-            own = name in ("vq", "inception", "classifier")
+            own = name in RUN_FILES
             return "--" + ("" if own else prefix) + name.replace("_", "-")
 
         if not (self.vq and self.ref and (self.inception or self.classifier)):

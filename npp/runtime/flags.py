@@ -49,6 +49,13 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | No
     return dataclasses.field(default=default, metadata=meta)
 
 
+def flag_of(config: type, name: str) -> Any:
+    """Another config's flag `name`, declared there once (its default, meaning and choices), as a field of this one
+    under a name of its own: TrainConfig's `eval_per_class` is EvalSpec's `per_class`."""
+    source = {f.name: f for f in dataclasses.fields(config)}[name]
+    return flag(source.default, source.metadata.get("help", ""), source.metadata.get("choices"))
+
+
 def documented(cls: type) -> type:
     """Append an `Args:` section, built from the fields' meanings, to a dataclass's docstring (for `help()` and
     readers of the code; `npp ... --help` reads the fields themselves, npp.app.help)."""

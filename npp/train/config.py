@@ -16,11 +16,16 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
+from npp.pipeline.eval_spec import RUN_FILES, EvalSpec
 from npp.runtime import settings
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import documented, flag, flag_of, need
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+# The evaluation during training is EvalSpec's, declared there once: its flags here are `--eval-` + its names, except
+# the run's own files (RUN_FILES: the tokenizer, the feature network); its seed is the run's.
+EVAL_OWN = RUN_FILES
+EVAL_PREFIXED = tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name not in (*RUN_FILES, "seed"))
 
 
 @documented
@@ -93,16 +98,16 @@ class TrainConfig:
                                 "on = any device", choices=("auto", "on", "off"))
     eval_every: int = flag(0, "steps between FID evaluations during training (also at the last step); 0 = none")
     eval_every_epochs: float = flag(0.0, "the same in epochs (when --eval-every is 0)")
-    eval_per_class: int = flag(10, "samples per class at each eval point (fixed labels and seeds)")
-    eval_cfg_scale: float = flag(2.0, "classifier-free guidance scale of the eval samples")
+    eval_per_class: int = flag_of(EvalSpec, "per_class")
+    eval_cfg_scale: float = flag_of(EvalSpec, "cfg_scale")
     eval_cfg: float | None = flag(None, "the old spelling of --eval-cfg-scale (wins when given)")
-    eval_temperature: float = flag(1.0, "sampling temperature of the eval samples")
-    eval_top_k: int = flag(0, "top-k of the eval samples (0 = all)")
-    eval_batch: int = flag(64, "samples per sampling batch at the eval points")
-    eval_ref: str = flag("", "reference statistics (.npz from `npp eval ref`, or ADM's batch with --inception)")
-    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    classifier: str = flag("", "or a toy classifier (`npp eval fit-classifier`) as the feature network")
-    vq: str = flag("", "the tokenizer the shards were made with (decodes the eval samples)")
+    eval_temperature: float = flag_of(EvalSpec, "temperature")
+    eval_top_k: int = flag_of(EvalSpec, "top_k")
+    eval_batch: int = flag_of(EvalSpec, "batch")
+    eval_ref: str = flag_of(EvalSpec, "ref")
+    inception: str = flag_of(EvalSpec, "inception")
+    classifier: str = flag_of(EvalSpec, "classifier")
+    vq: str = flag_of(EvalSpec, "vq")
     activation_checkpointing: bool = flag(False, "recompute each block in backward: larger micro-batches "
                                                  "(GPT-XXL/XXXL)")
     allow_change: str = flag("", "defining flags this start may change on purpose, comma-separated (e.g. 'lr' "
@@ -124,15 +129,13 @@ class TrainConfig:
             return max(1, round(float(self.eval_every_epochs) * max(1, steps_per_epoch)))
         return 0
 
-    def eval_spec(self):
-        """The evaluation of the eval points (npp.pipeline.eval_spec.EvalSpec)."""
-        from npp.pipeline.eval_spec import EvalSpec
-
-        return EvalSpec(vq=self.vq, ref=self.eval_ref, inception=self.inception, classifier=self.classifier,
-                        per_class=int(self.eval_per_class),
-                        cfg_scale=float(self.eval_cfg if self.eval_cfg is not None else self.eval_cfg_scale),
-                        temperature=float(self.eval_temperature), top_k=int(self.eval_top_k),
-                        batch=int(self.eval_batch), seed=int(self.seed))
+    def eval_spec(self) -> EvalSpec:
+        """The evaluation of the eval points, from its flags (EVAL_PREFIXED, EVAL_OWN) and the run's seed."""
+        values = {name: getattr(self, "eval_" + name) for name in EVAL_PREFIXED}
+        values.update({name: getattr(self, name) for name in EVAL_OWN})
+        if self.eval_cfg is not None:
+            values["cfg_scale"] = self.eval_cfg
+        return EvalSpec(**values, seed=int(self.seed))
 
     def branch_epoch_list(self) -> list[int]:
         """--branch-epochs as whole numbers of epochs, sorted (a UsageError names a word that is not one)."""
