@@ -346,7 +346,7 @@ def launch_rows(setup: Setup, workdir: str) -> None:
     torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, os.path.join(root, "vq.pt"))
     shards = os.path.join(root, "shards")
     tokenize(TokenizeConfig(data=os.path.join(root, "images"), vq=os.path.join(root, "vq.pt"), out=shards,
-                            image_size=32, samples_per_shard=20, batch=32, workers=0))
+                            image_size=32, samples_per_shard=20, batch=32, workers=0).plan())
     gpus = torch.cuda.device_count() if setup.cuda else 0
     flags = ["train", "--shards", shards, "--model", "GPT-Nano", "--global-batch", "16", "--total-steps", "30",
              "--workers", "1", "--notracking"]

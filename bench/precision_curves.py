@@ -37,7 +37,7 @@ def main() -> None:
         vq = VQModel(vq_config("VQ-toy", codebook_size=64))
         torch.save({"model": vq.state_dict(), "config": vq.config.to_dict()}, root / "vq.pt")
         tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
-                                image_size=32, samples_per_shard=10, workers=0))
+                                image_size=32, samples_per_shard=10, workers=0).plan())
         curves = {}
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "OMP_NUM_THREADS": "1"}
         for precision in ("fp32", "bf16-mixed", "bf16"):

@@ -46,7 +46,7 @@ def shard_set(tmp_path_factory):
     write_toy_dataset(str(root / "images"), per_class=8, size=32)
     save_small_vq(root / "vq.pt")
     tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
-                            image_size=32, samples_per_shard=10, batch=32, workers=0))
+                            image_size=32, samples_per_shard=10, batch=32, workers=0).plan())
     return root / "shards"  # 80 samples in 8 shards, vocab 64, 8x8 grid
 
 
@@ -61,7 +61,7 @@ def heldout_shard_set(tmp_path_factory):
     write_toy_dataset(str(root / "images"), per_class=8, size=32)
     save_small_vq(root / "vq.pt")
     tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
-                            image_size=32, samples_per_shard=10, batch=32, workers=0, val_share=0.1))
+                            image_size=32, samples_per_shard=10, batch=32, workers=0, val_share=0.1).plan())
     return root / "shards"
 
 

@@ -1,11 +1,12 @@
 import subprocess
 import sys
 
-from npp.app.cli import COMMANDS
+from npp.app.cli import main
 
 
 def test_schedule_command_prints_stages_and_cost(capsys):
-    COMMANDS["schedule"](patch_levels=3, epoch_rate=0.5, epochs=300, steps_per_epoch=10, model="GPT-XXL")
+    main(["schedule", "--patch-levels", "3", "--epoch-rate", "0.5", "--epochs", "300", "--steps-per-epoch", "10",
+          "--model", "GPT-XXL"])
     out = capsys.readouterr().out
     assert "stage 0: k=4 steps [0, 750)" in out
     assert "0.5765" in out

@@ -17,16 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from npp.app.cli import (
-    COMMANDS,
-    DemoCommand,
-    SampleCommand,
-    TokenizeCommand,
-    TrainCommand,
-    WatchCommand,
-    main,
-    normalize_argv,
-)
+from npp.app.cli import COMMANDS, SampleCommand, TokenizeCommand, TrainCommand, main, normalize_argv
 from npp.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,44 +129,9 @@ def _documented_params(fn) -> dict:
     return {a.name: (a.description or "") for a in (info.args or [])}
 
 
-CONFIG_COMMANDS = [TrainCommand, TokenizeCommand, SampleCommand, WatchCommand, DemoCommand]
-
-
-@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=lambda c: c.__name__)
-def test_every_flag_of_a_config_command_has_a_meaning_where_fire_reads_it(command):
-    documented = _documented_params(command)
-    for f in dataclasses.fields(command):
-        assert documented.get(f.name, "").strip(), f"{command.__name__}.{f.name} has no meaning in the docstring"
-
-
-def _functions():
-    found = []
-    for name, obj in COMMANDS.items():
-        if isinstance(obj, dict):
-            found += [(f"{name} {k}", v) for k, v in obj.items() if inspect.isfunction(v)]
-        elif inspect.isfunction(obj):
-            found.append((name, obj))
-    evals = COMMANDS["eval"]
-    found += [("eval", type(evals).__call__), ("eval ref", evals.ref), ("eval fit-classifier", evals.fit_classifier),
-              ("train export", TrainCommand.export), ("train convert", TrainCommand.convert),
-              ("train check", TrainCommand.check)]
-    return found
-
-
-@pytest.mark.parametrize("name,fn", _functions(), ids=[n for n, _ in _functions()])
-def test_every_parameter_of_a_function_command_has_a_meaning(name, fn):
-    documented = _documented_params(fn)
-    params = [p for p in inspect.signature(fn).parameters if p != "self"]
-    if name == "train check":
-        documented = {**documented, **_documented_params(TrainCommand)}
-    for p in params:
-        assert documented.get(p, "").strip() or "--" + p.replace("_", "-") in (inspect.getdoc(fn) or ""), \
-            f"npp {name} --{p} has no meaning in its docstring"
-
-
 def _every_command(table=None, words=()):
     """Every command's words and what they reach, as `npp` resolves them (groups, classes, their subcommands)."""
-    from npp.app.cli import COMMANDS, _member
+    from npp.app.cli import _member
     from npp.app.help import subcommand_names
 
     table = COMMANDS if table is None else table
@@ -183,6 +139,33 @@ def _every_command(table=None, words=()):
         target = _member(table, name)
         yield [*words, name], target
         yield from _every_command(target, [*words, name])
+
+
+def _command_classes() -> list:
+    return [(" ".join(words), target) for words, target in _every_command() if inspect.isclass(target)]
+
+
+@pytest.mark.parametrize("name,command", _command_classes(), ids=[n for n, _ in _command_classes()])
+def test_every_command_is_a_frozen_config_declared_beside_its_stage_whose_flags_have_meanings(name, command):
+    """One declaration per command (item 1 of the architecture issue): its flags are a frozen dataclass's fields,
+    declared in the stage's (torch-free) module, not in the CLI; each has a meaning, which `--help` and the class
+    docstring show; its `plan()` is what runs."""
+    config = command.__mro__[1]
+    assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen, name
+    assert config.__module__ != "npp.app.cli" and not config.__module__.startswith("tests"), name
+    documented = _documented_params(command)
+    for f in dataclasses.fields(command):
+        assert f.metadata.get("help", "").strip() and documented.get(f.name, "").strip(), f"npp {name} --{f.name}"
+    assert callable(getattr(config, "plan", None)), name
+
+
+def test_a_method_subcommand_documents_the_flags_it_adds():
+    methods = [(" ".join(words), target) for words, target in _every_command() if inspect.isfunction(target)]
+    assert {n for n, _ in methods} == {"tokenize run check", "train check", "sample check", "demo compare"}
+    for name, fn in methods:
+        documented = _documented_params(fn)
+        for p in inspect.signature(fn).parameters:
+            assert p == "self" or documented.get(p, "").strip(), f"npp {name} --{p} has no meaning in its docstring"
 
 
 # Words users may type as values: numbers of every shape, text that reads as another type, quotes, commas, `=`.

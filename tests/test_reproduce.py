@@ -10,6 +10,7 @@ import torch
 
 from npp.app.cli import main
 from npp.errors import UsageError
+from npp.eval.config import FitClassifierConfig
 from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
 from npp.eval.published import RELEASES, load_table, tolerance
@@ -31,7 +32,8 @@ def stand_ins(tmp_path_factory):
     vq = save_small_vq(root / "vq.pt", ch=32, norm_groups=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2])
     torch.save({"model": vq.state_dict()}, root / "vq_ds16_c2i.pt")  # LlamaGen's format: weights only
     write_toy_dataset(str(root / "images"), per_class=4, size=32)
-    fit_classifier(str(root / "images"), str(root / "toynet.pt"), image_size=32, epochs=1, batch=16)
+    fit_classifier(FitClassifierConfig(str(root / "images"), str(root / "toynet.pt"), image_size=32, epochs=1,
+                                       batch=16))
     images, _ = real_images(str(root / "images"), None, 32)
     make_reference(load_feature_net(classifier=str(root / "toynet.pt")), images, str(root / "ref.npz"))
     return root

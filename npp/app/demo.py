@@ -43,7 +43,7 @@ def find_ds_config(path: str) -> Path:
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
     """The flags of `npp demo` (and `npp demo compare`)."""
 
@@ -78,6 +78,11 @@ class DemoConfig:
     val_share: float = flag(0.02, "share of the toy images held out of training (the held-out loss val/loss_k1)")
     check_quality: bool = flag(True, "fail unless samples show learning (>= --min-class-accuracy classified)")
     min_class_accuracy: float = flag(0.8, "share of samples the classifier must put in their class")
+
+    def plan(self) -> DemoConfig:
+        """These flags, checked (validate): the plan of the command, its values typed and final."""
+        self.validate()
+        return self
 
     def validate(self) -> None:
         """Refuse values that cannot work before anything is built (no torch)."""
@@ -153,9 +158,11 @@ class Demo:
         if self.vq.exists():
             print(f"reusing {self.vq}")
         else:
+            from npp.tokenize.config import FitVQConfig
             from npp.tokenize.fit_vq import fit_vq
 
-            fit_vq(str(self.images), str(self.vq), image_size=c.image_size, max_steps=c.vq_steps, seed=c.seed)
+            fit_vq(FitVQConfig(str(self.images), str(self.vq), image_size=c.image_size, max_steps=c.vq_steps,
+                               seed=c.seed).plan())
         self.timings["vq"] = time.time() - t
 
         t = _step(f"3/6 tokenize -> WebDataset shards in {self.shards}")
@@ -167,17 +174,18 @@ class Demo:
 
             tokenize(TokenizeConfig(data=str(self.images), vq=str(self.vq), out=str(self.shards),
                                     image_size=c.image_size, samples_per_shard=100, batch=64, workers=1,
-                                    val_share=c.val_share, seed=c.seed))
+                                    val_share=c.val_share, seed=c.seed).plan())
         self.timings["tokenize"] = time.time() - t
 
         t = _step("4/6 toy classifier and reference statistics (stand-in for Inception)")
         if self.classifier.exists():
             print(f"reusing {self.classifier}")
         else:
+            from npp.eval.config import FitClassifierConfig
             from npp.eval.fit_classifier import fit_classifier
 
-            fit_classifier(str(self.images), str(self.classifier), image_size=c.image_size,
-                           epochs=c.classifier_epochs, seed=c.seed)
+            fit_classifier(FitClassifierConfig(str(self.images), str(self.classifier), image_size=c.image_size,
+                                               epochs=c.classifier_epochs, seed=c.seed).plan())
         if self.ref.exists():
             print(f"reusing {self.ref}")
         else:

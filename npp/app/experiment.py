@@ -27,6 +27,7 @@ from pathlib import Path
 
 from npp.errors import NppError, UsageError
 from npp.runtime.flags import documented, flag
+from npp.runtime.mlflow_utils import EXPERIMENT
 from npp.runtime.ranks import free_port
 from npp.train.config import DEFAULT_SCHEDULE
 
@@ -36,7 +37,7 @@ class ExperimentError(NppError, RuntimeError):
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class CompareRunsConfig:
     """The flags of `npp compare runs`."""
 
@@ -58,13 +59,18 @@ class CompareRunsConfig:
     temperature: float = flag(1.0, "sampling temperature")
     top_k: int = flag(0, "top-k (0 = all)")
     sample_flags: str = flag("", "more `npp sample` flags for every end")
-    experiment: str = flag("npp", "MLflow experiment of every run and of the comparison")
+    experiment: str = flag(EXPERIMENT, "MLflow experiment of every run and of the comparison")
     nproc: int = flag(1, "processes per node (GPUs) for training and sampling")
     sample_nproc: int = flag(0, "processes for sampling here (0: --nproc); 1 samples in one process, no torchrun")
     slurm: bool = flag(False, "submit every job with sbatch (dependencies chained) instead of running them here")
     nodes: int = flag(1, "--slurm: nodes per training job")
     sbatch_flags: str = flag("", "--slurm: more sbatch flags, e.g. '--partition=gpu --account=me'")
     dry_run: bool = flag(False, "print the commands (or sbatch submissions) without running them")
+
+    def plan(self) -> CompareRunsConfig:
+        """These flags, checked (validate): the plan of the command, its values typed and final."""
+        self.validate()
+        return self
 
     def validate(self) -> None:
         from npp.models.configs import GPT_SIZES
@@ -300,8 +306,8 @@ class Experiment:
 
 
 def compare_runs(cfg: CompareRunsConfig) -> None:
-    """Run (or submit) the experiment, then `npp compare` (see the module's docstring)."""
-    cfg.validate()
+    """Run (or submit) the experiment, then `npp compare` (see the module's docstring). `cfg`: its plan
+    (CompareRunsConfig.plan(): checked)."""
     exp = Experiment(cfg)
     print(f"[npp compare runs] seeds {exp.seeds}; NPP {exp.schedules}; NTP {cfg.epochs} epochs with branches at "
           f"{exp.branches()} epochs; every end sampled {cfg.per_class} per class at cfg {cfg.cfg_scale:g}",

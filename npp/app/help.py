@@ -1,7 +1,7 @@
 """`--help` for every `npp` command, rendered from the declarations the command line is read against.
 
 The flags a command takes, their types, defaults, choices and meanings are declared once (a config
-dataclass's `flag(default, "meaning")` fields, or a function's parameters with its docstring's `Args:`),
+dataclass's `flag(default, "meaning")` fields, and a method subcommand's parameters with its docstring's `Args:`),
 and npp.runtime.flags reads the command line against them. Help is written from the same specs, so it
 names every flag as users type it (`--per-class`, `--noema`), with what it accepts and its default, and
 nothing else: fire's own help screen (kept out) invents one-letter flags npp refuses, lists internal

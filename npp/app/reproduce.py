@@ -24,7 +24,8 @@ from pathlib import Path
 
 from npp.errors import UsageError
 from npp.eval.published import Release, as_record, find_release, load_table, tolerance
-from npp.runtime.flags import documented, flag
+from npp.pipeline.assets import ASSET_DIR
+from npp.runtime.flags import documented, flag, need
 from npp.runtime.ranks import free_port
 
 # The assets a published FID is measured with (npp.pipeline.assets' names).
@@ -34,14 +35,14 @@ PUBLISHED_EVAL = {"ref": REF_ASSET, "feature_net": "Inception-v3 (pt_inception-2
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class ReproduceConfig:
     """The flags of `npp reproduce`."""
 
     model: str = flag("GPT-B", "model size of the release (`npp reproduce list` shows the releases)")
     schedule: str = flag("npp", "npp: the NPP authors' checkpoint; ntp: LlamaGen's", choices=("npp", "ntp"))
     out: str = flag("reproduce", "directory of the samples, metrics and report (one folder per release)")
-    assets: str = flag("ckpts", "directory of the downloaded files (`npp assets --out`); missing ones are fetched")
+    assets: str = flag(ASSET_DIR, "directory of the downloaded files (`npp assets --out`); missing ones are fetched")
     table: str = flag("", "a JSON table of releases instead of npp's (see npp/eval/published.py)")
     num_samples: int = flag(0, "samples (0: the published number, 50,000)")
     cfg_scale: float = flag(0.0, "guidance scale (0: the published one)")
@@ -64,6 +65,11 @@ class ReproduceConfig:
 
     def release(self) -> Release:
         return find_release(load_table(self.table), self.model, self.schedule)
+
+    def plan(self) -> ReproduceConfig:
+        """These flags, checked (validate): the plan of the command, its values typed and final."""
+        self.validate()
+        return self
 
     def validate(self) -> None:
         self.release()
@@ -153,9 +159,7 @@ class Reproduction:
             from npp.eval.config import SampleConfig
             from npp.eval.sample import sample
 
-            config = SampleConfig(**self.sample_flags())
-            config.validate()
-            sample(config)
+            sample(SampleConfig(**self.sample_flags()).plan())
             return
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.cfg.nproc),
                "--master-port", str(free_port()), "-m", "npp", "sample", *self.sample_args()]
@@ -292,8 +296,8 @@ def flags_of(cfg: ReproduceConfig, **changes) -> list[str]:
 
 
 def reproduce(cfg: ReproduceConfig) -> dict | None:
-    """Fetch, sample, evaluate and report (see the module's docstring); with --slurm, submit and return."""
-    cfg.validate()
+    """Fetch, sample, evaluate and report (see the module's docstring); with --slurm, submit and return. `cfg`: its
+    plan (ReproduceConfig.plan(): checked)."""
     r = Reproduction(cfg)
     changed = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in r.overridden.items()) or "none"
     print(f"[npp reproduce] {r.release.name}: {r.settings['num_samples']} samples, cfg {r.settings['cfg_scale']:g}, "
@@ -311,6 +315,19 @@ def reproduce(cfg: ReproduceConfig) -> dict | None:
     r.folder.mkdir(parents=True, exist_ok=True)
     r.sample()
     return r.report(r.evaluate())
+
+
+@documented
+@dataclass(frozen=True)
+class ReleasesConfig:
+    """The flags of `npp reproduce list`."""
+
+    table: str = flag("", "a JSON table of releases instead of npp's")
+
+    def plan(self) -> ReleasesConfig:
+        need(not self.table or os.path.isfile(self.table), f"--table {self.table} does not exist: pass a JSON table "
+             "of releases (see npp/eval/published.py), or leave it out for npp's")
+        return self
 
 
 def release_lines(table: str = "") -> list[str]:

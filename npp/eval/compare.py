@@ -391,8 +391,7 @@ def plot(runs: list[dict], results: list[dict], paths: list[Path]) -> None:
     plt.close(fig)
 
 
-def compare(experiment: str = "npp", out: str = "compare", metric: str | None = None,
-            runs: list[str] | None = None) -> dict:
+def compare(experiment: str, out: str, metric: str | None = None, runs: list[str] | None = None) -> dict:
     """The comparison (see the module's docstring); returns {"runs", "results"} and writes the files."""
     found = collect(experiment, runs)
     metric = canonical(metric) if metric else default_metric(found)

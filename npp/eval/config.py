@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from npp.pipeline.eval_spec import EvalSpec
 from npp.runtime.flags import documented, flag, need
+from npp.runtime.mlflow_utils import EXPERIMENT
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     """The flags of `npp sample`."""
 
@@ -45,6 +46,11 @@ class SampleConfig:
             return [float(v) for v in self.cfg_scale]
         return [float(v) for v in str(self.cfg_scale).strip("[]() ").split(",") if v.strip()]
 
+    def plan(self) -> SampleConfig:
+        """These flags, checked (validate): the plan of the command, its values typed and final."""
+        self.validate()
+        return self
+
     def validate(self) -> None:
         """Refuse flags and inputs that cannot work, before torch is imported."""
         from npp.pipeline.inputs import check_gpt_checkpoint, check_vq_checkpoint
@@ -66,7 +72,7 @@ class SampleConfig:
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class WatchConfig(EvalSpec):
     """`npp eval watch`: the evaluation of `npp train --eval-every` (EvalSpec's flags, unprefixed) on each new
     complete checkpoint of a run, outside the training job."""
@@ -76,8 +82,111 @@ class WatchConfig(EvalSpec):
     interval: float = flag(300.0, "seconds between looks for new checkpoints")
     once: bool = flag(False, "evaluate what is there now, then stop")
 
+    def plan(self) -> WatchConfig:
+        """These flags, checked (validate): the plan of `npp eval watch`."""
+        self.validate()
+        return self
+
     def validate(self) -> None:
         need(bool(self.run), "npp eval watch needs --run RUN (the training run's folder)")
         need(os.path.isdir(self.run) and os.path.exists(os.path.join(self.run, "config.json")),
              f"--run {self.run} is not a training run folder (no config.json): pass npp train's --out")
         super().validate()
+
+
+REFERENCE_IMAGES = 50_000  # real images a reference holds (ADM's reference batches hold 50,000)
+PR_FEATURES = 10_000  # features kept for precision/recall
+
+
+@documented
+@dataclass(frozen=True)
+class EvalConfig:
+    """The flags of `npp eval`."""
+
+    samples: str = flag(help="samples .npz (from npp sample): a file, a comma list or a glob")
+    ref: str = flag(help="reference batch (ADM's VIRTUAL_imagenet256_labeled.npz) or statistics from `npp eval ref`")
+    run_id: str = flag("", "the MLflow run to log into (default: the run of --ckpt)")
+    ckpt: str = flag("", "the model the samples came from (finds its training run)")
+    inception: str = flag("", "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    classifier: str = flag("", "or a toy classifier (npp eval fit-classifier) as the feature network")
+    experiment: str = flag(EXPERIMENT, "MLflow experiment")
+    log: bool = flag(True, "log the metrics to MLflow (--nolog: print only)")
+
+    def plan(self) -> EvalConfig:
+        from npp.pipeline.inputs import check_file, check_gpt_checkpoint, check_samples
+
+        check_samples(self.samples)
+        check_file(self.ref, "--ref", "a reference batch or statistics (.npz)", "ADM's VIRTUAL_imagenet256_labeled.npz "
+                   "(`make assets` downloads it into ckpts/), or `npp eval ref` writes statistics")
+        if self.ckpt:
+            check_gpt_checkpoint(self.ckpt)
+        if self.inception:
+            check_file(self.inception, "--inception", "the FID Inception weights",
+                       "`make assets` downloads pt_inception-2015-12-05-6726825d.pth into ckpts/")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class RefConfig:
+    """The flags of `npp eval ref`."""
+
+    out: str = flag(help="the statistics file to write (.npz)")
+    data: str = flag("", "real images (ImageFolder or parquet)")
+    shards: str = flag("", "or the shard set whose source images to use")
+    image_size: int = flag(0, "pixels (default: the shard set's)")
+    inception: str = flag("", "FID Inception weights")
+    classifier: str = flag("", "or a toy classifier as the feature network")
+    limit: int = flag(REFERENCE_IMAGES, "images used (0 = all)")
+    max_features: int = flag(PR_FEATURES, "features kept for precision/recall")
+
+    def plan(self) -> RefConfig:
+        need(bool(self.data or self.shards), "npp eval ref needs --data IMAGES or --shards SET (a shard set, whose "
+                                            "source images are used)")
+        need(bool(self.shards or self.image_size), "--data needs --image-size (the size samples are generated at)")
+        need(bool(self.out), "--out is empty: pass the statistics file to write (.npz)")
+        need(self.limit >= 0 and self.max_features >= 1 and self.image_size >= 0,
+             "--limit and --image-size must be >= 0, --max-features at least 1")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class FitClassifierConfig:
+    """The flags of `npp eval fit-classifier`."""
+
+    data: str = flag(help="ImageFolder directory of labelled images")
+    out: str = flag(help="the classifier checkpoint to write")
+    image_size: int = flag(32, "pixels")
+    epochs: int = flag(6, "passes over the data")
+    batch: int = flag(64, "images per step")
+    lr: float = flag(2e-3, "learning rate")
+    seed: int = flag(0, "seed of weights and data order")
+
+    def plan(self) -> FitClassifierConfig:
+        need(os.path.isdir(self.data), f"--data {self.data} is not a directory: pass an ImageFolder root "
+                                       "(DATA/<class>/<image>)")
+        need(bool(self.out), "--out is empty: pass the classifier checkpoint to write")
+        need(self.image_size >= 8 and self.epochs >= 1 and self.batch >= 1 and self.lr > 0,
+             "--image-size must be at least 8, --epochs and --batch at least 1, --lr > 0")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class CompareConfig:
+    """The flags of `npp compare`."""
+
+    experiment: str = flag(EXPERIMENT, "MLflow experiment of the runs")
+    out: str = flag("compare", "directory of the table, the figure and comparison.json")
+    metric: str = flag("", "the FID to compare, as npp or the MLflow UI names it (fid, curve/fid_n200 or "
+                           "Results/fid_n200; default: the one with the most annealed ends)")
+    runs: str = flag("", "the runs to compare, comma-separated names or ids (default: every training run of the "
+                         "experiment)")
+
+    def run_list(self) -> list[str] | None:
+        return [r.strip() for r in self.runs.split(",") if r.strip()] or None
+
+    def plan(self) -> CompareConfig:
+        need(bool(self.experiment) and bool(self.out), "--experiment and --out must not be empty")
+        return self

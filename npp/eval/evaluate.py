@@ -22,6 +22,7 @@ from npp.eval.reference import EvalInputError, load_npz, reference_for
 from npp.pipeline.eval_spec import fid_protocol, protocol_tags
 from npp.pipeline.runs import RunFolder
 from npp.runtime.files import atomic_write_text, file_sha256, npp_version
+from npp.runtime.mlflow_utils import EXPERIMENT
 
 
 def sample_files(samples: str) -> list[str]:
@@ -82,7 +83,7 @@ def evaluate(
     ckpt: str | None = None,
     inception: str | None = None,
     classifier: str | None = None,
-    experiment: str = "npp",
+    experiment: str = EXPERIMENT,
     log: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics per samples file; logged to MLflow (the training run of --run-id or of --ckpt)."""

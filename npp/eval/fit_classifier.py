@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from npp.errors import ConfigError
+from npp.eval.config import FitClassifierConfig
 from npp.eval.reference import real_images
 from npp.models.toynet import ToyNet, ToyNetConfig
 
 
-def fit_classifier(data: str, out: str, image_size: int = 32, epochs: int = 6, batch: int = 64, lr: float = 2e-3,
-                   seed: int = 0) -> dict:
+def fit_classifier(plan: FitClassifierConfig) -> dict:
+    """Train the toy classifier of `npp eval fit-classifier` (its checked flags); returns its held-out accuracy."""
+    data, out, image_size, epochs, batch, lr, seed = (plan.data, plan.out, plan.image_size, plan.epochs, plan.batch,
+                                                      plan.lr, plan.seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     from npp.pipeline.sources import open_source

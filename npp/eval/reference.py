@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from npp.errors import NppError
+from npp.eval.config import PR_FEATURES, REFERENCE_IMAGES
 from npp.eval.features import extract
 from npp.eval.metrics import gaussian_stats
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image
@@ -57,7 +58,7 @@ def _reference_items(data: str | None, shards: str | None, image_size: int | Non
     return source, items, int(image_size), data
 
 
-def iter_real_images(data: str | None, shards: str | None, image_size: int | None, limit: int = 50_000,
+def iter_real_images(data: str | None, shards: str | None, image_size: int | None, limit: int = REFERENCE_IMAGES,
                      batch: int = 256):
     """(batches of uint8 (n, S, S, 3) cropped as tokenize crops them, source path): never all images at once."""
     source, items, size, data = _reference_items(data, shards, image_size, limit)
@@ -87,7 +88,7 @@ def real_images(data: str | None, shards: str | None, image_size: int | None, li
     return np.concatenate(images), data
 
 
-def make_reference(net, images, out: str, max_features: int = 10000, source: str = "") -> dict:
+def make_reference(net, images, out: str, max_features: int = PR_FEATURES, source: str = "") -> dict:
     """Statistics of real images: one uint8 array, or an iterable of batches (streamed through the network)."""
     if isinstance(images, np.ndarray):
         images = [images]

@@ -27,6 +27,7 @@ from pathlib import Path
 from npp.errors import UsageError
 from npp.runtime.environment import assets_url
 from npp.runtime.files import atomic_write_text, file_sha256
+from npp.runtime.flags import documented, flag, need
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,34 @@ def download(asset: Asset, part: Path, timeout: float, progress: bool) -> None:
                              f"run {COMMAND} again to continue from there ({part})")
 
 
-def fetch_assets(out: str = "ckpts", names: list[str] | None = None, manifest: str = "",
-                 timeout: float = 60.0, progress: bool = True) -> dict[str, str]:
+ASSET_DIR = "ckpts"  # where `make assets` puts them, and where the make targets look
+TIMEOUT_S = 60.0  # seconds a connection may stay silent
+
+
+@documented
+@dataclass(frozen=True)
+class AssetsConfig:
+    """The flags of `npp assets`."""
+
+    out: str = flag(ASSET_DIR, "directory the files go to")
+    only: str = flag("", "comma-separated asset names (default: the tokenizer, the reference batch and the Inception "
+                         "weights; the released GPTs that `npp reproduce` evaluates are fetched when named: "
+                         "llamagen_c2i_B_256.pt, npp_c2i_L_256.pt, ...; `npp reproduce list` lists them)")
+    manifest: str = flag("", "JSON {name: {url, sha256, size}} replacing sources (a mirror; NPP_ASSETS_URL sets a "
+                             "base URL)")
+    timeout: float = flag(TIMEOUT_S, "seconds a connection may stay silent")
+    progress: bool = flag(True, "show a progress bar per file (--noprogress: none)")
+
+    def names(self) -> list[str] | None:
+        return [n.strip() for n in self.only.split(",") if n.strip()] or None
+
+    def plan(self) -> AssetsConfig:
+        need(self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}")
+        return self
+
+
+def fetch_assets(out: str = ASSET_DIR, names: list[str] | None = None, manifest: str = "",
+                 timeout: float = TIMEOUT_S, progress: bool = True) -> dict[str, str]:
     """Every default asset (or `names`, released GPTs included) into `out`; returns {name: "present" |
     "downloaded"}."""
     table = asset_table(manifest)

@@ -22,7 +22,7 @@ RUN_FILES = ("vq", "inception", "classifier")
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class EvalSpec:
     """What an evaluation samples and measures."""
 

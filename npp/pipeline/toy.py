@@ -76,7 +76,7 @@ def render(cls: int, size: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def write_toy_dataset(out: str, per_class: int = 200, size: int = 48, seed: int = 0) -> int:
+def write_toy_dataset(out: str, per_class: int, size: int, seed: int = 0) -> int:
     """Render the toy set into out/<class>/<index>.png; existing files are kept (reruns are cheap)."""
     root = Path(out)
     written = 0

@@ -3,7 +3,7 @@
 fire hands a command the Python literal it guesses from each word: `--ema=false` arrives as the
 string 'false' (truthy), `--epochs=abc` as a string that fails deep inside training, and a typo
 (`--epoch 3`) prints fire's usage screen. So the `npp` command line is read here first, against
-the command's declared flags (a config dataclass's fields, or a function's parameters):
+the command's declared flags (a config dataclass's fields, and a method subcommand's own parameters):
 
 - booleans: `--ema`, `--noema`, `--ema=VALUE` / `--ema VALUE` with true/false/yes/no/on/off/1/0 in any case;
 - integers and floats by their type; `Optional[...]` also takes `none`; choices by their list;
@@ -14,8 +14,8 @@ Anything refused is one `UsageError` line (exit 2). What passes is handed on to 
 Python literals (`--name=<repr>`), so fire builds the command with the typed values and the
 user's strings as typed.
 
-Meanings live in one place, the field's `flag(default, "meaning")` (a function's: its docstring's
-`Args:`); `--help` is rendered from these specs (npp.app.help), and `documented` also writes them into
+Meanings live in one place, the field's `flag(default, "meaning")` (a method subcommand's own parameters: its
+docstring's `Args:`); `--help` is rendered from these specs (npp.app.help), and `documented` also writes them into
 the class docstring's `Args:` section, for readers of the code and `help()`.
 """
 

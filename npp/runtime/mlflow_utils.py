@@ -30,6 +30,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+EXPERIMENT = "npp"  # the MLflow experiment every command logs to and reads from, unless told another
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 

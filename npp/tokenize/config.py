@@ -15,7 +15,7 @@ from npp.runtime.workers import slurm_workers
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class TokenizeConfig:
     """The flags of `npp tokenize run`."""
 
@@ -41,6 +41,11 @@ class TokenizeConfig:
     rank: int | None = flag(None, "this task's index (default: SLURM array task, torchrun rank, or 0)")
     world_size: int | None = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+
+    def plan(self) -> TokenizeConfig:
+        """These flags, checked (validate): the plan of the command, its values typed and final."""
+        self.validate()
+        return self
 
     def validate(self) -> None:
         """Refuse flag values that cannot work, naming the flag and the fix (no torch needed)."""
@@ -84,3 +89,60 @@ def auto_workers(requested: int) -> int:
     if requested >= 0:
         return requested
     return slurm_workers() or 4
+
+
+@documented
+@dataclass(frozen=True)
+class FinalizeConfig:
+    """The flags of `npp tokenize finalize`."""
+
+    out: str = flag(help="the shard-set directory of the array run")
+
+    def plan(self) -> FinalizeConfig:
+        from npp.pipeline.shards import is_shard_set
+
+        need(is_shard_set(self.out), f"--out {self.out} is not a shard set (no meta.json): pass the --out of "
+                                     "`npp tokenize run`")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class ToyConfig:
+    """The flags of `npp tokenize toy`."""
+
+    out: str = flag(help="the ImageFolder root to write")
+    per_class: int = flag(200, "images per class")
+    size: int = flag(48, "pixels per side")
+    seed: int = flag(0, "seed of the drawing")
+
+    def plan(self) -> ToyConfig:
+        need(bool(self.out), "--out is empty: pass the ImageFolder root to write")
+        need(self.per_class >= 1, f"--per-class must be at least 1, got {self.per_class}")
+        need(self.size >= 16, f"--size must be at least 16 pixels, got {self.size}")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class FitVQConfig:
+    """The flags of `npp tokenize fit-vq`."""
+
+    data: str = flag(help="ImageFolder directory of training images")
+    out: str = flag(help="the checkpoint to write (.pt)")
+    preset: str = flag("VQ-toy", "tokenizer size (npp.models.vq's presets)")
+    image_size: int = flag(32, "pixels of the training crops")
+    max_steps: int = flag(1200, "optimizer steps (the budget)")
+    minutes: float = flag(0.0, ">0: also stop after this many minutes (machine-dependent)")
+    batch: int = flag(32, "images per step")
+    lr: float = flag(3e-3, "learning rate")
+    seed: int = flag(0, "seed of weights and data order")
+
+    def plan(self) -> FitVQConfig:
+        need(os.path.isdir(self.data), f"--data {self.data} is not a directory: pass an ImageFolder root "
+                                       "(DATA/<class>/<image>)")
+        need(bool(self.out), "--out is empty: pass the checkpoint to write (.pt)")
+        need(self.image_size >= 8 and self.max_steps >= 1 and self.batch >= 1,
+             "--image-size must be at least 8, --max-steps and --batch at least 1")
+        need(self.lr > 0 and self.minutes >= 0, "--lr must be > 0 and --minutes >= 0")
+        return self

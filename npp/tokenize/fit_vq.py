@@ -24,6 +24,7 @@ from npp.errors import ConfigError
 from npp.models.vq import VQModel, vq_config
 from npp.pipeline.images import ImageDecodeError, center_crop_adm, decode_image, to_model_input, to_uint8_images
 from npp.pipeline.sources import open_source, read_bytes
+from npp.tokenize.config import FitVQConfig
 
 
 def load_images(data: str, image_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -50,18 +51,10 @@ def save_reconstruction_grid(vq: VQModel, images: np.ndarray, path: Path, per_ro
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def fit_vq(
-    data: str,
-    out: str,
-    preset: str = "VQ-toy",
-    image_size: int = 32,
-    minutes: float = 0.0,
-    max_steps: int = 1200,
-    batch: int = 32,
-    lr: float = 3e-3,
-    seed: int = 0,
-    codebook_size: int = 0,
-) -> dict:
+def fit_vq(plan: FitVQConfig, codebook_size: int = 0) -> dict:
+    """Fit the VQ of `npp tokenize fit-vq` (its checked flags); `codebook_size` > 0 overrides the preset's."""
+    data, out, preset, image_size, seed = plan.data, plan.out, plan.preset, plan.image_size, plan.seed
+    minutes, max_steps, batch, lr = plan.minutes, plan.max_steps, plan.batch, plan.lr
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images, labels, skipped = load_images(data, image_size)

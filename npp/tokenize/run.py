@@ -166,11 +166,9 @@ def build_meta(cfg: TokenizeConfig, source: ImageSource, vq_config: dict, vq_sha
     }
 
 
-def tokenize(cfg: TokenizeConfig, checked: bool = False) -> dict:
-    """Encode this rank's shards; finalize the set if every shard is then complete. Returns counts.
-    `checked`: the caller ran cfg.validate() already (the CLI does, before importing torch)."""
-    if not checked:
-        cfg.validate()
+def tokenize(cfg: TokenizeConfig) -> dict:
+    """Encode this rank's shards; finalize the set if every shard is then complete. Returns counts. `cfg`: its
+    plan (TokenizeConfig.plan(), checked before torch is imported; nothing here checks the flags again)."""
     workers = auto_workers(cfg.workers)
     source = open_source(cfg.data, cfg.image_column, cfg.label_column, cfg.num_classes)
     vq, _ = load_vq(cfg.vq)

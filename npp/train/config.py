@@ -19,6 +19,7 @@ from npp.models.configs import GPT_SIZES
 from npp.pipeline.eval_spec import RUN_FILES, EvalSpec
 from npp.runtime import settings
 from npp.runtime.flags import documented, flag, flag_of, need
+from npp.runtime.mlflow_utils import EXPERIMENT
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
@@ -29,7 +30,7 @@ EVAL_PREFIXED = tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name not
 
 
 @documented
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The flags of `npp train`: what a run is (fixed at its first start) and how this start runs it."""
 
@@ -90,7 +91,7 @@ class TrainConfig:
     collective_timeout: float = flag(1800.0, "seconds a rank may go without an optimizer step or a save (and a "
                                              "collective may wait) before the job ends naming the stalled rank, "
                                              "exit 3 (sbatch requeues it); sized for a GPT-XXL checkpoint save")
-    experiment: str = flag("npp", "MLflow experiment", identity=True)
+    experiment: str = flag(EXPERIMENT, "MLflow experiment", identity=True)
     run_name: str = flag("", "MLflow run name (default: what defines the run, e.g. 'GPT-B NPP 4:0.25 2:0.25 1:0.5 "
                              "300ep s0', 'GPT-B NTP 173ep s0 (branch of gpt-b-ntp)')", identity=True)
     tracking: bool = flag(True, "log to MLflow (rank 0); --notracking turns it off")
@@ -177,3 +178,115 @@ class TrainConfig:
         need(int(self.eval_every) >= 0 and float(self.eval_every_epochs) >= 0, "--eval-every must be >= 0")
         need(int(self.patch_levels) >= 0, f"--patch-levels must be >= 0, got {self.patch_levels}")
         self.branch_epoch_list()
+
+    def plan(self, world_size: int | None = None):
+        """The run checked and resolved (npp.train.plan.make_plan) for a job of `world_size` ranks (default: this
+        one's)."""
+        from npp.train.plan import make_plan
+
+        return make_plan(self, world_size)
+
+
+@documented
+@dataclass(frozen=True)
+class BranchConfig:
+    """The flags of `npp train branch`."""
+
+    from_: str = flag(help="the parent run's directory (npp train --out, started with --branch-epochs)")
+    epochs: int = flag(help="the branch's epochs (one of the parent's --branch-epochs)")
+    out: str = flag(help="the branch's run directory")
+    shards: str = flag("", "the shard set, if it moved (default: the parent's)")
+    run_name: str = flag("", "MLflow run name (default: the model, NTP, its epochs and seed, and whose branch it is)")
+    tracking: bool = flag(True, "log to MLflow (--notracking: not)")
+    log_every: int = flag(0, "steps between log lines (0: the parent's)")
+    ckpt_every: int = flag(0, "steps between checkpoints (0: the parent's)")
+    eval_every_epochs: float = flag(-1.0, "FID evaluations during training, in epochs (-1: the parent's)")
+    eval_per_class: int = flag(0, "samples per class at each eval point (0: the parent's)")
+    world_size: int = flag(0, "with --check: plan for this many ranks")
+    check: bool = flag(False, "check the branch as its start would (no torch, nothing written), then stop")
+
+    def plan(self):
+        """The branch's training plan (npp.train.plan.TrainPlan), its config made from the parent's
+        (npp.train.branching.branch_config) with these flags over it."""
+        from npp.train.branching import branch_config
+        from npp.train.plan import make_plan
+
+        overrides = {k: v for k, v in {"shards": self.shards, "run_name": self.run_name, "log_every": self.log_every,
+                                       "ckpt_every": self.ckpt_every, "eval_per_class": self.eval_per_class}.items()
+                     if v}
+        if self.eval_every_epochs >= 0:
+            overrides["eval_every_epochs"] = self.eval_every_epochs
+        if not self.tracking:
+            overrides["tracking"] = False
+        cfg, record = branch_config(self.from_, self.epochs, self.out, overrides)
+        return make_plan(cfg, self.world_size or None, branch=record)
+
+
+@documented
+@dataclass(frozen=True)
+class ExportConfig:
+    """The flags of `npp train export`."""
+
+    run: str = flag(help="the run directory (npp train --out)")
+    tag: str = flag("", "a checkpoint of the run (step_000001000; default: the latest)")
+    out: str = flag("", "where to write it (default: RUN/model.pt)")
+
+    def plan(self) -> ExportConfig:
+        from npp.pipeline.inputs import check_run_checkpoint
+
+        check_run_checkpoint(self.run, self.tag)
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class ConvertConfig:
+    """The flags of `npp train convert`."""
+
+    run: str = flag(help="the run directory (npp train --out)")
+
+    def plan(self) -> ConvertConfig:
+        from npp.pipeline.inputs import check_run_checkpoint
+
+        check_run_checkpoint(self.run)
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The flags of `npp models`."""
+
+    vocab_size: int = flag(16384, "codebook size of the tokenizer (LlamaGen's: 16384)")
+    num_classes: int = flag(1000, "class labels (ImageNet: 1000)")
+    block_size: int = flag(256, "tokens per image (256 px / 16 = 16 x 16 = 256)")
+
+    def plan(self) -> ModelsConfig:
+        need(min(self.vocab_size, self.num_classes, self.block_size) >= 1,
+             "--vocab-size, --num-classes and --block-size must be at least 1")
+        return self
+
+
+@documented
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The flags of `npp schedule`."""
+
+    schedule: str = flag("", "patch_side:share,... (as `npp train --schedule`; default 1:1)")
+    patch_levels: int = flag(0, ">0: the paper's schedule with this many levels instead")
+    epoch_rate: float = flag(0.5, "the paper's stage boundary rate for --patch-levels")
+    epochs: int = flag(300, "the training budget in epochs")
+    steps_per_epoch: int = flag(5004, "optimizer steps per epoch (ImageNet at batch 256: 5004)")
+    model: str = flag("GPT-B", "model size the cost is computed for", choices=tuple(GPT_SIZES))
+    block_size: int = flag(256, "tokens per image")
+
+    def plan(self):
+        """(the model's GPTConfig, the PatchSchedule over epochs x steps per epoch); a bad schedule is one line."""
+        from npp.models.configs import gpt_config
+        from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule
+
+        need(self.epochs >= 1 and self.steps_per_epoch >= 1, "--epochs and --steps-per-epoch must be at least 1")
+        model_cfg = gpt_config(self.model, block_size=self.block_size)
+        stages = (paper_schedule(self.patch_levels, self.epoch_rate, self.epochs) if self.patch_levels
+                  else parse_schedule(self.schedule or "1:1", model_cfg.grid))
+        return model_cfg, PatchSchedule(stages, self.epochs * self.steps_per_epoch)

@@ -9,13 +9,14 @@ from tests.helpers import launch, read_metrics
 
 @pytest.fixture(scope="module")
 def eval_assets(shard_set, tmp_path_factory):
+    from npp.eval.config import FitClassifierConfig
     from npp.eval.features import load_feature_net
     from npp.eval.fit_classifier import fit_classifier
     from npp.eval.reference import make_reference, real_images
 
     root = tmp_path_factory.mktemp("eval_assets")
     images = shard_set.parent / "images"
-    fit_classifier(str(images), str(root / "toynet.pt"), epochs=2, batch=16)
+    fit_classifier(FitClassifierConfig(str(images), str(root / "toynet.pt"), epochs=2, batch=16))
     net = load_feature_net(classifier=str(root / "toynet.pt"))
     make_reference(net, real_images(str(images), None, 32)[0], str(root / "ref.npz"))
     return {"vq": str(shard_set.parent / "vq.pt"), "eval_ref": str(root / "ref.npz"),

@@ -1,4 +1,3 @@
-import inspect
 import json
 import os
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from npp.errors import ConfigError
+from npp.eval.config import FitClassifierConfig
 from npp.eval.evaluate import evaluate
 from npp.eval.features import load_feature_net
 from npp.eval.fit_classifier import fit_classifier
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     save_small_vq(root / "vq.pt")
     gpt = make_gpt(vocab=64, num_classes=10)
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 7}, root / "gpt.pt")
-    fit_classifier(str(root / "images"), str(root / "toynet.pt"), epochs=1, batch=16)
+    fit_classifier(FitClassifierConfig(str(root / "images"), str(root / "toynet.pt"), epochs=1, batch=16))
     net = load_feature_net(classifier=str(root / "toynet.pt"))
     images, _ = real_images(str(root / "images"), None, 32)
     make_reference(net, images, str(root / "ref.npz"))
@@ -310,6 +310,6 @@ def test_make_eval_ref_never_writes_over_adms_reference():
     line = next(line for line in out.splitlines() if "npp eval ref" in line)
     assert "--out ckpts/ref_in256.npz" in line and "--limit" not in line  # npp's own default: 50,000 as ADM's
     assert "VIRTUAL_imagenet256_labeled" not in line
-    from npp.app.cli import EvalCommands
+    from npp.eval.config import RefConfig
 
-    assert inspect.signature(EvalCommands.ref).parameters["limit"].default == 50_000
+    assert RefConfig.limit == 50_000

@@ -62,7 +62,7 @@ def tokenize_inputs(tmp_path_factory):
     save_small_vq(root / "vq.pt")
     ref = root / "reference"
     tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(ref), image_size=32,
-                            samples_per_shard=25, batch=4, workers=0))
+                            samples_per_shard=25, batch=4, workers=0).plan())
     return root
 
 

@@ -21,6 +21,7 @@ PER_CLASS, BATCH = 6, 2  # 10 classes: 60 samples in 30 pieces
 def trained(shard_set, tmp_path_factory):
     """A GPT-Nano run trained and exported by `npp train` (MLflow in its folder), the toy classifier and the
     reference statistics of the toy images."""
+    from npp.eval.config import FitClassifierConfig
     from npp.eval.features import load_feature_net
     from npp.eval.fit_classifier import fit_classifier
     from npp.eval.reference import make_reference, real_images
@@ -34,7 +35,7 @@ def trained(shard_set, tmp_path_factory):
                            "--schedule", "1:1", "--log-every", "5"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    fit_classifier(str(data / "images"), str(root / "toynet.pt"), epochs=1, batch=16)
+    fit_classifier(FitClassifierConfig(str(data / "images"), str(root / "toynet.pt"), epochs=1, batch=16))
     images, _ = real_images(str(data / "images"), None, 32)
     make_reference(load_feature_net(classifier=str(root / "toynet.pt")), images, str(root / "ref.npz"))
     flags = ["--ckpt", str(root / "run" / "model.pt"), "--vq", str(data / "vq.pt"), "--per-class", str(PER_CLASS),

@@ -31,7 +31,7 @@ def class_sorted_set(tmp_path_factory):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"n{c:08d}_{i}.png")
     save_small_vq(root / "vq.pt")
     tokenize(TokenizeConfig(data=str(root / "images"), vq=str(root / "vq.pt"), out=str(root / "shards"),
-                            image_size=8, views=1, samples_per_shard=PER_SHARD, batch=512, workers=0))
+                            image_size=8, views=1, samples_per_shard=PER_SHARD, batch=512, workers=0).plan())
     return root / "shards"
 
 

@@ -55,7 +55,7 @@ def test_colliding_file_names_get_unique_keys_and_webdataset_reads_every_shard(t
         _png(data / "c0" / name, 40 * i)
     _png(data / "c1" / "x_y.png", 200)
     out = tmp_path / "shards"
-    tokenize(_cfg(data, vq_path, out))
+    tokenize(_cfg(data, vq_path, out).plan())
     keys = [s.key for p in sorted(out.glob("*.tar")) for s in iter_tar_samples(p)]
     assert len(keys) == len(set(keys)) == 5
     seen = [s["__key__"] for p in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(p), shardshuffle=False)]
@@ -69,7 +69,7 @@ def test_a_shard_whose_inputs_all_failed_is_not_written(tmp_path, vq_path):
     (data / "c1" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "shards"
     tokenize(TokenizeConfig(data=str(data), vq=str(vq_path), out=str(out), image_size=32, samples_per_shard=1,
-                            workers=0))
+                            workers=0).plan())
     meta = read_meta(out)
     assert meta["samples"] == 2 and meta["failures"] == 1 and len(meta["empty_shards"]) == 1
     assert not (out / meta["empty_shards"][0]).exists() and meta["shard_pattern"] is None
@@ -78,13 +78,13 @@ def test_a_shard_whose_inputs_all_failed_is_not_written(tmp_path, vq_path):
     for name in listed:  # every listed shard reads with plain webdataset
         assert len(list(wds.WebDataset(str(out / name), shardshuffle=False))) == 1
     again = tokenize(TokenizeConfig(data=str(data), vq=str(vq_path), out=str(out), image_size=32,
-                                    samples_per_shard=1, workers=0))
+                                    samples_per_shard=1, workers=0).plan())
     assert again["inputs_this_run"] == 0  # the empty shard counts as done
 
 
 def test_failure_reasons_are_the_same_in_identical_runs(toy_tree, vq_path, tmp_path):
     for name in ("a", "b"):
-        tokenize(_cfg(toy_tree, vq_path, tmp_path / name))
+        tokenize(_cfg(toy_tree, vq_path, tmp_path / name).plan())
     a = pq.read_table(tmp_path / "a" / "failures.parquet").to_pylist()
     b = pq.read_table(tmp_path / "b" / "failures.parquet").to_pylist()
     assert a == b and len(a) == 3
@@ -98,25 +98,25 @@ def test_gpt_checkpoint_as_tokenizer_is_named(tmp_path, toy_tree):
     torch.save({"model": gpt.state_dict(), "config": gpt.config.to_dict(), "steps": 0}, tmp_path / "model.pt")
     # named before torch loads anything (npp.pipeline.inputs reads the pickle's names)...
     with pytest.raises(UsageError, match="model.pt is a GPT checkpoint, not a VQ tokenizer"):
-        tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out"))
+        tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out").plan())
     # ...and by the loader too, for callers that skip the check
     with pytest.raises(CheckpointMismatchError, match="model.pt is a GPT checkpoint, not a VQ tokenizer"):
-        tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out"), checked=True)
+        tokenize(_cfg(toy_tree, tmp_path / "model.pt", tmp_path / "out"))
 
 
 def test_tokenizer_and_source_are_identified_by_content_not_path(toy_tree, vq_path, tmp_path):
     out = tmp_path / "shards"
-    tokenize(_cfg(toy_tree, vq_path, out))
+    tokenize(_cfg(toy_tree, vq_path, out).plan())
     copy = tmp_path / "elsewhere" / "vq_copy.pt"
     copy.parent.mkdir()
     shutil.copy(vq_path, copy)
     link = tmp_path / "data_link"
     link.symlink_to(toy_tree)
-    again = tokenize(_cfg(link, copy, out))  # same content: accepted, nothing to redo
+    again = tokenize(_cfg(link, copy, out).plan())  # same content: accepted, nothing to redo
     assert again["inputs_this_run"] == 0
     moved = tmp_path / "moved"
     shutil.copytree(toy_tree, moved)
-    assert tokenize(_cfg(moved, vq_path, out))["inputs_this_run"] == 0
+    assert tokenize(_cfg(moved, vq_path, out).plan())["inputs_this_run"] == 0
 
 
 def test_path_flags_stay_the_string_typed(toy_tree, vq_path, tmp_path, monkeypatch):
@@ -171,19 +171,19 @@ def test_parquet_problems_name_the_file_and_column(tmp_path, vq_path):
     strings.mkdir()
     pq.write_table(_rows(2, ["n01440764", "n01443537"]), strings / "a.parquet")
     with pytest.raises(SourceError, match=r"a.parquet: label column 'label' holds string, not integer"):
-        tokenize(_cfg(strings, vq_path, tmp_path / "o1"))
+        tokenize(_cfg(strings, vq_path, tmp_path / "o1").plan())
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     pq.write_table(_rows(2, [0, 1]), corrupt / "a.parquet")
     (corrupt / "b.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(SourceError, match=r"b.parquet is not a readable parquet file"):
-        tokenize(_cfg(corrupt, vq_path, tmp_path / "o2"))
+        tokenize(_cfg(corrupt, vq_path, tmp_path / "o2").plan())
     stray = tmp_path / "stray"
     stray.mkdir()
     pq.write_table(_rows(4, [0, 1, 2, 999]), stray / "a.parquet")
     with pytest.raises(SourceError, match=r"4 distinct labels but the largest is 999.*--num-classes"):
-        tokenize(_cfg(stray, vq_path, tmp_path / "o3"))
-    counts = tokenize(_cfg(stray, vq_path, tmp_path / "o4", num_classes=3))  # the stray label is a failure
+        tokenize(_cfg(stray, vq_path, tmp_path / "o3").plan())
+    counts = tokenize(_cfg(stray, vq_path, tmp_path / "o4", num_classes=3).plan())  # the stray label is a failure
     assert counts["encoded"] == 3 and counts["failed"] == 1
     assert issubclass(SourceError, NppError)
 

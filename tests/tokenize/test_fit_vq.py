@@ -1,12 +1,13 @@
 import torch
 
 from npp.models.checkpoint import load_vq
+from npp.tokenize.config import FitVQConfig
 from npp.tokenize.fit_vq import fit_vq
 
 
 def test_fit_vq_writes_a_loadable_llamagen_checkpoint_and_a_png(toy_tree, tmp_path):
     out = tmp_path / "vq.pt"
-    stats = fit_vq(str(toy_tree), str(out), image_size=32, max_steps=6, batch=8, minutes=1)
+    stats = fit_vq(FitVQConfig(str(toy_tree), str(out), image_size=32, max_steps=6, batch=8, minutes=1))
     assert stats["steps"] == 6
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert set(ckpt) >= {"model", "config"} and "quantize.codebook_used" in ckpt["model"]
@@ -16,8 +17,8 @@ def test_fit_vq_writes_a_loadable_llamagen_checkpoint_and_a_png(toy_tree, tmp_pa
 
 
 def test_fitting_lowers_reconstruction_error(toy_tree, tmp_path):
-    short = fit_vq(str(toy_tree), str(tmp_path / "a.pt"), image_size=32, max_steps=1, batch=16, seed=0)
-    longer = fit_vq(str(toy_tree), str(tmp_path / "b.pt"), image_size=32, max_steps=60, batch=16, seed=0)
+    short = fit_vq(FitVQConfig(str(toy_tree), str(tmp_path / "a.pt"), image_size=32, max_steps=1, batch=16, seed=0))
+    longer = fit_vq(FitVQConfig(str(toy_tree), str(tmp_path / "b.pt"), image_size=32, max_steps=60, batch=16, seed=0))
     assert longer["recon_mse"] < 0.7 * short["recon_mse"]
 
 
@@ -29,5 +30,5 @@ def test_the_budget_is_steps_not_wall_clock(toy_tree, tmp_path, monkeypatch):
 
     clock = itertools.count(0, 10.0)
     monkeypatch.setattr(fit_vq_module.time, "time", lambda: next(clock))
-    stats = fit_vq(str(toy_tree), str(tmp_path / "slow.pt"), image_size=32, max_steps=8, batch=8)
+    stats = fit_vq(FitVQConfig(str(toy_tree), str(tmp_path / "slow.pt"), image_size=32, max_steps=8, batch=8))
     assert stats["steps"] == 8

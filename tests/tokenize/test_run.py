@@ -27,7 +27,7 @@ N_INPUTS = 30 + 7  # toy images + odd files
 def run(toy_tree, vq_path, out, **kw):
     cfg = TokenizeConfig(data=str(toy_tree), vq=str(vq_path), out=str(out), image_size=32,
                          samples_per_shard=8, batch=16, workers=0, **kw)
-    return tokenize(cfg)
+    return tokenize(cfg.plan())
 
 
 def shard_bytes(out):
@@ -81,7 +81,7 @@ def test_workers_give_the_same_shards(toy_tree, vq_path, tmp_path):
     run(toy_tree, vq_path, tmp_path / "a")
     cfg = TokenizeConfig(data=str(toy_tree), vq=str(vq_path), out=str(tmp_path / "w"), image_size=32,
                          samples_per_shard=8, batch=16, workers=2)
-    tokenize(cfg)
+    tokenize(cfg.plan())
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "w")
 
 
@@ -156,7 +156,7 @@ def test_parquet_input(toy_tree, vq_path, tmp_path):
     out = tmp_path / "out"
     cfg = TokenizeConfig(data=str(data), vq=str(vq_path), out=str(out), image_size=32, samples_per_shard=5,
                          batch=8, workers=0, num_classes=10)
-    counts = tokenize(cfg)
+    counts = tokenize(cfg.plan())
     assert counts["encoded"] == 20 and counts["failed"] == 2
     reasons = sorted(f["reason"] for f in pq.read_table(out / "failures.parquet").to_pylist())
     assert reasons[0].startswith("label 99 out of range [0, 10)") and reasons[1].startswith("unreadable image")

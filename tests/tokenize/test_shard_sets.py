@@ -14,7 +14,7 @@ from tests.helpers import save_small_vq as save_vq
 
 def _run(data, vq, out, **kw):
     return tokenize(TokenizeConfig(data=str(data), vq=str(vq), out=str(out), image_size=32, samples_per_shard=8,
-                                   batch=40, workers=0, **kw))
+                                   batch=40, workers=0, **kw).plan())
 
 
 def test_ten_crop_at_two_ranges_stores_twenty_views(toy_tree):
