@@ -76,8 +76,10 @@ def test_every_boolean_and_switch_of_every_command():
     # strings stay as typed: a run called 1e3, a path that looks like a number
     assert typed("train", "--shards", "2024", "--out", "1e3")["out"] == "1e3"
     assert typed("train", "--shards", "s", "--out", "o", "--total-steps", "none")["total_steps"] is None
-    assert typed("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale", "1.5,2.0")["cfg_scale"] == "1.5,2.0"
-    assert typed("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale", "2")["cfg_scale"] == 2.0
+    sample = ("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale")
+    assert typed(*sample, "1.5,2.0")["cfg_scale"] == (1.5, 2.0) and typed(*sample, "2")["cfg_scale"] == (2.0,)
+    with pytest.raises(UsageError, match=r"--cfg-scale: '1.5,x' is not numbers, comma-separated"):
+        typed(*sample, "1.5,x")
 
 
 @pytest.mark.parametrize(

@@ -72,10 +72,12 @@ def _default(spec: FlagSpec) -> str:
         return "default none"
     if value == "":
         return "default empty"
+    if isinstance(value, tuple):
+        return "default " + ",".join(f"{v:g}" for v in value)
     return f"default {value}"
 
 
-METAVARS = {"a whole number": "N", "a number": "X", "text": "TEXT"}
+METAVARS = {"a whole number": "N", "a number": "X", "text": "TEXT", "numbers, comma-separated": "X[,X...]"}
 
 
 def metavar(spec: FlagSpec) -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from npp.pipeline.eval_spec import EvalSpec
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import Numbers, documented, flag, need, numbers
 from npp.runtime.mlflow_utils import EXPERIMENT
 
 
@@ -20,7 +20,7 @@ class SampleConfig:
     vq: str = flag(help="the VQ tokenizer the model was trained on (LlamaGen's vq_ds16_c2i.pt)")
     out: str = flag(help="directory of the samples (.npz per guidance scale, PNG grid); a rerun resumes it")
     per_class: int = flag(50, "samples per class with --labels balanced (FID-50k: 50 x 1000 classes)")
-    cfg_scale: float | str = flag(2.0, "classifier-free guidance scale, or several for a sweep: '1.5,2.0,2.5'")
+    cfg_scale: Numbers = flag((2.0,), "classifier-free guidance scale, or several for a sweep: 1.5,2.0,2.5")
     batch: int = flag(0, "samples per piece; 0 = the largest the free GPU memory holds (at most 256), 64 on CPU")
     temperature: float = flag(1.0, "sampling temperature")
     top_k: int = flag(0, "sample from the k most likely tokens (0 = all)")
@@ -39,12 +39,12 @@ class SampleConfig:
     compile: str = flag("auto", "the token step compiled and captured as a CUDA graph: auto = on CUDA; off = eager",
                         choices=("auto", "on", "off"))
 
+    def __post_init__(self):  # in-process callers may give one number or text: the same value type as the flag's
+        object.__setattr__(self, "cfg_scale", numbers(self.cfg_scale))
+
     def scales(self) -> list[float]:
-        """--cfg-scale as the scales to sample, the one place it is read: one number, or a sweep written `1.5,2.0`
-        (or a list in-process). ValueError: a word that is not a number."""
-        if isinstance(self.cfg_scale, (list, tuple)):
-            return [float(v) for v in self.cfg_scale]
-        return [float(v) for v in str(self.cfg_scale).strip("[]() ").split(",") if v.strip()]
+        """The guidance scales to sample, in order (whether each one guides: npp.models.generate.guides)."""
+        return list(self.cfg_scale)
 
     def plan(self) -> SampleConfig:
         """These flags, checked (validate): the plan of the command, its values typed and final."""
@@ -61,11 +61,6 @@ class SampleConfig:
         need(int(self.top_k) >= 0 and 0 < float(self.top_p) <= 1, "--top-k must be >= 0 and --top-p in (0, 1]")
         need(self.device in ("auto", "cpu") or str(self.device).startswith("cuda"),
              f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
-        try:
-            scales = self.scales()
-        except ValueError:
-            scales = []
-        need(bool(scales), f"--cfg-scale {self.cfg_scale!r}: give a number or a comma list such as 1.5,2.0")
         need(bool(self.out), "--out is empty: pass the samples' directory")
         check_gpt_checkpoint(self.ckpt, "--ckpt")
         check_vq_checkpoint(self.vq, "--vq")

@@ -34,6 +34,23 @@ from typing import Any, Union
 from npp.errors import UsageError
 from npp.runtime.settings import FALSE_WORDS, TRUE_WORDS, switch
 
+Numbers = tuple[float, ...]  # a flag of one number or several, comma-separated: `--cfg-scale 1.5,2.0` (a sweep)
+
+
+def numbers(value: Any) -> tuple[float, ...]:
+    """A `Numbers` flag's value, from the command line's text (`2`, `1.5,2.0`) or an in-process number or sequence;
+    ValueError for anything else (a word that is not a finite number, or nothing)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        words = [value]
+    elif isinstance(value, (list, tuple)):
+        words = list(value)
+    else:
+        words = [w for w in str(value).strip("[]() ").split(",") if w.strip()]
+    out = tuple(float(w) for w in words)
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{value!r} is not a number or a comma list of numbers")
+    return out
+
 
 def need(ok: bool, message: str) -> None:
     """A config's check of a value: refused in one line (exit 2) when not `ok`."""
@@ -128,7 +145,8 @@ def _optional_inner(kind: Any) -> tuple[Any, bool]:
 
 def accepts(kind: Any) -> str:
     inner, optional = _optional_inner(kind)
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+             Numbers: "numbers, comma-separated"}
     if _is_union(inner):
         text = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(inner))
     else:
@@ -155,6 +173,11 @@ def convert(spec: FlagSpec, value: Any, command: str) -> Any:
         if word not in spec.choices:
             raise refuse("one of " + ", ".join(map(str, spec.choices)))
         return word
+    if inner == Numbers:
+        try:
+            return numbers(value)
+        except ValueError:
+            raise refuse() from None
     kinds = typing.get_args(inner) if _is_union(inner) else (inner,)
     out: Any = dataclasses.MISSING
     for kind in kinds:
