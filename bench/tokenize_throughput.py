@@ -53,7 +53,8 @@ def main() -> None:
         enc_rate = n_images / (time.perf_counter() - start)
 
         cfg = TokenizeConfig(data=str(tmp / "images"), vq=str(tmp / "vq.pt"), out=str(tmp / "shards"),
-                             image_size=args.image_size, samples_per_shard=100, batch=args.batch, workers=args.workers)
+                             image_size=args.image_size, samples_per_shard=100, batch=args.batch,
+                             workers=args.workers).plan()
         start = time.perf_counter()
         tokenize(cfg)
         stage_rate = n_images / (time.perf_counter() - start)

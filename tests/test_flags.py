@@ -78,7 +78,7 @@ def test_every_boolean_and_switch_of_every_command():
     assert typed("train", "--shards", "s", "--out", "o", "--total-steps", "none")["total_steps"] is None
     sample = ("sample", "--ckpt", "c", "--vq", "v", "--out", "o", "--cfg-scale")
     assert typed(*sample, "1.5,2.0")["cfg_scale"] == (1.5, 2.0) and typed(*sample, "2")["cfg_scale"] == (2.0,)
-    with pytest.raises(UsageError, match=r"--cfg-scale: '1.5,x' is not numbers, comma-separated"):
+    with pytest.raises(UsageError, match=r"--cfg-scale: '1.5,x' is not a number or a comma list of numbers"):
         typed(*sample, "1.5,x")
 
 

@@ -96,15 +96,14 @@ class ScheduleCommand(ScheduleConfig, Command):
     """
 
     def execute(self, plan) -> None:
-        model_cfg, sched = plan
-        spe = self.steps_per_epoch
-        for span, flops in zip(sched.spans, sched.flops_per_sample(model_cfg), strict=False):
+        sched, spe = plan.schedule, plan.steps_per_epoch
+        for span, flops in zip(sched.spans, sched.flops_per_sample(plan.model_cfg), strict=False):
             print(f"stage {span.index}: k={span.patch_side} steps [{span.start}, {span.end}) "
                   f"epochs [{span.start / spe:g}, {span.end / spe:g}) {flops / 1e9:.1f} GFLOP/sample")
-        ratio = sched.cost_ratio(model_cfg)
-        print(f"training cost vs next-token prediction ({self.model}): {ratio:.4f}")
+        ratio = sched.cost_ratio(plan.model_cfg)
+        print(f"training cost vs next-token prediction ({plan.model}): {ratio:.4f}")
         if len(sched.stages) > 1:  # the NTP run of the same training FLOPs: the branch `npp compare` needs beside it
-            epochs = self.epochs * ratio
+            epochs = plan.epochs * ratio
             print(f"compute-matched NTP budget: {epochs:.2f} epochs (an NTP run with --branch-epochs "
                   f"{round(epochs)}, then `npp train branch --epochs {round(epochs)}`)")
 
@@ -175,7 +174,7 @@ class BranchCommand(BranchConfig, Command):
     resumes it."""
 
     def execute(self, plan) -> None:
-        if self.check:
+        if self.check:  # the command's mode (check only, as `npp train check`), not a setting of the run planned
             print(f"npp train branch: ok: {plan.describe()}; from {plan.branch['parent']} at step "
                   f"{plan.branch['step']}")
             return

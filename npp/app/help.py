@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from typing import Any
 
-from npp.runtime.flags import FlagSpec, accepts, flag_specs, is_bool, is_switch
+from npp.runtime.flags import FlagSpec, Numbers, accepts, flag_specs, is_bool, is_switch
 
 WIDTH = 100
 
@@ -73,17 +73,19 @@ def _default(spec: FlagSpec) -> str:
     if value == "":
         return "default empty"
     if isinstance(value, tuple):
-        return "default " + ",".join(f"{v:g}" for v in value)
+        return "default " + ",".join(map(repr, value))
     return f"default {value}"
 
 
-METAVARS = {"a whole number": "N", "a number": "X", "text": "TEXT", "numbers, comma-separated": "X[,X...]"}
+METAVARS = {"a whole number": "N", "a number": "X", "text": "TEXT"}
 
 
 def metavar(spec: FlagSpec) -> str:
     """What a flag takes, short: N, X, TEXT, N|none, or its choices."""
     if spec.choices:
         return "|".join(map(str, spec.choices))
+    if spec.kind == Numbers:
+        return "X[,X...]"
     return "|".join(METAVARS.get(part, part) for part in accepts(spec.kind).split(" or "))
 
 

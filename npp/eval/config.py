@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
 from npp.runtime.flags import Numbers, documented, flag, need, numbers
 from npp.runtime.mlflow_utils import EXPERIMENT
@@ -40,7 +41,10 @@ class SampleConfig:
                         choices=("auto", "on", "off"))
 
     def __post_init__(self):  # in-process callers may give one number or text: the same value type as the flag's
-        object.__setattr__(self, "cfg_scale", numbers(self.cfg_scale))
+        try:
+            object.__setattr__(self, "cfg_scale", numbers(self.cfg_scale))
+        except ValueError:
+            raise UsageError(f"--cfg-scale {self.cfg_scale!r}: give a number or a comma list such as 1.5,2.0") from None
 
     def scales(self) -> list[float]:
         """The guidance scales to sample, in order (whether each one guides: npp.models.generate.guides)."""
@@ -150,7 +154,7 @@ class RefConfig:
 class FitClassifierConfig:
     """The flags of `npp eval fit-classifier`."""
 
-    data: str = flag(help="ImageFolder directory of labelled images")
+    data: str = flag(help="labelled images: ImageFolder directory or parquet files")
     out: str = flag(help="the classifier checkpoint to write")
     image_size: int = flag(32, "pixels")
     epochs: int = flag(6, "passes over the data")
@@ -159,8 +163,8 @@ class FitClassifierConfig:
     seed: int = flag(0, "seed of weights and data order")
 
     def plan(self) -> FitClassifierConfig:
-        need(os.path.isdir(self.data), f"--data {self.data} is not a directory: pass an ImageFolder root "
-                                       "(DATA/<class>/<image>)")
+        need(bool(self.data) and os.path.exists(self.data), f"--data {self.data!r} does not exist: pass an ImageFolder "
+             "root (DATA/<class>/<image>) or parquet files")
         need(bool(self.out), "--out is empty: pass the classifier checkpoint to write")
         need(self.image_size >= 8 and self.epochs >= 1 and self.batch >= 1 and self.lr > 0,
              "--image-size must be at least 8, --epochs and --batch at least 1, --lr > 0")

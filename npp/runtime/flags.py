@@ -66,11 +66,12 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | No
     return dataclasses.field(default=default, metadata=meta)
 
 
-def flag_of(config: type, name: str) -> Any:
-    """Another config's flag `name`, declared there once (its default, meaning and choices), as a field of this one
-    under a name of its own: TrainConfig's `eval_per_class` is EvalSpec's `per_class`."""
+def flag_of(config: type, name: str, help: str = "") -> Any:
+    """Another config's flag `name`, declared there once (its default and choices; its meaning, unless this
+    command says it in its own words), as a field of this one under a name of its own: TrainConfig's
+    `eval_per_class` is EvalSpec's `per_class`."""
     source = {f.name: f for f in dataclasses.fields(config)}[name]
-    return flag(source.default, source.metadata.get("help", ""), source.metadata.get("choices"))
+    return flag(source.default, help or source.metadata.get("help", ""), source.metadata.get("choices"))
 
 
 def documented(cls: type) -> type:
@@ -146,7 +147,7 @@ def _optional_inner(kind: Any) -> tuple[Any, bool]:
 def accepts(kind: Any) -> str:
     inner, optional = _optional_inner(kind)
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
-             Numbers: "numbers, comma-separated"}
+             Numbers: "a number or a comma list of numbers"}
     if _is_union(inner):
         text = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(inner))
     else:

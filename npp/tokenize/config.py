@@ -128,9 +128,10 @@ class ToyConfig:
 class FitVQConfig:
     """The flags of `npp tokenize fit-vq`."""
 
-    data: str = flag(help="ImageFolder directory of training images")
+    data: str = flag(help="training images: ImageFolder directory or parquet files")
     out: str = flag(help="the checkpoint to write (.pt)")
-    preset: str = flag("VQ-toy", "tokenizer size (npp.models.vq's presets)")
+    preset: str = flag("VQ-toy", "tokenizer size: VQ-toy (small, fits on a CPU), VQ-8 or VQ-16 (LlamaGen's shapes)",
+                       choices=("VQ-toy", "VQ-8", "VQ-16"))
     image_size: int = flag(32, "pixels of the training crops")
     max_steps: int = flag(1200, "optimizer steps (the budget)")
     minutes: float = flag(0.0, ">0: also stop after this many minutes (machine-dependent)")
@@ -139,8 +140,8 @@ class FitVQConfig:
     seed: int = flag(0, "seed of weights and data order")
 
     def plan(self) -> FitVQConfig:
-        need(os.path.isdir(self.data), f"--data {self.data} is not a directory: pass an ImageFolder root "
-                                       "(DATA/<class>/<image>)")
+        need(bool(self.data) and os.path.exists(self.data), f"--data {self.data!r} does not exist: pass an ImageFolder "
+             "root (DATA/<class>/<image>) or parquet files")
         need(bool(self.out), "--out is empty: pass the checkpoint to write (.pt)")
         need(self.image_size >= 8 and self.max_steps >= 1 and self.batch >= 1,
              "--image-size must be at least 8, --max-steps and --batch at least 1")

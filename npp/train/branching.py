@@ -28,7 +28,7 @@ from npp.errors import UsageError
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.runtime.files import atomic_write_text, staged_dir
 from npp.train.config import EVAL_OWN, EVAL_PREFIXED, TrainConfig
-from npp.train.schedule import branch_points, parse_schedule
+from npp.train.schedule import branch_points, parse_schedule, warmup_steps
 
 # `npp train branch` may set these beside --from/--epochs/--out; every other flag is the parent's, since a
 # flag that changes what is computed (the loader workers and micro-batch change the data order) would make the
@@ -45,8 +45,8 @@ def parent_record(parent: RunFolder) -> dict:
 
 
 def warmup_steps_of(train: dict, steps_per_epoch: int) -> int:
-    """The plan's rule (npp.train.plan.make_plan): --warmup-epochs in whole steps."""
-    return int(round(float(train["warmup_epochs"]) * max(1, steps_per_epoch)))
+    """A recorded run's warmup in steps, by the plan's rule (npp.train.schedule.warmup_steps)."""
+    return warmup_steps(float(train["warmup_epochs"]), steps_per_epoch)
 
 
 def branch_config(parent_path: str, epochs: int, out: str, overrides: dict | None = None) -> tuple[TrainConfig, dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
@@ -99,16 +100,17 @@ class TrainConfig:
                                 "on = any device", choices=("auto", "on", "off"))
     eval_every: int = flag(0, "steps between FID evaluations during training (also at the last step); 0 = none")
     eval_every_epochs: float = flag(0.0, "the same in epochs (when --eval-every is 0)")
-    eval_per_class: int = flag_of(EvalSpec, "per_class")
-    eval_cfg_scale: float = flag_of(EvalSpec, "cfg_scale")
+    eval_per_class: int = flag_of(EvalSpec, "per_class", "samples per class at each eval point (fixed labels and "
+                                                          "seeds)")
+    eval_cfg_scale: float = flag_of(EvalSpec, "cfg_scale", "classifier-free guidance scale of the eval samples")
     eval_cfg: float | None = flag(None, "the old spelling of --eval-cfg-scale (wins when given)")
-    eval_temperature: float = flag_of(EvalSpec, "temperature")
-    eval_top_k: int = flag_of(EvalSpec, "top_k")
-    eval_batch: int = flag_of(EvalSpec, "batch")
+    eval_temperature: float = flag_of(EvalSpec, "temperature", "sampling temperature of the eval samples")
+    eval_top_k: int = flag_of(EvalSpec, "top_k", "top-k of the eval samples (0 = all)")
+    eval_batch: int = flag_of(EvalSpec, "batch", "samples per sampling batch at the eval points")
     eval_ref: str = flag_of(EvalSpec, "ref")
     inception: str = flag_of(EvalSpec, "inception")
     classifier: str = flag_of(EvalSpec, "classifier")
-    vq: str = flag_of(EvalSpec, "vq")
+    vq: str = flag_of(EvalSpec, "vq", "the tokenizer the shards were made with (decodes the eval samples)")
     activation_checkpointing: bool = flag(False, "recompute each block in backward: larger micro-batches "
                                                  "(GPT-XXL/XXXL)")
     allow_change: str = flag("", "defining flags this start may change on purpose, comma-separated (e.g. 'lr' "
@@ -135,7 +137,7 @@ class TrainConfig:
         values = {name: getattr(self, "eval_" + name) for name in EVAL_PREFIXED}
         values.update({name: getattr(self, name) for name in EVAL_OWN})
         if self.eval_cfg is not None:
-            values["cfg_scale"] = self.eval_cfg
+            values["cfg_scale"] = float(self.eval_cfg)
         return EvalSpec(**values, seed=int(self.seed))
 
     def branch_epoch_list(self) -> list[int]:
@@ -280,8 +282,8 @@ class ScheduleConfig:
     model: str = flag("GPT-B", "model size the cost is computed for", choices=tuple(GPT_SIZES))
     block_size: int = flag(256, "tokens per image")
 
-    def plan(self):
-        """(the model's GPTConfig, the PatchSchedule over epochs x steps per epoch); a bad schedule is one line."""
+    def plan(self) -> SchedulePlan:
+        """The schedule laid out over the budget, for the model; a bad schedule is one line."""
         from npp.models.configs import gpt_config
         from npp.train.schedule import PatchSchedule, paper_schedule, parse_schedule
 
@@ -289,4 +291,16 @@ class ScheduleConfig:
         model_cfg = gpt_config(self.model, block_size=self.block_size)
         stages = (paper_schedule(self.patch_levels, self.epoch_rate, self.epochs) if self.patch_levels
                   else parse_schedule(self.schedule or "1:1", model_cfg.grid))
-        return model_cfg, PatchSchedule(stages, self.epochs * self.steps_per_epoch)
+        return SchedulePlan(self.model, model_cfg, PatchSchedule(stages, self.epochs * self.steps_per_epoch),
+                            self.epochs, self.steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """What `npp schedule` shows: a schedule over a budget, for a model."""
+
+    model: str
+    model_cfg: Any  # GPTConfig
+    schedule: Any  # npp.train.schedule.PatchSchedule
+    epochs: int
+    steps_per_epoch: int

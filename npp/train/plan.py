@@ -38,7 +38,15 @@ from npp.train.ds_config import (
 )
 from npp.train.errors import TrainingError
 from npp.train.identity import check_same_run, identity_of, mutable_changes
-from npp.train.schedule import PatchSchedule, Stage, branch_points, format_schedule, paper_schedule, parse_schedule
+from npp.train.schedule import (
+    PatchSchedule,
+    Stage,
+    branch_points,
+    format_schedule,
+    paper_schedule,
+    parse_schedule,
+    warmup_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class OptimizerSettings:
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> OptimizerSettings:
         return cls(float(cfg.lr), float(cfg.end_lr), (float(cfg.beta1), float(cfg.beta2)), float(cfg.weight_decay),
-                   int(round(float(cfg.warmup_epochs) * max(1, steps_per_epoch))), float(cfg.decay_ratio))
+                   warmup_steps(float(cfg.warmup_epochs), steps_per_epoch), float(cfg.decay_ratio))
 
 
 @dataclass(frozen=True)
@@ -387,9 +395,9 @@ def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str)
                         "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
                         "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
     return {
-        "identity": plan.identity,
-        "first_identity": plan.first_identity or plan.identity,  # what MLflow's params hold
-        "train": plan.flags,
+        "identity": dict(plan.identity),  # copies: what a caller does with the record never reaches the plan
+        "first_identity": dict(plan.first_identity or plan.identity),  # what MLflow's params hold
+        "train": dict(plan.flags),
         "model_config": plan.model_cfg.to_dict(),
         "parameters": count_parameters(plan.model_cfg),
         "schedule": format_schedule(list(plan.stages)),

@@ -73,6 +73,11 @@ def parse_schedule(text: str, grid: tuple[int, int] | None = None) -> list[Stage
     return validate_schedule(stages, grid)
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """--warmup-epochs in whole optimizer steps: the one rule, for a run's plan and for where its branches begin."""
+    return int(round(float(warmup_epochs) * max(1, steps_per_epoch)))
+
+
 def paper_schedule(patch_levels: int, epoch_rate: float, epochs: int) -> list[Stage]:
     """The reference code's schedule: sides [2^(L-1), ..., 2, 1], stage i ending at int(E·r^(L-1-i)) epochs."""
     if patch_levels < 1:

@@ -56,7 +56,7 @@ def compiles(value, device: torch.device, zero_stage: int) -> bool:
     return on and zero_stage != 3
 
 
-def build_model_and_optimizer(model_cfg: GPTConfig, engine: EngineSettings, optim: OptimizerSettings,
+def build_model_and_optimizer(model_cfg: GPTConfig, engine_settings: EngineSettings, optim: OptimizerSettings,
                               device: torch.device, precision: str, offload: bool = False):
     """The GPT on its device, then AdamW over its parameters there.
 
@@ -66,7 +66,7 @@ def build_model_and_optimizer(model_cfg: GPTConfig, engine: EngineSettings, opti
     (`zero_force_ds_cpu_optimizer`): DeepSpeedCPUAdam in AdamW mode, same groups.
     """
     model = GPT(model_cfg).to(device)
-    model.activation_checkpointing = engine.activation_checkpointing
+    model.activation_checkpointing = engine_settings.activation_checkpointing
     model.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     groups = configure_optimizer_groups(model, optim.weight_decay)
     if offload:
@@ -77,7 +77,7 @@ def build_model_and_optimizer(model_cfg: GPTConfig, engine: EngineSettings, opti
     return model, optimizer
 
 
-def start_engine(model: GPT, optimizer, ds_config: dict, settings: EngineSettings, precision: str,
+def start_engine(model: GPT, optimizer, ds_config: dict, engine_settings: EngineSettings, precision: str,
                  device: torch.device, keep_ema: bool, scheduler=None):
     """deepspeed.initialize, then the EMA (partitioned over the ranks under ZeRO-1/2, else held by the rank
     `keep_ema` says), then the compiled blocks.
@@ -89,9 +89,9 @@ def start_engine(model: GPT, optimizer, ds_config: dict, settings: EngineSetting
 
     fast_matmul(device)  # TF32 for fp32 matmuls on CUDA
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    ema = (make_ema(engine, settings.ema_decay, keep=keep_ema, master_weights=precision != "bf16") if settings.ema
-           else None)
-    compiled = compiles(settings.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
+    ema = (make_ema(engine, engine_settings.ema_decay, keep=keep_ema, master_weights=precision != "bf16")
+           if engine_settings.ema else None)
+    compiled = compiles(engine_settings.compile, device, ds_config.get("zero_optimization", {}).get("stage", 0))
     if compiled:
         engine.module.compile_blocks()
     return engine, ema, compiled
