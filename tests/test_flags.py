@@ -102,6 +102,8 @@ def test_every_boolean_and_switch_of_every_command():
         ),
         (["train", "--out", "o"], "npp train needs --shards (shard-set directory"),
         (["trian", "--out", "o"], "unknown command npp trian; did you mean npp train?"),
+        (["train", "chek", "--shards", "s"], "unknown command npp train chek; did you mean npp train check?"),
+        (["eval", "wach", "--run", "r"], "unknown command npp eval wach; did you mean npp eval watch?"),
         (["train", "execute"], "npp train has no command 'execute' (commands: export, convert, check, branch)"),
         (["train", "to_dict"], "npp train has no command 'to_dict'"),
         (["demo", "--per-clas", "3"], "did you mean --per-class?"),

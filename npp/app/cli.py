@@ -420,8 +420,8 @@ COMMANDS = {
 def _member(obj: Any, name: str) -> Any:
     """The subcommand `name` of a command table entry, or None (internal methods are not commands)."""
     key = name.replace("-", "_")
-    if isinstance(obj, dict):
-        return obj.get(name, obj.get(key))
+    if isinstance(obj, dict):  # the table's words are dashed (fit-vq); fit_vq reaches it too, as a class's do
+        return obj.get(name, obj.get(name.replace("_", "-")))
     target = getattr(obj, "subcommands", {}).get(key)
     return getattr(obj, target) if isinstance(target, str) else target
 
@@ -442,6 +442,11 @@ def resolve(argv: list[str]) -> tuple[list[str], Any, int]:
                 hint = f"; did you mean {' '.join(['npp', *words, close[0]])}?" if close else ""
                 raise UsageError(f"unknown command {' '.join(['npp', *words, argv[i]])}{hint} (commands: "
                                  f"{', '.join(obj)})")
+            names = [c.replace("_", "-") for c in getattr(obj, "subcommands", {})]
+            close = difflib.get_close_matches(argv[i], names, n=1, cutoff=0.75)
+            if close and not any(c in argv[i] for c in "/.~"):  # a misspelt subcommand, not a positional value
+                raise UsageError(f"unknown command {' '.join(['npp', *words, argv[i]])}; did you mean "
+                                 f"{' '.join(['npp', *words, close[0]])}? (commands: {', '.join(names)})")
             break
         words.append(argv[i])
         obj, i = nxt, i + 1
