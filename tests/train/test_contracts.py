@@ -200,3 +200,26 @@ def test_config_json_and_mlflow_hold_one_record_of_a_start(tmp_path, shard_set):
     assert again["first_identity"] == config["first_identity"]  # params never change; the amendment is a tag
     assert mlflow_tags(again, resumed)["amended.lr"] == "0.0001 -> 0.0002 from step_000000010"
     assert describe_changes(resumed) == "flags changed since the last start (allowed on resume): --log-every 10 -> 5"
+
+
+def test_the_run_record_keeps_the_flat_shape_every_run_folder_holds(tmp_path, shard_set):
+    """config.json's `train` is every flag by its name, as typed (--mix-shards -1 resolved), and its identity the
+    IDENTITY flags and DERIVED values: the shape run folders written by every earlier npp hold, so a resume compares
+    like with like and reports no change that was not made."""
+    import dataclasses
+
+    from npp.train.config import TrainConfig
+    from npp.train.identity import DERIVED, IDENTITY
+    from npp.train.plan import make_plan, run_files
+
+    cfg = TrainConfig(shards=str(shard_set), out=str(tmp_path / "r"), model="GPT-Nano", global_batch=16, epochs=2)
+    plan = make_plan(cfg, world_size=1)
+    record = run_files(plan, {}, "0000000", "fp32")
+    assert record["train"] == {**dataclasses.asdict(cfg), "mix_shards": 256} and cfg.mix_shards == -1
+    assert list(record["identity"]) == [*IDENTITY, *DERIVED]
+    record["train"]["lr"] = 9.0  # the record is the caller's: the plan keeps its own
+    assert plan.flags["lr"] == cfg.lr
+    RunFolder(tmp_path / "r").path.mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(run_files(plan, {}, "0000000", "fp32")))
+    again = make_plan(cfg, world_size=1)
+    assert again.changes == {} and again.amended == {} and again.identity == plan.identity
