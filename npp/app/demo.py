@@ -24,7 +24,7 @@ from pathlib import Path
 from npp.app.launch import torchrun_train_cmd
 from npp.errors import NppError, UsageError
 from npp.pipeline.runs import RunFolder
-from npp.runtime.flags import documented, flag
+from npp.runtime.flags import Checked, documented, flag
 from npp.train.config import DEFAULT_DS_CONFIG, DEFAULT_SCHEDULE
 
 
@@ -44,7 +44,7 @@ def find_ds_config(path: str) -> Path:
 
 @documented
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Checked):
     """The flags of `npp demo` (and `npp demo compare`)."""
 
     out: str = flag("demo_out", "directory of everything the demo makes (a rerun reuses what is there)")
@@ -78,11 +78,6 @@ class DemoConfig:
     val_share: float = flag(0.02, "share of the toy images held out of training (the held-out loss val/loss_k1)")
     check_quality: bool = flag(True, "fail unless samples show learning (>= --min-class-accuracy classified)")
     min_class_accuracy: float = flag(0.8, "share of samples the classifier must put in their class")
-
-    def plan(self) -> DemoConfig:
-        """These flags, checked (validate): the plan of the command, its values typed and final."""
-        self.validate()
-        return self
 
     def validate(self) -> None:
         """Refuse values that cannot work before anything is built (no torch)."""

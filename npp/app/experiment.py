@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npp.errors import NppError, UsageError
-from npp.runtime.flags import documented, flag
+from npp.runtime.flags import Checked, documented, flag
 from npp.runtime.mlflow_utils import EXPERIMENT
 from npp.runtime.ranks import free_port
 from npp.train.config import DEFAULT_SCHEDULE
@@ -38,7 +38,7 @@ class ExperimentError(NppError, RuntimeError):
 
 @documented
 @dataclass(frozen=True)
-class CompareRunsConfig:
+class CompareRunsConfig(Checked):
     """The flags of `npp compare runs`."""
 
     shards: str = flag(help="the shard set (with a held-out split, `npp tokenize run --val-share`, for val/loss_k1)")
@@ -66,11 +66,6 @@ class CompareRunsConfig:
     nodes: int = flag(1, "--slurm: nodes per training job")
     sbatch_flags: str = flag("", "--slurm: more sbatch flags, e.g. '--partition=gpu --account=me'")
     dry_run: bool = flag(False, "print the commands (or sbatch submissions) without running them")
-
-    def plan(self) -> CompareRunsConfig:
-        """These flags, checked (validate): the plan of the command, its values typed and final."""
-        self.validate()
-        return self
 
     def validate(self) -> None:
         from npp.models.configs import GPT_SIZES

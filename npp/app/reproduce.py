@@ -25,7 +25,7 @@ from pathlib import Path
 from npp.errors import UsageError
 from npp.eval.published import Release, as_record, find_release, load_table, tolerance
 from npp.pipeline.assets import ASSET_DIR
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import Checked, documented, flag, need
 from npp.runtime.ranks import free_port
 
 # The assets a published FID is measured with (npp.pipeline.assets' names).
@@ -36,7 +36,7 @@ PUBLISHED_EVAL = {"ref": REF_ASSET, "feature_net": "Inception-v3 (pt_inception-2
 
 @documented
 @dataclass(frozen=True)
-class ReproduceConfig:
+class ReproduceConfig(Checked):
     """The flags of `npp reproduce`."""
 
     model: str = flag("GPT-B", "model size of the release (`npp reproduce list` shows the releases)")
@@ -65,11 +65,6 @@ class ReproduceConfig:
 
     def release(self) -> Release:
         return find_release(load_table(self.table), self.model, self.schedule)
-
-    def plan(self) -> ReproduceConfig:
-        """These flags, checked (validate): the plan of the command, its values typed and final."""
-        self.validate()
-        return self
 
     def validate(self) -> None:
         self.release()
@@ -319,15 +314,14 @@ def reproduce(cfg: ReproduceConfig) -> dict | None:
 
 @documented
 @dataclass(frozen=True)
-class ReleasesConfig:
+class ReleasesConfig(Checked):
     """The flags of `npp reproduce list`."""
 
     table: str = flag("", "a JSON table of releases instead of npp's")
 
-    def plan(self) -> ReleasesConfig:
+    def validate(self) -> None:
         need(not self.table or os.path.isfile(self.table), f"--table {self.table} does not exist: pass a JSON table "
              "of releases (see npp/eval/published.py), or leave it out for npp's")
-        return self
 
 
 def release_lines(table: str = "") -> list[str]:

@@ -7,13 +7,13 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import Checked, documented, flag, need
 from npp.runtime.mlflow_utils import EXPERIMENT
 
 
 @documented
 @dataclass(frozen=True)
-class UiConfig:
+class UiConfig(Checked):
     """The flags of `npp ui`."""
 
     experiment: str = flag(EXPERIMENT, "MLflow experiment")
@@ -21,9 +21,8 @@ class UiConfig:
     port: int = flag(5000, "port the UI listens on")
     serve: bool = flag(True, "serve the UI (--noserve: print the URLs only)")
 
-    def plan(self) -> UiConfig:
+    def validate(self) -> None:
         need(1 <= self.port <= 65535, f"--port must lie in 1..65535, got {self.port}")
-        return self
 
 
 def open_ui(plan: UiConfig) -> None:

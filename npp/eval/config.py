@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from npp.errors import UsageError
 from npp.pipeline.eval_spec import EvalSpec
-from npp.runtime.flags import Numbers, documented, flag, need, numbers
+from npp.runtime.flags import Checked, Numbers, documented, flag, need, numbers
 from npp.runtime.mlflow_utils import EXPERIMENT
 
 
 @documented
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(Checked):
     """The flags of `npp sample`."""
 
     ckpt: str = flag(help="the exported model (RUN/model.pt from `npp train export`, or a LlamaGen/NPP GPT "
@@ -46,15 +46,6 @@ class SampleConfig:
         except ValueError:
             raise UsageError(f"--cfg-scale {self.cfg_scale!r}: give a number or a comma list such as 1.5,2.0") from None
 
-    def scales(self) -> list[float]:
-        """The guidance scales to sample, in order (whether each one guides: npp.models.generate.guides)."""
-        return list(self.cfg_scale)
-
-    def plan(self) -> SampleConfig:
-        """These flags, checked (validate): the plan of the command, its values typed and final."""
-        self.validate()
-        return self
-
     def validate(self) -> None:
         """Refuse flags and inputs that cannot work, before torch is imported."""
         from npp.pipeline.inputs import check_gpt_checkpoint, check_vq_checkpoint
@@ -72,7 +63,7 @@ class SampleConfig:
 
 @documented
 @dataclass(frozen=True)
-class WatchConfig(EvalSpec):
+class WatchConfig(EvalSpec, Checked):
     """`npp eval watch`: the evaluation of `npp train --eval-every` (EvalSpec's flags, unprefixed) on each new
     complete checkpoint of a run, outside the training job."""
 
@@ -80,11 +71,6 @@ class WatchConfig(EvalSpec):
     ema: bool = flag(True, "evaluate the EMA weights when a checkpoint has them")
     interval: float = flag(300.0, "seconds between looks for new checkpoints")
     once: bool = flag(False, "evaluate what is there now, then stop")
-
-    def plan(self) -> WatchConfig:
-        """These flags, checked (validate): the plan of `npp eval watch`."""
-        self.validate()
-        return self
 
     def validate(self) -> None:
         need(bool(self.run), "npp eval watch needs --run RUN (the training run's folder)")
@@ -99,7 +85,7 @@ PR_FEATURES = 10_000  # features kept for precision/recall
 
 @documented
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Checked):
     """The flags of `npp eval`."""
 
     samples: str = flag(help="samples .npz (from npp sample): a file, a comma list or a glob")
@@ -111,7 +97,7 @@ class EvalConfig:
     experiment: str = flag(EXPERIMENT, "MLflow experiment")
     log: bool = flag(True, "log the metrics to MLflow (--nolog: print only)")
 
-    def plan(self) -> EvalConfig:
+    def validate(self) -> None:
         from npp.pipeline.inputs import check_file, check_gpt_checkpoint, check_samples
 
         check_samples(self.samples)
@@ -122,12 +108,11 @@ class EvalConfig:
         if self.inception:
             check_file(self.inception, "--inception", "the FID Inception weights",
                        "`make assets` downloads pt_inception-2015-12-05-6726825d.pth into ckpts/")
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class RefConfig:
+class RefConfig(Checked):
     """The flags of `npp eval ref`."""
 
     out: str = flag(help="the statistics file to write (.npz)")
@@ -139,19 +124,18 @@ class RefConfig:
     limit: int = flag(REFERENCE_IMAGES, "images used (0 = all)")
     max_features: int = flag(PR_FEATURES, "features kept for precision/recall")
 
-    def plan(self) -> RefConfig:
+    def validate(self) -> None:
         need(bool(self.data or self.shards), "npp eval ref needs --data IMAGES or --shards SET (a shard set, whose "
                                             "source images are used)")
         need(bool(self.shards or self.image_size), "--data needs --image-size (the size samples are generated at)")
         need(bool(self.out), "--out is empty: pass the statistics file to write (.npz)")
         need(self.limit >= 0 and self.max_features >= 1 and self.image_size >= 0,
              "--limit and --image-size must be >= 0, --max-features at least 1")
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class FitClassifierConfig:
+class FitClassifierConfig(Checked):
     """The flags of `npp eval fit-classifier`."""
 
     data: str = flag(help="labelled images: ImageFolder directory or parquet files")
@@ -162,18 +146,18 @@ class FitClassifierConfig:
     lr: float = flag(2e-3, "learning rate")
     seed: int = flag(0, "seed of weights and data order")
 
-    def plan(self) -> FitClassifierConfig:
-        need(bool(self.data) and os.path.exists(self.data), f"--data {self.data!r} does not exist: pass an ImageFolder "
-             "root (DATA/<class>/<image>) or parquet files")
+    def validate(self) -> None:
+        from npp.pipeline.inputs import check_image_source
+
+        check_image_source(self.data)
         need(bool(self.out), "--out is empty: pass the classifier checkpoint to write")
         need(self.image_size >= 8 and self.epochs >= 1 and self.batch >= 1 and self.lr > 0,
              "--image-size must be at least 8, --epochs and --batch at least 1, --lr > 0")
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(Checked):
     """The flags of `npp compare`."""
 
     experiment: str = flag(EXPERIMENT, "MLflow experiment of the runs")
@@ -186,6 +170,5 @@ class CompareConfig:
     def run_list(self) -> list[str] | None:
         return [r.strip() for r in self.runs.split(",") if r.strip()] or None
 
-    def plan(self) -> CompareConfig:
+    def validate(self) -> None:
         need(bool(self.experiment) and bool(self.out), "--experiment and --out must not be empty")
-        return self

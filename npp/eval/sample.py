@@ -104,7 +104,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     if cfg.precision == "bf16":  # weights and the KV cache in bf16: half the cache (GPT-XXL, batch 64, CFG: 9.7 GB)
         model = model.to(torch.bfloat16)
     labels = sample_labels(cfg, mc.num_classes)
-    scales = cfg.scales()
+    scales = list(cfg.cfg_scale)  # the guidance scales, typed once at the flag
     dtype = next(model.parameters()).dtype
     rank, world = rank_and_world()
     out = Path(cfg.out)

@@ -27,7 +27,7 @@ from pathlib import Path
 from npp.errors import UsageError
 from npp.runtime.environment import assets_url
 from npp.runtime.files import atomic_write_text, file_sha256
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import Checked, documented, flag, need
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ TIMEOUT_S = 60.0  # seconds a connection may stay silent
 
 @documented
 @dataclass(frozen=True)
-class AssetsConfig:
+class AssetsConfig(Checked):
     """The flags of `npp assets`."""
 
     out: str = flag(ASSET_DIR, "directory the files go to")
@@ -256,9 +256,8 @@ class AssetsConfig:
     def names(self) -> list[str] | None:
         return [n.strip() for n in self.only.split(",") if n.strip()] or None
 
-    def plan(self) -> AssetsConfig:
+    def validate(self) -> None:
         need(self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}")
-        return self
 
 
 def fetch_assets(out: str = ASSET_DIR, names: list[str] | None = None, manifest: str = "",

@@ -66,6 +66,22 @@ def check_file(path: str, flag: str, what: str, fix: str) -> None:
         raise UsageError(f"{flag} {path} does not exist: pass {what}; {fix}")
 
 
+def check_image_source(path: str, flag: str = "--data") -> None:
+    """Images to read (tokenize, fit-vq, fit-classifier): an ImageFolder root or parquet files, named as such before
+    any image is opened (the format itself is npp.pipeline.sources' to judge)."""
+    if not (path and os.path.exists(path)):
+        raise UsageError(f"data path {path!r} does not exist: pass {flag} DIR (ImageFolder) or parquet files")
+    if os.path.isdir(path):
+        entries = list(os.scandir(path))
+        if not entries:
+            raise UsageError(f"{flag} {path} is an empty directory: pass the ImageFolder root (DATA/<class>/<image>) "
+                             "or a directory of parquet files")
+        if not (any(e.is_dir() for e in entries) or any(e.name.endswith(".parquet") for e in entries)):
+            raise UsageError(f"{flag} {path} has no class folders and no .parquet files: pass the ImageFolder root "
+                             "(DATA/<class>/<image>, e.g. imagenet/train, not one class's folder) or a parquet "
+                             "directory")
+
+
 def check_gpt_checkpoint(path: str, flag: str = "--ckpt") -> None:
     """An exported GPT (RUN/model.pt, a LlamaGen or NPP checkpoint); a run folder or a tokenizer is refused."""
     p = Path(path) if path else None

@@ -52,6 +52,19 @@ def numbers(value: Any) -> tuple[float, ...]:
     return out
 
 
+class Checked:
+    """A command's config whose values need no resolving: once `validate()` (every check, before torch) has passed,
+    the frozen config is its own plan. A config that resolves something returns a plan of its own instead
+    (TrainConfig.plan: a TrainPlan)."""
+
+    def validate(self) -> None:
+        """Refuse values and inputs that cannot work, naming the flag and the fix (nothing to check: nothing)."""
+
+    def plan(self):
+        self.validate()
+        return self
+
+
 def need(ok: bool, message: str) -> None:
     """A config's check of a value: refused in one line (exit 2) when not `ok`."""
     if not ok:

@@ -6,17 +6,16 @@ the 3-10 s it takes to import torch, so this module imports nothing heavy.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from npp.errors import UsageError
-from npp.runtime.flags import documented, flag, need
+from npp.runtime.flags import Checked, documented, flag, need
 from npp.runtime.workers import slurm_workers
 
 
 @documented
 @dataclass(frozen=True)
-class TokenizeConfig:
+class TokenizeConfig(Checked):
     """The flags of `npp tokenize run`."""
 
     data: str = flag(help="ImageFolder directory (one folder per class) or parquet file/directory")
@@ -42,15 +41,10 @@ class TokenizeConfig:
     world_size: int | None = flag(None, "tasks in all (default: SLURM array size, torchrun world, or 1)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
 
-    def plan(self) -> TokenizeConfig:
-        """These flags, checked (validate): the plan of the command, its values typed and final."""
-        self.validate()
-        return self
-
     def validate(self) -> None:
         """Refuse flag values that cannot work, naming the flag and the fix (no torch needed)."""
         from npp.pipeline.images import crop_ranges
-        from npp.pipeline.inputs import check_vq_checkpoint
+        from npp.pipeline.inputs import check_image_source, check_vq_checkpoint
 
         need(isinstance(self.samples_per_shard, int) and self.samples_per_shard >= 1,
              f"--samples-per-shard must be a whole number >= 1 (got {self.samples_per_shard!r}); 1000 suits ImageNet")
@@ -69,15 +63,7 @@ class TokenizeConfig:
             crop_ranges(self.crop_range)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        need(bool(self.data) and os.path.exists(self.data),
-             f"data path {self.data!r} does not exist: pass --data DIR (ImageFolder) or parquet files")
-        if os.path.isdir(self.data):
-            entries = list(os.scandir(self.data))
-            need(bool(entries), f"--data {self.data} is an empty directory: pass the ImageFolder root "
-                                "(DATA/<class>/<image>) or a directory of parquet files")
-            need(any(e.is_dir() for e in entries) or any(e.name.endswith(".parquet") for e in entries),
-                 f"--data {self.data} has no class folders and no .parquet files: pass the ImageFolder root "
-                 "(DATA/<class>/<image>, e.g. imagenet/train, not one class's folder) or a parquet directory")
+        check_image_source(self.data)
         check_vq_checkpoint(self.vq, "--vq")
         need(bool(self.out), "--out is empty: pass the shard-set directory")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
@@ -93,22 +79,21 @@ def auto_workers(requested: int) -> int:
 
 @documented
 @dataclass(frozen=True)
-class FinalizeConfig:
+class FinalizeConfig(Checked):
     """The flags of `npp tokenize finalize`."""
 
     out: str = flag(help="the shard-set directory of the array run")
 
-    def plan(self) -> FinalizeConfig:
+    def validate(self) -> None:
         from npp.pipeline.shards import is_shard_set
 
         need(is_shard_set(self.out), f"--out {self.out} is not a shard set (no meta.json): pass the --out of "
                                      "`npp tokenize run`")
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(Checked):
     """The flags of `npp tokenize toy`."""
 
     out: str = flag(help="the ImageFolder root to write")
@@ -116,16 +101,15 @@ class ToyConfig:
     size: int = flag(48, "pixels per side")
     seed: int = flag(0, "seed of the drawing")
 
-    def plan(self) -> ToyConfig:
+    def validate(self) -> None:
         need(bool(self.out), "--out is empty: pass the ImageFolder root to write")
         need(self.per_class >= 1, f"--per-class must be at least 1, got {self.per_class}")
         need(self.size >= 16, f"--size must be at least 16 pixels, got {self.size}")
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class FitVQConfig:
+class FitVQConfig(Checked):
     """The flags of `npp tokenize fit-vq`."""
 
     data: str = flag(help="training images: ImageFolder directory or parquet files")
@@ -139,11 +123,11 @@ class FitVQConfig:
     lr: float = flag(3e-3, "learning rate")
     seed: int = flag(0, "seed of weights and data order")
 
-    def plan(self) -> FitVQConfig:
-        need(bool(self.data) and os.path.exists(self.data), f"--data {self.data!r} does not exist: pass an ImageFolder "
-             "root (DATA/<class>/<image>) or parquet files")
+    def validate(self) -> None:
+        from npp.pipeline.inputs import check_image_source
+
+        check_image_source(self.data)
         need(bool(self.out), "--out is empty: pass the checkpoint to write (.pt)")
         need(self.image_size >= 8 and self.max_steps >= 1 and self.batch >= 1,
              "--image-size must be at least 8, --max-steps and --batch at least 1")
         need(self.lr > 0 and self.minutes >= 0, "--lr must be > 0 and --minutes >= 0")
-        return self

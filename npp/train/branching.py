@@ -25,16 +25,17 @@ import shutil
 from pathlib import Path
 
 from npp.errors import UsageError
+from npp.pipeline.eval_spec import RUN_FILES
 from npp.pipeline.runs import RunFolder, tag_for, tag_step
 from npp.runtime.files import atomic_write_text, staged_dir
-from npp.train.config import EVAL_OWN, EVAL_PREFIXED, TrainConfig
+from npp.train.config import EVAL_PREFIXED, TrainConfig
 from npp.train.schedule import branch_points, parse_schedule, warmup_steps
 
 # `npp train branch` may set these beside --from/--epochs/--out; every other flag is the parent's, since a
 # flag that changes what is computed (the loader workers and micro-batch change the data order) would make the
 # branch another run than the shorter one it stands for.
 BRANCH_OVERRIDES = ("shards", "run_name", "tracking", "log_every", "ckpt_every", "keep", "sync_every",
-                    "eval_every", "eval_every_epochs", *("eval_" + n for n in EVAL_PREFIXED), *EVAL_OWN)
+                    "eval_every", "eval_every_epochs", *("eval_" + n for n in EVAL_PREFIXED), *RUN_FILES)
 
 
 def parent_record(parent: RunFolder) -> dict:

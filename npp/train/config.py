@@ -19,14 +19,13 @@ from npp.errors import UsageError
 from npp.models.configs import GPT_SIZES
 from npp.pipeline.eval_spec import RUN_FILES, EvalSpec
 from npp.runtime import settings
-from npp.runtime.flags import documented, flag, flag_of, need
+from npp.runtime.flags import Checked, documented, flag, flag_of, need
 from npp.runtime.mlflow_utils import EXPERIMENT
 
 DEFAULT_SCHEDULE = "4:0.25,2:0.25,1:0.5"  # the paper's 3-level schedule of the budget
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 # The evaluation during training is EvalSpec's, declared there once: its flags here are `--eval-` + its names, except
 # the run's own files (RUN_FILES: the tokenizer, the feature network); its seed is the run's.
-EVAL_OWN = RUN_FILES
 EVAL_PREFIXED = tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name not in (*RUN_FILES, "seed"))
 
 
@@ -133,9 +132,9 @@ class TrainConfig:
         return 0
 
     def eval_spec(self) -> EvalSpec:
-        """The evaluation of the eval points, from its flags (EVAL_PREFIXED, EVAL_OWN) and the run's seed."""
+        """The evaluation of the eval points, from its flags (EVAL_PREFIXED, RUN_FILES) and the run's seed."""
         values = {name: getattr(self, "eval_" + name) for name in EVAL_PREFIXED}
-        values.update({name: getattr(self, name) for name in EVAL_OWN})
+        values.update({name: getattr(self, name) for name in RUN_FILES})
         if self.eval_cfg is not None:
             values["cfg_scale"] = float(self.eval_cfg)
         return EvalSpec(**values, seed=int(self.seed))
@@ -226,47 +225,44 @@ class BranchConfig:
 
 @documented
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Checked):
     """The flags of `npp train export`."""
 
     run: str = flag(help="the run directory (npp train --out)")
     tag: str = flag("", "a checkpoint of the run (step_000001000; default: the latest)")
     out: str = flag("", "where to write it (default: RUN/model.pt)")
 
-    def plan(self) -> ExportConfig:
+    def validate(self) -> None:
         from npp.pipeline.inputs import check_run_checkpoint
 
         check_run_checkpoint(self.run, self.tag)
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(Checked):
     """The flags of `npp train convert`."""
 
     run: str = flag(help="the run directory (npp train --out)")
 
-    def plan(self) -> ConvertConfig:
+    def validate(self) -> None:
         from npp.pipeline.inputs import check_run_checkpoint
 
         check_run_checkpoint(self.run)
-        return self
 
 
 @documented
 @dataclass(frozen=True)
-class ModelsConfig:
+class ModelsConfig(Checked):
     """The flags of `npp models`."""
 
     vocab_size: int = flag(16384, "codebook size of the tokenizer (LlamaGen's: 16384)")
     num_classes: int = flag(1000, "class labels (ImageNet: 1000)")
     block_size: int = flag(256, "tokens per image (256 px / 16 = 16 x 16 = 256)")
 
-    def plan(self) -> ModelsConfig:
+    def validate(self) -> None:
         need(min(self.vocab_size, self.num_classes, self.block_size) >= 1,
              "--vocab-size, --num-classes and --block-size must be at least 1")
-        return self
 
 
 @documented

@@ -29,9 +29,10 @@ class DataFeed:
         self.order = order
 
     @classmethod
-    def of(cls, feed, rank: int, world_size: int) -> DataFeed:
-        """The streams of a training plan's feed (npp.train.plan.FeedSettings) for this rank."""
-        return cls(feed.shards, list(feed.manifest), feed.seed, feed.shuffle_buffer, feed.mix_shards, feed.micro_batch,
+    def of(cls, plan, rank: int, world_size: int) -> DataFeed:
+        """The streams of a training plan (its feed, npp.train.plan.FeedSettings, and the run's seed) for this rank."""
+        feed = plan.feed
+        return cls(feed.shards, list(feed.manifest), plan.seed, feed.shuffle_buffer, feed.mix_shards, feed.micro_batch,
                    rank, world_size, feed.workers, feed.order)
 
     def layout(self) -> dict:

@@ -89,7 +89,6 @@ class FeedSettings:
 
     shards: str
     manifest: tuple  # rows of the shard set(s)' manifests, with `path`
-    seed: int
     shuffle_buffer: int
     mix_shards: int  # resolved for the data order
     micro_batch: int
@@ -322,8 +321,8 @@ def make_plan(cfg: TrainConfig, world_size: int | None = None, branch: dict | No
         cadence=Cadence(total, int(cfg.sync_every), int(cfg.log_every), int(cfg.ckpt_every), eval_every,
                         frozenset(branch_steps.values())),
         optimizer=optimizer, engine=EngineSettings.of(cfg),
-        feed=FeedSettings(str(cfg.shards), tuple(manifest), int(cfg.seed), int(cfg.shuffle_buffer),
-                          flags["mix_shards"], micro, workers, order),
+        feed=FeedSettings(str(cfg.shards), tuple(manifest), int(cfg.shuffle_buffer), flags["mix_shards"], micro,
+                          workers, order),
         loop=LoopSettings(int(cfg.global_batch), int(cfg.grad_accum), float(cfg.grad_clip), str(cfg.grad_comm),
                           int(cfg.max_bad_steps), float(cfg.collective_timeout), int(cfg.keep)),
         tracking=TrackingSettings(bool(cfg.tracking), str(cfg.experiment), str(cfg.run_name)),
@@ -389,11 +388,11 @@ def _legacy_identity(saved: dict) -> dict:
 def run_files(plan: TrainPlan, ds_config: dict, git_commit: str, precision: str) -> dict:
     """config.json's content for this start: the run's identity, the flags, the resolved plan, and the list of
     starts with the mutable flags each changed (the first start's entry has none)."""
-    starts = list(plan.starts) + [{"resume_tag": plan.resume_tag, "world_size": plan.world_size,
-                                   "workers": plan.feed.workers,
-                             "micro_batch": plan.micro_batch, "git_commit": git_commit,
-                        "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
-                        "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}]
+    this = {"resume_tag": plan.resume_tag, "world_size": plan.world_size, "workers": plan.feed.workers,
+            "micro_batch": plan.micro_batch, "git_commit": git_commit,
+            "changed": {k: {"was": a, "now": b} for k, (a, b) in plan.changes.items()},
+            "amended": {k: {"was": a, "now": b} for k, (a, b) in plan.amended.items()}}
+    starts = [*plan.starts, this]
     return {
         "identity": dict(plan.identity),  # copies: what a caller does with the record never reaches the plan
         "first_identity": dict(plan.first_identity or plan.identity),  # what MLflow's params hold

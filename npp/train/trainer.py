@@ -59,7 +59,7 @@ class Trainer:
         check_no_stale_build(self.ds_config)
         if self.plan.resume_tag and self.run.is_universal(self.plan.resume_tag):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.feed = DataFeed.of(self.plan.feed, self.env.rank, self.env.world_size)
+        self.feed = DataFeed.of(self.plan, self.env.rank, self.env.world_size)
         self.last_lr = 0.0  # the rate of the step in flight
 
     step = property(lambda self: self.state.step, doc="Optimizer steps applied (the resumable state's).")
